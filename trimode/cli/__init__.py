@@ -1,0 +1,63 @@
+"""The `trimode` command. Each subcommand lives in its own module and is imported only when run,
+so `trimode generate` never pays for importing the TVM compiler."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+# name -> "module:function" (modules under trimode.cli)
+COMMANDS = {
+    "info": "info:info",
+    "make-model": "make_model:make_model",
+    "generate": "generate:generate",
+    "serve": "serve:serve",
+    "compile": "compile:compile_cmd",
+    "logits": "logits:logits",
+    "tune": "tune:tune",
+    "bench": "bench:bench",
+    "export-onnx": "export_onnx:export_onnx",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        try:
+            return getattr(importlib.import_module(f"trimode.cli.{module}"), attr)
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith("trimode.cli"):
+                return None  # not written yet
+            raise
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="trimode")
+def cli():
+    """Tri-mode diffusion language models on Apache TVM."""
+
+
+def main():
+    from trimode.model.config import ModelError
+
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.Abort:
+        sys.exit(1)
+    except ModelError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,126 @@
+"""The float64 numpy reference of the whole network (MODEL.md section 1).
+
+The oracle every compiled path is tested against; never used to serve. `ReferenceForward`
+implements the same Forward interface as the compiled runtime, so decode loops can be
+tested against it without TVM.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from trimode.model.config import ModelConfig
+from trimode.model.weights import ModelWeights, as_float
+from trimode.runtime.forward import ContextFull, StepResult
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half (NEOX) pairing i <-> i + d/2. x [T, heads, d]; cos/sin [T, d/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+class ReferenceModel:
+    """Float64 weights (dequantized once) and the forward pass over an explicit KV cache."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights):
+        self.config = config
+        self.embed = as_float(weights.embed)
+        self.output_norm = np.asarray(weights.output_norm, np.float64)
+        self.output = as_float(weights.output)
+        self.layers = [
+            {name: as_float(getattr(layer, name)) for name in
+             ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")}
+            for layer in weights.layers
+        ]
+
+    def forward(self, tokens: Sequence[int], cache_k: list[np.ndarray], cache_v: list[np.ndarray],
+                causal: bool) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """tokens [T] at positions P..P+T-1 where P = len(cache). Returns logits [T, V] and
+        each layer's new K, V [T, kv_heads, d] (the caller decides whether to keep them)."""
+        cfg = self.config
+        tokens = np.asarray(tokens, np.int64)
+        t_new, start = len(tokens), cache_k[0].shape[0]
+        positions = np.arange(start, start + t_new)
+        cos, sin = cfg.rope_tables(start + t_new)
+        cos, sin = cos[positions], sin[positions]
+        q_scale = cfg.q_scale(positions)[:, None, None]
+        # Query t sees all history and, in the block, key j <= t (causal) or every key.
+        visible = np.ones((t_new, start + t_new), bool)
+        if causal:
+            visible[:, start:] = np.tril(np.ones((t_new, t_new), bool))
+
+        x = self.embed[tokens]  # [T, H]
+        new_k, new_v = [], []
+        for layer, past_k, past_v in zip(self.layers, cache_k, cache_v):
+            h = rmsnorm(x, layer["attn_norm"], cfg.rms_eps)
+            q = (h @ layer["wq"].T).reshape(t_new, cfg.n_heads, cfg.head_dim)
+            k = (h @ layer["wk"].T).reshape(t_new, cfg.n_kv_heads, cfg.head_dim)
+            v = (h @ layer["wv"].T).reshape(t_new, cfg.n_kv_heads, cfg.head_dim)
+            q = rope(q, cos, sin) * q_scale
+            k = rope(k, cos, sin)
+            new_k.append(k)
+            new_v.append(v)
+            keys = np.concatenate([past_k, k])      # [S, kv_heads, d]
+            values = np.concatenate([past_v, v])
+            kv_of_q = np.arange(cfg.n_heads) // cfg.group_size
+            scores = np.einsum("thd,shd->hts", q, keys[:, kv_of_q]) / np.sqrt(cfg.head_dim)
+            scores = np.where(visible[None], scores, -np.inf)
+            attn = np.einsum("hts,shd->thd", softmax(scores), values[:, kv_of_q])
+            x = x + attn.reshape(t_new, cfg.q_dim) @ layer["wo"].T
+            h = rmsnorm(x, layer["ffn_norm"], cfg.rms_eps)
+            gate = h @ layer["w_gate"].T
+            x = x + (gate / (1 + np.exp(-gate)) * (h @ layer["w_up"].T)) @ layer["w_down"].T
+        logits = rmsnorm(x, self.output_norm, cfg.rms_eps) @ self.output.T
+        return logits, new_k, new_v
+
+
+class ReferenceForward:
+    """The Forward interface over the float64 reference (a test oracle; slow)."""
+
+    def __init__(self, model: ReferenceModel, n_ctx: int):
+        self.model = model
+        self.config = model.config
+        self.n_ctx = n_ctx
+        cfg = self.config
+        empty = np.zeros((0, cfg.n_kv_heads, cfg.head_dim))
+        self._k = [empty] * cfg.n_layers
+        self._v = [empty] * cfg.n_layers
+
+    @property
+    def length(self) -> int:
+        return self._k[0].shape[0]
+
+    def _check_room(self, n: int) -> None:
+        if self.length + n > self.n_ctx:
+            raise ContextFull(f"context full: {self.length} + {n} tokens > {self.n_ctx}")
+
+    def causal(self, tokens: Sequence[int], last_only: bool = False) -> StepResult:
+        self._check_room(len(tokens))
+        logits, k, v = self.model.forward(tokens, self._k, self._v, causal=True)
+        self._k = [np.concatenate([a, b]) for a, b in zip(self._k, k)]
+        self._v = [np.concatenate([a, b]) for a, b in zip(self._v, v)]
+        return StepResult.from_logits(logits[-1:] if last_only else logits)
+
+    def bidirectional(self, tokens: Sequence[int]) -> StepResult:
+        self._check_room(len(tokens))
+        logits, _, _ = self.model.forward(tokens, self._k, self._v, causal=False)
+        return StepResult.from_logits(logits)
+
+    def truncate(self, n: int) -> None:
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        self._k = [a[:n] for a in self._k]
+        self._v = [a[:n] for a in self._v]

@@ -1,0 +1,81 @@
+"""Weights as the engine holds them: Q8_0 stays 8-bit (int8 values + fp16 scale per 32).
+
+A Q8_0 matrix of ggml shape {K, N} (K contiguous) becomes q int8 [N, K] and scale fp16
+[N, K // 32], so row n of the matrix is output feature n, the layout every kernel reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Q8_BLOCK = 32
+# The on-disk block: fp16 scale, then 32 int8 values (34 bytes).
+Q8_0_DTYPE = np.dtype([("d", "<f2"), ("qs", "i1", (Q8_BLOCK,))])
+
+
+@dataclass
+class Q8Matrix:
+    q: np.ndarray      # int8 [N, K]
+    scale: np.ndarray  # float16 [N, K // 32]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    @classmethod
+    def from_blocks(cls, raw: np.ndarray, n: int, k: int) -> "Q8Matrix":
+        """Repack GGUF Q8_0 blocks (any buffer of n * k / 32 blocks) once, at load."""
+        blocks = np.frombuffer(raw, dtype=Q8_0_DTYPE, count=n * k // Q8_BLOCK).reshape(n, k // Q8_BLOCK)
+        return cls(q=np.ascontiguousarray(blocks["qs"]).reshape(n, k),
+                   scale=np.ascontiguousarray(blocks["d"]))
+
+    def to_blocks(self) -> np.ndarray:
+        n, k = self.shape
+        blocks = np.empty((n, k // Q8_BLOCK), dtype=Q8_0_DTYPE)
+        blocks["d"] = self.scale
+        blocks["qs"] = self.q.reshape(n, k // Q8_BLOCK, Q8_BLOCK)
+        return blocks
+
+    def dequantize(self, dtype=np.float32) -> np.ndarray:
+        n, k = self.shape
+        w = self.q.reshape(n, k // Q8_BLOCK, Q8_BLOCK).astype(dtype) * self.scale.astype(dtype)[:, :, None]
+        return w.reshape(n, k)
+
+    @classmethod
+    def quantize(cls, w: np.ndarray) -> "Q8Matrix":
+        """ggml's reference Q8_0 quantizer: d = max|w| / 127 per block, q = round(w / d)."""
+        n, k = w.shape
+        blocks = np.asarray(w, np.float32).reshape(n, k // Q8_BLOCK, Q8_BLOCK)
+        d = np.abs(blocks).max(axis=-1) / 127.0
+        inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+        q = np.round(blocks * inv[:, :, None]).astype(np.int8)
+        return cls(q=q.reshape(n, k), scale=d.astype(np.float16))
+
+
+Matrix = "Q8Matrix | np.ndarray"  # a float matrix is float32 [N, K]
+
+
+def as_float(w) -> np.ndarray:
+    return w.dequantize(np.float64) if isinstance(w, Q8Matrix) else np.asarray(w, np.float64)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray  # float32 [H]
+    wq: "Q8Matrix | np.ndarray"  # [n_heads * head_dim, H]
+    wk: "Q8Matrix | np.ndarray"  # [n_kv_heads * head_dim, H]
+    wv: "Q8Matrix | np.ndarray"
+    wo: "Q8Matrix | np.ndarray"  # [H, n_heads * head_dim]
+    ffn_norm: np.ndarray
+    w_gate: "Q8Matrix | np.ndarray"  # [F, H]
+    w_up: "Q8Matrix | np.ndarray"
+    w_down: "Q8Matrix | np.ndarray"  # [H, F]
+
+
+@dataclass
+class ModelWeights:
+    embed: "Q8Matrix | np.ndarray"  # [V, H]
+    layers: list[LayerWeights] = field(default_factory=list)
+    output_norm: np.ndarray | None = None  # [H]
+    output: "Q8Matrix | np.ndarray | None" = None  # [V, H]

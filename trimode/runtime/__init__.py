@@ -1,0 +1,1 @@
+"""Run time: loads compiled modules with the TVM runtime libraries only, decodes and serves."""

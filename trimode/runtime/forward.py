@@ -1,0 +1,55 @@
+"""The one primitive every decode loop is built on (MODEL.md section 4).
+
+A Forward owns the shared KV cache of one sequence. `causal` appends its tokens' K/V
+(prefill, AR decode, verify, commit); `bidirectional` sees the cache plus the whole block and
+leaves the cache as it was (draft, denoise); `truncate(n)` drops everything after the
+first n cached tokens. Implemented by the compiled runtime (runtime/engine.py) and, for
+tests, by the float64 reference (model/reference.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from trimode.model.config import ModelConfig
+
+
+class ContextFull(ValueError):
+    """The sequence would not fit in the KV cache."""
+
+
+@dataclass
+class StepResult:
+    """Per-row argmax and its softmax probability; full rows fetched only on demand."""
+    argmax: np.ndarray  # int64 [T]
+    prob: np.ndarray    # float32 [T]
+    fetch_logits: Callable[[], np.ndarray]  # -> float32 [T, V]
+
+    def logits(self) -> np.ndarray:
+        return self.fetch_logits()
+
+    @classmethod
+    def from_logits(cls, logits: np.ndarray) -> "StepResult":
+        logits = np.asarray(logits)
+        top = logits.argmax(axis=-1)
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        prob = 1.0 / np.exp(shifted).sum(axis=-1)
+        as_f32 = logits.astype(np.float32)
+        return cls(argmax=top.astype(np.int64), prob=prob.astype(np.float32),
+                   fetch_logits=lambda: as_f32)
+
+
+class Forward(Protocol):
+    config: ModelConfig
+    n_ctx: int
+
+    @property
+    def length(self) -> int: ...
+
+    def causal(self, tokens: Sequence[int], last_only: bool = False) -> StepResult: ...
+
+    def bidirectional(self, tokens: Sequence[int]) -> StepResult: ...
+
+    def truncate(self, n: int) -> None: ...

@@ -1,0 +1,1 @@
+"""Per-GPU schedule databases (JSON) and their lookup."""
