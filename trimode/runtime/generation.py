@@ -1,0 +1,184 @@
+"""The generation API the CLI and the server build on.
+
+    events = generate(forward, tokenizer, GenerationRequest(prompt_ids=ids, max_tokens=256))
+    for event in events:
+        if isinstance(event, TokenEvent): print(event.text, end="")
+        else: print(event.finish_reason, event.stats.to_dict())
+
+Contract:
+- Each next() runs at most one decode cycle (the first one also runs the prefill), so a
+  server can interleave requests by calling next() round-robin; closing the generator stops
+  it at once.
+- TokenEvent.ids are the newly generated ids (EOS is never included); TokenEvent.text is
+  the stream-safe text delta (stop strings already cut, unfinished characters and possible
+  stop-string starts held back). The last event is always one DoneEvent.
+- The forward may arrive with a prefix of prompt_ids already cached (KV reuse across chat
+  turns): only prompt_ids[forward.length:] is prefilled; a fully cached prompt is truncated
+  one token back so there is a row to sample from. When the generator finishes or is closed,
+  the cache holds a prefix of prompt_ids + the generated ids, so the caller can reuse it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, Sequence
+
+from trimode.runtime.decode import (Cycle, DecodeParams, ar_cycle, diffusion_cycle, prefill,
+                                    spec_cycle)
+from trimode.runtime.forward import Forward
+from trimode.runtime.sampling import Sampler, SamplingParams
+from trimode.runtime.stops import Stops
+
+__all__ = ["SamplingParams", "DecodeParams", "GenerationRequest", "TokenEvent", "DoneEvent",
+           "Stats", "RequestError", "generate"]
+
+FINISH_REASONS = ("stop", "length", "loop", "context")
+
+
+class RequestError(ValueError):
+    """A generation request the engine cannot honour; the message is one sentence."""
+
+
+class Detokenizer(Protocol):
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """prompt_ids: the whole prompt, template and BOS already applied. stop: strings that end
+    generation (cut from the text). suppress_ids: ids never generated (e.g. <think> and
+    </think> when reasoning is off)."""
+    prompt_ids: tuple[int, ...]
+    max_tokens: int = 256
+    sampling: SamplingParams = SamplingParams()
+    decode: DecodeParams = DecodeParams()
+    stop: tuple[str, ...] = ()
+    loop_detection: bool = True
+    suppress_ids: tuple[int, ...] = ()
+
+    def problem(self) -> str | None:
+        if not self.prompt_ids:
+            return "the prompt is empty: at least one token is needed"
+        if self.max_tokens < 0:
+            return f"max_tokens must be >= 0, got {self.max_tokens}"
+        return self.sampling.problem() or self.decode.problem()
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0      # prompt tokens found in the cache (not prefilled)
+    generated_tokens: int = 0
+    forwards: int = 0           # every forward pass, the prefill included
+    cycles: int = 0             # decode cycles after the first token
+    drafted_tokens: int = 0     # self-speculation: draft tokens proposed
+    accepted_tokens: int = 0    # ... and accepted by verify
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0         # request start to first token, compute time only
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated_tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def accepted_per_cycle(self) -> float:
+        return self.accepted_tokens / self.cycles if self.cycles else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        done = self.prompt_tokens - self.cached_tokens
+        return done / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first token comes from the prefill; the decode phase makes the rest.
+        after_first = max(self.generated_tokens - 1, 0)
+        return after_first / self.decode_s if self.decode_s else 0.0
+
+    def to_dict(self) -> dict:
+        out = dict(vars(self))
+        for name in ("tokens_per_forward", "accepted_per_cycle", "prefill_tok_s", "decode_tok_s"):
+            out[name] = getattr(self, name)
+        return out
+
+
+@dataclass
+class TokenEvent:
+    ids: list[int]
+    text: str
+
+
+@dataclass
+class DoneEvent:
+    finish_reason: str          # one of FINISH_REASONS
+    stats: Stats
+    message: str = ""           # a sentence for the user when the reason needs one
+    tokens: list[int] = field(default_factory=list)  # all generated ids
+
+
+def _run_cycle(fwd: Forward, sampler: Sampler, history: list[int], room: int,
+               params: DecodeParams) -> Cycle:
+    """One cycle of the chosen mode, sized so it emits at most `room` tokens."""
+    cfg = fwd.config
+    if params.mode == "spec":
+        k = min(params.draft_length, room - 1)
+        return spec_cycle(fwd, sampler, history, k, cfg.mask_token_id, cfg.shift_logits)
+    if params.mode == "diffusion":
+        b = min(params.block_length, room)
+        return diffusion_cycle(fwd, sampler, history, b, params.threshold, cfg.mask_token_id,
+                               cfg.eos_token_id, cfg.shift_logits)
+    return ar_cycle(fwd, sampler, history)
+
+
+def generate(forward: Forward, tokenizer: Detokenizer,
+             request: GenerationRequest) -> Iterator[TokenEvent | DoneEvent]:
+    """Generate from `request` on `forward` (see the module docstring for the contract).
+    Raises RequestError at the first next() for a request that makes no sense."""
+    problem = request.problem()
+    if problem:
+        raise RequestError(problem)
+    prompt = list(request.prompt_ids)
+    n_ctx = forward.n_ctx
+    stats = Stats(prompt_tokens=len(prompt))
+    stops = Stops(tokenizer, forward.config.eos_token_id, request.stop, request.max_tokens,
+                  request.loop_detection)
+    if len(prompt) >= n_ctx:
+        yield DoneEvent("context", stats, f"the prompt ({len(prompt)} tokens) does not fit in "
+                        f"the context ({n_ctx} tokens); nothing was generated")
+        return
+    if request.max_tokens == 0:
+        yield DoneEvent("length", stats)
+        return
+    sampler = Sampler(request.sampling, request.suppress_ids)
+    history = prompt
+    try:
+        clock = time.perf_counter()
+        stats.cached_tokens = min(forward.length, len(prompt) - 1)
+        cycle = Cycle([prefill(forward, prompt, sampler)], forwards=1)
+        stats.prefill_s = stats.ttft_s = time.perf_counter() - clock
+        while True:
+            stats.forwards += cycle.forwards
+            taken, text = stops.feed(cycle.tokens)
+            history.extend(taken)
+            stats.generated_tokens = len(stops.tokens)
+            if stops.finish is None and len(history) >= n_ctx:
+                stops.end("context", f"the context is full ({n_ctx} tokens); "
+                          "use a larger context (-c) to generate more")
+            if stops.finish is not None:
+                text += stops.flush()
+            if taken or text:
+                yield TokenEvent(taken, text)
+            if stops.finish is not None:
+                break
+            clock = time.perf_counter()
+            room = min(request.max_tokens - len(stops.tokens), n_ctx - len(history))
+            cycle = _run_cycle(forward, sampler, history, room, request.decode)
+            stats.cycles += 1
+            stats.drafted_tokens += cycle.drafted
+            stats.accepted_tokens += cycle.accepted
+            stats.decode_s += time.perf_counter() - clock
+        yield DoneEvent(stops.finish, stats, stops.message, list(stops.tokens))
+    finally:
+        # Whatever happened, leave a cache that is a prefix of prompt + generated ids.
+        forward.truncate(min(forward.length, len(prompt) + len(stops.tokens)))

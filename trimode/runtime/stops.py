@@ -1,0 +1,150 @@
+"""When generation ends, and which text is safe to show before it does.
+
+`Stops` takes a cycle's tokens one at a time and ends the request on EOS, a stop string, the
+token limit or a repetition loop (MODEL.md section 6). Text goes out only once it can no
+longer change: a token that ends inside a UTF-8 character waits for the rest, and text that
+could still be the start of a stop string is held back, so a stop string is cut correctly
+even when it spans tokens or a cycle's accepted block.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Protocol, Sequence
+
+REPLACEMENT = "\ufffd"
+
+
+class Detokenizer(Protocol):
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class TextStream:
+    """Decoded text of a growing id list, handed out in pieces that never change afterwards.
+
+    Byte-level BPE tokens may split a character, and a token's text can depend on its
+    neighbours, so each piece is the difference between decoding a short window with and
+    without the newest tokens; the window restarts once a piece is out."""
+
+    def __init__(self, tokenizer: Detokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.start = 0   # window start
+        self.shown = 0   # ids whose text is already out
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        piece = self._piece()
+        if piece.endswith(REPLACEMENT):
+            return ""  # an unfinished character: wait for its remaining bytes
+        self.start, self.shown = self.shown, len(self.ids)
+        return piece
+
+    def flush(self) -> str:
+        """Whatever is still held, unfinished characters included (the stream has ended)."""
+        piece = self._piece()
+        self.start = self.shown = len(self.ids)
+        return piece
+
+    def _piece(self) -> str:
+        before = self.tokenizer.decode(self.ids[self.start:self.shown])
+        after = self.tokenizer.decode(self.ids[self.start:])
+        return after[len(before):]
+
+
+def periodic_loop(tokens: Sequence[int]) -> bool:
+    """At >= 16 tokens: the last `period` tokens equal the `period` before them, for some
+    period in 4..min(32, n // 2)."""
+    n = len(tokens)
+    if n < 16:
+        return False
+    return any(tokens[n - period:] == tokens[n - 2 * period:n - period]
+               for period in range(4, min(32, n // 2) + 1))
+
+
+def ngram_loop(tokens: Sequence[int]) -> bool:
+    """In the last min(n, 300) tokens, when that is >= 60: some 6-gram occurs >= 6 times."""
+    window = list(tokens[-300:])
+    if len(window) < 60:
+        return False
+    counts = Counter(tuple(window[i:i + 6]) for i in range(len(window) - 5))
+    return max(counts.values()) >= 6
+
+
+def loop_found(tokens: Sequence[int]) -> bool:
+    return periodic_loop(tokens) or ngram_loop(tokens)
+
+
+def held_prefix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is a proper start of some stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class Stops:
+    """One request's end conditions over its generated tokens.
+
+    `feed(ids)` returns the ids taken (EOS and anything after an end are dropped) and the
+    text now safe to show; once `finish` is set, `flush()` gives the held text that remains
+    (nothing after a stop string)."""
+
+    def __init__(self, tokenizer: Detokenizer, eos_id: int, stop_strings: Sequence[str],
+                 max_tokens: int, loop_detection: bool):
+        self.text = TextStream(tokenizer)
+        self.eos_id = eos_id
+        self.stop_strings = [s for s in stop_strings if s]
+        self.max_tokens = max_tokens
+        self.loop_detection = loop_detection
+        self.tokens: list[int] = []
+        self.pending = ""  # decoded, not shown: may be the start of a stop string
+        self.finish: str | None = None
+        self.message = ""
+        self.stop_string_hit = False
+
+    def end(self, reason: str, message: str = "") -> None:
+        if self.finish is None:
+            self.finish, self.message = reason, message
+
+    def feed(self, ids: Sequence[int]) -> tuple[list[int], str]:
+        taken: list[int] = []
+        shown = ""
+        for token in ids:
+            if self.finish is not None:
+                break
+            if token == self.eos_id:
+                self.end("stop")
+                break
+            taken.append(token)
+            self.tokens.append(token)
+            self.pending += self.text.push(token)
+            cut = self._first_stop(self.pending)
+            if cut is not None:
+                shown += self.pending[:cut]
+                self.pending = ""
+                self.stop_string_hit = True
+                self.end("stop")
+            elif self.loop_detection and loop_found(self.tokens):
+                self.end("loop", f"stopped: a repetition loop after {len(self.tokens)} tokens")
+            elif len(self.tokens) >= self.max_tokens:
+                self.end("length")
+        if self.finish is None:
+            keep = held_prefix(self.pending, self.stop_strings)
+            shown += self.pending[:len(self.pending) - keep]
+            self.pending = self.pending[len(self.pending) - keep:]
+        return taken, shown
+
+    def flush(self) -> str:
+        if self.stop_string_hit:
+            return ""  # nothing after a stop string is shown
+        rest = self.pending + self.text.flush()
+        self.pending = ""
+        cut = self._first_stop(rest)
+        return rest if cut is None else rest[:cut]
+
+    def _first_stop(self, text: str) -> int | None:
+        hits = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
+        return min(hits) if hits else None
