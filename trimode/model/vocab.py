@@ -76,6 +76,20 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def to_metadata(self) -> dict:
+        """The GGUF `tokenizer.*` keys with plain python values, as `load_model(...).metadata` gives them."""
+        return {
+            "tokenizer.ggml.model": self.model,
+            "tokenizer.ggml.pre": self.pre,
+            "tokenizer.ggml.tokens": list(self.tokens),
+            "tokenizer.ggml.token_type": list(self.token_types),
+            "tokenizer.ggml.merges": list(self.merges),
+            "tokenizer.ggml.bos_token_id": self.bos_id,
+            "tokenizer.ggml.eos_token_id": self.eos_id,
+            "tokenizer.ggml.mask_token_id": self.mask_id,
+            "tokenizer.chat_template": self.chat_template,
+        }
+
 
 def special_token_name(i: int) -> str:
     return NAMED_SPECIALS.get(i, f"<SPECIAL_{i}>")
@@ -87,7 +101,7 @@ def make_vocab(vocab_size: int) -> Vocab:
     The merges come from this machine's Python standard library, so they are the same on
     every run with the same Python, not across Python versions.
     """
-    byte_tokens = list(_bytes_to_unicode().values())
+    byte_tokens = list(bytes_to_unicode().values())
     if vocab_size < NUM_SPECIAL + len(byte_tokens):
         raise ModelError(f"vocab_size {vocab_size} is below the {NUM_SPECIAL} special and 256 byte tokens")
     n_merges = min(vocab_size - NUM_SPECIAL - len(byte_tokens), MAX_LEARNED_MERGES)
@@ -106,7 +120,7 @@ def make_vocab(vocab_size: int) -> Vocab:
                  chat_template=CHATML_TEMPLATE)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     # GPT-2's reversible byte -> printable character map (the form BPE vocabularies store).
     printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
                  + list(range(ord("®"), ord("ÿ") + 1)))
