@@ -1,0 +1,80 @@
+"""Where compiled artifacts live and what names them; shared by compile time and run time.
+
+Computing a key needs no TVM import (the version comes from package metadata), so the
+runtime finds a cached build in milliseconds and imports the compiler only on a miss.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+from trimode import __version__
+from trimode.model.config import ModelConfig
+
+MANIFEST = "manifest.json"
+COMPILER_DIR = Path(__file__).parent / "compiler"
+
+
+def default_root() -> Path:
+    """artifacts/ of a source checkout, else a per-user cache ($TRIMODE_ARTIFACTS wins)."""
+    if os.environ.get("TRIMODE_ARTIFACTS"):
+        return Path(os.environ["TRIMODE_ARTIFACTS"])
+    checkout = Path(__file__).resolve().parent.parent / "artifacts"
+    if checkout.is_dir() and os.access(checkout, os.W_OK):
+        return checkout
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trimode" / "artifacts"
+
+
+def layout_key(cfg: ModelConfig, quantized: dict[str, bool]) -> str:
+    kinds = "".join("q" if quantized[part] else "f" for part in ("embed", "layers", "output"))
+    return f"{cfg.geometry_key()}-{kinds}"
+
+
+def compiler_source_hash() -> str:
+    """Any edit of the compiler's own code invalidates its artifacts."""
+    digest = hashlib.sha256()
+    for path in sorted(COMPILER_DIR.rglob("*.py")):
+        digest.update(path.relative_to(COMPILER_DIR).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def resolve_target(name: str, arch: str | None = None) -> dict:
+    if name == "llvm":
+        return {"kind": "llvm", "num-cores": os.cpu_count() or 1}
+    if name == "cuda":
+        return {"kind": "cuda", "arch": arch or "sm_90a", "max_shared_memory_per_block": 49152,
+                "max_threads_per_block": 1024, "thread_warp_size": 32}
+    raise ValueError(f"unknown target {name!r} (llvm or cuda)")
+
+
+def schedules_for(target: dict) -> tuple[dict, str]:
+    """The tuned schedule database for this GPU, or none (defaults) with a note."""
+    if target["kind"] != "cuda":
+        return {}, "none"
+    try:
+        from trimode.schedules import database_for
+    except ImportError:
+        return {}, "none"
+    return database_for(target)
+
+
+def build_key(cfg: ModelConfig, quantized: dict[str, bool], target: dict, schedules_id: str) -> str:
+    parts = {
+        "layout": layout_key(cfg, quantized),
+        "target": target,
+        "tvm": metadata.version("apache-tvm"),
+        "schedules": schedules_id,
+        "trimode": __version__,
+        "compiler": compiler_source_hash(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def artifact_dir(cfg: ModelConfig, quantized: dict[str, bool], target_name: str, key: str,
+                 root: Path | None = None) -> Path:
+    root = Path(root) if root else default_root()
+    return root / f"{layout_key(cfg, quantized)}-{target_name}-{key}"

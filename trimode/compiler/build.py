@@ -1,0 +1,74 @@
+"""Compile a model geometry for a target into one VM library, cached under artifacts/.
+
+An artifact is a folder holding `model.so` (the VM executable with every entry) and
+`manifest.json` (what the runtime needs to call it: parameter names, shapes and dtypes in
+call order, activation dtype, entries). Its name hashes everything that changes the build.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from trimode import __version__
+from trimode.artifacts import (MANIFEST, artifact_dir, build_key, layout_key, resolve_target,
+                               schedules_for)
+from trimode.model.config import ModelConfig
+
+
+def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str = "llvm",
+                  arch: str | None = None, root: Path | None = None, force: bool = False,
+                  log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """Returns the artifact folder, building it unless an identical build is cached."""
+    import tvm
+    from tvm.relax.frontend import nn  # noqa: F401  (fails early if the compiler is missing)
+
+    from trimode.compiler.kernel_table import Kernels
+    from trimode.compiler.model import NLDModel
+    from trimode.compiler.pipeline import build_executable
+
+    target = resolve_target(target_name, arch)
+    schedules, schedules_id = schedules_for(target)
+    key = build_key(cfg, quantized, target, schedules_id)
+    out = artifact_dir(cfg, quantized, target_name, key, root)
+    if (out / MANIFEST).exists() and not force:
+        return out
+
+    started = time.time()
+    log(f"compiling {cfg.geometry_key()} for {target_name} -> {out}")
+    kernels = Kernels(cfg, target_name, schedules)
+    model = NLDModel(cfg, quantized, kernels)
+    mod, named_params = model.export_tvm(spec=model.entry_specs())
+    log(f"  exported Relax module ({len(named_params)} parameters) in {time.time() - started:.1f}s")
+    executable = build_executable(mod, target, log)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
+    try:
+        executable.export_library(str(tmp / "model.so"))
+        manifest = {
+            "key": key,
+            "target": target_name,
+            "target_spec": target,
+            "dtype": kernels.dtype,
+            "layout": layout_key(cfg, quantized),
+            "config": cfg.geometry_key(),
+            "entries": ["prefill", "decode", "verify", "draft"],
+            "params": [{"name": name, "shape": [int(s) for s in p.shape], "dtype": p.dtype}
+                       for name, p in named_params],
+            "tvm": tvm.__version__,
+            "trimode": __version__,
+            "build_seconds": round(time.time() - started, 1),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # atomic: a half-written artifact is never picked up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"  built in {time.time() - started:.1f}s")
+    return out

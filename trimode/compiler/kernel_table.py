@@ -1,0 +1,74 @@
+"""Which kernel computes what, per target: the one place the model's ops meet the factories.
+
+`rows` names the row-count class of a pass: "one" (decode, m = 1), "block" (verify and
+draft, m <= MAX_BLOCK), "many" (prefill, any m). GPU kernels may be specialised per class;
+the CPU ones handle any m.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from trimode.compiler.kernels import attention, embedding, kv_cache, logits, norm, q8_matmul, rope
+from trimode.model.config import ModelConfig
+
+MAX_BLOCK = 64
+
+
+@dataclass
+class Kernels:
+    cfg: ModelConfig
+    target_kind: str  # "llvm" | "cuda"
+    schedules: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> str:
+        # fp16 on llvm is pathologically slow (TVM.md); GPUs want half precision.
+        return "float32" if self.target_kind == "llvm" else "float16"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.target_kind == "cuda"
+
+    def q8_matmul(self, n: int, k: int, rows: str, role: str):
+        if not self.is_gpu:
+            return _cached(q8_matmul.q8_matmul_cpu, n, k)
+        from trimode.compiler.kernels import gpu_matmul
+        return gpu_matmul.q8_matmul_gpu(n, k, rows, self.dtype, self.schedules)
+
+    def q8_embedding(self, vocab: int, hidden: int):
+        return embedding.q8_embedding(vocab, hidden, self.dtype)
+
+    def float_embedding(self, vocab: int, hidden: int):
+        return embedding.float_embedding(vocab, hidden, self.dtype)
+
+    def rms_norm(self, hidden: int, eps: float):
+        return _cached(norm.rms_norm, hidden, eps, self.dtype)
+
+    def rope_split(self):
+        c = self.cfg
+        return _cached(rope.rope_split, c.n_heads, c.n_kv_heads, c.head_dim, self.dtype)
+
+    def kv_append(self):
+        c = self.cfg
+        return _cached(kv_cache.kv_append, c.n_layers, c.n_kv_heads, c.head_dim, self.dtype)
+
+    def attention(self, causal: bool, rows: str):
+        c = self.cfg
+        if not self.is_gpu:
+            return _cached(attention.attention_cpu, c.n_layers, c.n_heads, c.n_kv_heads,
+                           c.head_dim, causal)
+        from trimode.compiler.kernels import gpu_attention
+        return gpu_attention.attention_gpu(c, causal, rows, self.dtype, self.schedules)
+
+    def last_row(self, hidden: int):
+        return _cached(logits.last_row, hidden, self.dtype)
+
+    def argmax_prob(self, vocab: int):
+        return _cached(logits.argmax_prob, vocab)
+
+
+@lru_cache(maxsize=None)
+def _cached(factory, *args):
+    # One PrimFunc object per (factory, sizes): the module then holds one copy of each kernel.
+    return factory(*args)

@@ -1,0 +1,1 @@
+"""Kernel factories: each returns a PrimFunc for static sizes, dtype and target."""

@@ -1,0 +1,39 @@
+"""x[t, :] = dequantized row ids[t] of the Q8_0 embedding table (the table is gathered, never
+dequantized as a whole)."""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+Q8_BLOCK = 32
+
+
+def q8_embedding(vocab: int, hidden: int, dtype: str) -> "T.PrimFunc":
+    @T.prim_func(private=True, s_tir=True)
+    def embed(var_ids: T.handle, q: T.Buffer((T.int64(vocab), T.int64(hidden)), "int8"),
+              scale: T.Buffer((T.int64(vocab), T.int64(hidden // Q8_BLOCK)), "float16"),
+              var_x: T.handle):
+        t = T.int64()
+        ids = T.match_buffer(var_ids, (t,), "int32")
+        x = T.match_buffer(var_x, (t, T.int64(hidden)), dtype)
+        for i, c in T.grid(t, T.int64(hidden)):
+            with T.sblock("embed"):
+                vi, vc = T.axis.remap("SS", [i, c])
+                x[vi, vc] = T.Cast(dtype, T.Cast("float32", q[ids[vi], vc])
+                                   * T.Cast("float32", scale[ids[vi], vc // Q8_BLOCK]))
+
+    return embed
+
+
+def float_embedding(vocab: int, hidden: int, dtype: str) -> "T.PrimFunc":
+    @T.prim_func(private=True, s_tir=True)
+    def embed(var_ids: T.handle, table: T.Buffer((T.int64(vocab), T.int64(hidden)), dtype),
+              var_x: T.handle):
+        t = T.int64()
+        ids = T.match_buffer(var_ids, (t,), "int32")
+        x = T.match_buffer(var_x, (t, T.int64(hidden)), dtype)
+        for i, c in T.grid(t, T.int64(hidden)):
+            with T.sblock("embed"):
+                vi, vc = T.axis.remap("SS", [i, c])
+                x[vi, vc] = table[ids[vi], vc]
+
+    return embed

@@ -1,0 +1,175 @@
+"""NLD in Relax (tvm.relax.frontend.nn): one module, four compiled entries over one KV cache.
+
+Entries (docs/DESIGN.md): prefill, decode (causal, write K/V), verify (causal, all rows),
+draft (bidirectional, cache untouched). Every kernel comes from a `Kernels` table chosen per
+target (kernels.py), so this file holds only the network's math, top to bottom.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op, spec
+
+from trimode.compiler.kernel_table import Kernels
+from trimode.model.config import ModelConfig
+
+
+class Q8Linear(nn.Module):
+    """y = x W^T with W held as Q8_0: int8 [N, K] + fp16 scale [N, K/32]."""
+
+    def __init__(self, n: int, k: int, kernels: Kernels, role: str):
+        self.q = nn.Parameter((n, k), "int8")
+        self.scale = nn.Parameter((n, k // 32), "float16")
+        self.n, self.k, self.kernels, self.role = n, k, kernels, role
+
+    def forward(self, x: Tensor, rows: str) -> Tensor:
+        kernel = self.kernels.q8_matmul(self.n, self.k, rows, self.role)
+        out = Tensor.placeholder([x.shape[0], self.n], x.dtype)
+        return op.tensor_ir_op(kernel, f"q8_matmul_{self.role}", [x, self.q, self.scale], out)
+
+
+class FloatLinear(nn.Module):
+    """y = x W^T with W in the activation dtype (files whose matrices are F32/F16/BF16)."""
+
+    def __init__(self, n: int, k: int, kernels: Kernels, role: str):
+        self.weight = nn.Parameter((n, k), kernels.dtype)
+
+    def forward(self, x: Tensor, rows: str) -> Tensor:
+        return op.matmul(x, op.permute_dims(self.weight))
+
+
+class Q8Embedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int, kernels: Kernels):
+        self.q = nn.Parameter((vocab, hidden), "int8")
+        self.scale = nn.Parameter((vocab, hidden // 32), "float16")
+        self.kernel = kernels.q8_embedding(vocab, hidden)
+        self.hidden, self.dtype = hidden, kernels.dtype
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out = Tensor.placeholder([tokens.shape[0], self.hidden], self.dtype)
+        return op.tensor_ir_op(self.kernel, "embedding", [tokens, self.q, self.scale], out)
+
+
+class FloatEmbedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int, kernels: Kernels):
+        self.table = nn.Parameter((vocab, hidden), kernels.dtype)
+        self.kernel = kernels.float_embedding(vocab, hidden)
+        self.hidden, self.dtype = hidden, kernels.dtype
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out = Tensor.placeholder([tokens.shape[0], self.hidden], self.dtype)
+        return op.tensor_ir_op(self.kernel, "embedding", [tokens, self.table], out)
+
+
+def linear(quantized: bool, n: int, k: int, kernels: Kernels, role: str) -> nn.Module:
+    return (Q8Linear if quantized else FloatLinear)(n, k, kernels, role)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, kernels: Kernels):
+        self.weight = nn.Parameter((hidden,), "float32")
+        self.kernel = kernels.rms_norm(hidden, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return op.tensor_ir_op(self.kernel, "rms_norm", [x, self.weight],
+                               Tensor.placeholder(x.shape, x.dtype))
+
+
+class RopeTables:
+    """Host-computed YaRN cos/sin [ctx, d/2] and the long-context query scale [ctx]."""
+
+    def __init__(self, cos: Tensor, sin: Tensor, q_scale: Tensor):
+        self.cos, self.sin, self.q_scale = cos, sin, q_scale
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, quantized: bool, kernels: Kernels):
+        self.cfg, self.index, self.kernels = cfg, index, kernels
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.rms_eps, kernels)
+        self.qkv = linear(quantized, cfg.q_dim + 2 * cfg.kv_dim, cfg.hidden, kernels, "qkv")
+        self.o = linear(quantized, cfg.hidden, cfg.q_dim, kernels, "o")
+        self.ffn_norm = RMSNorm(cfg.hidden, cfg.rms_eps, kernels)
+        self.gate_up = linear(quantized, 2 * cfg.ffn, cfg.hidden, kernels, "gate_up")
+        self.down = linear(quantized, cfg.hidden, cfg.ffn, kernels, "down")
+
+    def forward(self, x: Tensor, kv: Tensor, rope: RopeTables, pos: tirx.Var, causal: bool,
+                rows: str) -> tuple[Tensor, Tensor]:
+        cfg, kernels = self.cfg, self.kernels
+        t = x.shape[0]
+        layer = tirx.IntImm("int64", self.index)
+        qkv = self.qkv(self.attn_norm(x), rows)                     # [T, q_dim + 2 kv_dim]
+        head_shape = lambda heads: Tensor.placeholder([t, heads, cfg.head_dim], x.dtype)
+        q, k, v = op.tensor_ir_op(
+            kernels.rope_split(), "rope_split", [qkv, rope.cos, rope.sin, rope.q_scale, pos],
+            [head_shape(cfg.n_heads), head_shape(cfg.n_kv_heads), head_shape(cfg.n_kv_heads)])
+        if causal:  # only causal passes keep their K/V: the cache holds committed tokens only
+            kv = op.tensor_ir_inplace_op(kernels.kv_append(), "kv_append", [kv, k, v, layer, pos],
+                                         [0], Tensor.placeholder(kv.shape, kv.dtype))
+        attn = op.tensor_ir_op(kernels.attention(causal, rows), "attention_causal" if causal
+                               else "attention_bidirectional", [q, kv, layer, pos, k, v],
+                               head_shape(cfg.n_heads))          # [T, heads, d]
+        x = x + self.o(op.reshape(attn, [t, cfg.q_dim]), rows)
+        gate, up = op.split(self.gate_up(self.ffn_norm(x), rows), 2, axis=-1)
+        x = x + self.down(op.silu(gate) * up, rows)
+        return x, kv
+
+
+class NLDModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, quantized: dict[str, bool], kernels: Kernels):
+        self.cfg, self.kernels = cfg, kernels
+        self.embed = (Q8Embedding if quantized["embed"] else FloatEmbedding)(cfg.vocab, cfg.hidden, kernels)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, quantized["layers"], kernels)
+                                     for i in range(cfg.n_layers)])
+        self.output_norm = RMSNorm(cfg.hidden, cfg.rms_eps, kernels)
+        self.head = linear(quantized["output"], cfg.vocab, cfg.hidden, kernels, "head")
+
+    def _forward(self, tokens: Tensor, pos: tirx.Var, kv: Tensor, cos: Tensor, sin: Tensor,
+                 q_scale: Tensor, causal: bool, rows: str, last_only: bool):
+        rope = RopeTables(cos, sin, q_scale)
+        x = self.embed(tokens)                                       # [T, H]
+        for layer in self.layers:
+            x, kv = layer(x, kv, rope, pos, causal, rows)
+        if last_only:  # a prefill needs only its last row's logits
+            x = op.tensor_ir_op(self.kernels.last_row(self.cfg.hidden), "last_row", [x],
+                                Tensor.placeholder([1, self.cfg.hidden], x.dtype))
+            rows = "one"
+        logits = self.head(self.output_norm(x), rows)                # [rows, V]
+        if logits.dtype != "float32":
+            logits = op.astype(logits, "float32")
+        n_rows = logits.shape[0]
+        argmax, prob = op.tensor_ir_op(
+            self.kernels.argmax_prob(self.cfg.vocab), "argmax_prob", [logits],
+            [Tensor.placeholder([n_rows], "int32"), Tensor.placeholder([n_rows], "float32")])
+        return logits, argmax, prob, kv
+
+    def prefill(self, tokens, pos, kv, cos, sin, q_scale):
+        return self._forward(tokens, pos, kv, cos, sin, q_scale, True, "many", last_only=True)
+
+    def decode(self, tokens, pos, kv, cos, sin, q_scale):
+        return self._forward(tokens, pos, kv, cos, sin, q_scale, True, "one", last_only=False)
+
+    def verify(self, tokens, pos, kv, cos, sin, q_scale):
+        return self._forward(tokens, pos, kv, cos, sin, q_scale, True, "block", last_only=False)
+
+    def draft(self, tokens, pos, kv, cos, sin, q_scale):
+        logits, argmax, prob, _ = self._forward(tokens, pos, kv, cos, sin, q_scale, False,
+                                                "block", last_only=False)
+        return logits, argmax, prob
+
+    def entry_specs(self) -> dict:
+        """The four entries' argument specs, from one helper (STYLE.md: no copies)."""
+        cfg, dtype = self.cfg, self.kernels.dtype
+        half = cfg.head_dim // 2
+
+        def entry(tokens_len):
+            return {
+                "tokens": spec.Tensor([tokens_len], "int32"),
+                "pos": int,
+                "kv": spec.Tensor([cfg.n_layers, 2, cfg.n_kv_heads, "ctx", cfg.head_dim], dtype),
+                "cos": spec.Tensor(["ctx", half], "float32"),
+                "sin": spec.Tensor(["ctx", half], "float32"),
+                "q_scale": spec.Tensor(["ctx"], "float32"),
+                "$": {"param_mode": "packed", "effect_mode": "none"},
+            }
+
+        return {"prefill": entry("t"), "decode": entry(1), "verify": entry("t"), "draft": entry("t")}

@@ -1,0 +1,209 @@
+"""The compiled model at run time: weights on the device, one VM, and a Forward per sequence.
+
+Engine loads once (artifact, weights); `new_sequence(n_ctx)` gives a CompiledForward that
+owns one KV buffer [layers, 2, kv_heads, n_ctx, head_dim] and the rope tables, and maps the
+Forward interface onto the compiled entries:
+  causal, last row only      -> prefill (any T)
+  causal, one token          -> decode
+  causal, all rows           -> verify  (T <= MAX_BLOCK per call, longer inputs in chunks)
+  bidirectional              -> draft   (T <= MAX_BLOCK)
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from trimode.artifacts import (MANIFEST, artifact_dir, build_key, resolve_target,
+                               schedules_for)
+from trimode.model.config import ModelConfig, ModelError
+from trimode.model.weights import ModelWeights, Q8Matrix
+from trimode.runtime.forward import ContextFull, StepResult
+from trimode.runtime.tvm_runtime import Device, cuda_arch, default_target
+
+MAX_BLOCK = 64  # the verify/draft entries' row limit (kernel_table.MAX_BLOCK)
+
+
+def quantized_parts(weights: ModelWeights) -> dict[str, bool]:
+    """Which groups run as Q8_0 (a group with any float matrix runs as float: dequantizing
+    Q8_0 is exact, so nothing is lost)."""
+    layer_mats = [getattr(layer, n) for layer in weights.layers
+                  for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+    return {"embed": isinstance(weights.embed, Q8Matrix),
+            "layers": all(isinstance(w, Q8Matrix) for w in layer_mats),
+            "output": isinstance(weights.output, Q8Matrix)}
+
+
+def _rows(*mats) -> Q8Matrix | np.ndarray:
+    """Stacks matrices along the output dimension (q|k|v -> qkv, gate|up -> gate_up)."""
+    if all(isinstance(m, Q8Matrix) for m in mats):
+        return Q8Matrix(q=np.concatenate([m.q for m in mats]),
+                        scale=np.concatenate([m.scale for m in mats]))
+    return np.concatenate([m.dequantize() if isinstance(m, Q8Matrix) else m for m in mats])
+
+
+def parameter_arrays(weights: ModelWeights, quantized: dict[str, bool], dtype: str) -> dict[str, np.ndarray]:
+    """Host arrays named as the compiled module's parameters."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def put(prefix: str, mat, as_q8: bool, float_name: str = "weight"):
+        if as_q8:
+            arrays[f"{prefix}.q"], arrays[f"{prefix}.scale"] = mat.q, mat.scale
+        else:
+            dense = mat.dequantize() if isinstance(mat, Q8Matrix) else mat
+            arrays[f"{prefix}.{float_name}"] = np.asarray(dense, dtype)
+
+    put("embed", weights.embed, quantized["embed"], "table")
+    for i, layer in enumerate(weights.layers):
+        p = f"layers.{i}"
+        arrays[f"{p}.attn_norm.weight"] = np.asarray(layer.attn_norm, np.float32)
+        arrays[f"{p}.ffn_norm.weight"] = np.asarray(layer.ffn_norm, np.float32)
+        q8 = quantized["layers"]
+        put(f"{p}.qkv", _rows(layer.wq, layer.wk, layer.wv), q8)
+        put(f"{p}.o", layer.wo, q8)
+        put(f"{p}.gate_up", _rows(layer.w_gate, layer.w_up), q8)
+        put(f"{p}.down", layer.w_down, q8)
+    arrays["output_norm.weight"] = np.asarray(weights.output_norm, np.float32)
+    put("head", weights.output, quantized["output"])
+    return arrays
+
+
+def find_or_compile(cfg: ModelConfig, quantized: dict[str, bool], target: str,
+                    arch: str | None = None, log=None) -> Path:
+    """The cached artifact for this build, compiling it (importing the compiler) on a miss."""
+    spec = resolve_target(target, arch)
+    out = artifact_dir(cfg, quantized, target, build_key(cfg, quantized, spec, schedules_for(spec)[1]))
+    if (out / MANIFEST).exists():
+        return out
+    from trimode.compiler.build import compile_model  # the only runtime path into the compiler
+
+    return compile_model(cfg, quantized, target, arch, log=log or _stderr)
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Engine:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, target: str | None = None,
+                 metadata: dict | None = None, log=_stderr):
+        self.config = config
+        self.metadata = metadata or {}
+        self.target = target or default_target()
+        self.device = Device(self.target)
+        quantized = quantized_parts(weights)
+        arch = cuda_arch() if self.target == "cuda" else None
+        self.artifact = find_or_compile(config, quantized, self.target, arch, log)
+        self.manifest = json.loads((self.artifact / MANIFEST).read_text())
+        self.dtype = self.manifest["dtype"]
+        started = time.time()
+        self.vm = self.device.load_vm(self.artifact / "model.so")
+        self.entries = {name: self.vm[name] for name in self.manifest["entries"]}
+        arrays = parameter_arrays(weights, quantized, self.dtype)
+        self.params = [self._upload_param(p, arrays) for p in self.manifest["params"]]
+        self.load_seconds = time.time() - started
+        self._tokenizer = None
+
+    def _upload_param(self, param: dict, arrays: dict[str, np.ndarray]):
+        array = arrays.get(param["name"])
+        if array is None or list(array.shape) != param["shape"] or str(array.dtype) != param["dtype"]:
+            got = "missing" if array is None else f"{array.dtype}{list(array.shape)}"
+            raise ModelError(f"parameter {param['name']}: compiled for {param['dtype']}"
+                             f"{param['shape']}, model gives {got}")
+        return self.device.upload(array)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from trimode.model.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_metadata(self.metadata)
+        return self._tokenizer
+
+    def new_sequence(self, n_ctx: int) -> "CompiledForward":
+        if n_ctx < 1:
+            raise ModelError(f"context size must be positive, got {n_ctx}")
+        return CompiledForward(self, n_ctx)
+
+
+def load_engine(model_path: str | Path, target: str | None = None, log=_stderr) -> Engine:
+    from trimode.model.gguf_file import load_model
+
+    model = load_model(model_path)
+    return Engine(model.config, model.weights, target, model.metadata, log)
+
+
+class CompiledForward:
+    """Forward over the compiled entries; one KV buffer, one sequence."""
+
+    def __init__(self, engine: Engine, n_ctx: int):
+        cfg, dev = engine.config, engine.device
+        self.engine, self.config, self.n_ctx = engine, cfg, n_ctx
+        self.kv = dev.empty([cfg.n_layers, 2, cfg.n_kv_heads, n_ctx, cfg.head_dim], engine.dtype)
+        cos, sin = cfg.rope_tables(n_ctx)
+        self.rope = [dev.upload(cos.astype(np.float32)), dev.upload(sin.astype(np.float32)),
+                     dev.upload(cfg.q_scale(np.arange(n_ctx)).astype(np.float32))]
+        self._length = 0
+        self.forwards = 0  # compiled passes run, for tokens-per-forward statistics
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def _room(self, n: int) -> None:
+        if n == 0:
+            raise ValueError("a forward pass needs at least one token")
+        if self._length + n > self.n_ctx:
+            raise ContextFull(f"context full: {self._length} cached + {n} new tokens > {self.n_ctx}")
+
+    def _run(self, entry: str, tokens: Sequence[int]) -> StepResult:
+        dev = self.engine.device
+        ids = np.asarray(tokens, dtype=np.int32)
+        if ids.min() < 0 or ids.max() >= self.config.vocab:
+            raise ValueError(f"token id out of range [0, {self.config.vocab})")
+        out = self.engine.entries[entry](dev.upload(ids), dev.ffi.Shape([self._length]), self.kv,
+                                         *self.rope, self.engine.params)
+        self.forwards += 1
+        logits = out[0]
+        return StepResult(argmax=dev.download(out[1]).astype(np.int64),
+                          prob=dev.download(out[2]),
+                          fetch_logits=lambda: dev.download(logits))
+
+    def causal(self, tokens: Sequence[int], last_only: bool = False) -> StepResult:
+        self._room(len(tokens))
+        if len(tokens) == 1:
+            step = self._run("decode", tokens)
+        elif last_only:
+            step = self._run("prefill", tokens)
+        else:
+            return self._causal_rows(tokens)
+        self._length += len(tokens)
+        return step
+
+    def _causal_rows(self, tokens: Sequence[int]) -> StepResult:
+        steps = []
+        for start in range(0, len(tokens), MAX_BLOCK):
+            chunk = tokens[start:start + MAX_BLOCK]
+            steps.append(self._run("verify", chunk))
+            self._length += len(chunk)
+        if len(steps) == 1:
+            return steps[0]
+        return StepResult(argmax=np.concatenate([s.argmax for s in steps]),
+                          prob=np.concatenate([s.prob for s in steps]),
+                          fetch_logits=lambda: np.concatenate([s.logits() for s in steps]))
+
+    def bidirectional(self, tokens: Sequence[int]) -> StepResult:
+        self._room(len(tokens))
+        if len(tokens) > MAX_BLOCK:
+            raise ValueError(f"a bidirectional block holds at most {MAX_BLOCK} tokens, got {len(tokens)}")
+        return self._run("draft", tokens)
+
+    def truncate(self, n: int) -> None:
+        # Positions past n are simply overwritten by the next causal pass.
+        if not 0 <= n <= self._length:
+            raise ValueError(f"cannot truncate a cache of {self._length} tokens to {n}")
+        self._length = n

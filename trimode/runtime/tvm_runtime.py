@@ -1,0 +1,107 @@
+"""The TVM runtime without the TVM compiler.
+
+`import tvm` loads libtvm_compiler (hundreds of MB, seconds); running a compiled module
+needs only libtvm_runtime (+ libtvm_runtime_cuda for GPUs) and tvm_ffi. This module is the
+one place the runtime touches them; nothing here imports `tvm`.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+RTLD = ctypes.RTLD_GLOBAL
+POOLED_ALLOCATOR = 2
+DEVICE_TYPES = {"llvm": 1, "cuda": 2}  # DLPack device types: kDLCPU, kDLCUDA
+
+
+def tvm_lib_dir() -> Path:
+    spec = importlib.util.find_spec("tvm")  # locates the package without importing it
+    if spec is None or spec.origin is None:
+        raise RuntimeError("apache-tvm is not installed (pip install apache-tvm)")
+    return Path(spec.origin).parent / "lib"
+
+
+@lru_cache(maxsize=None)
+def load_runtime(gpu: bool):
+    """Loads the runtime libraries once; returns the tvm_ffi module."""
+    import tvm_ffi  # first: it loads libtvm_ffi.so, which libtvm_runtime links against
+
+    lib_dir = tvm_lib_dir()
+    ctypes.CDLL(str(lib_dir / "libtvm_runtime.so"), RTLD)
+    if gpu:
+        ctypes.CDLL(str(lib_dir / "libtvm_runtime_cuda.so"), RTLD)
+    return tvm_ffi
+
+
+@lru_cache(maxsize=None)
+def cuda_device_count() -> int:
+    """GPUs the driver reports (0 without a driver), asked of libcuda directly."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    except OSError:
+        return 0
+
+
+def default_target() -> str:
+    return "cuda" if cuda_device_count() > 0 else "llvm"
+
+
+class Device:
+    """One DLPack device plus the few tensor operations the engine needs."""
+
+    def __init__(self, target: str, index: int = 0):
+        self.target = target
+        self.ffi = load_runtime(target == "cuda")
+        self.device = self.ffi.device("cuda" if target == "cuda" else "cpu", index)
+        self.device_type, self.index = DEVICE_TYPES[target], index
+        get = self.ffi.get_global_func
+        self._alloc = get("runtime.TVMTensorAllocWithScope")
+        self._copy_from = get("runtime.TVMTensorCopyFromBytes")
+        self._copy_to = get("runtime.TVMTensorCopyToBytes")
+        self._sync = get("runtime.Device_StreamSync", allow_missing=True)
+
+    def empty(self, shape, dtype: str):
+        return self._alloc(self.ffi.Shape([int(s) for s in shape]), self.ffi.dtype(dtype),
+                           self.device, None)
+
+    def upload(self, array: np.ndarray):
+        array = np.ascontiguousarray(array)
+        tensor = self.empty(array.shape, str(array.dtype))
+        self.write(tensor, array)
+        return tensor
+
+    def write(self, tensor, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        self._copy_from(tensor, ctypes.c_void_p(array.ctypes.data), array.nbytes)
+
+    def download(self, tensor) -> np.ndarray:
+        out = np.empty(tuple(tensor.shape), dtype=str(tensor.dtype))
+        self._copy_to(tensor, ctypes.c_void_p(out.ctypes.data), out.nbytes)
+        return out
+
+    def load_vm(self, library: Path):
+        """Loads an exported VM library and returns its VirtualMachine module."""
+        module = self.ffi.load_module(str(Path(library).resolve()))
+        vm = module["vm_load_executable"]()
+        host = DEVICE_TYPES["llvm"]
+        vm["vm_initialization"](self.device_type, self.index, POOLED_ALLOCATOR, host, 0, POOLED_ALLOCATOR)
+        return vm
+
+
+def cuda_arch(index: int = 0) -> str:
+    """The GPU's architecture as nvcc names it (sm_90a on Hopper, for wgmma)."""
+    cuda = ctypes.CDLL("libcuda.so.1")
+    major, minor = ctypes.c_int(0), ctypes.c_int(0)
+    cuda.cuInit(0)
+    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, index)  # COMPUTE_CAPABILITY_MAJOR
+    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, index)
+    arch = f"sm_{major.value}{minor.value}"
+    return arch + "a" if major.value == 9 else arch
