@@ -36,7 +36,9 @@ class Tokenizer:
         if len(tokens) != len(token_types):
             raise ModelError(f"tokenizer has {len(tokens)} tokens but {len(token_types)} token types")
         if len(set(tokens)) != len(tokens):
-            raise ModelError("tokenizer.ggml.tokens holds the same token string twice")
+            seen = set()
+            twice = next(t for t in tokens if t in seen or seen.add(t))
+            raise ModelError(f"tokenizer.ggml.tokens holds {twice!r} twice")
         for name, i in (("bos", bos_id), ("eos", eos_id), ("mask", mask_id)):
             if not 0 <= i < len(tokens):
                 raise ModelError(f"tokenizer.ggml.{name}_token_id {i} is outside the vocabulary of {len(tokens)}")
