@@ -1,13 +1,14 @@
 """The generated vocabulary and the tokenizer built from GGUF metadata."""
 import random
+
 import gguf
+import gguf.vocab
 import pytest
 import regex
 
 from trimode.model.config import ModelError
 from trimode.model.tokenizer import PRE_TOKENIZERS, Tokenizer
-from trimode.model.vocab import (NUM_SPECIAL, TEKKEN_PATTERN, _learn_bpe, bytes_to_unicode,
-                                 make_vocab)
+from trimode.model.vocab import NUM_SPECIAL, TEKKEN_PATTERN, _learn_bpe, make_vocab
 
 UNICODE_CORPUS = [
     "Hello, world!",
@@ -57,7 +58,7 @@ def test_vocab_layout(vocab):
                     20: "<think>", 21: "</think>", 100: "<|mask|>", 5: "<SPECIAL_5>"}.items():
         assert vocab.tokens[i] == name
     assert set(vocab.token_types[:NUM_SPECIAL]) == {int(gguf.TokenType.CONTROL)}
-    assert vocab.tokens[NUM_SPECIAL:NUM_SPECIAL + 256] == [bytes_to_unicode()[b] for b in range(256)]
+    assert vocab.tokens[NUM_SPECIAL:NUM_SPECIAL + 256] == [gguf.vocab.bytes_to_unicode()[b] for b in range(256)]
     assert set(vocab.token_types[NUM_SPECIAL:]) == {int(gguf.TokenType.NORMAL)}
     assert (vocab.bos_id, vocab.eos_id, vocab.mask_id, vocab.pre) == (1, 11, 100, "tekken")
 

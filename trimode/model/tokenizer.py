@@ -10,11 +10,12 @@ import codecs
 from functools import cached_property
 
 import gguf
+import gguf.vocab
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from trimode.model.config import ModelError
-from trimode.model.vocab import TEKKEN_PATTERN, TEKKEN_PRE, bytes_to_unicode
+from trimode.model.vocab import TEKKEN_PATTERN, TEKKEN_PRE
 
 # tokenizer.ggml.pre -> the split applied before byte-level mapping.
 PRE_TOKENIZERS = {
@@ -110,7 +111,7 @@ class Tokenizer:
     @cached_property
     def _bytes_table(self) -> list[bytes]:
         # The bytes each id stands for, in the same form the ByteLevel decoder produces.
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        byte_of = {c: b for b, c in gguf.vocab.bytes_to_unicode().items()}
         table = []
         for token, ty in zip(self.tokens, self.token_types):
             if ty == _UNUSED:

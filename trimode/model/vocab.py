@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import gguf
+import gguf.vocab
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
 from trimode.model.chat import CHATML_TEMPLATE
@@ -33,10 +34,10 @@ NAMED_SPECIALS = {
     20: "<think>", 21: "</think>",
     100: "<|mask|>",
 }
-# Learning more merges than this takes longer than a test should wait; the rest is padding.
-MAX_LEARNED_MERGES = 8192
+# Learning more tokens than this takes longer than a test should wait; the rest is padding.
+MAX_LEARNED_TOKENS = 8192
 # The stdlib modules (sorted by name) are read until this many characters: enough text for
-# MAX_LEARNED_MERGES merges, little enough to train in about a second.
+# MAX_LEARNED_TOKENS merges, little enough to train in about a second.
 CORPUS_CHARS = 600_000
 # Non-ASCII text the stdlib lacks, so the vocabulary also has multi-byte merges.
 MULTILINGUAL_SAMPLE = (
@@ -101,11 +102,12 @@ def make_vocab(vocab_size: int) -> Vocab:
     The merges come from this machine's Python standard library, so they are the same on
     every run with the same Python, not across Python versions.
     """
-    byte_tokens = list(bytes_to_unicode().values())
+    byte_char = gguf.vocab.bytes_to_unicode()
+    byte_tokens = [byte_char[b] for b in range(256)]
     if vocab_size < NUM_SPECIAL + len(byte_tokens):
         raise ModelError(f"vocab_size {vocab_size} is below the {NUM_SPECIAL} special and 256 byte tokens")
-    n_merges = min(vocab_size - NUM_SPECIAL - len(byte_tokens), MAX_LEARNED_MERGES)
-    learned, merges = _learn_bpe(n_merges) if n_merges else ((), ())
+    n_learned = min(vocab_size - NUM_SPECIAL - len(byte_tokens), MAX_LEARNED_TOKENS)
+    learned, merges = _learn_bpe(n_learned) if n_learned else ((), ())
     learned, merges = list(learned), list(merges)
 
     n_pad = vocab_size - NUM_SPECIAL - len(byte_tokens) - len(learned)
@@ -118,20 +120,6 @@ def make_vocab(vocab_size: int) -> Vocab:
                    + [int(T.UNUSED)] * n_pad)
     return Vocab(tokens=tokens, token_types=token_types, merges=merges, pre=TEKKEN_PRE,
                  chat_template=CHATML_TEMPLATE)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's reversible byte -> printable character map (the form BPE vocabularies store).
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 def _training_corpus() -> list[str]:
