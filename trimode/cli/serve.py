@@ -1,0 +1,61 @@
+"""`trimode serve`: the OpenAI-compatible server, with llama-server's flags where they apply."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("-m", "--model", "model_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path), help="GGUF model file.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("-c", "--ctx-size", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=2),
+              help="KV cache tokens over all slots; each slot gets ctx-size / parallel.")
+@click.option("-np", "--parallel", "n_slots", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Requests generated concurrently; more wait in arrival order.")
+@click.option("-a", "--alias", default=None, help="Model name /v1/models reports (default: the file name).")
+@click.option("--api-key", default=None, envvar="TRIMODE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1 routes, /tokenize, /detokenize, /metrics.")
+@click.option("--reasoning", type=click.Choice(["on", "off"]), default="off", show_default=True,
+              help="Off: the think block is closed in the prompt and <think> tokens are never generated.")
+@click.option("--reasoning-format", type=click.Choice(["none"]), default="none", show_default=True,
+              help="How thinking text is returned; 'none' leaves it in the content (llama-server's name).")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Requests allowed to wait for a slot; beyond that new ones get a 503.")
+def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, reasoning_format,
+          max_queue):
+    """Serve MODEL over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /health,
+    /metrics, /tokenize, /detokenize."""
+    import uvicorn
+
+    from trimode.model.config import ModelError
+    from trimode.runtime.server.app import ServerSettings, create_app
+
+    def load_engine():
+        from trimode.runtime.engine import load_engine as load_compiled
+        return load_compiled(model_path)
+
+    settings = ServerSettings(n_ctx=n_ctx, n_slots=n_slots, model_name=alias or model_path.name,
+                              api_key=api_key, reasoning=reasoning == "on", max_queue=max_queue)
+    app = create_app(load_engine, settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    scheduler = app.state.service.scheduler
+
+    def report_load():
+        started = time.monotonic()
+        click.echo(f"loading {model_path} ...", err=True)
+        scheduler.ready.wait()
+        if scheduler.load_error is not None:
+            server.should_exit = True
+            return
+        click.echo(f"model loaded in {time.monotonic() - started:.1f} s: {n_slots} slot(s) of "
+                   f"{settings.slot_ctx} tokens; listening on http://{host}:{port}", err=True)
+
+    threading.Thread(target=report_load, daemon=True).start()
+    server.run()
+    if scheduler.load_error is not None:
+        raise ModelError(scheduler.load_error)

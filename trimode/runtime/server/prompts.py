@@ -1,0 +1,105 @@
+"""From an API request body to a GenerationRequest: prompt ids, sampling, mode, stops.
+
+Chat prompts follow the llama.cpp fork (MODEL.md section 6): the GGUF's template with its
+multi-turn cleanup (trimode.model.chat), think tokens suppressed when reasoning is off, and
+the previous assistant reply's tokens penalized 1.3x so the model does not repeat itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trimode.model.chat import render_chat
+from trimode.model.config import ModelError
+from trimode.model.tokenizer import Tokenizer
+from trimode.runtime.generation import DecodeParams, GenerationRequest, SamplingParams
+from trimode.runtime.server.errors import APIError
+from trimode.runtime.server.schemas import (ChatCompletionRequest, CompletionRequest,
+                                            SamplingFields)
+
+PREVIOUS_REPLY_PENALTY = 1.3
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    template: str | None
+    add_bos: bool
+    reasoning: bool
+    slot_ctx: int  # tokens one slot's KV cache holds
+
+
+def settings_from_metadata(metadata: dict, reasoning: bool, slot_ctx: int) -> PromptSettings:
+    return PromptSettings(template=metadata.get("tokenizer.chat_template") or None,
+                          add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
+                          reasoning=reasoning, slot_ctx=slot_ctx)
+
+
+def chat_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
+                 settings: PromptSettings) -> GenerationRequest:
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = render_chat(settings.template, messages, add_generation_prompt=True,
+                           reasoning=settings.reasoning, template_vars={"bos_token": _bos(tokenizer)})
+    except ModelError as err:
+        raise APIError(400, str(err), "messages") from None
+    ids = tokenizer.encode_template(text)
+    if settings.add_bos and ids[:1] != [tokenizer.bos_id]:
+        ids = [tokenizer.bos_id, *ids]
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    penalized = tuple(sorted(set(tokenizer.encode(replies[-1])))) if replies else ()
+    suppress = () if settings.reasoning else tuple(
+        i for i in (tokenizer.think_open_id, tokenizer.think_close_id) if i is not None)
+    return _generation_request(body, ids, body.token_limit(), settings, penalized, suppress)
+
+
+def completion_request(body: CompletionRequest, tokenizer: Tokenizer,
+                       settings: PromptSettings) -> GenerationRequest:
+    if isinstance(body.prompt, str):
+        ids = tokenizer.encode_template(body.prompt, add_bos=settings.add_bos)
+    else:
+        ids = list(body.prompt)
+        if max(ids) >= len(tokenizer):
+            raise APIError(400, f"prompt token id {max(ids)} is outside the vocabulary of "
+                           f"{len(tokenizer)}", "prompt")
+    return _generation_request(body, ids, body.token_limit(), settings, (), ())
+
+
+def _bos(tokenizer: Tokenizer) -> str:
+    return tokenizer.tokens[tokenizer.bos_id]
+
+
+def _generation_request(body: SamplingFields, ids: list[int], max_tokens: int | None,
+                        settings: PromptSettings, penalized: tuple[int, ...],
+                        suppress: tuple[int, ...]) -> GenerationRequest:
+    if not ids:
+        raise APIError(400, "the prompt is empty: at least one token is needed", "prompt")
+    room = settings.slot_ctx - len(ids)
+    if room <= 0:
+        raise APIError(400, f"the prompt has {len(ids)} tokens but the context holds "
+                       f"{settings.slot_ctx} per slot (-c / -np); shorten the prompt", "messages")
+    defaults = SamplingParams()
+    sampling = SamplingParams(
+        temperature=_given(body.temperature, defaults.temperature),
+        top_k=_given(body.top_k, defaults.top_k),
+        top_p=_given(body.top_p, defaults.top_p),
+        min_p=_given(body.min_p, defaults.min_p),
+        # A negative seed asks for a random one, as in llama-server.
+        seed=body.seed if body.seed is not None and body.seed >= 0 else None,
+        repetition_penalty=PREVIOUS_REPLY_PENALTY if penalized else 1.0,
+        penalty_ids=penalized)
+    d = DecodeParams()
+    decode = DecodeParams(mode=_given(body.mode, d.mode),
+                          draft_length=_given(body.draft_length, d.draft_length),
+                          block_length=_given(body.block_length, d.block_length),
+                          threshold=_given(body.threshold, d.threshold))
+    request = GenerationRequest(prompt_ids=tuple(ids),
+                                max_tokens=room if max_tokens is None else min(max_tokens, room),
+                                sampling=sampling, decode=decode,
+                                stop=tuple(body.stop_strings()), suppress_ids=suppress)
+    problem = request.problem()
+    if problem:
+        raise APIError(400, problem)
+    return request
+
+
+def _given(value, default):
+    return default if value is None else value

@@ -1,0 +1,110 @@
+"""OpenAI response bodies and stream chunks, plus llama-server's `timings` block."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from trimode.runtime.generation import DoneEvent, Stats
+
+# Our finish reasons -> OpenAI's; the precise one is kept in `stop_type`.
+FINISH_REASON = {"stop": "stop", "length": "length", "context": "length", "loop": "stop"}
+
+
+def new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(stats: Stats) -> dict:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+
+
+def timings(stats: Stats) -> dict:
+    """llama-server's fields (ms and tokens/s for prompt and generation) plus how well the
+    decoding mode did: forwards, tokens per forward, accepted draft tokens per cycle."""
+    prompt_n = stats.prompt_tokens - stats.cached_tokens
+    predicted_n = stats.generated_tokens
+    prompt_ms, predicted_ms = stats.prefill_s * 1e3, stats.decode_s * 1e3
+    return {
+        "cache_n": stats.cached_tokens,
+        "prompt_n": prompt_n,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+        "prompt_per_second": stats.prefill_tok_s,
+        "predicted_n": predicted_n,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
+        "predicted_per_second": stats.decode_tok_s,
+        "forwards": stats.forwards,
+        "tokens_per_forward": stats.tokens_per_forward,
+        "cycles": stats.cycles,
+        "drafted_n": stats.drafted_tokens,
+        "accepted_n": stats.accepted_tokens,
+        "accepted_per_cycle": stats.accepted_per_cycle,
+    }
+
+
+class ResponseBuilder:
+    """The bodies of one request, chat or text completion, streamed or whole."""
+
+    def __init__(self, kind: str, model: str):
+        self.kind = kind  # "chat" | "completion"
+        self.model = model
+        self.id = new_id(kind)
+        self.created = int(time.time())
+
+    def _envelope(self, choices: list, chunk: bool) -> dict:
+        if self.kind == "chat":
+            obj = "chat.completion.chunk" if chunk else "chat.completion"
+        else:
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def _choice(self, text: str | None, done: DoneEvent | None, chunk: bool, first: bool = False) -> dict:
+        choice: dict = {"index": 0}
+        if self.kind == "chat":
+            if chunk:
+                delta = {"role": "assistant"} if first else {}
+                if text is not None:
+                    delta["content"] = text
+                choice["delta"] = delta
+            else:
+                choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text or ""
+            choice["logprobs"] = None
+        choice["finish_reason"] = FINISH_REASON[done.finish_reason] if done else None
+        if done:
+            choice["stop_type"] = done.finish_reason
+        return choice
+
+    def whole(self, text: str, done: DoneEvent) -> dict:
+        body = self._envelope([self._choice(text, done, chunk=False)], chunk=False)
+        body["usage"] = usage(done.stats)
+        body["timings"] = timings(done.stats)
+        return body
+
+    def first_chunk(self) -> dict:
+        return self._envelope([self._choice("", None, chunk=True, first=True)], chunk=True)
+
+    def text_chunk(self, text: str) -> dict:
+        return self._envelope([self._choice(text, None, chunk=True)], chunk=True)
+
+    def final_chunk(self, done: DoneEvent, include_usage: bool) -> list[dict]:
+        last = self._envelope([self._choice(None if self.kind == "chat" else "", done, chunk=True)],
+                              chunk=True)
+        last["timings"] = timings(done.stats)
+        if not include_usage:
+            return [last]
+        # OpenAI sends usage in one more chunk whose choices are empty.
+        tail = self._envelope([], chunk=True)
+        tail["usage"] = usage(done.stats)
+        return [last, tail]
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"

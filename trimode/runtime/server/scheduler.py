@@ -1,0 +1,201 @@
+"""The one thread that runs every forward pass: slots, a FIFO queue, round-robin cycles.
+
+The compiled engine is not thread-safe, so this thread loads it, allocates every slot's KV
+cache up front (memory is fixed from then on) and runs all generation. Each pass over the
+busy slots advances each by one decode cycle (one next() of its generator), so a long
+request never blocks the others; requests beyond the slot count wait in arrival order.
+Results go back to the web side through each job's `deliver` callback.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Protocol
+
+from trimode.model.config import ModelConfig, ModelError
+from trimode.model.tokenizer import Tokenizer
+from trimode.runtime.forward import Forward
+from trimode.runtime.generation import DoneEvent, GenerationRequest, TokenEvent, generate
+from trimode.runtime.server.metrics import ServerMetrics
+
+log = logging.getLogger("trimode.server")
+
+
+class Engine(Protocol):
+    """What the server needs of a loaded model (trimode.runtime.engine.Engine has it)."""
+    config: ModelConfig
+    tokenizer: Tokenizer
+    metadata: dict
+
+    def new_sequence(self, n_ctx: int) -> Forward: ...
+
+
+@dataclass
+class Failed:
+    """The generation broke on the engine side; the message is safe to show a client."""
+    message: str
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Job:
+    request: GenerationRequest
+    # Called on the scheduler thread with each TokenEvent, then one DoneEvent or Failed.
+    deliver: Callable[[object], None]
+    cancelled: bool = False
+    cached_tokens: int = 0  # prompt tokens found in the slot's cache when it started
+
+
+@dataclass(eq=False)
+class Slot:
+    forward: Forward
+    # Ids of the last request (prompt + generated); the cache holds a prefix of them.
+    history: list[int] = field(default_factory=list)
+    job: Optional[Job] = None
+    events: Optional[Iterator] = None
+
+    def reusable_prefix(self, prompt: tuple[int, ...]) -> int:
+        cached = self.history[:self.forward.length]
+        n = 0
+        for a, b in zip(cached, prompt):
+            if a != b:
+                break
+            n += 1
+        return n
+
+
+class Scheduler:
+    def __init__(self, load_engine: Callable[[], Engine], n_slots: int, slot_ctx: int,
+                 max_queue: int, metrics: ServerMetrics):
+        self._load_engine = load_engine
+        self.n_slots = n_slots
+        self.slot_ctx = slot_ctx
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.engine: Optional[Engine] = None
+        self.load_error: Optional[str] = None
+        self.ready = threading.Event()      # set once loaded, or once loading failed
+        self._slots: list[Slot] = []
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name="trimode-scheduler", daemon=True)
+
+    # ---- web side (any thread) ----
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in self._pending:
+                job.cancelled = True
+            for slot in self._slots:
+                if slot.job:
+                    slot.job.cancelled = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are already waiting; try again later")
+            self._pending.append(job)
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        with self._cond:
+            job.cancelled = True
+            self._cond.notify()
+
+    def busy_slots(self) -> int:
+        return sum(slot.job is not None for slot in self._slots)
+
+    # ---- scheduler thread ----
+
+    def _main(self) -> None:
+        try:
+            engine = self._load_engine()
+            if self.slot_ctx > engine.config.context_length:
+                raise ModelError(f"a slot of {self.slot_ctx} tokens is longer than the model's "
+                                 f"context ({engine.config.context_length}); lower -c or raise -np")
+            self._slots = [Slot(engine.new_sequence(self.slot_ctx)) for _ in range(self.n_slots)]
+            self.engine = engine
+        except Exception as err:  # reported by /health and the CLI; the thread ends
+            self.load_error = str(err) or type(err).__name__
+            log.error("loading the model failed: %s", self.load_error)
+            return
+        finally:
+            self.ready.set()
+        while True:
+            with self._cond:
+                self._admit()
+                busy = [slot for slot in self._slots if slot.job is not None]
+                if not busy:
+                    if self._stopping:
+                        return
+                    self._cond.wait()
+                    continue
+            for slot in busy:
+                self._step(slot)
+
+    def _admit(self) -> None:
+        """Start waiting jobs, oldest first, on free slots (the one whose cache shares the
+        longest prefix with the prompt, so a conversation's next turn reuses its KV)."""
+        while self._pending:
+            free = [slot for slot in self._slots if slot.job is None]
+            if not free:
+                break
+            job = self._pending.popleft()
+            if job.cancelled:
+                continue
+            prompt = job.request.prompt_ids
+            slot = max(free, key=lambda s: s.reusable_prefix(prompt))
+            reuse = slot.reusable_prefix(prompt)
+            slot.forward.truncate(reuse)
+            job.cached_tokens = min(reuse, len(prompt) - 1)
+            slot.history = list(prompt)
+            slot.job = job
+            slot.events = generate(slot.forward, self.engine.tokenizer, job.request)
+        self.metrics.queue_depth.set(len(self._pending))
+        self.metrics.slots_busy.set(self.busy_slots())
+
+    def _step(self, slot: Slot) -> None:
+        job = slot.job
+        if job.cancelled:
+            slot.events.close()  # stops generation; the cache stays a valid prefix
+            self._release(slot)
+            return
+        try:
+            event = next(slot.events)
+        except StopIteration:
+            event = Failed("generation ended without a result")
+        except Exception as err:
+            log.exception("generation failed")
+            slot.forward.truncate(0)  # nothing in the cache is trusted after a failure
+            slot.history = []
+            event = Failed(f"generation failed: {type(err).__name__}: {err}")
+        if isinstance(event, TokenEvent):
+            slot.history.extend(event.ids)
+        self._send(job, event)
+        if isinstance(event, (DoneEvent, Failed)):
+            self._release(slot)
+
+    def _send(self, job: Job, event: object) -> None:
+        try:
+            job.deliver(event)
+        except RuntimeError:  # the web side's event loop is gone (shutting down)
+            job.cancelled = True
+
+    def _release(self, slot: Slot) -> None:
+        slot.job = None
+        slot.events = None
+        with self._cond:
+            self.metrics.slots_busy.set(self.busy_slots())

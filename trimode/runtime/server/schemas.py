@@ -1,0 +1,168 @@
+"""Request and response bodies of the OpenAI-compatible API, as pydantic models.
+
+Validation is strict (a string where a number belongs is a 400, not a silent coercion) and
+every list and string a client controls is bounded, so no body can make the server do
+unbounded work. Fields that select our decoding mode are extras beyond OpenAI's set.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from trimode.runtime.decode import MAX_BLOCK, MODES
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 4096
+MAX_TOKEN_IDS = 1 << 20
+
+
+
+def _unicode(text: str) -> str:
+    # JSON's \ud800 escapes decode to lone surrogates: valid JSON, not valid Unicode text.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text holds an unpaired surrogate at character {err.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+StrictInt = Annotated[int, Field(strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]
+StrictFloat = Annotated[float, Field(strict=True)]
+
+
+class _Body(BaseModel):
+    # OpenAI clients send fields we do not use (user, metadata, ...); ignoring them is what
+    # llama-server does. Fields whose absence of support would change the answer are
+    # refused explicitly below.
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(_Body):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+    model: Optional[str] = None
+    max_tokens: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
+    temperature: Optional[Annotated[float, Field(strict=True, ge=0.0, le=2.0)]] = None
+    top_p: Optional[Annotated[float, Field(strict=True, gt=0.0, le=1.0)]] = None
+    top_k: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
+    min_p: Optional[Annotated[float, Field(strict=True, ge=0.0, le=1.0)]] = None
+    seed: Optional[StrictInt] = None
+    stop: Optional[Union[Text, list[Text]]] = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    n: Annotated[int, Field(strict=True)] = 1
+    logprobs: Optional[StrictBool] = None
+    # trimode's decoding controls (MODEL.md section 5).
+    mode: Optional[Literal[MODES]] = None
+    draft_length: Optional[Annotated[int, Field(strict=True, ge=0, lt=MAX_BLOCK)]] = None
+    block_length: Optional[Annotated[int, Field(strict=True, ge=1, le=MAX_BLOCK)]] = None
+    threshold: Optional[Annotated[float, Field(strict=True, ge=0.0, le=1.0)]] = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"only n=1 is supported, got n={n}")
+        return n
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, wanted: Optional[bool]) -> Optional[bool]:
+        if wanted:
+            raise ValueError("logprobs are not supported")
+        return wanted
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
+        return stop
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, seed: Optional[int]) -> Optional[int]:
+        if seed is not None and not -(1 << 63) <= seed < (1 << 64):
+            raise ValueError("seed must fit in 64 bits")
+        return seed
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Optional[Union[Text, Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]]] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    # Accepted for OpenAI clients; tools are refused rather than silently ignored.
+    max_completion_tokens: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
+    tools: Optional[list[dict]] = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, tools: Optional[list]) -> Optional[list]:
+        if tools:
+            raise ValueError("tool calls are not supported")
+        return tools
+
+    def token_limit(self) -> Optional[int]:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+
+class CompletionRequest(SamplingFields):
+    # A string, or a list of token ids (llama-server accepts both); a list of several
+    # prompts would ask for several choices, which n=1 rules out.
+    prompt: Union[Text, Annotated[list[Annotated[int, Field(strict=True, ge=0)]],
+                                 Field(min_length=1, max_length=MAX_TOKEN_IDS)]]
+    echo: Optional[StrictBool] = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: Optional[bool]) -> Optional[bool]:
+        if echo:
+            raise ValueError("echo is not supported")
+        return echo
+
+    def token_limit(self) -> Optional[int]:
+        return self.max_tokens
+
+
+class TokenizeRequest(_Body):
+    content: Text
+    add_special: StrictBool = False   # prepend BOS
+    parse_special: StrictBool = True  # "<|im_start|>" in the text becomes its control token
+
+
+class DetokenizeRequest(_Body):
+    tokens: Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(max_length=MAX_TOKEN_IDS)]
