@@ -26,7 +26,8 @@ POOL_ROWS = 256
 
 def make_model(path: str | os.PathLike, geometry: str, seed: int = 0,
                progress: Callable[[int, int], None] | None = None) -> ModelConfig:
-    """Write a random-weight model of `geometry` (a GEOMETRIES name) to `path`."""
+    """Write a random-weight model of `geometry` (a GEOMETRIES name) to `path`; `progress`
+    (bytes done, bytes total) hears about tiled models, which take a while."""
     if geometry not in GEOMETRIES:
         raise ModelError(f"unknown geometry {geometry!r}; choose from {', '.join(GEOMETRIES)}")
     config = GEOMETRIES[geometry]
@@ -34,9 +35,6 @@ def make_model(path: str | os.PathLike, geometry: str, seed: int = 0,
     name = f"trimode random {geometry} (seed {seed})"
     if config.weight_elements_per_token() <= TILE_ABOVE_ELEMENTS:
         write_model(path, config, random_weights(config, seed), vocab, name=name)
-        if progress is not None:
-            size = os.path.getsize(path)
-            progress(size, size)
     else:
         write_tensors(path, config, tiled_sources(config, seed), vocab, name=name, progress=progress)
     return config
