@@ -34,3 +34,55 @@ def test_source_only_library_is_not_a_binary(tmp_path):
     fake = tmp_path / "source.so"
     fake.write_bytes(b"\x7fELF....." + b'extern "C" __global__ void k() {}')
     assert not library_has_gpu_binary(fake)
+
+
+# --- Q8_0 matmul kernels -----------------------------------------------------------------------
+from trimode.compiler.kernels import q8_matmul_cuda  # noqa: E402
+from trimode.model.config import ModelError  # noqa: E402
+
+# (n, k): tiny geometry (hidden 96) with an odd N and a K that is not a multiple of 64, and
+# the 14B's qkv and head shapes.
+SHAPES = [(96, 96), (100, 160), (6144, 5120), (131072, 5120)]
+
+
+def _build_matmuls(tmp_path, specs, name):
+    funcs = {}
+    for i, (n, k, m, schedule) in enumerate(specs):
+        func = q8_matmul_cuda.q8_matmul(n, k, m, "float16", H100, schedule)
+        funcs[f"mm{i}"] = func.with_attr("global_symbol", f"mm{i}")
+    with cuda_build_context(H100):
+        lib = tvm.compile(tvm.IRModule(funcs), target=H100)
+    path = tmp_path / f"{name}.so"
+    lib.export_library(str(path))
+    return path
+
+
+def test_default_schedules_build_to_gpu_binary(tmp_path):
+    specs = [(n, k, m, None) for n, k in SHAPES for m in (1, 32, "dynamic")]
+    assert library_has_gpu_binary(_build_matmuls(tmp_path, specs, "defaults"))
+
+
+def test_every_tuning_candidate_builds(tmp_path):
+    # tune measures these on the GPU box: each must compile for every class of m
+    specs = [(100, 160, 5, schedule) for schedule in q8_matmul_cuda.schedule_candidates(100, 160, 5)]
+    specs.append((100, 160, 64, {"kind": "mma", "n_tiles": 4, "k_warps": 2}))  # most registers
+    assert library_has_gpu_binary(_build_matmuls(tmp_path, specs, "candidates"))
+
+
+def test_default_schedule_reads_with_cuda_cores_for_decode_and_tensor_cores_for_blocks():
+    assert q8_matmul_cuda.default_schedule(6144, 5120, 1)["kind"] == "gemv"
+    assert q8_matmul_cuda.default_schedule(6144, 5120, 32)["kind"] == "mma"
+    assert q8_matmul_cuda.default_schedule(6144, 5120, "dynamic")["kind"] == "mma"
+
+
+@pytest.mark.parametrize("n, k, m, dtype, schedule, message", [
+    (96, 100, 1, "float16", None, "multiple of 32"),
+    (96, 96, 65, "float16", None, "m must be"),
+    (96, 96, 1, "float32", None, "float16"),
+    (96, 96, "dynamic", "float16", {"kind": "gemv", "rows_per_warp": 1, "k_warps": 1}, "gemv"),
+    (96, 96, 1, "float16", {"kind": "wmma"}, "unknown"),
+    (96, 96, 64, "float16", {"kind": "mma", "n_tiles": 4, "k_warps": 8}, "shared memory"),
+])
+def test_bad_requests_raise_one_sentence(n, k, m, dtype, schedule, message):
+    with pytest.raises(ModelError, match=message):
+        q8_matmul_cuda.q8_matmul(n, k, m, dtype, H100, schedule)
