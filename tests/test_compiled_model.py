@@ -1,0 +1,137 @@
+"""Every compiled entry (llvm) against the float64 reference, and the shared-cache scenarios."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from trimode.model.config import GEOMETRIES
+from trimode.model.random_weights import random_weights
+from trimode.model.reference import ReferenceForward, ReferenceModel
+from trimode.runtime.engine import Engine
+from trimode.runtime.forward import ContextFull
+
+CTX = 256
+TOL = 1e-3
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.fixture(scope="module", params=["q8", "float"])
+def setup(request):
+    cfg = GEOMETRIES["tiny"]
+    weights = random_weights(cfg, seed=3, quantized=request.param == "q8")
+    return Engine(cfg, weights, "llvm"), ReferenceModel(cfg, weights)
+
+
+def fresh(setup):
+    engine, ref_model = setup
+    return engine.new_sequence(CTX), ReferenceForward(ref_model, CTX)
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, GEOMETRIES["tiny"].vocab, n).tolist()
+
+
+# 70 > the 64 positions of tiny's YaRN original context: crosses the long-context q-scale step,
+# and > MAX_BLOCK rows, so all-rows causal passes run in chunks.
+@pytest.mark.parametrize("n_prompt", [1, 5, 70])
+def test_every_entry_matches_reference(setup, n_prompt):
+    fwd, ref = fresh(setup)
+    got, want = fwd.causal(prompt(n_prompt), last_only=True), ref.causal(prompt(n_prompt))
+    assert got.logits().shape == (1, GEOMETRIES["tiny"].vocab)
+    assert rel_err(got.logits()[0], want.logits()[-1]) < TOL            # prefill
+    assert got.argmax[0] == want.argmax[-1]
+
+    got, want = fwd.causal([7]), ref.causal([7])                         # decode
+    assert rel_err(got.logits(), want.logits()) < TOL
+
+    block = [GEOMETRIES["tiny"].mask_token_id] * 6 + [3]
+    got, want = fwd.bidirectional(block), ref.bidirectional(block)       # draft
+    assert rel_err(got.logits(), want.logits()) < TOL
+    np.testing.assert_array_equal(got.argmax, want.argmax)
+    np.testing.assert_allclose(got.prob, want.prob, rtol=TOL)
+
+    got, want = fwd.causal(prompt(9, 1)), ref.causal(prompt(9, 1))       # verify
+    assert rel_err(got.logits(), want.logits()) < TOL
+    np.testing.assert_array_equal(got.argmax, want.argmax)
+    assert fwd.length == ref.length == n_prompt + 10
+
+
+def test_all_rows_of_a_long_causal_pass(setup):
+    fwd, ref = fresh(setup)
+    got, want = fwd.causal(prompt(150)), ref.causal(prompt(150))
+    assert got.logits().shape == want.logits().shape
+    assert rel_err(got.logits(), want.logits()) < TOL
+
+
+def test_prefill_then_decodes_equals_one_prefill(setup):
+    engine, _ = setup
+    a, b = prompt(12), prompt(5, 1)
+    whole = engine.new_sequence(CTX).causal(a + b).logits()
+    split = engine.new_sequence(CTX)
+    split.causal(a, last_only=True)
+    rows = [split.causal([tok]).logits()[0] for tok in b]
+    assert rel_err(np.stack(rows), whole[len(a):]) < 1e-5
+
+
+def test_verify_truncate_decode_equals_reference_of_kept_prefix(setup):
+    fwd, ref = fresh(setup)
+    p, block = prompt(20), prompt(8, 2)
+    fwd.causal(p, last_only=True)
+    fwd.causal(block)
+    fwd.truncate(len(p) + 3)                  # keep 3 of the 8 verified tokens
+    got = fwd.causal([11])
+    want = ref.causal(p + block[:3] + [11])
+    assert rel_err(got.logits()[0], want.logits()[-1]) < TOL
+
+
+def test_draft_leaves_cache_bit_identical(setup):
+    engine, _ = setup
+    fwd = engine.new_sequence(CTX)
+    fwd.causal(prompt(30), last_only=True)
+    before = engine.device.download(fwd.kv).tobytes()  # bytes: unwritten slots may hold NaNs
+    fwd.bidirectional([GEOMETRIES["tiny"].mask_token_id] * 16)
+    assert engine.device.download(fwd.kv).tobytes() == before
+    assert fwd.length == 30
+
+
+def test_context_full_is_refused_without_changing_the_cache(setup):
+    engine, _ = setup
+    fwd = engine.new_sequence(16)
+    fwd.causal(prompt(10), last_only=True)
+    with pytest.raises(ContextFull):
+        fwd.causal(prompt(7))
+    with pytest.raises(ContextFull):
+        fwd.bidirectional(prompt(7))
+    assert fwd.length == 10
+
+
+def test_runtime_loads_artifact_without_the_compiler(setup, tmp_path):
+    """A cached artifact runs in a process that never imports `tvm` (only tvm_ffi and
+    libtvm_runtime), and gives the same logits."""
+    engine, _ = setup
+    if engine.manifest["layout"].endswith("fff"):
+        pytest.skip("one layout is enough")
+    fwd = engine.new_sequence(CTX)
+    want = fwd.causal(prompt(6), last_only=True).logits()
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        from trimode.model.config import GEOMETRIES
+        from trimode.model.random_weights import random_weights
+        from trimode.runtime.engine import Engine
+        engine = Engine(GEOMETRIES["tiny"], random_weights(GEOMETRIES["tiny"], seed=3), "llvm")
+        logits = engine.new_sequence({CTX}).causal({prompt(6)}, last_only=True).logits()
+        print(json.dumps({{"tvm_imported": "tvm" in sys.modules, "logits": logits.tolist()}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["tvm_imported"] is False
+    np.testing.assert_array_equal(np.asarray(result["logits"], np.float32), want)
