@@ -13,8 +13,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import uvicorn
 
+from trimode.model.chat import render_chat
 from trimode.model.gguf_file import load_model
 from trimode.model.reference import ReferenceForward, ReferenceModel
 from trimode.model.tokenizer import Tokenizer
@@ -22,8 +24,7 @@ from trimode.runtime.server.app import ServerSettings, create_app
 
 
 class ReferenceEngine:
-    def __init__(self, path: Path, load_delay: float = 0.0):
-        time.sleep(load_delay)  # lets a test see /health while "loading"
+    def __init__(self, path: Path):
         model = load_model(path)
         self.config = model.config
         self.metadata = model.metadata
@@ -72,3 +73,28 @@ def serve(load_engine, settings: ServerSettings, wait_ready: bool = True):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def greedy_reference(model: ReferenceModel, prompt: list[int], n: int, eos: int) -> list[int]:
+    """Greedy AR continuation recomputed from scratch at every step (no KV cache): the oracle
+    the server's output is compared with."""
+    cfg = model.config
+    empty = [np.zeros((0, cfg.n_kv_heads, cfg.head_dim))] * cfg.n_layers
+    ids, out = list(prompt), []
+    for _ in range(n):
+        logits, _, _ = model.forward(ids, empty, empty, causal=True)
+        token = int(logits[-1].argmax())
+        if token == eos:
+            break
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+def chat_prompt_ids(engine: ReferenceEngine, messages: list[dict], reasoning: bool = False) -> list[int]:
+    """The prompt a chat request should become: the GGUF template, BOS first."""
+    tok = engine.tokenizer
+    text = render_chat(engine.metadata.get("tokenizer.chat_template"), messages,
+                       add_generation_prompt=True, reasoning=reasoning)
+    ids = tok.encode_template(text)
+    return ids if ids[:1] == [tok.bos_id] else [tok.bos_id, *ids]

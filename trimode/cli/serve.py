@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from trimode.runtime.decode import MAX_BLOCK, MODES, DecodeParams
+
 
 @click.command()
 @click.option("-m", "--model", "model_path", required=True,
@@ -24,10 +26,15 @@ import click
               help="Off: the think block is closed in the prompt and <think> tokens are never generated.")
 @click.option("--reasoning-format", type=click.Choice(["none"]), default="none", show_default=True,
               help="How thinking text is returned; 'none' leaves it in the content (llama-server's name).")
+@click.option("--mode", type=click.Choice(MODES), default=DecodeParams.mode, show_default=True,
+              help="Decoding mode of requests that do not choose one (their 'mode' field).")
+@click.option("--draft-length", default=DecodeParams.draft_length, show_default=True,
+              type=click.IntRange(0, MAX_BLOCK - 1),
+              help="Self-speculation: masked draft slots per cycle, unless a request sets draft_length.")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
               help="Requests allowed to wait for a slot; beyond that new ones get a 503.")
 def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, reasoning_format,
-          max_queue):
+          mode, draft_length, max_queue):
     """Serve MODEL over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics, /tokenize, /detokenize."""
     import uvicorn
@@ -40,7 +47,8 @@ def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, rea
         return load_compiled(model_path)
 
     settings = ServerSettings(n_ctx=n_ctx, n_slots=n_slots, model_name=alias or model_path.name,
-                              api_key=api_key, reasoning=reasoning == "on", max_queue=max_queue)
+                              api_key=api_key, reasoning=reasoning == "on", max_queue=max_queue,
+                              decode=DecodeParams(mode=mode, draft_length=draft_length))
     app = create_app(load_engine, settings)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     scheduler = app.state.service.scheduler

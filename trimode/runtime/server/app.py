@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from trimode.model.config import ModelError
-from trimode.runtime.generation import DoneEvent, GenerationRequest, TokenEvent
+from trimode.runtime.generation import DecodeParams, DoneEvent, GenerationRequest, TokenEvent
 from trimode.runtime.server.errors import APIError, error_response, install_error_handlers
 from trimode.runtime.server.metrics import ServerMetrics
 from trimode.runtime.server.request_body import BoundedJsonBodies
@@ -41,6 +41,7 @@ class ServerSettings:
     model_name: str = "trimode"  # the id /v1/models reports
     api_key: Optional[str] = None
     reasoning: bool = False
+    decode: DecodeParams = DecodeParams()  # the mode of requests that do not name one
     max_queue: int = 256         # requests waiting for a slot before new ones get a 503
 
     @property
@@ -58,6 +59,9 @@ class Service:
     def __init__(self, load_engine: Callable[[], Engine], settings: ServerSettings):
         if settings.n_slots < 1:
             raise ModelError(f"-np must be at least 1, got {settings.n_slots}")
+        problem = settings.decode.problem()
+        if problem:
+            raise ModelError(problem)
         if settings.slot_ctx < 2:
             raise ModelError(f"-c {settings.n_ctx} leaves {settings.slot_ctx} tokens per slot "
                              f"for -np {settings.n_slots}; each slot needs at least 2")
@@ -79,7 +83,7 @@ class Service:
     def prompt_settings(self) -> PromptSettings:
         if self._prompts is None:
             self._prompts = settings_from_metadata(self.engine().metadata, self.settings.reasoning,
-                                                   self.settings.slot_ctx)
+                                                   self.settings.slot_ctx, self.settings.decode)
         return self._prompts
 
     async def events(self, request: Request, gen: GenerationRequest) -> AsyncIterator[object]:

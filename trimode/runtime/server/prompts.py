@@ -24,13 +24,15 @@ class PromptSettings:
     template: str | None
     add_bos: bool
     reasoning: bool
-    slot_ctx: int  # tokens one slot's KV cache holds
+    slot_ctx: int           # tokens one slot's KV cache holds
+    decode: DecodeParams    # for requests that do not choose their own mode
 
 
-def settings_from_metadata(metadata: dict, reasoning: bool, slot_ctx: int) -> PromptSettings:
+def settings_from_metadata(metadata: dict, reasoning: bool, slot_ctx: int,
+                           decode: DecodeParams) -> PromptSettings:
     return PromptSettings(template=metadata.get("tokenizer.chat_template") or None,
                           add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
-                          reasoning=reasoning, slot_ctx=slot_ctx)
+                          reasoning=reasoning, slot_ctx=slot_ctx, decode=decode)
 
 
 def chat_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
@@ -86,7 +88,7 @@ def _generation_request(body: SamplingFields, ids: list[int], max_tokens: int | 
         seed=body.seed if body.seed is not None and body.seed >= 0 else None,
         repetition_penalty=PREVIOUS_REPLY_PENALTY if penalized else 1.0,
         penalty_ids=penalized)
-    d = DecodeParams()
+    d = settings.decode
     decode = DecodeParams(mode=_given(body.mode, d.mode),
                           draft_length=_given(body.draft_length, d.draft_length),
                           block_length=_given(body.block_length, d.block_length),

@@ -1,0 +1,244 @@
+"""The OpenAI-compatible API end to end: a real uvicorn server on 127.0.0.1 over the float64
+reference forward, driven by the official `openai` client, compared with a from-scratch
+greedy reference."""
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+
+from test_server_harness import (ReferenceEngine, chat_prompt_ids, greedy_reference, serve)
+from trimode.runtime.decode import DecodeParams
+from trimode.runtime.server.app import ServerSettings
+
+GREEDY_AR = {"temperature": 0, "extra_body": {"mode": "ar"}}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf):
+    return ReferenceEngine(tiny_gguf)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    settings = ServerSettings(n_ctx=2 * 160, n_slots=2, model_name="tiny",
+                              decode=DecodeParams(mode="ar"))
+    with serve(lambda: engine, settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def expected_text(engine, prompt_ids, n):
+    ids = greedy_reference(engine.model, prompt_ids, n, engine.config.eos_token_id)
+    return ids, engine.tokenizer.decode(ids)
+
+
+def test_chat_completion_matches_the_greedy_reference(engine, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **GREEDY_AR)
+    prompt = chat_prompt_ids(engine, messages)
+    ids, text = expected_text(engine, prompt, 8)
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert reply.usage.completion_tokens == len(ids)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == text
+    assert reply.choices[0].finish_reason == ("length" if len(ids) == 8 else "stop")
+    assert reply.object == "chat.completion" and reply.model == "tiny"
+
+
+def test_completion_from_token_ids_reports_usage_and_timings(engine, client):
+    prompt = [1, 400, 401, 402, 403]
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, **GREEDY_AR)
+    ids, text = expected_text(engine, prompt, 6)
+    assert reply.choices[0].text == text
+    assert reply.usage.prompt_tokens == 5 and reply.usage.completion_tokens == len(ids)
+    timings = reply.model_extra["timings"]
+    assert timings["predicted_n"] == len(ids)
+    # AR: one prefill, then one forward per further token.
+    assert timings["forwards"] == len(ids)
+    assert timings["tokens_per_forward"] == pytest.approx(1.0)
+    assert timings["prompt_n"] + timings["cache_n"] == 5
+    for key in ("prompt_ms", "prompt_per_second", "predicted_ms", "predicted_per_second",
+                "accepted_per_cycle"):
+        assert timings[key] >= 0
+
+
+def test_text_completion_prompt_gets_bos(engine, client):
+    reply = client.completions.create(model="tiny", prompt="def main():", max_tokens=5, **GREEDY_AR)
+    prompt = [engine.tokenizer.bos_id, *engine.tokenizer.encode("def main():")]
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert reply.choices[0].text == expected_text(engine, prompt, 5)[1]
+
+
+def test_streamed_chat_equals_the_whole_reply(client):
+    messages = [{"role": "user", "content": "Count to three."}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, **GREEDY_AR)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 **GREEDY_AR))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stream_is_server_sent_events_ending_with_done(server):
+    body = {"prompt": [1, 500, 501], "max_tokens": 4, "stream": True, "temperature": 0}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(line[6:]) for line in events[:-1]]
+    assert all(p["object"] == "text_completion" for p in payloads)
+    assert "usage" not in payloads[-1]  # only with stream_options.include_usage
+    assert payloads[-1]["timings"]["predicted_n"] >= 1
+
+
+def test_stop_string_cuts_the_text(engine, client):
+    prompt = [1, 600, 601, 602]
+    _, text = expected_text(engine, prompt, 12)
+    stop = text[4:7]
+    assert len(stop) == 3 and text.find(stop) >= 1
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, stop=[stop], **GREEDY_AR)
+    assert reply.choices[0].text == text[:text.find(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_same_seed_same_sample(client):
+    def sample(seed):
+        return client.completions.create(model="tiny", prompt=[1, 700, 701], max_tokens=6,
+                                         temperature=1.5, seed=seed,
+                                         extra_body={"mode": "ar"}).choices[0].text
+    assert sample(11) == sample(11)
+    assert len({sample(seed) for seed in (1, 2, 3, 4)}) > 1
+
+
+def test_spec_and_ar_give_the_same_greedy_text(client):
+    messages = [{"role": "user", "content": "Write a haiku."}]
+    def text(**extra):
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                               temperature=0, extra_body=extra)
+        return reply.choices[0].message.content, reply.model_extra["timings"]
+    ar, _ = text(mode="ar")
+    spec, timings = text(mode="spec", draft_length=3)
+    assert spec == ar
+    # The last cycles draft fewer slots when fewer tokens are left to make.
+    assert 0 < timings["drafted_n"] <= 3 * timings["cycles"]
+    # Self-speculation: the prefill, then at most a draft and a verify pass per cycle.
+    assert timings["cycles"] < timings["forwards"] <= 1 + 2 * timings["cycles"]
+
+
+def test_diffusion_mode_runs(client):
+    reply = client.completions.create(model="tiny", prompt=[1, 800, 801], max_tokens=8, temperature=0,
+                                      extra_body={"mode": "diffusion", "block_length": 4, "threshold": 0.5})
+    assert reply.usage.completion_tokens >= 1
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_next_chat_turn_reuses_the_cached_prompt(tiny_gguf, engine):
+    settings = ServerSettings(n_ctx=200, n_slots=1, decode=DecodeParams(mode="ar"))
+    with serve(lambda: engine, settings) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        first = [{"role": "user", "content": "Tell me about the sea."}]
+        reply = client.chat.completions.create(model="m", messages=first, max_tokens=6, **GREEDY_AR)
+        second = first + [{"role": "assistant", "content": reply.choices[0].message.content},
+                          {"role": "user", "content": "And the sky?"}]
+        reused = client.chat.completions.create(model="m", messages=second, max_tokens=6, **GREEDY_AR)
+        # Overwrite the slot's cache, then ask the second turn again from scratch.
+        client.completions.create(model="m", prompt=[1, 900, 901], max_tokens=2, **GREEDY_AR)
+        fresh = client.chat.completions.create(model="m", messages=second, max_tokens=6, **GREEDY_AR)
+    # The earlier turn is re-rendered without its empty think block, so the cache serves
+    # the prompt up to where the two renderings part.
+    old, new = chat_prompt_ids(engine, first), chat_prompt_ids(engine, second)
+    shared = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+    assert shared > 10
+    assert reused.model_extra["timings"]["cache_n"] == shared
+    assert reused.usage.prompt_tokens_details.cached_tokens == reused.model_extra["timings"]["cache_n"]
+    assert fresh.model_extra["timings"]["cache_n"] <= 1
+    assert reused.choices[0].message.content == fresh.choices[0].message.content
+
+
+def test_prompt_longer_than_a_slot_is_a_400(client):
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt=[1] + [300] * 200, max_tokens=1)
+
+
+def test_models_tokenize_detokenize(engine, server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].model_extra["meta"]["n_ctx_slot"] == 160
+    text = "Hello <|im_start|> world"
+    ids = httpx.post(server.base_url + "/tokenize", json={"content": text}).json()["tokens"]
+    assert ids == engine.tokenizer.encode_template(text)
+    plain = httpx.post(server.base_url + "/tokenize",
+                       json={"content": text, "parse_special": False, "add_special": True}).json()["tokens"]
+    assert plain == [engine.tokenizer.bos_id, *engine.tokenizer.encode(text)]
+    back = httpx.post(server.base_url + "/detokenize", json={"tokens": ids}).json()["content"]
+    assert back == text
+
+
+def test_metrics_count_requests_and_tokens(server, client):
+    def scrape():
+        text = httpx.get(server.base_url + "/metrics").text
+        return {line.split(" ")[0]: float(line.split(" ")[1])
+                for line in text.splitlines() if line and not line.startswith("#")}
+    before = scrape()
+    reply = client.completions.create(model="tiny", prompt=[1, 1000], max_tokens=3, **GREEDY_AR)
+    after = scrape()
+    key = 'trimode_requests_total{endpoint="completion",outcome="ok"}'
+    assert after[key] - before.get(key, 0) == 1
+    assert after["trimode_generated_tokens_total"] - before["trimode_generated_tokens_total"] == \
+        reply.usage.completion_tokens
+    assert after["trimode_slots_total"] == 2
+    assert after["trimode_slots_busy"] == 0 and after["trimode_queue_depth"] == 0
+    assert after["trimode_tokens_per_forward"] > 0 and after["trimode_tokens_per_second"] > 0
+
+
+def test_health_is_503_until_the_model_is_loaded(engine):
+    gate = threading.Event()
+
+    def slow_load():
+        gate.wait(60)
+        return engine
+
+    with serve(slow_load, ServerSettings(n_ctx=64), wait_ready=False) as server:
+        loading = httpx.get(server.base_url + "/health")
+        chat = httpx.post(server.base_url + "/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "hi"}]})
+        gate.set()
+        server.service.scheduler.ready.wait(60)
+        ready = httpx.get(server.base_url + "/health")
+    assert loading.status_code == 503 and loading.json()["error"]["message"] == "Loading model"
+    assert chat.status_code == 503
+    assert ready.status_code == 200 and ready.json() == {"status": "ok"}
+
+
+def test_api_key_guards_every_v1_route(engine):
+    with serve(lambda: engine, ServerSettings(n_ctx=64, api_key="sesame",
+                                              decode=DecodeParams(mode="ar"))) as server:
+        url = server.base_url
+        assert httpx.get(url + "/health").status_code == 200
+        for method, path, body in [("GET", "/v1/models", None),
+                                   ("POST", "/v1/completions", {"prompt": [1, 2], "max_tokens": 1}),
+                                   ("POST", "/v1/chat/completions",
+                                    {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1})]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+                r = httpx.request(method, url + path, json=body, headers=headers)
+                assert r.status_code == 401, (path, headers)
+                assert r.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+        assert good.completions.create(model="m", prompt=[1, 2], max_tokens=1).usage.completion_tokens <= 1
