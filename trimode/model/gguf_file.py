@@ -138,8 +138,13 @@ def load_model(path: str | os.PathLike) -> GGUFModel:
     return GGUFModel(path, reader, config, metadata)
 
 
+class _Truncated(Exception):
+    pass
+
+
 class _Reader(gguf.GGUFReader):
-    """gguf's reader over a plain-ndarray view of its memory map (still mapped, not copied).
+    """gguf's reader over a plain-ndarray view of its memory map (still mapped, not copied),
+    that says so when a read runs past the end of the file.
 
     The reader slices its map once per metadata element; on a np.memmap each slice pays
     the subclass's bookkeeping, which made a 131072-token vocabulary take ~4x longer."""
@@ -152,6 +157,14 @@ class _Reader(gguf.GGUFReader):
     def data(self, mapped: np.ndarray) -> None:
         self._data = mapped.view(np.ndarray)
 
+    def _get(self, offset, dtype, count=1, override_order=None):
+        # Every read of gguf's reader comes through here; a short slice would otherwise
+        # surface as whichever numpy error the short array causes next.
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > len(self._data):
+            raise _Truncated(end)
+        return super()._get(offset, dtype, count, override_order)
+
 
 def _open_reader(path: Path) -> gguf.GGUFReader:
     try:
@@ -161,12 +174,14 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
         raise ModelError(f"{path}: cannot open ({err.strerror})") from None
     if magic != b"GGUF":
         raise ModelError(f"{path}: not a GGUF file")
+    size = path.stat().st_size
     try:
         return _Reader(path)
+    except _Truncated as end:
+        raise ModelError(f"{path}: truncated: it has {size:,} bytes, its contents need at "
+                         f"least {end.args[0]:,}") from None
     except (ValueError, IndexError, OverflowError, KeyError, UnicodeDecodeError) as err:
-        # A cut-off file ends inside the header or a tensor; gguf says so in its own words.
-        size = path.stat().st_size
-        raise ModelError(f"{path}: truncated or corrupt GGUF file ({size} bytes; {err})") from None
+        raise ModelError(f"{path}: corrupt GGUF file: {err}") from None
 
 
 def _plain(field) -> Any:
