@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator
 
 from trimode.runtime.decode import (Cycle, DecodeParams, ar_cycle, diffusion_cycle, prefill,
                                     spec_cycle)
 from trimode.runtime.forward import Forward
 from trimode.runtime.sampling import Sampler, SamplingParams
-from trimode.runtime.stops import Stops
+from trimode.runtime.stops import Detokenizer, Stops
 
 __all__ = ["SamplingParams", "DecodeParams", "GenerationRequest", "TokenEvent", "DoneEvent",
            "Stats", "RequestError", "generate"]
@@ -37,10 +37,6 @@ FINISH_REASONS = ("stop", "length", "loop", "context")
 
 class RequestError(ValueError):
     """A generation request the engine cannot honour; the message is one sentence."""
-
-
-class Detokenizer(Protocol):
-    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -151,7 +147,12 @@ def generate(forward: Forward, tokenizer: Detokenizer,
         yield DoneEvent("length", stats)
         return
     sampler = Sampler(request.sampling, request.suppress_ids)
-    history = prompt
+    history = list(prompt)
+
+    def keep_prefix() -> None:
+        # Leave a cache that is a prefix of prompt + generated ids, whatever happened.
+        forward.truncate(min(forward.length, len(prompt) + len(stops.tokens)))
+
     try:
         clock = time.perf_counter()
         stats.cached_tokens = min(forward.length, len(prompt) - 1)
@@ -178,7 +179,7 @@ def generate(forward: Forward, tokenizer: Detokenizer,
             stats.drafted_tokens += cycle.drafted
             stats.accepted_tokens += cycle.accepted
             stats.decode_s += time.perf_counter() - clock
+        keep_prefix()
         yield DoneEvent(stops.finish, stats, stops.message, list(stops.tokens))
     finally:
-        # Whatever happened, leave a cache that is a prefix of prompt + generated ids.
-        forward.truncate(min(forward.length, len(prompt) + len(stops.tokens)))
+        keep_prefix()  # also when the caller closes the generator early

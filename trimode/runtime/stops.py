@@ -2,63 +2,36 @@
 
 `Stops` takes a cycle's tokens one at a time and ends the request on EOS, a stop string, the
 token limit or a repetition loop (MODEL.md section 6). Text goes out only once it can no
-longer change: a token that ends inside a UTF-8 character waits for the rest, and text that
-could still be the start of a stop string is held back, so a stop string is cut correctly
-even when it spans tokens or a cycle's accepted block.
+longer change: a token that ends inside a UTF-8 character waits for the rest (the
+tokenizer's incremental decoder), and text that could still be the start of a stop string
+is held back, so a stop string is cut correctly even when it spans tokens or a cycle's
+accepted block. Loops are checked after every token, so where generation stops does not
+depend on how a mode groups tokens into cycles.
 """
 from __future__ import annotations
 
 from collections import Counter
 from typing import Protocol, Sequence
 
-REPLACEMENT = "\ufffd"
+from trimode.model.chat import loop_period
+
+
+class StreamDecoder(Protocol):
+    def push(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
 
 
 class Detokenizer(Protocol):
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class TextStream:
-    """Decoded text of a growing id list, handed out in pieces that never change afterwards.
-
-    Byte-level BPE tokens may split a character, and a token's text can depend on its
-    neighbours, so each piece is the difference between decoding a short window with and
-    without the newest tokens; the window restarts once a piece is out."""
-
-    def __init__(self, tokenizer: Detokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.start = 0   # window start
-        self.shown = 0   # ids whose text is already out
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        piece = self._piece()
-        if piece.endswith(REPLACEMENT):
-            return ""  # an unfinished character: wait for its remaining bytes
-        self.start, self.shown = self.shown, len(self.ids)
-        return piece
-
-    def flush(self) -> str:
-        """Whatever is still held, unfinished characters included (the stream has ended)."""
-        piece = self._piece()
-        self.start = self.shown = len(self.ids)
-        return piece
-
-    def _piece(self) -> str:
-        before = self.tokenizer.decode(self.ids[self.start:self.shown])
-        after = self.tokenizer.decode(self.ids[self.start:])
-        return after[len(before):]
+    """What generation needs of a tokenizer (trimode.model.tokenizer.Tokenizer has it):
+    a streaming decoder whose push() returns only whole characters."""
+    def incremental_decoder(self) -> StreamDecoder: ...
 
 
 def periodic_loop(tokens: Sequence[int]) -> bool:
     """At >= 16 tokens: the last `period` tokens equal the `period` before them, for some
-    period in 4..min(32, n // 2)."""
-    n = len(tokens)
-    if n < 16:
-        return False
-    return any(tokens[n - period:] == tokens[n - 2 * period:n - period]
-               for period in range(4, min(32, n // 2) + 1))
+    period in 4..min(32, n // 2) (the same rule the chat cleanup cuts earlier turns by)."""
+    return loop_period(tokens) is not None
 
 
 def ngram_loop(tokens: Sequence[int]) -> bool:
@@ -94,7 +67,7 @@ class Stops:
 
     def __init__(self, tokenizer: Detokenizer, eos_id: int, stop_strings: Sequence[str],
                  max_tokens: int, loop_detection: bool):
-        self.text = TextStream(tokenizer)
+        self.text = tokenizer.incremental_decoder()
         self.eos_id = eos_id
         self.stop_strings = [s for s in stop_strings if s]
         self.max_tokens = max_tokens
