@@ -1,0 +1,43 @@
+"""`trimode logits`: dump float32 logits for debugging numerics (like llama.cpp's logit dumps)."""
+from __future__ import annotations
+
+import click
+import numpy as np
+
+
+def _ids(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated token ids, got {text!r}")
+
+
+@click.command("logits")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompt-ids", required=True, help="Comma-separated ids, run under the causal mask.")
+@click.option("--block-ids", default=None,
+              help="Comma-separated ids run as one bidirectional block after the prompt.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .npy")
+@click.option("--target", type=click.Choice(["llvm", "cuda"]), default=None)
+def logits(model, prompt_ids, block_ids, output, target):
+    """Write float32 logits [prompt rows + block rows, vocab] to OUTPUT: the prompt's rows under
+    the causal mask, then the block's rows under the bidirectional mask over the prompt."""
+    from trimode.runtime.engine import load_engine
+
+    prompt, block = _ids(prompt_ids), _ids(block_ids)
+    if not prompt:
+        raise click.BadParameter("at least one prompt id is needed", param_hint="--prompt-ids")
+    engine = load_engine(model, target)
+    vocab = engine.config.vocab
+    bad = [i for i in prompt + block if not 0 <= i < vocab]
+    if bad:
+        raise click.BadParameter(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    fwd = engine.new_sequence(len(prompt) + len(block))
+    rows = [fwd.causal(prompt).logits()]
+    if block:
+        rows.append(fwd.bidirectional(block).logits())
+    out = np.concatenate(rows).astype(np.float32)
+    np.save(output, out)
+    click.echo(f"wrote {out.shape[0]} x {out.shape[1]} float32 logits to {output}", err=True)
