@@ -115,6 +115,10 @@ class Scheduler:
             job.cancelled = True
             self._cond.notify()
 
+    @property
+    def slots(self) -> tuple[Slot, ...]:
+        return tuple(self._slots)
+
     def busy_slots(self) -> int:
         return sum(slot.job is not None for slot in self._slots)
 

@@ -1,0 +1,129 @@
+"""Every bad request gets an OpenAI-style error body with a 4xx status, never a traceback,
+and the server keeps serving afterwards."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from test_server_harness import ReferenceEngine, serve
+from trimode.runtime.decode import DecodeParams
+from trimode.runtime.server.app import MAX_BODY_BYTES, ServerSettings
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    engine = ReferenceEngine(tiny_gguf)
+    with serve(lambda: engine, ServerSettings(n_ctx=128, decode=DecodeParams(mode="ar"))) as running:
+        yield running
+
+
+def chat(**fields) -> dict:
+    return {"messages": USER, "max_tokens": 2, **fields}
+
+
+BAD_JSON_BODIES = {
+    "malformed JSON": (b'{"messages": [', "not valid JSON"),
+    "invalid UTF-8": (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "UTF-8"),
+    "not an object": (b'[1, 2, 3]', "JSON object"),
+    "empty body": (b'', "JSON object"),
+    "lone surrogate": (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "surrogate"),
+}
+
+BAD_CHAT_FIELDS = {
+    "empty messages": ({"messages": []}, "messages"),
+    "messages not a list": ({"messages": "hi"}, "messages"),
+    "unknown role": ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    "content a number": ({"messages": [{"role": "user", "content": 5}]}, "content"),
+    "negative max_tokens": (chat(max_tokens=-1), "max_tokens"),
+    "max_tokens a string": (chat(max_tokens="5"), "max_tokens"),
+    "max_tokens a float": (chat(max_tokens=2.5), "max_tokens"),
+    "temperature a string": (chat(temperature="hot"), "temperature"),
+    "temperature too high": (chat(temperature=7), "temperature"),
+    "top_p zero": (chat(top_p=0), "top_p"),
+    "stream a string": (chat(stream="yes"), "stream"),
+    "n of 2": (chat(n=2), "n=1"),
+    "huge stop list": (chat(stop=["x"] * 1000), "stop"),
+    "huge stop string": (chat(stop="x" * 100_000), "stop"),
+    "unknown mode": (chat(mode="turbo"), "mode"),
+    "draft length too long": (chat(draft_length=10_000), "draft_length"),
+    "threshold above 1": (chat(threshold=1.5), "threshold"),
+    "logprobs": (chat(logprobs=True), "logprobs"),
+    "tools": (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tool"),
+    "giant seed": (chat(seed=10 ** 30), "seed"),
+}
+
+BAD_COMPLETION_FIELDS = {
+    "no prompt": ({"max_tokens": 2}, "prompt"),
+    "empty token list": ({"prompt": []}, "prompt"),
+    "token id out of vocabulary": ({"prompt": [1, 10 ** 6]}, "vocabulary"),
+    "negative token id": ({"prompt": [1, -5]}, "prompt"),
+    "prompt longer than the context": ({"prompt": [1] + [300] * 500}, "context"),
+    "echo": ({"prompt": "x", "echo": True}, "echo"),
+}
+
+
+def assert_openai_error(response: httpx.Response, status: int, words: str) -> None:
+    assert response.status_code == status, response.text
+    assert "Traceback" not in response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status and error["type"] == "invalid_request_error"
+    assert words.lower() in error["message"].lower(), error["message"]
+
+
+@pytest.mark.parametrize("name", BAD_JSON_BODIES)
+def test_unreadable_bodies(server, name):
+    body, words = BAD_JSON_BODIES[name]
+    r = httpx.post(server.base_url + "/v1/chat/completions", content=body,
+                   headers={"content-type": "application/json"})
+    assert_openai_error(r, 400, words)
+
+
+@pytest.mark.parametrize("name", BAD_CHAT_FIELDS)
+def test_bad_chat_requests(server, name):
+    body, words = BAD_CHAT_FIELDS[name]
+    assert_openai_error(httpx.post(server.base_url + "/v1/chat/completions", json=body), 400, words)
+
+
+@pytest.mark.parametrize("name", BAD_COMPLETION_FIELDS)
+def test_bad_completion_requests(server, name):
+    body, words = BAD_COMPLETION_FIELDS[name]
+    assert_openai_error(httpx.post(server.base_url + "/v1/completions", json=body), 400, words)
+
+
+def test_bad_detokenize_ids(server):
+    r = httpx.post(server.base_url + "/detokenize", json={"tokens": [1, 10 ** 7]})
+    assert_openai_error(r, 400, "vocabulary")
+
+
+def test_oversized_body_is_refused_unread(server):
+    r = httpx.post(server.base_url + "/v1/completions",
+                   content=b"{" + b" " * (MAX_BODY_BYTES + 10) + b"}")
+    assert_openai_error(r, 413, "exceeds")
+
+
+def test_form_encoded_json_is_still_read(server):
+    # `curl -d '{...}'` sends form-urlencoded; llama-server reads the JSON anyway.
+    r = httpx.post(server.base_url + "/v1/completions", content=b'{"prompt": [1, 2], "max_tokens": 1}',
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 2
+
+
+def test_unknown_route_and_method(server):
+    r = httpx.get(server.base_url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404
+    r = httpx.get(server.base_url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+
+
+def test_openai_client_sees_bad_requests_and_server_survives(server):
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(model="m", messages=USER, n=3)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="m", prompt="x", max_tokens=-4)
+    reply = client.chat.completions.create(model="m", messages=USER, max_tokens=2)
+    assert reply.usage.completion_tokens <= 2
