@@ -1,1 +1,82 @@
-"""Per-GPU schedule databases (JSON) and their lookup."""
+"""Per-GPU schedule databases (JSON) and their lookup.
+
+One file per GPU model, `<gpu-key>.json` beside this module, written by `trimode tune`:
+
+    {"gpu": "NVIDIA H100 80GB HBM3",
+     "entries": {"q8_matmul/6144x5120/m32": {"schedule": {...}, "time_us": 11.9,
+                                            "candidates": 14, "measured": "2026-11-27"}}}
+
+Keys are `<kernel>/<n>x<k>/m<m>` with m an int or "dynamic". Nothing here imports TVM.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+DATABASE_DIR = Path(__file__).resolve().parent
+
+
+def gpu_key(gpu_name: str) -> str:
+    """File-name form of a GPU's name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    key = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
+    if not key:
+        raise ValueError(f"GPU name {gpu_name!r} has no letters or digits")
+    return key
+
+
+def entry_key(kernel: str, shape, m) -> str:
+    n, k = shape
+    return f"{kernel}/{int(n)}x{int(k)}/m{m}"
+
+
+def database_path(gpu_name: str, directory: Path | None = None) -> Path:
+    return Path(directory or DATABASE_DIR) / f"{gpu_key(gpu_name)}.json"
+
+
+def load_database(gpu_name: str, directory: Path | None = None) -> dict | None:
+    """The GPU's database, or None when this GPU was never tuned."""
+    path = database_path(gpu_name, directory)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def lookup(gpu_name: str, kernel: str, shape, m, directory: Path | None = None) -> dict | None:
+    """The tuned schedule for `kernel` at `shape` (n, k) and row class `m` (int or "dynamic")
+    on this GPU, or None (unknown GPU or untuned shape: use the kernel's default)."""
+    database = load_database(gpu_name, directory)
+    if database is None:
+        return None
+    entry = database["entries"].get(entry_key(kernel, shape, m))
+    return None if entry is None else dict(entry["schedule"])
+
+
+def best_per_key(measurements: list[dict]) -> dict[str, dict]:
+    """The fastest correct measurement for each (kernel, shape, m), as database entries.
+    A measurement: {"kernel", "shape": [n, k], "m", "schedule", "time_us", "ok"}."""
+    best: dict[str, dict] = {}
+    counts: dict[str, int] = {}
+    for item in measurements:
+        key = entry_key(item["kernel"], item["shape"], item["m"])
+        counts[key] = counts.get(key, 0) + 1
+        if not item["ok"] or item["schedule"] is None:
+            continue  # wrong results, or a baseline that has no schedule to hand back
+        if key not in best or item["time_us"] < best[key]["time_us"]:
+            best[key] = {"schedule": item["schedule"], "time_us": item["time_us"]}
+    for key, entry in best.items():
+        entry["candidates"] = counts[key]
+    return best
+
+
+def write_database(gpu_name: str, measurements: list[dict], measured_on: str,
+                   directory: Path | None = None) -> Path:
+    """Merge the best of `measurements` into the GPU's database (new results replace old
+    ones for the same key) and return its path."""
+    database = load_database(gpu_name, directory) or {"gpu": gpu_name, "entries": {}}
+    for key, entry in best_per_key(measurements).items():
+        database["entries"][key] = {**entry, "measured": measured_on}
+    database["entries"] = dict(sorted(database["entries"].items()))
+    path = database_path(gpu_name, directory)
+    path.write_text(json.dumps(database, indent=1) + "\n")
+    return path

@@ -67,10 +67,10 @@ def schedule_candidates(n: int, k: int, m) -> list[dict]:
     candidates = []
     if m != "dynamic" and m <= GEMV_MAX_M:
         for rows in (1, 2, 4):
-            for k_warps in (1, 2, 4, 8):
+            for k_warps in (2, 4, 8):
                 candidates.append({"kind": "gemv", "rows_per_warp": rows, "k_warps": k_warps})
     for n_tiles in (1, 2, 4):
-        for k_warps in (1, 2, 4, 8):
+        for k_warps in (2, 4, 8):
             if _mma_shared_bytes(_m_tiles(m), n_tiles, k_warps) <= STATIC_SHARED_BYTES:
                 candidates.append({"kind": "mma", "n_tiles": n_tiles, "k_warps": k_warps})
     return candidates

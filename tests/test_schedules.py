@@ -1,0 +1,104 @@
+"""Schedule databases: what tune writes is what compile looks up; unknown GPUs fall back."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from trimode import schedules
+from trimode.schedules.measure import format_table, q8_bytes, q8_reference, random_weights
+
+GPU = "NVIDIA H100 80GB HBM3"
+MMA_FAST = {"kind": "mma", "n_tiles": 2, "k_warps": 4}
+MMA_SLOW = {"kind": "mma", "n_tiles": 1, "k_warps": 2}
+GEMV = {"kind": "gemv", "rows_per_warp": 2, "k_warps": 4}
+
+
+def _result(shape, m, schedule, time_us, ok=True, name=None):
+    return {"kernel": "q8_matmul", "shape_name": "qkv", "shape": list(shape), "m": m,
+            "schedule": schedule, "name": name or str(schedule), "default": False,
+            "rows": 512 if m == "dynamic" else m, "time_us": time_us, "ok": ok,
+            "rel_err": 1e-3 if ok else 1.0, "gbps": q8_bytes(*shape, 1) / time_us / 1e3}
+
+
+MEASURED = {"gpu": GPU, "copy_gbps": 3021.0, "results": [
+    _result((6144, 5120), 1, GEMV, 13.0),
+    _result((6144, 5120), 1, MMA_SLOW, 20.0),
+    _result((6144, 5120), 32, MMA_SLOW, 14.0),
+    _result((6144, 5120), 32, MMA_FAST, 12.0),
+    _result((6144, 5120), 32, {"kind": "mma", "n_tiles": 4, "k_warps": 2}, 9.0, ok=False),  # wrong: never kept
+    _result((6144, 5120), 32, None, 5.0, name="dlight"),  # baseline: never filed
+    _result((6144, 5120), "dynamic", MMA_FAST, 300.0),
+]}
+
+
+def test_gpu_key_is_a_file_name():
+    assert schedules.gpu_key(GPU) == "nvidia-h100-80gb-hbm3"
+    assert schedules.gpu_key("NVIDIA H200") == "nvidia-h200"
+
+
+def test_lookup_returns_the_fastest_correct_schedule(tmp_path):
+    path = schedules.write_database(GPU, MEASURED["results"], "2026-11-27", tmp_path)
+    assert path == tmp_path / "nvidia-h100-80gb-hbm3.json"
+    assert schedules.lookup(GPU, "q8_matmul", (6144, 5120), 1, tmp_path) == GEMV
+    assert schedules.lookup(GPU, "q8_matmul", (6144, 5120), 32, tmp_path) == MMA_FAST
+    assert schedules.lookup(GPU, "q8_matmul", (6144, 5120), "dynamic", tmp_path) == MMA_FAST
+    entry = json.loads(path.read_text())["entries"]["q8_matmul/6144x5120/m32"]
+    assert entry["time_us"] == 12.0 and entry["candidates"] == 4 and entry["measured"] == "2026-11-27"
+
+
+def test_unknown_gpu_or_shape_falls_back(tmp_path):
+    schedules.write_database(GPU, MEASURED["results"], "2026-11-27", tmp_path)
+    assert schedules.lookup("NVIDIA A100-SXM4-80GB", "q8_matmul", (6144, 5120), 1, tmp_path) is None
+    assert schedules.lookup(GPU, "q8_matmul", (5120, 4096), 1, tmp_path) is None
+    assert schedules.lookup(GPU, "q8_matmul", (6144, 5120), 16, tmp_path) is None
+
+
+def test_new_measurements_replace_old_ones(tmp_path):
+    schedules.write_database(GPU, MEASURED["results"], "2026-11-27", tmp_path)
+    schedules.write_database(GPU, [_result((6144, 5120), 32, MMA_SLOW, 8.0),
+                                   _result((5120, 4096), 1, GEMV, 9.0)], "2026-11-28", tmp_path)
+    assert schedules.lookup(GPU, "q8_matmul", (6144, 5120), 32, tmp_path) == MMA_SLOW
+    assert schedules.lookup(GPU, "q8_matmul", (5120, 4096), 1, tmp_path) == GEMV
+    assert schedules.lookup(GPU, "q8_matmul", (6144, 5120), 1, tmp_path) == GEMV  # kept
+
+
+def test_tune_files_results_measured_elsewhere(tmp_path):
+    from trimode.cli.tune import tune
+
+    results = tmp_path / "q8_results.json"
+    results.write_text(json.dumps(MEASURED))
+    out = CliRunner().invoke(tune, ["--results", str(results), "--database-dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "6/7 candidates correct" in out.output
+    assert schedules.lookup(GPU, "q8_matmul", (6144, 5120), 32, tmp_path) == MMA_FAST
+
+
+def test_tune_refuses_a_file_that_is_not_results(tmp_path):
+    from trimode.cli.tune import tune
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    out = CliRunner().invoke(tune, ["--results", str(bad), "--database-dir", str(tmp_path)])
+    assert out.exit_code != 0 and "lacks 'gpu'" in out.output
+
+
+def test_table_reports_ratio_to_decode_and_failures():
+    measured = {**MEASURED, "results": [r for r in MEASURED["results"] if r["name"] != "dlight"]}
+    table = format_table(measured)
+    row32 = next(line for line in table.splitlines() if line.startswith("qkv") and " 32 " in line)
+    assert f"{12.0 / 13.0:6.2f}" in row32  # best m=32 over best m=1
+    assert "1 failed the check" in table
+
+
+def test_reference_matches_dequantized_matmul():
+    rng = np.random.default_rng(1)
+    q, scale = random_weights(rng, 40, 64)
+    x = rng.standard_normal((3, 64)).astype(np.float16)
+    w = np.array([[float(q[j, c]) * float(scale[j, c // 32]) for c in range(64)] for j in range(40)])
+    columns = np.array([0, 7, 39])
+    expected = np.array([[sum(float(x[r, c]) * w[j, c] for c in range(64)) for j in columns]
+                         for r in range(3)])
+    np.testing.assert_allclose(q8_reference(x, q, scale, columns), expected, rtol=1e-12)
