@@ -16,6 +16,7 @@ from trimode.model.reference import ReferenceForward, ReferenceModel
 from trimode.runtime.forward import ContextFull, StepResult
 from trimode.runtime.generation import (DecodeParams, DoneEvent, GenerationRequest, RequestError,
                                         SamplingParams, TokenEvent, generate)
+from trimode.runtime.stops import loop_found
 
 # A very small vocabulary, so random models repeat themselves, drafts sometimes match, and
 # sampling tests have few outcomes. Ids 0-3 are specials as in NLD's layout (eos 2, mask 3).
@@ -435,7 +436,8 @@ def test_bad_requests_raise_one_sentence():
     for bad in (dict(prompt_ids=()), dict(prompt_ids=(1,), max_tokens=-1),
                 dict(prompt_ids=(1,), decode=DecodeParams(mode="fast")),
                 dict(prompt_ids=(1,), sampling=SamplingParams(top_p=0.0)),
-                dict(prompt_ids=(1,), decode=DecodeParams(draft_length=100))):
+                dict(prompt_ids=(1,), decode=DecodeParams(draft_length=100)),
+                dict(prompt_ids=(1, 32)), dict(prompt_ids=(1,), suppress_ids=(-1,))):
         with pytest.raises(RequestError) as err:
             next(generate(fresh(0), LetterTokenizer(), GenerationRequest(**bad)))
         assert "\n" not in str(err.value)
@@ -448,3 +450,34 @@ def test_ar_stats():
     assert s.tokens_per_forward == 1.0 and s.accepted_per_cycle == 0.0
     d = s.to_dict()
     assert {"prefill_tok_s", "decode_tok_s", "ttft_s", "tokens_per_forward"} <= set(d)
+
+
+@pytest.mark.parametrize("mode,k", [("ar", 0), ("spec", 6), ("spec", 12)])
+def test_stop_string_inside_an_accepted_block(mode, k):
+    """The stop string spans three tokens; with perfect drafts it lands inside one cycle's
+    accepted block, and the text is still cut exactly where AR cuts it."""
+    prompt = PROMPTS[0]
+    plain, _, _ = run(fresh(0, config=NO_EOS), prompt_ids=prompt, max_tokens=40, **greedy("ar"))
+    letters = "".join(chr(97 + t % 26) for t in plain)
+    stop = letters[9:12]
+    at = letters.find(stop)
+    fwd = LookaheadDraft(fresh(0, 512, NO_EOS), n_ctx=256, seed=0, wrong=0.0)
+    tokens, done, events = run(fwd, prompt_ids=prompt, max_tokens=40, stop=(stop, "zzzzzz"),
+                               **greedy(mode, draft_length=k or 1))
+    assert done.finish_reason == "stop"
+    assert "".join(e.text for e in events) == letters[:at]
+    assert tokens == plain[:at + len(stop)]  # ids run up to the token completing the stop
+    if mode == "spec":
+        assert any(len(e.ids) > 3 for e in events)  # several tokens per cycle really happened
+
+
+@pytest.mark.parametrize("mode", ["ar", "spec"])
+def test_loop_detection_stops_a_looping_model(mode):
+    # seed 1 falls into repeating one token after a few; detection is on by default
+    free, _, _ = run(fresh(1, config=NO_EOS), prompt_ids=PROMPTS[0], max_tokens=60, **greedy("ar"))
+    first = next(n for n in range(1, 61) if loop_found(free[:n]))
+    fwd = LookaheadDraft(fresh(1, 512, NO_EOS), n_ctx=256, seed=1)
+    tokens, done, _ = run(fwd, prompt_ids=PROMPTS[0], max_tokens=60,
+                          decode=DecodeParams(mode=mode, draft_length=8))
+    assert done.finish_reason == "loop" and "loop" in done.message
+    assert tokens == free[:first]

@@ -127,11 +127,20 @@ def _run_cycle(fwd: Forward, sampler: Sampler, history: list[int], room: int,
     return ar_cycle(fwd, sampler, history)
 
 
+def _id_problem(request: GenerationRequest, vocab: int) -> str | None:
+    for what, ids in (("prompt", request.prompt_ids), ("suppress_ids", request.suppress_ids),
+                      ("penalty_ids", request.sampling.penalty_ids)):
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            return f"{what} holds token id {bad[0]}, outside the vocabulary of {vocab}"
+    return None
+
+
 def generate(forward: Forward, tokenizer: Detokenizer,
              request: GenerationRequest) -> Iterator[TokenEvent | DoneEvent]:
     """Generate from `request` on `forward` (see the module docstring for the contract).
     Raises RequestError at the first next() for a request that makes no sense."""
-    problem = request.problem()
+    problem = request.problem() or _id_problem(request, forward.config.vocab)
     if problem:
         raise RequestError(problem)
     prompt = list(request.prompt_ids)
