@@ -249,6 +249,8 @@ def test_inconsistent_head_counts(tiny_gguf, tmp_path):
     ("dream.rope.dimension_count", (16, VT.UINT32), "rope.dimension_count .16. is not the head size"),
     ("tokenizer.ggml.mask_token_id", 5000, "mask_token_id 5000 is outside the vocabulary of 2048"),
     ("dream.block_count", DROP, "missing metadata key dream.block_count"),
+    ("dream.block_count", ("two", VT.STRING), "dream.block_count is 'two', expected an integer"),
+    ("dream.attention.head_count_kv", 0, "dream.attention.head_count_kv is 0"),
 ])
 def test_values_the_engine_cannot_honour_are_refused_by_name(tiny_gguf, tmp_path, key, value, pattern):
     expect_error(rewrite(tiny_gguf, tmp_path / "m.gguf", keys={key: value}), pattern)

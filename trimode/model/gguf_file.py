@@ -193,13 +193,21 @@ def _plain(field) -> Any:
     return value
 
 
-def _scalar(reader: gguf.GGUFReader, key: str) -> Any:
+def _scalar(reader: gguf.GGUFReader, key: str, kind: type | None = None) -> Any:
+    """The single value of `key` (None when absent), checked to be a `kind` when given."""
     field = reader.get_field(key)
     if field is None:
         return None
     if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
         raise ModelError(f"metadata key {key} is an array, expected a single value")
-    return _plain(field)
+    value = _plain(field)
+    if kind is None:
+        return value
+    accepted = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}[kind]
+    if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
+        noun = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}[kind]
+        raise ModelError(f"metadata key {key} is {value!r}, expected {noun}")
+    return kind(value)
 
 
 # (GGUF key, ModelConfig field, python type). Absent keys keep ModelConfig's NLD default.
@@ -218,59 +226,58 @@ _OPTIONAL_KEYS = [
 ]
 
 # Keys whose only honoured value is NLD's; anything else would silently change the maths.
-# yarn_ext_factor -1 is llama.cpp's "default", which is 1 for YaRN.
+# yarn_ext_factor -1 is llama.cpp's "default", which is 1 for YaRN. (yarn_log_multiplier is
+# not here: NVIDIA's reference does not rescale cos/sin, MODEL.md section 1.)
 _FIXED_KEYS = {
-    _key("rope.scaling.yarn_ext_factor"): (1.0, -1.0),
-    _key("rope.scaling.yarn_attn_factor"): (1.0,),
-    _key("rope.scaling.attn_factor"): (1.0,),
-    _key("attention.causal"): (False,),
+    _key("rope.scaling.yarn_ext_factor"): (float, (1.0, -1.0)),
+    _key("rope.scaling.yarn_attn_factor"): (float, (1.0,)),
+    _key("rope.scaling.attn_factor"): (float, (1.0,)),
+    _key("attention.causal"): (bool, (False,)),
 }
 
 
 def _config_from_keys(reader: gguf.GGUFReader, vocab: int, tensors: dict) -> ModelConfig:
     def required(name: str) -> int:
-        value = _scalar(reader, _key(name))
+        value = _scalar(reader, _key(name), int)
         if value is None:
             raise ModelError(f"missing metadata key {_key(name)}")
-        return int(value)
+        if value <= 0:
+            raise ModelError(f"{_key(name)} is {value}")
+        return value
+
+    def optional(name: str, default: int) -> int:
+        return default if reader.get_field(_key(name)) is None else required(name)
 
     n_heads = required("attention.head_count")
-    if n_heads <= 0:
-        raise ModelError(f"{_key('attention.head_count')} is {n_heads}")
-    n_kv_heads = _scalar(reader, _key("attention.head_count_kv"))
-    n_kv_heads = n_heads if n_kv_heads is None else int(n_kv_heads)  # llama.cpp's default
-    if n_kv_heads <= 0:
-        raise ModelError(f"{_key('attention.head_count_kv')} is {n_kv_heads}")
-    head_dim = _scalar(reader, _key("attention.key_length"))
-    if head_dim is None:
-        # NLD's head_dim is not hidden / heads; without the key the query matrix says it.
-        q = tensors.get(layer_tensor_name(0, "wq"))
-        if q is None or int(q.shape[-1]) % n_heads:
-            raise ModelError(f"missing metadata key {_key('attention.key_length')}")
-        head_dim = int(q.shape[-1]) // n_heads
-    head_dim = int(head_dim)
-    value_dim = _scalar(reader, _key("attention.value_length"))
-    if value_dim is not None and int(value_dim) != head_dim:
+    n_kv_heads = optional("attention.head_count_kv", n_heads)  # llama.cpp's default
+    q = tensors.get(layer_tensor_name(0, "wq"))
+    # NLD's head_dim is not hidden / heads; without the key the query matrix says what it is.
+    inferred = int(q.shape[-1]) // n_heads if q is not None and len(q.shape) == 2 else 0
+    if reader.get_field(_key("attention.key_length")) is None and not inferred:
+        raise ModelError(f"missing metadata key {_key('attention.key_length')}")
+    head_dim = optional("attention.key_length", inferred)
+    value_dim = optional("attention.value_length", head_dim)
+    if value_dim != head_dim:
         raise ModelError(f"{_key('attention.value_length')} ({value_dim}) differs from "
                          f"{_key('attention.key_length')} ({head_dim}); not supported")
-    rope_dims = _scalar(reader, _key("rope.dimension_count"))
-    if rope_dims is not None and int(rope_dims) != head_dim:
+    rope_dims = optional("rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
         raise ModelError(f"{_key('rope.dimension_count')} ({rope_dims}) is not the head size "
                          f"({head_dim}); only full-head rotary embeddings are supported")
-    for key, allowed in _FIXED_KEYS.items():
-        value = _scalar(reader, key)
+    for key, (kind, allowed) in _FIXED_KEYS.items():
+        value = _scalar(reader, key, kind)
         if value is not None and value not in allowed:
             raise ModelError(f"{key} = {value!r} is not supported (only {allowed[0]!r})")
 
-    mask = _scalar(reader, "tokenizer.ggml.mask_token_id")
+    mask = _scalar(reader, "tokenizer.ggml.mask_token_id", int)
     if mask is None:
         raise ModelError("no tokenizer.ggml.mask_token_id: not a diffusion model, or a file "
                          "without its mask token")
-    values: dict[str, Any] = {"mask_token_id": int(mask)}
+    values: dict[str, Any] = {"mask_token_id": mask}
     for key, attr, kind in _OPTIONAL_KEYS:
-        value = _scalar(reader, key)
+        value = _scalar(reader, key, kind)
         if value is not None:
-            values[attr] = kind(value)
+            values[attr] = value
     config = ModelConfig(n_layers=required("block_count"), hidden=required("embedding_length"),
                          ffn=required("feed_forward_length"), n_heads=n_heads,
                          n_kv_heads=n_kv_heads, head_dim=head_dim, vocab=vocab, **values)
