@@ -29,7 +29,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
 
     from trimode.compiler.kernel_table import Kernels
     from trimode.compiler.model import NLDModel
-    from trimode.compiler.pipeline import build_executable
+    from trimode.compiler.pipeline import build_library
 
     target = resolve_target(target_name, arch)
     schedules, schedules_id = schedules_for(target)
@@ -44,12 +44,11 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
     model = NLDModel(cfg, quantized, kernels)
     mod, named_params = model.export_tvm(spec=model.entry_specs())
     log(f"  exported Relax module ({len(named_params)} parameters) in {time.time() - started:.1f}s")
-    executable = build_executable(mod, target, log)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
-        executable.export_library(str(tmp / "model.so"))
+        build_library(mod, target, str(tmp / "model.so"), log)
         manifest = {
             "key": key,
             "target": target_name,

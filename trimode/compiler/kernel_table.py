@@ -33,8 +33,11 @@ class Kernels:
     def q8_matmul(self, n: int, k: int, rows: str, role: str):
         if not self.is_gpu:
             return _cached(q8_matmul.q8_matmul_cpu, n, k)
-        from trimode.compiler.kernels import gpu_matmul
-        return gpu_matmul.q8_matmul_gpu(n, k, rows, self.dtype, self.schedules)
+        from trimode.compiler.kernels import q8_matmul_cuda
+
+        m = 1 if rows == "one" else "dynamic"
+        return opaque(q8_matmul_cuda.q8_matmul(n, k, m, self.dtype, schedule=self.schedules.get(
+            ("q8_matmul", n, k, m))))
 
     def q8_embedding(self, vocab: int, hidden: int):
         return embedding.q8_embedding(vocab, hidden, self.dtype)
@@ -58,14 +61,27 @@ class Kernels:
         if not self.is_gpu:
             return _cached(attention.attention_cpu, c.n_layers, c.n_heads, c.n_kv_heads,
                            c.head_dim, causal)
-        from trimode.compiler.kernels import gpu_attention
-        return gpu_attention.attention_gpu(c, causal, rows, self.dtype, self.schedules)
+        from trimode.compiler.kernels import attention_cuda
+
+        plan = self.schedules.get(("attention", rows)) or attention_cuda.default_plan(
+            c.n_heads, c.n_kv_heads, rows)
+        return opaque(attention_cuda.attention_cuda(c.n_heads, c.n_kv_heads, c.head_dim, causal,
+                                                    self.dtype, 1 if rows == "one" else "dynamic",
+                                                    plan=plan))
 
     def last_row(self, hidden: int):
         return _cached(logits.last_row, hidden, self.dtype)
 
     def argmax_prob(self, vocab: int):
         return _cached(logits.argmax_prob, vocab)
+
+
+OPAQUE = 8  # relax's kOpaque op pattern
+
+
+def opaque(func):
+    """Hand-written kernels are called as they are: FuseOps must not merge them with neighbours."""
+    return func.with_attr("op_pattern", OPAQUE)
 
 
 @lru_cache(maxsize=None)

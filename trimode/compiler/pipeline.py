@@ -7,9 +7,36 @@ import tvm
 from tvm import relax
 
 
-def relax_passes(target: tvm.target.Target) -> list:
+@tvm.transform.module_pass(opt_level=0, name="ScheduleUnscheduledKernels")
+def schedule_unscheduled_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Kernels that arrive unscheduled (norms, rope, elementwise, argmax) get dlight's GPU
+    schedules; hand-scheduled ones are left alone. A dlight rule that does not fit a kernel
+    raises instead of declining (TVM.md), so each kernel tries rule lists in order."""
     from tvm.s_tir import dlight as dl
 
+    rule_lists = [
+        [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()],
+        [dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()],
+        [dl.gpu.GeneralReduction(), dl.gpu.Fallback()],
+        [dl.gpu.Fallback()],
+    ]
+    for gvar, func in list(mod.functions.items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and func.attrs.get("tirx.is_scheduled")):
+            continue
+        single = tvm.IRModule({gvar: func})
+        errors = []
+        for rules in rule_lists:
+            try:
+                mod[gvar] = dl.ApplyDefaultSchedule(*rules)(single)[gvar]
+                break
+            except Exception as err:  # noqa: BLE001 (dlight raises anything)
+                errors.append(f"{type(err).__name__}: {err}")
+        else:
+            raise RuntimeError(f"no GPU schedule fits kernel {gvar.name_hint}: {errors[-1]}")
+    return mod
+
+
+def relax_passes(target: tvm.target.Target) -> list:
     gpu = "gpu" in target.keys
     passes = [
         # Library ops (add, silu, split, reshape) become TIR and fuse with their neighbours;
@@ -21,10 +48,7 @@ def relax_passes(target: tvm.target.Target) -> list:
         relax.transform.FuseTIR(),
     ]
     if gpu:
-        # Kernels that arrive unscheduled (norms, rope, elementwise, fallbacks) get dlight's
-        # default GPU schedules; hand-scheduled ones are left alone.
-        passes.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
+        passes.append(schedule_unscheduled_kernels)
     passes += [
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
@@ -41,7 +65,9 @@ def relax_passes(target: tvm.target.Target) -> list:
     return passes
 
 
-def build_executable(mod: tvm.IRModule, target_spec: dict, log) -> relax.VMExecutable:
+def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log) -> None:
+    """Compiles and exports the VM library. CUDA builds run inside cuda_build_context, so the
+    library embeds GPU machine code even on a machine without a GPU (TVM.md)."""
     target = tvm.target.Target(target_spec, host="llvm") if target_spec["kind"] == "cuda" \
         else tvm.target.Target(target_spec)
     started = time.time()
@@ -52,5 +78,6 @@ def build_executable(mod: tvm.IRModule, target_spec: dict, log) -> relax.VMExecu
             from trimode.compiler.cuda_env import cuda_build_context
 
             with cuda_build_context(target):
-                return tvm.compile(mod, target, relax_pipeline=None)
-        return tvm.compile(mod, target, relax_pipeline=None)
+                tvm.compile(mod, target, relax_pipeline=None).export_library(library)
+        else:
+            tvm.compile(mod, target, relax_pipeline=None).export_library(library)

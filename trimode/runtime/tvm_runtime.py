@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,6 +20,10 @@ DEVICE_TYPES = {"llvm": 1, "cuda": 2}  # DLPack device types: kDLCPU, kDLCUDA
 
 
 def tvm_lib_dir() -> Path:
+    """The wheel's tvm/lib, or $TRIMODE_TVM_LIB_DIR where only the runtime libraries were
+    copied (a GPU box without the 300 MB compiler)."""
+    if os.environ.get("TRIMODE_TVM_LIB_DIR"):
+        return Path(os.environ["TRIMODE_TVM_LIB_DIR"])
     spec = importlib.util.find_spec("tvm")  # locates the package without importing it
     if spec is None or spec.origin is None:
         raise RuntimeError("apache-tvm is not installed (pip install apache-tvm)")
