@@ -1,0 +1,118 @@
+"""`trimode generate` on a generated tiny model, compiled for llvm, against the float64
+reference; prompt assembly; flags refused or noted clearly."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from trimode.cli import cli
+from trimode.cli.generate import build_prompt
+from trimode.model.reference import ReferenceForward, ReferenceModel
+from trimode.model.tokenizer import Tokenizer
+from trimode.runtime.generation import DecodeParams, GenerationRequest, generate
+
+PROMPT = [1, 400, 77, 1023, 5, 1900, 64]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, ["generate", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model) -> Tokenizer:
+    return Tokenizer.from_metadata(tiny_model.metadata)
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(tiny_model, tokenizer):
+    """Greedy AR from the float64 reference, think tokens suppressed as the CLI does."""
+    suppress = tuple(i for i in (tokenizer.think_open_id, tokenizer.think_close_id) if i is not None)
+    request = GenerationRequest(prompt_ids=tuple(PROMPT), max_tokens=16, loop_detection=False,
+                                decode=DecodeParams(mode="ar"), suppress_ids=suppress)
+    fwd = ReferenceForward(ReferenceModel(tiny_model.config, tiny_model.weights), 256)
+    return [t for e in generate(fwd, tokenizer, request) for t in getattr(e, "ids", [])]
+
+
+@pytest.mark.parametrize("mode", ["ar", "spec"])
+def test_json_tokens_equal_the_float64_reference(tiny_gguf, tokenizer, reference_tokens, mode):
+    result = invoke("-m", str(tiny_gguf), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "16",
+                    "--mode", mode, "--draft-length", "5", "--json", "--no-loop-detection",
+                    "--target", "llvm", "-c", "256")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["tokens"] == reference_tokens
+    assert out["text"] == tokenizer.decode(reference_tokens)
+    stats = out["stats"]
+    assert stats["prompt_tokens"] == len(PROMPT) and stats["generated_tokens"] == 16
+    assert out["finish_reason"] == "length"
+    if mode == "ar":
+        assert stats["forwards"] == 16
+    else:  # two passes a cycle, one when a cycle has room for no draft
+        assert 1 + stats["cycles"] < stats["forwards"] <= 1 + 2 * stats["cycles"]
+
+
+def test_streams_text_and_notes_ignored_flags(tiny_gguf, tokenizer, reference_tokens):
+    result = invoke("-m", str(tiny_gguf), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "16",
+                    "--diffusion-self-spec", "--no-loop-detection", "--target", "llvm",
+                    "-ngl", "99", "-fa", "on", "--diffusion-steps", "8", "-c", "256")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == tokenizer.decode(reference_tokens) + "\n"
+    for flag in ("-ngl", "-fa", "--diffusion-steps"):
+        assert f"note: {flag} is ignored" in result.stderr
+    assert "16 generated (length)" in result.stderr and "tokens/forward" in result.stderr
+
+
+def test_context_full_is_a_note_not_a_crash(tiny_gguf):
+    result = invoke("-m", str(tiny_gguf), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "-1",
+                    "--json", "--no-loop-detection", "--target", "llvm", "-c", "12")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert len(out["tokens"]) == 12 - len(PROMPT)
+    assert out["finish_reason"] in ("length", "context", "stop")
+
+
+def test_chat_prompt_closes_the_think_block(tokenizer, tiny_model):
+    ids = build_prompt(tokenizer, tiny_model.metadata, "hello", None, chat=True, reasoning=False)
+    assert ids[0] == tokenizer.bos_id
+    text = tokenizer.decode(ids)
+    assert text.endswith("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n<think>\n</think>\n")
+    thinking = tokenizer.decode(build_prompt(tokenizer, tiny_model.metadata, "hello", None,
+                                             chat=True, reasoning=True))
+    assert thinking.endswith("<think>\n")
+    plain = build_prompt(tokenizer, tiny_model.metadata, "hello", None, chat=False, reasoning=False)
+    assert plain == [tokenizer.bos_id, *tokenizer.encode("hello")]
+    assert build_prompt(tokenizer, {}, None, "3, 4,5", chat=True, reasoning=False) == [3, 4, 5]
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "exactly one of"),
+    (["-p", "a", "--prompt-ids", "1"], "exactly one of"),
+    (["--prompt-ids", "1,x"], "comma-separated integers"),
+    (["-p", "a", "--diffusion-self-spec", "--mode", "ar"], "contradicts"),
+    (["-p", "a", "--mode", "fast"], "'fast' is not one of"),
+    (["-p", "a", "-c", "1"], "at least 2"),
+])
+def test_usage_errors(tiny_gguf, args, message):
+    result = CliRunner().invoke(cli, ["generate", "-m", str(tiny_gguf), *args])
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_missing_default_model_is_explained(monkeypatch):
+    import trimode.model.default_model as default_model
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL", default_model.Path("/nonexistent/model.gguf"))
+    result = CliRunner().invoke(cli, ["generate", "-p", "hi"])
+    assert result.exit_code == 1 and "default model is not installed" in result.stderr
+
+
+def test_bad_model_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    run = subprocess.run([sys.executable, "-c", "from trimode.cli import main; main()", "generate",
+                          "-m", str(bad), "-p", "hi"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stdout == ""
+    lines = [line for line in run.stderr.splitlines() if not line.startswith("loading")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in run.stderr

@@ -1,0 +1,180 @@
+"""`trimode generate`: one prompt, streamed to stdout, statistics to stderr.
+
+Takes the llama.cpp fork's `llama-diffusion` flags where they mean something here and says
+so on stderr where they do not (-ngl, -fa, --diffusion-steps)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from trimode.runtime.decode import (DEFAULT_BLOCK_LENGTH, DEFAULT_DRAFT_LENGTH, DEFAULT_THRESHOLD,
+                                    MODES)
+
+DEFAULT_CTX = 4096
+
+
+def note(message: str) -> None:
+    click.echo(f"note: {message}", err=True)
+
+
+def build_prompt(tokenizer, metadata: dict, text: str | None, ids: str | None, chat: bool,
+               reasoning: bool) -> list[int]:
+    """The prompt as token ids: given ids verbatim; text through the chat template (chat) or
+    as is, with BOS where the model wants it."""
+    if ids is not None:
+        try:
+            return [int(part) for part in ids.split(",") if part.strip()]
+        except ValueError:
+            raise click.BadParameter("give comma-separated integers, e.g. 1,2,3",
+                                     param_hint="--prompt-ids") from None
+    from trimode.model.chat import render_chat
+
+    bos = tokenizer.tokens[tokenizer.bos_id]
+    if chat:
+        text = render_chat(metadata.get("tokenizer.chat_template") or None,
+                           [{"role": "user", "content": text}], reasoning=reasoning,
+                           template_vars={"bos_token": bos})
+    out = tokenizer.encode_template(text)
+    if metadata.get("tokenizer.ggml.add_bos_token", True) and out[:1] != [tokenizer.bos_id]:
+        out = [tokenizer.bos_id, *out]
+    return out
+
+
+def stats_line(stats: dict, finish: str) -> str:
+    return (f"{stats['prompt_tokens']} prompt tokens ({stats['cached_tokens']} cached), "
+            f"{stats['generated_tokens']} generated ({finish}); {stats['forwards']} forwards, "
+            f"{stats['tokens_per_forward']:.2f} tokens/forward, "
+            f"{stats['accepted_per_cycle']:.2f} accepted/cycle; "
+            f"prefill {stats['prefill_tok_s']:.1f} tok/s, decode {stats['decode_tok_s']:.1f} tok/s, "
+            f"first token {stats['ttft_s'] * 1000:.0f} ms")
+
+
+def resolve_model(model: str | None) -> Path:
+    if model:
+        return Path(model)
+    from trimode.model.default_model import DEFAULT_MODEL
+
+    if not DEFAULT_MODEL.exists():
+        raise click.ClickException(
+            f"no -m given and the default model is not installed ({DEFAULT_MODEL}); pass "
+            "-m MODEL.gguf (`trimode make-model --geometry tiny OUT.gguf` makes a test model)")
+    return DEFAULT_MODEL
+
+
+@click.command()
+@click.option("-m", "--model", type=click.Path(dir_okay=False), help="GGUF model (default: the embedded model)")
+@click.option("-p", "--prompt", help="prompt text")
+@click.option("--prompt-ids", help="prompt as comma-separated token ids (no template, no BOS)")
+@click.option("-f", "--file", "prompt_file", type=click.File("r", encoding="utf-8"), help="read the prompt text from a file")
+@click.option("-n", "--n-predict", "n_predict", type=int, default=256, show_default=True,
+              help="tokens to generate; -1: until the context is full")
+@click.option("--mode", type=click.Choice(MODES), help="decoding mode  [default: spec]")
+@click.option("--diffusion-self-spec", is_flag=True, help="same as --mode spec")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="temperature; 0 is greedy")
+@click.option("-s", "--seed", type=int, help="sampling seed; -1 or none: random")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0: off")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1: off")
+@click.option("--min-p", type=float, default=0.0, show_default=True, help="0: off")
+@click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="1: off")
+@click.option("--repeat-last-n", type=int, default=64, show_default=True,
+              help="tokens the repeat penalty looks back over")
+@click.option("--draft-length", "--diffusion-draft-length", "draft_length", type=int,
+              default=DEFAULT_DRAFT_LENGTH, show_default=True, help="masked slots per self-speculation cycle")
+@click.option("--block-length", "--diffusion-block-length", "block_length", type=int,
+              default=DEFAULT_BLOCK_LENGTH, show_default=True, help="block diffusion block size")
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+              help="block diffusion reveal confidence")
+@click.option("--diffusion-steps", type=int, help="accepted and ignored (blocks reveal by --threshold)")
+@click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option("--chat/--no-chat", default=True, show_default=True,
+              help="wrap a text prompt in the model's chat template")
+@click.option("--reasoning/--no-reasoning", default=False, show_default=True,
+              help="let the model think (<think> ... </think>)")
+@click.option("-c", "--ctx-size", type=int,
+              help=f"context size in tokens  [default: {DEFAULT_CTX}, or the model's if smaller]")
+@click.option("--json", "as_json", is_flag=True, help='print one JSON object {"tokens", "text", "stats"}')
+@click.option("--no-loop-detection", is_flag=True, help="do not stop on repetition loops")
+@click.option("--target", type=click.Choice(["llvm", "cuda"]), help="device (default: cuda if present)")
+@click.option("-t", "--threads", type=int, help="CPU threads for the llvm target")
+@click.option("-ngl", "--n-gpu-layers", type=int, help="accepted and ignored (all layers run on --target)")
+@click.option("-fa", "--flash-attn", help="accepted and ignored (attention is always fused)")
+def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_self_spec, temp,
+             seed, top_k, top_p, min_p, repeat_penalty, repeat_last_n, draft_length, block_length,
+             threshold, diffusion_steps, stop, chat, reasoning, ctx_size, as_json,
+             no_loop_detection, target, threads, n_gpu_layers, flash_attn):
+    """Generate a reply to one prompt."""
+    given = [name for name, value in (("-p", prompt), ("--prompt-ids", prompt_ids),
+                                      ("-f", prompt_file)) if value is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of -p PROMPT, --prompt-ids IDS, -f FILE")
+    if diffusion_self_spec and mode not in (None, "spec"):
+        raise click.UsageError(f"--diffusion-self-spec contradicts --mode {mode}")
+    mode = mode or "spec"
+    if n_gpu_layers is not None:
+        note("-ngl is ignored: every layer runs on the chosen --target")
+    if flash_attn is not None:
+        note("-fa is ignored: attention is always one fused kernel here")
+    if diffusion_steps is not None:
+        note("--diffusion-steps is ignored: block diffusion reveals by confidence (--threshold)")
+    if ctx_size is not None and ctx_size < 2:
+        raise click.BadParameter(f"must be at least 2, got {ctx_size}", param_hint="-c")
+    if threads is not None:
+        if threads < 1:
+            raise click.BadParameter(f"must be at least 1, got {threads}", param_hint="-t")
+        os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the runtime's pool starts
+
+    from trimode.runtime.engine import load_engine
+    from trimode.runtime.generation import (DecodeParams, GenerationRequest, RequestError,
+                                            SamplingParams, TokenEvent, generate as run)
+
+    path = resolve_model(model)
+    click.echo(f"loading {path} ...", err=True)
+    started = time.perf_counter()
+    engine = load_engine(path, target)
+    click.echo(f"ready on {engine.target} in {time.perf_counter() - started:.1f} s", err=True)
+    tok = engine.tokenizer
+    text = prompt_file.read() if prompt_file is not None else prompt
+    ids = build_prompt(tok, engine.metadata, text, prompt_ids, chat, reasoning)
+    n_ctx = min(ctx_size or DEFAULT_CTX, engine.config.context_length)
+    if ctx_size and ctx_size > n_ctx:
+        note(f"-c {ctx_size} is over the model's context; using {n_ctx}")
+    suppress = () if reasoning else tuple(i for i in (tok.think_open_id, tok.think_close_id)
+                                          if i is not None)
+    request = GenerationRequest(
+        prompt_ids=tuple(ids),
+        max_tokens=max(n_ctx - len(ids), 0) if n_predict < 0 else n_predict,
+        sampling=SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                                seed=None if seed is None or seed < 0 else seed,
+                                repetition_penalty=repeat_penalty, penalty_last_n=repeat_last_n),
+        decode=DecodeParams(mode=mode, draft_length=draft_length, block_length=block_length,
+                            threshold=threshold),
+        stop=tuple(stop), loop_detection=not no_loop_detection, suppress_ids=suppress)
+
+    tokens, pieces = [], []
+    try:
+        for event in run(engine.new_sequence(n_ctx), tok, request):
+            if isinstance(event, TokenEvent):
+                tokens += event.ids
+                pieces.append(event.text)
+                if not as_json:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+            else:
+                done = event
+    except RequestError as err:
+        raise click.UsageError(str(err)) from None
+    stats = done.stats.to_dict()
+    if as_json:
+        click.echo(json.dumps({"tokens": tokens, "text": "".join(pieces), "stats": stats,
+                               "finish_reason": done.finish_reason}, ensure_ascii=False))
+    else:
+        click.echo("")
+    if done.message:
+        note(done.message)
+    click.echo(stats_line(stats, done.finish_reason), err=True)
+
