@@ -174,7 +174,7 @@ def generate(forward: Forward, tokenizer: Detokenizer,
             stats.generated_tokens = len(stops.tokens)
             if stops.finish is None and len(history) >= n_ctx:
                 stops.end("context", f"the context is full ({n_ctx} tokens); "
-                          "use a larger context (-c) to generate more")
+                          "a larger context would let generation go on")
             if stops.finish is not None:
                 text += stops.flush()
             if taken or text:
