@@ -15,8 +15,9 @@ from trimode.runtime.decode import MAX_BLOCK, MODES, DecodeParams
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="GGUF model file.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@click.option("-c", "--ctx-size", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=2),
-              help="KV cache tokens over all slots; each slot gets ctx-size / parallel.")
+@click.option("-c", "--ctx-size", "n_ctx", default=None, type=click.IntRange(min=2),
+              help="KV cache tokens over all slots; each slot gets ctx-size / parallel. "
+                   "[default: 4096, or the model's context if shorter]")
 @click.option("-np", "--parallel", "n_slots", default=1, show_default=True, type=click.IntRange(min=1),
               help="Requests generated concurrently; more wait in arrival order.")
 @click.option("-a", "--alias", default=None, help="Model name /v1/models reports (default: the file name).")
@@ -61,7 +62,7 @@ def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, rea
             server.should_exit = True
             return
         click.echo(f"model loaded in {time.monotonic() - started:.1f} s: {n_slots} slot(s) of "
-                   f"{settings.slot_ctx} tokens; listening on http://{host}:{port}", err=True)
+                   f"{scheduler.slot_ctx} tokens; listening on http://{host}:{port}", err=True)
 
     threading.Thread(target=report_load, daemon=True).start()
     server.run()

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API (FastAPI), in front of the scheduler thread.
 
-    app = create_app(load_engine, ServerSettings(n_ctx=4096, n_slots=2))
+    app = create_app(load_engine, ServerSettings(n_ctx=8192, n_slots=2))
     uvicorn.run(app, host="127.0.0.1", port=8080)
 
 The app binds at once and loads the model in the background: /health answers 503 until the
@@ -36,17 +36,13 @@ MAX_BODY_BYTES = 8 << 20
 
 @dataclass(frozen=True)
 class ServerSettings:
-    n_ctx: int = 4096            # -c: KV tokens over all slots
+    n_ctx: Optional[int] = None  # -c: KV tokens over all slots (None: scheduler.slot_context)
     n_slots: int = 1             # -np
     model_name: str = "trimode"  # the id /v1/models reports
     api_key: Optional[str] = None
     reasoning: bool = False
     decode: DecodeParams = DecodeParams()  # the mode of requests that do not name one
     max_queue: int = 256         # requests waiting for a slot before new ones get a 503
-
-    @property
-    def slot_ctx(self) -> int:
-        return self.n_ctx // self.n_slots
 
 
 class ClientGone(Exception):
@@ -57,17 +53,12 @@ class Service:
     """The state the handlers share: the scheduler, metrics and prompt settings."""
 
     def __init__(self, load_engine: Callable[[], Engine], settings: ServerSettings):
-        if settings.n_slots < 1:
-            raise ModelError(f"-np must be at least 1, got {settings.n_slots}")
         problem = settings.decode.problem()
         if problem:
             raise ModelError(problem)
-        if settings.slot_ctx < 2:
-            raise ModelError(f"-c {settings.n_ctx} leaves {settings.slot_ctx} tokens per slot "
-                             f"for -np {settings.n_slots}; each slot needs at least 2")
         self.settings = settings
         self.metrics = ServerMetrics(settings.n_slots)
-        self.scheduler = Scheduler(load_engine, settings.n_slots, settings.slot_ctx,
+        self.scheduler = Scheduler(load_engine, settings.n_slots, settings.n_ctx,
                                    settings.max_queue, self.metrics)
         self._prompts: Optional[PromptSettings] = None
 
@@ -83,7 +74,7 @@ class Service:
     def prompt_settings(self) -> PromptSettings:
         if self._prompts is None:
             self._prompts = settings_from_metadata(self.engine().metadata, self.settings.reasoning,
-                                                   self.settings.slot_ctx, self.settings.decode)
+                                                   self.scheduler.slot_ctx, self.settings.decode)
         return self._prompts
 
     async def events(self, request: Request, gen: GenerationRequest) -> AsyncIterator[object]:
@@ -168,7 +159,8 @@ def create_app(load_engine: Callable[[], Engine], settings: ServerSettings) -> F
         return {"object": "list", "data": [{
             "id": settings.model_name, "object": "model", "created": int(time.time()),
             "owned_by": "trimode",
-            "meta": {"n_ctx": settings.n_ctx, "n_ctx_slot": settings.slot_ctx,
+            "meta": {"n_ctx": service.scheduler.slot_ctx * settings.n_slots,
+                     "n_ctx_slot": service.scheduler.slot_ctx,
                      "n_slots": settings.n_slots, "n_ctx_train": cfg.context_length,
                      "n_vocab": cfg.vocab, "n_layers": cfg.n_layers, "n_embd": cfg.hidden}}]}
 

@@ -42,6 +42,25 @@ class QueueFull(RuntimeError):
     pass
 
 
+DEFAULT_CTX = 4096
+
+
+def slot_context(n_ctx: Optional[int], n_slots: int, model_ctx: Optional[int]) -> int:
+    """KV tokens per slot: -c (default DEFAULT_CTX, or the model's context if shorter) split
+    evenly over -np slots; a ModelError when that cannot work."""
+    if n_slots < 1:
+        raise ModelError(f"-np must be at least 1, got {n_slots}")
+    total = n_ctx if n_ctx is not None else min(DEFAULT_CTX, model_ctx or DEFAULT_CTX)
+    per_slot = total // n_slots
+    if per_slot < 2:
+        raise ModelError(f"-c {total} leaves {per_slot} tokens per slot for -np {n_slots}; "
+                         "each slot needs at least 2")
+    if model_ctx is not None and per_slot > model_ctx:
+        raise ModelError(f"a slot of {per_slot} tokens is longer than the model's context "
+                         f"({model_ctx}); lower -c or raise -np")
+    return per_slot
+
+
 @dataclass(eq=False)
 class Job:
     request: GenerationRequest
@@ -70,11 +89,13 @@ class Slot:
 
 
 class Scheduler:
-    def __init__(self, load_engine: Callable[[], Engine], n_slots: int, slot_ctx: int,
+    def __init__(self, load_engine: Callable[[], Engine], n_slots: int, n_ctx: Optional[int],
                  max_queue: int, metrics: ServerMetrics):
+        """n_ctx: KV tokens over all slots (None: see slot_context)."""
         self._load_engine = load_engine
         self.n_slots = n_slots
-        self.slot_ctx = slot_ctx
+        self.n_ctx = n_ctx
+        self.slot_ctx = slot_context(n_ctx, n_slots, None)  # final once the model is loaded
         self.max_queue = max_queue
         self.metrics = metrics
         self.engine: Optional[Engine] = None
@@ -127,9 +148,8 @@ class Scheduler:
     def _main(self) -> None:
         try:
             engine = self._load_engine()
-            if self.slot_ctx > engine.config.context_length:
-                raise ModelError(f"a slot of {self.slot_ctx} tokens is longer than the model's "
-                                 f"context ({engine.config.context_length}); lower -c or raise -np")
+            self.slot_ctx = slot_context(self.n_ctx, self.n_slots, engine.config.context_length)
+            engine.tokenizer  # built here, once, rather than racing in the web threads
             self._slots = [Slot(engine.new_sequence(self.slot_ctx)) for _ in range(self.n_slots)]
             self.engine = engine
         except Exception as err:  # reported by /health and the CLI; the thread ends

@@ -1,0 +1,93 @@
+"""From API bodies to GenerationRequests: the chat template, think handling, the previous
+reply's repetition penalty, token limits and mode fields."""
+from __future__ import annotations
+
+import pytest
+
+from trimode.model.tokenizer import Tokenizer
+from trimode.runtime.decode import DecodeParams
+from trimode.runtime.server.errors import APIError
+from trimode.runtime.server.prompts import (PREVIOUS_REPLY_PENALTY, chat_request, completion_request,
+                                            settings_from_metadata)
+from trimode.runtime.server.schemas import ChatCompletionRequest, CompletionRequest
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return Tokenizer.from_metadata(tiny_model.metadata)
+
+
+def settings(model, reasoning=False, slot_ctx=100, decode=DecodeParams(mode="ar")):
+    return settings_from_metadata(model.metadata, reasoning, slot_ctx, decode)
+
+
+def chat(**fields):
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def test_reasoning_off_closes_the_think_block_and_suppresses_think_tokens(tiny_model, tokenizer):
+    req = chat_request(chat(), tokenizer, settings(tiny_model, reasoning=False))
+    ids = list(req.prompt_ids)
+    assert ids[0] == tokenizer.bos_id
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n<think>\n</think>\n")
+    assert tokenizer.think_open_id in ids and tokenizer.think_close_id in ids
+    assert set(req.suppress_ids) == {tokenizer.think_open_id, tokenizer.think_close_id}
+
+
+def test_reasoning_on_leaves_the_think_block_open(tiny_model, tokenizer):
+    req = chat_request(chat(), tokenizer, settings(tiny_model, reasoning=True))
+    assert tokenizer.decode(list(req.prompt_ids)).endswith("<|im_start|>assistant\n<think>\n")
+    assert req.suppress_ids == ()
+
+
+def test_previous_reply_tokens_are_penalized(tiny_model, tokenizer):
+    reply = "The sea is wide and deep."
+    body = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "sea?"}, {"role": "assistant", "content": "old answer"},
+        {"role": "user", "content": "more"}, {"role": "assistant", "content": reply},
+        {"role": "user", "content": "again"}]})
+    req = chat_request(body, tokenizer, settings(tiny_model))
+    assert req.sampling.repetition_penalty == PREVIOUS_REPLY_PENALTY == 1.3
+    assert set(req.sampling.penalty_ids) == set(tokenizer.encode(reply))
+    first_turn = chat_request(chat(), tokenizer, settings(tiny_model))
+    assert first_turn.sampling.repetition_penalty == 1.0 and first_turn.sampling.penalty_ids == ()
+
+
+def test_text_parts_are_joined(tiny_model, tokenizer):
+    parts = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]})
+    plain = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hello"}]})
+    s = settings(tiny_model)
+    assert chat_request(parts, tokenizer, s).prompt_ids == chat_request(plain, tokenizer, s).prompt_ids
+
+
+def test_token_limit_is_clamped_to_the_slot(tiny_model, tokenizer):
+    s = settings(tiny_model, slot_ctx=50)
+    body = CompletionRequest.model_validate({"prompt": [1, 2, 3]})
+    assert completion_request(body, tokenizer, s).max_tokens == 47
+    body = CompletionRequest.model_validate({"prompt": [1, 2, 3], "max_tokens": 1000})
+    assert completion_request(body, tokenizer, s).max_tokens == 47
+    body = CompletionRequest.model_validate({"prompt": [1, 2, 3], "max_tokens": 5})
+    assert completion_request(body, tokenizer, s).max_tokens == 5
+    with pytest.raises(APIError, match="50 per slot"):
+        completion_request(CompletionRequest.model_validate({"prompt": [1] * 50}), tokenizer, s)
+
+
+def test_mode_fields_and_defaults(tiny_model, tokenizer):
+    s = settings(tiny_model, decode=DecodeParams(mode="ar", draft_length=4))
+    default = completion_request(CompletionRequest.model_validate({"prompt": [1, 2]}), tokenizer, s)
+    assert default.decode == DecodeParams(mode="ar", draft_length=4)
+    chosen = completion_request(CompletionRequest.model_validate(
+        {"prompt": [1, 2], "mode": "diffusion", "block_length": 8, "threshold": 0.5}), tokenizer, s)
+    assert chosen.decode == DecodeParams(mode="diffusion", draft_length=4, block_length=8, threshold=0.5)
+
+
+def test_sampling_fields(tiny_model, tokenizer):
+    body = CompletionRequest.model_validate({"prompt": [1, 2], "temperature": 0.7, "top_k": 5,
+                                             "top_p": 0.9, "min_p": 0.1, "seed": 3, "stop": "x"})
+    req = completion_request(body, tokenizer, settings(tiny_model))
+    p = req.sampling
+    assert (p.temperature, p.top_k, p.top_p, p.min_p, p.seed) == (0.7, 5, 0.9, 0.1, 3)
+    assert req.stop == ("x",)
+    random_seed = CompletionRequest.model_validate({"prompt": [1, 2], "seed": -1})
+    assert completion_request(random_seed, tokenizer, settings(tiny_model)).sampling.seed is None
