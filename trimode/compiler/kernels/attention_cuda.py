@@ -51,12 +51,13 @@ def default_plan(n_heads: int, n_kv_heads: int, rows: str) -> AttentionPlan:
         return AttentionPlan(rows_per_cta=max(group, 4), keys_per_tile=64, threads=128,
                              target_ctas=132 * 4, max_splits=128, min_tiles_per_split=2,
                              vector=8)
+    # 64 rows x 32 keys keeps q, k, v and the score tile under 48 KB of static shared memory.
     if rows == "block":
-        return AttentionPlan(rows_per_cta=64, keys_per_tile=64, threads=128,
+        return AttentionPlan(rows_per_cta=64, keys_per_tile=32, threads=256,
                              target_ctas=132 * 2, max_splits=64, min_tiles_per_split=2,
                              vector=8)
     if rows == "many":
-        return AttentionPlan(rows_per_cta=64, keys_per_tile=64, threads=128,
+        return AttentionPlan(rows_per_cta=64, keys_per_tile=32, threads=256,
                              target_ctas=132 * 2, max_splits=16, min_tiles_per_split=4,
                              vector=8)
     raise ModelError(f"unknown row class {rows!r}: expected 'one', 'block' or 'many'")
@@ -90,8 +91,9 @@ def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
     score_scale = LOG2E / math.sqrt(head_dim)  # scores in base 2: exp2 is one instruction
     shared = "shared" if on_gpu else "global"
     local = "local" if on_gpu else "global"
-    static_t = isinstance(t, int)
-    static_ctx = isinstance(max_ctx, int)
+    # Static sizes are constants, dynamic ones variables bound by the buffers' shapes.
+    n_t = T.int64(t) if isinstance(t, int) else tirx.Var("n_t", "int64")
+    ctx = T.int64(max_ctx) if isinstance(max_ctx, int) else tirx.Var("ctx", "int64")
 
     def split_count(pos, n_t):
         # Enough splits of the keys to fill the GPU, none shorter than min_tiles_per_split.
@@ -113,23 +115,17 @@ def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
                            var_k: T.handle, var_v: T.handle, var_out: T.handle):
         T.func_attr({"tirx.noalias": True})
         n_layers = T.int64()
-        n_t = T.int64(t) if static_t else T.int64()
-        ctx = T.int64(max_ctx) if static_ctx else T.int64()
         q = T.match_buffer(var_q, (n_t, HQ, D), dtype)
         kv = T.match_buffer(var_kv, (n_layers, T.int64(2), HKV, ctx, D), dtype)
         k_new = T.match_buffer(var_k, (n_t, HKV, D), dtype)
         v_new = T.match_buffer(var_v, (n_t, HKV, D), dtype)
         out = T.match_buffer(var_out, (n_t, HQ, D), dtype)
 
-        n_keys: T.let[T.int64] = pos + n_t
-        row_tiles: T.let[T.int64] = T.ceildiv(n_t * G, TX)
-        n_splits: T.let[T.int64] = split_count(pos, n_t)
-        tiles_per_split: T.let[T.int64] = T.ceildiv(T.ceildiv(n_keys, TZ), n_splits)
-
+        # (No statements but blocks and loops at the root: the merge is scheduled with compute_at.)
         part_out = T.sblock_alloc_buffer((split_count(pos, n_t), n_t, HQ, D), "float32")
         part_lse = T.sblock_alloc_buffer((split_count(pos, n_t), n_t, HQ), "float32")
 
-        for split, head, row_tile in T.grid(n_splits, HKV, row_tiles):
+        for split, head, row_tile in T.grid(split_count(pos, n_t), HKV, T.ceildiv(n_t * G, TX)):
             with T.sblock("cta"):
                 s, h, rt = T.axis.remap("SSS", [split, head, row_tile])
                 T.reads(q[:, :, :], kv[layer, :, h, :, :], k_new[:, h, :], v_new[:, h, :])
@@ -141,13 +137,17 @@ def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
                 prob = T.sblock_alloc_buffer((TX, TZ), "float32", scope=shared)
                 row_max = T.sblock_alloc_buffer((TX,), "float32", scope=shared)
                 new_max = T.sblock_alloc_buffer((TX,), "float32", scope=shared)
+                next_max = T.sblock_alloc_buffer((TX,), "float32", scope=shared)
+                next_sum = T.sblock_alloc_buffer((TX,), "float32", scope=shared)
                 carry = T.sblock_alloc_buffer((TX,), "float32", scope=shared)
                 row_sum = T.sblock_alloc_buffer((TX,), "float32", scope=shared)
+                new_sum = T.sblock_alloc_buffer((TX,), "float32", scope=shared)
                 acc = T.sblock_alloc_buffer((TX, D), "float32", scope=local)
 
                 row0: T.let[T.int64] = rt * TX
-                key_begin: T.let[T.int64] = s * tiles_per_split * TZ
-                key_end: T.let[T.int64] = T.min(key_begin + tiles_per_split * TZ, n_keys)
+                split_keys: T.let[T.int64] = T.ceildiv(T.ceildiv(pos + n_t, TZ), split_count(pos, n_t)) * TZ
+                key_begin: T.let[T.int64] = s * split_keys
+                key_end: T.let[T.int64] = T.min(key_begin + split_keys, pos + n_t)
                 # Causal: no row of this tile sees past its last row's own key.
                 last_t: T.let[T.int64] = T.min(T.ceildiv(row0 + TX, G), n_t) - T.int64(1)
                 key_stop: T.let[T.int64] = causal_stop(key_end, pos + last_t + T.int64(1))
@@ -183,51 +183,61 @@ def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
                             else:
                                 k_tile[vj, vd] = k_new[T.min(key - pos, n_t - T.int64(1)), h, vd]
                                 v_tile[vj, vd] = v_new[T.min(key - pos, n_t - T.int64(1)), h, vd]
-                    for i, j, d in T.grid(TX, TZ, D):
-                        with T.sblock("score"):
-                            vi, vj, vd = T.axis.remap("SSR", [i, j, d])
-                            with T.init():
-                                score_acc[vi, vj] = T.float32(0)
-                            score_acc[vi, vj] = score_acc[vi, vj] + (
-                                T.Cast("float32", q_tile[vi, vd]) * T.Cast("float32", k_tile[vj, vd]))
+                    with T.sblock("score_scope"):  # its own scope: the schedule stages q/k slices in it
+                        for i, j, d in T.grid(TX, TZ, D):
+                            with T.sblock("score"):
+                                vi, vj, vd = T.axis.remap("SSR", [i, j, d])
+                                with T.init():
+                                    score_acc[vi, vj] = T.float32(0)
+                                score_acc[vi, vj] = score_acc[vi, vj] + (
+                                    T.Cast("float32", q_tile[vi, vd]) * T.Cast("float32", k_tile[vj, vd]))
                     for i, j in T.grid(TX, TZ):
                         with T.sblock("score_mask"):
                             vi, vj = T.axis.remap("SS", [i, j])
-                            key: T.let[T.int64] = tile0 + vj
-                            qt: T.let[T.int64] = (row0 + vi) // G
-                            visible: T.let[T.bool] = sees(key, key_stop, qt, n_t, pos)
                             prob[vi, vj] = T.if_then_else(
-                                visible, score_acc[vi, vj] * T.float32(score_scale), T.float32(NEG))
+                                sees(tile0 + vj, key_stop, (row0 + vi) // G, n_t, pos),
+                                score_acc[vi, vj] * T.float32(score_scale), T.float32(NEG))
                     for i, j in T.grid(TX, TZ):
                         with T.sblock("tile_max"):
                             vi, vj = T.axis.remap("SR", [i, j])
-                            with T.init():
-                                new_max[vi] = row_max[vi]
+                            with T.init():  # the max reducer's identity (cross-thread lowering needs it)
+                                new_max[vi] = T.min_value("float32")
                             new_max[vi] = T.max(new_max[vi], prob[vi, vj])
                     for i in T.serial(TX):
                         with T.sblock("rescale"):
                             vi = T.axis.remap("S", [i])
-                            carry[vi] = T.exp2(row_max[vi] - new_max[vi])
-                            row_max[vi] = new_max[vi]
+                            next_max[vi] = T.max(row_max[vi], new_max[vi])
+                            carry[vi] = T.exp2(row_max[vi] - T.max(row_max[vi], new_max[vi]))
                     for i, j in T.grid(TX, TZ):
                         with T.sblock("exp"):
                             vi, vj = T.axis.remap("SS", [i, j])
-                            # Masked scores hold NEG: give them weight 0 even if the whole row is.
-                            prob[vi, vj] = T.if_then_else(prob[vi, vj] > T.float32(NEG * 0.5),
-                                                          T.exp2(prob[vi, vj] - row_max[vi]),
-                                                          T.float32(0))
+                            # Masked keys weigh 0, also in a row that sees none of this tile.
+                            prob[vi, vj] = T.if_then_else(
+                                sees(tile0 + vj, key_stop, (row0 + vi) // G, n_t, pos),
+                                T.exp2(score_acc[vi, vj] * T.float32(score_scale) - next_max[vi]),
+                                T.float32(0))
                     for i, j in T.grid(TX, TZ):
                         with T.sblock("tile_sum"):
                             vi, vj = T.axis.remap("SR", [i, j])
                             with T.init():
-                                row_sum[vi] = row_sum[vi] * carry[vi]
-                            row_sum[vi] = row_sum[vi] + prob[vi, vj]
-                    for i, d, j in T.grid(TX, D, TZ):
-                        with T.sblock("pv"):
-                            vi, vd, vj = T.axis.remap("SSR", [i, d, j])
-                            with T.init():
-                                acc[vi, vd] = acc[vi, vd] * carry[vi]
-                            acc[vi, vd] = acc[vi, vd] + prob[vi, vj] * T.Cast("float32", v_tile[vj, vd])
+                                new_sum[vi] = T.float32(0)
+                            new_sum[vi] = new_sum[vi] + prob[vi, vj]
+                    for i in T.serial(TX):
+                        with T.sblock("sum_next"):
+                            vi = T.axis.remap("S", [i])
+                            next_sum[vi] = row_sum[vi] * carry[vi] + new_sum[vi]
+                    for i in T.serial(TX):
+                        with T.sblock("state_update"):
+                            vi = T.axis.remap("S", [i])
+                            row_sum[vi] = next_sum[vi]
+                            row_max[vi] = next_max[vi]
+                    with T.sblock("pv_scope"):  # its own scope: the only writer of acc in it
+                        for i, d, j in T.grid(TX, D, TZ):
+                            with T.sblock("pv"):
+                                vi, vd, vj = T.axis.remap("SSR", [i, d, j])
+                                with T.init():
+                                    acc[vi, vd] = acc[vi, vd] * carry[vi]
+                                acc[vi, vd] = acc[vi, vd] + prob[vi, vj] * T.Cast("float32", v_tile[vj, vd])
 
                 for i, d in T.grid(TX, D):
                     with T.sblock("part_store"):
@@ -248,32 +258,24 @@ def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
                                 row_sum[vi] > T.float32(0), row_max[vi] + T.log2(row_sum[vi]),
                                 T.float32(NEG))
 
-        lse_max = T.sblock_alloc_buffer((n_t, HQ), "float32")
-        weight_sum = T.sblock_alloc_buffer((n_t, HQ), "float32")
-        merged = T.sblock_alloc_buffer((n_t, HQ, D), "float32")
-        for i, hq, sp in T.grid(n_t, HQ, n_splits):
-            with T.sblock("merge_max"):
-                vi, vh, vs = T.axis.remap("SSR", [i, hq, sp])
-                with T.init():
-                    lse_max[vi, vh] = T.float32(NEG)
-                lse_max[vi, vh] = T.max(lse_max[vi, vh], part_lse[vs, vi, vh])
-        for i, hq, sp in T.grid(n_t, HQ, n_splits):
-            with T.sblock("merge_sum"):
-                vi, vh, vs = T.axis.remap("SSR", [i, hq, sp])
-                with T.init():
-                    weight_sum[vi, vh] = T.float32(0)
-                weight_sum[vi, vh] = weight_sum[vi, vh] + T.exp2(part_lse[vs, vi, vh] - lse_max[vi, vh])
-        for i, hq, d, sp in T.grid(n_t, HQ, D, n_splits):
-            with T.sblock("merge_out"):
-                vi, vh, vd, vs = T.axis.remap("SSSR", [i, hq, d, sp])
-                with T.init():
-                    merged[vi, vh, vd] = T.float32(0)
-                merged[vi, vh, vd] = merged[vi, vh, vd] + part_out[vs, vi, vh, vd] * T.exp2(
-                    part_lse[vs, vi, vh] - lse_max[vi, vh])
         for i, hq, d in T.grid(n_t, HQ, D):
-            with T.sblock("out_store"):
+            with T.sblock("merge"):
                 vi, vh, vd = T.axis.remap("SSS", [i, hq, d])
-                out[vi, vh, vd] = T.Cast(dtype, merged[vi, vh, vd] / weight_sum[vi, vh])
+                T.reads(part_lse[:, vi, vh], part_out[:, vi, vh, vd])
+                T.writes(out[vi, vh, vd])
+                # Merge the splits by LSE: weights exp2(lse_s - max lse), normalised.
+                top = T.sblock_alloc_buffer((1,), "float32", scope=local)
+                total = T.sblock_alloc_buffer((1,), "float32", scope=local)
+                merged = T.sblock_alloc_buffer((1,), "float32", scope=local)
+                top[0] = T.float32(NEG)
+                for sp in T.serial(split_count(pos, n_t)):
+                    top[0] = T.max(top[0], part_lse[sp, vi, vh])
+                total[0] = T.float32(0)
+                merged[0] = T.float32(0)
+                for sp in T.serial(split_count(pos, n_t)):
+                    total[0] = total[0] + T.exp2(part_lse[sp, vi, vh] - top[0])
+                    merged[0] = merged[0] + T.exp2(part_lse[sp, vi, vh] - top[0]) * part_out[sp, vi, vh, vd]
+                out[vi, vh, vd] = T.Cast(dtype, merged[0] / total[0])
 
     return split_kv_attention
 
@@ -285,3 +287,133 @@ def attention_cuda_unscheduled(n_heads: int, n_kv_heads: int, head_dim: int, cau
     plan = plan or default_plan(n_heads, n_kv_heads, _rows_class(t))
     return _attention_tir(n_heads, n_kv_heads, head_dim, causal, dtype, t, max_ctx, plan,
                           on_gpu=False)
+
+
+def attention_cuda(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, dtype: str,
+                   t, max_ctx="symbolic", plan: AttentionPlan | None = None):
+    """The attention PrimFunc for CUDA, thread-bound.
+
+    Buffers (same order as attention.attention_cpu): q [T, Hq, D], kv [L, 2, Hkv, C, D],
+    layer int64, pos int64, k_new / v_new [T, Hkv, D], out [T, Hq, D]. `t` is an int (static
+    T) or "dynamic"; `max_ctx` an int or "symbolic" (C). The plan defaults by T: 1 -> decode,
+    static T <= 64 -> block, otherwise prefill; pass default_plan(..., "block") for a verify or
+    draft entry whose T is dynamic.
+    """
+    plan = plan or default_plan(n_heads, n_kv_heads, _rows_class(t))
+    func = _attention_tir(n_heads, n_kv_heads, head_dim, causal, dtype, t, max_ctx, plan,
+                          on_gpu=True)
+    sch = s_tir.Schedule(func)
+    _schedule_cta(sch, plan, head_dim)
+    _schedule_merge(sch, head_dim)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _thread_tile(rows: int, cols: int, threads: int) -> tuple[int, int]:
+    """Per-thread tile (rows, cols) of a rows x cols grid shared by `threads` threads: as
+    square as divisibility allows, the column side (the contiguous one) taken first."""
+    if (rows * cols) % threads:
+        raise ModelError(f"a {rows}x{cols} tile does not divide over {threads} threads.")
+    each = rows * cols // threads
+    best = None
+    for tc in range(1, each + 1):
+        tr = each // tc
+        if each % tc or cols % tc or rows % tr:
+            continue
+        if best is None or abs(tc - tr) < abs(best[1] - best[0]) or (
+                abs(tc - tr) == abs(best[1] - best[0]) and tc > best[1]):
+            best = (tr, tc)
+    if best is None:
+        raise ModelError(f"no per-thread tile splits {rows}x{cols} over {threads} threads.")
+    return best
+
+
+def _schedule_cta(sch: s_tir.Schedule, plan: AttentionPlan, head_dim: int):
+    warps = plan.threads // 32
+    rows, keys = plan.rows_per_cta, plan.keys_per_tile
+
+    split, head, row_tile = sch.get_loops("cta")
+    sch.bind(row_tile, "blockIdx.x")
+    sch.bind(head, "blockIdx.y")
+    sch.bind(split, "blockIdx.z")
+
+    def bind_threads(loop):
+        ty, tx = sch.split(loop, [warps, 32])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+
+    def copy(block):
+        # 16-byte vector loads, consecutive threads on consecutive vectors (coalesced).
+        fused = sch.fuse(*sch.get_loops(block)[-2:])
+        outer, thread, vec = sch.split(fused, [None, plan.threads, plan.vector])
+        bind_threads(thread)
+        sch.vectorize(vec)
+
+    def rows_only(block):
+        loop = sch.get_loops(block)[-1]
+        _, thread = sch.split(loop, [None, plan.threads])
+        bind_threads(thread)
+
+    def tiled(block, n_rows, n_cols, reduce=False):
+        # Each thread owns a fixed (tr x tc) piece of a grid kept in registers; every block
+        # touching that grid uses this same mapping, so the grid never leaves the thread.
+        tr, tc = _thread_tile(n_rows, n_cols, plan.threads)
+        loops = sch.get_loops(block)
+        i, j = loops[-3:-1] if reduce else loops[-2:]
+        io, ii = sch.split(i, [None, tr])
+        jo, jj = sch.split(j, [None, tc])
+        sch.reorder(io, jo, ii, jj)
+        bind_threads(sch.fuse(io, jo))
+        # Register arrays need compile-time indices: unrolled, or they spill to local memory.
+        sch.unroll(ii)
+        sch.unroll(jj)
+        return ii, jj
+
+    def row_reduce(block):
+        # One warp per row, the row's keys over its 32 lanes: shuffles, not a serial walk.
+        i, j = sch.get_loops(block)[-2:]
+        _, ty = sch.split(i, [None, warps])
+        _, tx = sch.split(j, [None, 32])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+
+    # Pad K and V rows by one vector: 8 rows read at the same column hit 8 distinct banks.
+    sch.storage_align("kv_load", 0, 0, head_dim, plan.vector)
+    sch.storage_align("kv_load", 1, 0, head_dim, plan.vector)
+    sch.storage_align("q_load", 0, 0, head_dim, plan.vector)
+    copy("q_load")
+    copy("kv_load")
+    rows_only("state_init")
+    tiled("acc_init", rows, head_dim)
+
+    score = sch.get_sblock("score")
+    ii, jj = tiled(score, rows, keys, reduce=True)
+    red = sch.get_loops(score)[-1]
+    ro, rv = sch.split(red, [None, plan.vector])
+    sch.reorder(ro, ii, jj, rv)
+    for buffer_index in (0, 1):  # q and k slices: one 16-byte shared load each
+        cached = sch.cache_read(score, buffer_index, "local")
+        sch.compute_at(cached, ro)
+        sch.vectorize(sch.get_loops(cached)[-1])
+    sch.unroll(rv)
+    sch.decompose_reduction(score, ro)
+    tiled("score_mask", rows, keys)
+    row_reduce("tile_max")
+    rows_only("rescale")
+    tiled("exp", rows, keys)
+    row_reduce("tile_sum")
+    rows_only("sum_next")
+    rows_only("state_update")
+
+    pv = sch.get_sblock("pv")
+    tiled(pv, rows, head_dim, reduce=True)
+    sch.decompose_reduction(pv, sch.get_loops(pv)[-3])
+    tiled("part_store", rows, head_dim)
+    rows_only("lse_store")
+
+
+def _schedule_merge(sch: s_tir.Schedule, head_dim: int):
+    # One block per (t, q head), one thread per output element; each thread redoes the
+    # row's LSE statistics (a few dozen splits) instead of a shared-memory round.
+    i, h, d = sch.get_loops("merge")
+    sch.bind(sch.fuse(i, h), "blockIdx.x")
+    sch.bind(d, "threadIdx.x")
