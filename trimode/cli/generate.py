@@ -46,10 +46,11 @@ def build_prompt(tokenizer, metadata: dict, text: str | None, ids: str | None, c
 
 
 def stats_line(stats: dict, finish: str) -> str:
+    accepted = (f"{stats['accepted_per_cycle']:.2f} drafts accepted/cycle, "
+                if stats["drafted_tokens"] else "")
     return (f"{stats['prompt_tokens']} prompt tokens ({stats['cached_tokens']} cached), "
             f"{stats['generated_tokens']} generated ({finish}); {stats['forwards']} forwards, "
-            f"{stats['tokens_per_forward']:.2f} tokens/forward, "
-            f"{stats['accepted_per_cycle']:.2f} accepted/cycle; "
+            f"{stats['tokens_per_forward']:.2f} tokens/forward; {accepted}"
             f"prefill {stats['prefill_tok_s']:.1f} tok/s, decode {stats['decode_tok_s']:.1f} tok/s, "
             f"first token {stats['ttft_s'] * 1000:.0f} ms")
 
