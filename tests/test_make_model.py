@@ -124,3 +124,10 @@ def test_info_on_a_bad_file_is_one_error_line(tmp_path, monkeypatch, capsys):
     assert done.value.code == 1
     err = capsys.readouterr().err
     assert err == f"error: {path}: truncated: it has 6 bytes, its contents need at least 8\n"
+
+
+def test_make_model_into_a_missing_folder_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(cli, ["make-model", str(tmp_path / "absent" / "m.gguf")])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: cannot write " + str(tmp_path / "absent" / "m.gguf") \
+        + ": No such file or directory"

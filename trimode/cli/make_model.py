@@ -20,8 +20,12 @@ def make_model(geometry: str, seed: int, out: str):
 
     started = time.monotonic()
     progress = _Progress(overwrite=sys.stderr.isatty())
-    config = write(out, geometry, seed=seed, progress=progress)
-    progress.finish()
+    try:
+        config = write(out, geometry, seed=seed, progress=progress)
+    except OSError as err:
+        raise click.ClickException(f"cannot write {out}: {err.strerror}") from None
+    finally:
+        progress.finish()
     click.echo(f"wrote {out}: {geometry} geometry ({config.geometry_key()}), seed {seed}, "
                f"{time.monotonic() - started:.1f} s", err=True)
 
