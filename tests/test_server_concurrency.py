@@ -18,7 +18,8 @@ from trimode.runtime.decode import DecodeParams
 from trimode.runtime.generation import DoneEvent, GenerationRequest, SamplingParams, TokenEvent
 from trimode.runtime.server.app import ServerSettings
 from trimode.runtime.server.metrics import ServerMetrics
-from trimode.runtime.server.scheduler import Job, QueueFull, Scheduler
+from trimode.model.config import ModelError
+from trimode.runtime.server.scheduler import Job, QueueFull, Scheduler, slot_context
 
 AR = DecodeParams(mode="ar")
 # Sampled, so the long request does not fall into a repetition loop and stop early.
@@ -153,3 +154,13 @@ def test_a_full_queue_refuses_more(engine):
     scheduler.submit(Job(request, lambda e: None))
     with pytest.raises(QueueFull):
         scheduler.submit(Job(request, lambda e: None))
+
+
+def test_slot_budget():
+    assert slot_context(None, 1, 262144) == 4096  # llama-server's default -c
+    assert slot_context(None, 2, 2048) == 1024    # ... or the model's context if shorter
+    assert slot_context(1000, 3, 2048) == 333
+    with pytest.raises(ModelError, match="longer than the model's context"):
+        slot_context(100000, 1, 2048)
+    with pytest.raises(ModelError, match="at least 2"):
+        slot_context(3, 2, None)
