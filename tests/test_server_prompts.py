@@ -40,6 +40,15 @@ def test_reasoning_on_leaves_the_think_block_open(tiny_model, tokenizer):
     assert req.suppress_ids == ()
 
 
+def test_a_request_can_switch_thinking(tiny_model, tokenizer):
+    on = chat_request(chat(chat_template_kwargs={"enable_thinking": True}), tokenizer,
+                      settings(tiny_model, reasoning=False))
+    assert tokenizer.decode(list(on.prompt_ids)).endswith("<think>\n") and on.suppress_ids == ()
+    off = chat_request(chat(chat_template_kwargs={"enable_thinking": False}), tokenizer,
+                       settings(tiny_model, reasoning=True))
+    assert tokenizer.decode(list(off.prompt_ids)).endswith("</think>\n") and off.suppress_ids
+
+
 def test_previous_reply_tokens_are_penalized(tiny_model, tokenizer):
     reply = "The sea is wide and deep."
     body = ChatCompletionRequest.model_validate({"messages": [

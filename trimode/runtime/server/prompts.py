@@ -38,9 +38,10 @@ def settings_from_metadata(metadata: dict, reasoning: bool, slot_ctx: int,
 def chat_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
                  settings: PromptSettings) -> GenerationRequest:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    reasoning = body.reasoning(settings.reasoning)
     try:
         text = render_chat(settings.template, messages, add_generation_prompt=True,
-                           reasoning=settings.reasoning, template_vars={"bos_token": _bos(tokenizer)})
+                           reasoning=reasoning, template_vars={"bos_token": _bos(tokenizer)})
     except ModelError as err:
         raise APIError(400, str(err), "messages") from None
     ids = tokenizer.encode_template(text)
@@ -48,7 +49,7 @@ def chat_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
         ids = [tokenizer.bos_id, *ids]
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     penalized = tuple(sorted(set(tokenizer.encode(replies[-1])))) if replies else ()
-    suppress = () if settings.reasoning else tuple(
+    suppress = () if reasoning else tuple(
         i for i in (tokenizer.think_open_id, tokenizer.think_close_id) if i is not None)
     return _generation_request(body, ids, body.token_limit(), settings, penalized, suppress)
 

@@ -123,8 +123,15 @@ class ChatMessage(_Body):
         return "".join(part.text for part in self.content)
 
 
+class TemplateArgs(_Body):
+    # llama-server's per-request switch for the think block; other template variables are
+    # not passed to the template.
+    enable_thinking: Optional[StrictBool] = None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    chat_template_kwargs: Optional[TemplateArgs] = None
     # Accepted for OpenAI clients; tools are refused rather than silently ignored.
     max_completion_tokens: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
     tools: Optional[list[dict]] = None
@@ -138,6 +145,10 @@ class ChatCompletionRequest(SamplingFields):
 
     def token_limit(self) -> Optional[int]:
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    def reasoning(self, default: bool) -> bool:
+        asked = self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
+        return default if asked is None else asked
 
 
 class CompletionRequest(SamplingFields):
