@@ -2,6 +2,8 @@
 and the server keeps serving afterwards."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -127,3 +129,35 @@ def test_openai_client_sees_bad_requests_and_server_survives(server):
         client.completions.create(model="m", prompt="x", max_tokens=-4)
     reply = client.chat.completions.create(model="m", messages=USER, max_tokens=2)
     assert reply.usage.completion_tokens <= 2
+
+
+class PoisonedEngine(ReferenceEngine):
+    """The reference, except that any forward over token POISON raises, as a broken kernel would."""
+    POISON = 1999
+
+    def new_sequence(self, n_ctx):
+        forward = super().new_sequence(n_ctx)
+        causal = forward.causal
+
+        def poisoned(tokens, last_only=False):
+            if self.POISON in tokens:
+                raise RuntimeError("kernel exploded")
+            return causal(tokens, last_only)
+
+        forward.causal = poisoned
+        return forward
+
+
+def test_an_engine_failure_is_a_500_and_the_server_carries_on(tiny_gguf):
+    engine = PoisonedEngine(tiny_gguf)
+    with serve(lambda: engine, ServerSettings(n_ctx=64, decode=DecodeParams(mode="ar"))) as server:
+        url = server.base_url + "/v1/completions"
+        r = httpx.post(url, json={"prompt": [1, PoisonedEngine.POISON], "max_tokens": 3})
+        assert r.status_code == 500 and "Traceback" not in r.text
+        assert r.json()["error"]["message"] == "generation failed: RuntimeError: kernel exploded"
+        with httpx.stream("POST", url, json={"prompt": [1, PoisonedEngine.POISON], "stream": True}) as s:
+            lines = [line for line in s.iter_lines() if line]
+        assert json.loads(lines[0].removeprefix("data: "))["error"]["code"] == 500
+        assert lines[-1] == "data: [DONE]"
+        fine = httpx.post(url, json={"prompt": [1, 2, 3], "max_tokens": 2})
+        assert fine.status_code == 200 and fine.json()["usage"]["completion_tokens"] >= 1
