@@ -38,6 +38,9 @@ def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, rea
           mode, draft_length, max_queue):
     """Serve MODEL over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics, /tokenize, /detokenize."""
+    # --reasoning-format is accepted so llama-server command lines work; 'none' (thinking
+    # text left in the content) is the only format, so there is nothing to pass on.
+    del reasoning_format
     import uvicorn
 
     from trimode.model.config import ModelError
