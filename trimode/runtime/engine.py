@@ -90,14 +90,19 @@ def _stderr(msg: str) -> None:
 
 class Engine:
     def __init__(self, config: ModelConfig, weights: ModelWeights, target: str | None = None,
-                 metadata: dict | None = None, log=_stderr):
+                 metadata: dict | None = None, log=_stderr, artifact: Path | None = None):
+        """`artifact` names a compiled folder to use as it is (a GPU box that holds only the
+        runtime libraries and artifacts built elsewhere); by default the cache is searched and
+        a miss compiled."""
         self.config = config
         self.metadata = metadata or {}
         self.target = target or default_target()
         self.device = Device(self.target)
         quantized = quantized_parts(weights)
-        arch = cuda_arch() if self.target == "cuda" else None
-        self.artifact = find_or_compile(config, quantized, self.target, arch, log)
+        if artifact is None:
+            arch = cuda_arch() if self.target == "cuda" else None
+            artifact = find_or_compile(config, quantized, self.target, arch, log)
+        self.artifact = Path(artifact)
         self.manifest = json.loads((self.artifact / MANIFEST).read_text())
         self.dtype = self.manifest["dtype"]
         started = time.time()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (issue 7). Built here, run on the GPU box in a single call:
+#   here:  bash bench/prepare_gpu_check.sh            (builds .carry/ and .whl/)
+#   there: bash bench/gpu_check.sh                    (device tool, carry [".carry", ".whl"])
+# It checks the CUDA build against the float64 reference on a tiny model (fp16 tolerance
+# 1e-2) and times every entry at the 14B geometry with random Q8_0 weights, printing a
+# short table last. Only the TVM runtime libraries travel: no compiler on the GPU box.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/apache_tvm_ffi-*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export TRIMODE_TVM_LIB_DIR=$PWD/.carry/tvmlib
+cudart=$(find /usr/local /opt /usr/lib -name 'libcudart.so.13*' 2>/dev/null | head -1)
+[ -n "$cudart" ] && export LD_LIBRARY_PATH=$(dirname "$cudart"):${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+
+if [ -f bench/gpu_kernels.py ] && [ -d .carry/kernels ]; then
+  timeout 150 python3 bench/gpu_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -30
+fi
+if [ -f bench/gpu_attention.py ] && [ -d .carry/attention ]; then
+  timeout 100 python3 bench/gpu_attention.py 2>&1 | tee "$OUT/attention.log" | tail -20
+fi
+timeout 330 python3 bench/gpu_check.py --tiny-artifact .carry/artifacts/tiny \
+  --bench-artifact .carry/artifacts/14b --geometry 14b --json-out "$OUT/gpu_check.json" "$@" \
+  2>&1 | tee "$OUT/gpu_check.log" | grep -v "^  ok"

@@ -1,0 +1,4 @@
+"""python -m trimode.cli"""
+from trimode.cli import main
+
+main()
