@@ -54,7 +54,9 @@ def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, rea
                               api_key=api_key, reasoning=reasoning == "on", max_queue=max_queue,
                               decode=DecodeParams(mode=mode, draft_length=draft_length))
     app = create_app(load_engine, settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    # Streams still open at Ctrl-C get a few seconds to finish, not their whole max_tokens.
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                           timeout_graceful_shutdown=5))
     scheduler = app.state.service.scheduler
 
     def report_load():
