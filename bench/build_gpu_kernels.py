@@ -1,7 +1,7 @@
 """Build, here, everything bench/gpu_kernels.py needs on a GPU box that has no TVM compiler.
 
 Writes (all ignored by git, carried by name to the GPU box):
-  .carry/q8/        kernels.so (sm_90a fatbin embedded) + manifest.json: every Q8_0 matmul
+  .carry/q8/        kernels<i>.so (sm_90a fatbin embedded) + manifest.json: every Q8_0 matmul
                     candidate schedule for the 14B shapes at m = 1, 16, 32, 64 and prefill
                     (512 rows), plus the tiny geometry's shapes, plus dlight baselines
   .carry/tvm_lib/   libtvm_runtime.so, libtvm_runtime_cuda.so from this venv's apache-tvm
@@ -11,6 +11,7 @@ Usage: python bench/build_gpu_kernels.py [--candidates all|default] [--geometry 
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -46,9 +47,10 @@ def copy_runtime_libs(dest: Path) -> None:
 @click.option("--geometry", default="14b", show_default=True, help="geometry whose shapes to build")
 @click.option("--candidates", type=click.Choice(["all", "default"]), default="all", show_default=True)
 @click.option("--arch", default="sm_90a", show_default=True)
+@click.option("--jobs", default=os.cpu_count() or 1, show_default=True, help="libraries built in parallel")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=ROOT / ".carry" / "q8",
               show_default=True)
-def main(geometry, candidates, arch, out_dir):
+def main(geometry, candidates, arch, jobs, out_dir):
     from trimode.model.config import GEOMETRIES
     from trimode.schedules.bundle import build_bundle, q8_specs
 
@@ -61,7 +63,7 @@ def main(geometry, candidates, arch, out_dir):
     specs += q8_specs(tiny, [1, 5, 32, "dynamic"], "default")
     specs += q8_specs({"tiny_odd": (100, 160)}, [1, 5, 64], candidates)
     started = time.time()
-    manifest = build_bundle(specs, out_dir, arch)
+    manifest = build_bundle(specs, out_dir, arch, jobs)
     click.echo(f"built {len(specs)} kernels into {manifest.parent} in {time.time() - started:.0f} s")
     copy_runtime_libs(ROOT / ".carry" / "tvm_lib")
     fetch_tvm_ffi_wheel(ROOT / ".whl")

@@ -62,9 +62,11 @@ def test_default_schedules_build_to_gpu_binary(tmp_path):
     assert library_has_gpu_binary(_build_matmuls(tmp_path, specs, "defaults"))
 
 
-def test_every_tuning_candidate_builds(tmp_path):
-    # tune measures these on the GPU box: each must compile for every class of m
-    specs = [(100, 160, 5, schedule) for schedule in q8_matmul_cuda.schedule_candidates(100, 160, 5)]
+def test_tuning_candidates_build(tmp_path):
+    # tune measures these on the GPU box
+    # every gemv row count and mma n-tile count, at the most warps (most shared memory)
+    specs = [(100, 160, 5, schedule) for schedule in q8_matmul_cuda.schedule_candidates(100, 160, 5)
+             if schedule["k_warps"] == 8]
     specs.append((100, 160, 64, {"kind": "mma", "n_tiles": 4, "k_warps": 2}))  # most registers
     assert library_has_gpu_binary(_build_matmuls(tmp_path, specs, "candidates"))
 
@@ -86,3 +88,48 @@ def test_default_schedule_reads_with_cuda_cores_for_decode_and_tensor_cores_for_
 def test_bad_requests_raise_one_sentence(n, k, m, dtype, schedule, message):
     with pytest.raises(ModelError, match=message):
         q8_matmul_cuda.q8_matmul(n, k, m, dtype, H100, schedule)
+
+
+RUNTIME_ONLY_LOAD = """
+import ctypes, json, sys
+from pathlib import Path
+from trimode.compiler.cuda_env import cache_dir
+from trimode.schedules.measure import default_lib_dir
+real = True
+try:
+    ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
+except OSError:
+    ctypes.CDLL(str(cache_dir() / "cuda-driver-stub" / "libcuda.so.1"), mode=ctypes.RTLD_GLOBAL)
+import tvm_ffi
+for name in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
+    ctypes.CDLL(str(default_lib_dir() / name), mode=ctypes.RTLD_GLOBAL)
+bundle = Path(sys.argv[1])
+for entry in json.loads((bundle / "manifest.json").read_text())["kernels"]:
+    module = tvm_ffi.load_module(str(bundle / entry["library"]))
+    assert module.get_function(entry["symbol"]) is not None, entry["symbol"]
+assert "tvm" not in sys.modules  # the compiler package was never needed
+print("loaded")
+"""
+
+
+def test_bundle_loads_with_the_runtime_libraries_alone(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from trimode.schedules.bundle import build_bundle, q8_specs
+
+    specs = q8_specs({"odd": (100, 160)}, [1, 5, "dynamic"], "default")
+    names = {(spec["m"], spec["name"]) for spec in specs}
+    assert names == {(1, "gemv_r2_kw4"), (5, "mma_nt2_kw4"), ("dynamic", "mma_nt2_kw4"),
+                     (1, "dlight"), (5, "dlight")}
+    specs = [spec for spec in specs if spec["name"] != "dlight"]  # keep the test quick
+    manifest = build_bundle(specs, tmp_path, "sm_90a", jobs=2)
+    entries = json.loads(manifest.read_text())["kernels"]
+    assert len(entries) == len(specs)
+    assert {entry["library"] for entry in entries} == {"kernels0.so", "kernels1.so"}
+    assert all(library_has_gpu_binary(tmp_path / name) for name in ("kernels0.so", "kernels1.so"))
+    assert [e["rows"] for e in entries if e["m"] == "dynamic"] == [512]
+    out = subprocess.run([sys.executable, "-c", RUNTIME_ONLY_LOAD, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]

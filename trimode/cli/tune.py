@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from pathlib import Path
 
 import click
@@ -25,9 +26,11 @@ ROW_CLASSES = [1, 16, 32, 64, "dynamic"]
               default=Path("artifacts/tune"), show_default=True, help="where candidates are built")
 @click.option("--results", "results_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="file measurements made on a GPU box (skips building)")
+@click.option("--jobs", default=os.cpu_count() or 1, show_default=True,
+              help="candidate libraries compiled in parallel")
 @click.option("--database-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where <gpu>.json goes [default: the trimode.schedules package]")
-def tune(target, geometry, arch, bundle_dir, results_file, database_dir):
+def tune(target, geometry, arch, bundle_dir, results_file, jobs, database_dir):
     """Tune the Q8_0 matmul schedules for every shape of a geometry on this GPU."""
     from trimode.schedules import write_database
 
@@ -47,7 +50,7 @@ def tune(target, geometry, arch, bundle_dir, results_file, database_dir):
     arch = arch or (cuda_arch() if has_gpu else "sm_90a")
     specs = q8_specs(GEOMETRIES[geometry].matmul_shapes(), ROW_CLASSES, "all")
     click.echo(f"building {len(specs)} candidates for {arch} into {bundle_dir} ...")
-    manifest = build_bundle(specs, bundle_dir, arch)
+    manifest = build_bundle(specs, bundle_dir, arch, jobs)
     if not has_gpu:
         click.echo(f"no GPU here: measure {manifest.parent} on a GPU box with\n"
                    f"  python3 bench/gpu_kernels.py --bundle {manifest.parent} --out DIR\n"

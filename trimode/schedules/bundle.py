@@ -1,15 +1,14 @@
 """Candidate bundles: schedules built here, measured on a GPU box that has only the TVM runtime.
 
-A bundle is a folder with one exported library (`kernels.so`, GPU machine code embedded) and
-`manifest.json` naming each function in it: its kernel, shape, m, schedule and how many rows
-to run it with. `trimode.schedules.measure` reads the bundle; building needs the TVM compiler.
+A bundle is a folder of exported libraries (`kernels<i>.so`, GPU machine code embedded) and
+`manifest.json` naming each function: its library, kernel, shape, m, schedule and how many
+rows to run it with. `trimode.schedules.measure` reads the bundle; building needs the TVM compiler.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-LIBRARY = "kernels.so"
 MANIFEST = "manifest.json"
 # Rows a "dynamic" (prefill) kernel is measured with.
 PREFILL_ROWS = 512
@@ -89,32 +88,51 @@ def _dequant_matmul_blocks(n, k, m):
     return q8_matmul
 
 
-def build_bundle(specs: list[dict], out_dir: Path, arch: str = "sm_90a") -> Path:
-    """Compile every spec into one library under `out_dir`; returns the manifest's path."""
+def build_bundle(specs: list[dict], out_dir: Path, arch: str = "sm_90a", jobs: int = 1) -> Path:
+    """Compile every spec into `jobs` libraries under `out_dir` (built in parallel: nvcc
+    compiles one library's kernels on one core); returns the manifest's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("kernels*.so"):
+        stale.unlink()
+    numbered = [{**spec, "symbol": f"k{index}"} for index, spec in enumerate(specs)]
+    jobs = max(1, min(jobs, len(numbered)))
+    groups = [(numbered[i::jobs], out_dir / f"kernels{i}.so", arch) for i in range(jobs)]
+    if jobs == 1:
+        built = [_build_library(*groups[0])]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            built = list(pool.map(_build_library, *zip(*groups)))
+    entries = sorted((entry for group in built for entry in group), key=lambda e: int(e["symbol"][1:]))
+    manifest = {"arch": arch, "kernels": entries}
+    manifest_path = out_dir / MANIFEST
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest_path
+
+
+def _build_library(specs: list[dict], library_path: Path, arch: str) -> list[dict]:
     import tvm
 
     from trimode.compiler.cuda_env import cuda_build_context, library_has_gpu_binary
 
-    target = tvm.target.Target({"kind": "cuda", "arch": arch})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # the static limit: kernels here use no dynamic shared memory
+    target = tvm.target.Target({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
+                                "max_threads_per_block": 1024, "thread_warp_size": 32})
     funcs, entries = {}, []
-    for index, spec in enumerate(specs):
-        symbol = f"k{index}"
+    for spec in specs:
         try:
-            funcs[symbol] = _primfunc(spec, target).with_attr("global_symbol", symbol)
+            funcs[spec["symbol"]] = _primfunc(spec, target).with_attr("global_symbol", spec["symbol"])
         except Exception as err:  # a baseline rule that does not apply must not stop the rest
             print(f"skipped {spec['shape_name']} m={spec['m']} {spec['name']}: {err}".splitlines()[0])
             continue
         rows = PREFILL_ROWS if spec["m"] == "dynamic" else spec["m"]
-        entries.append({**spec, "symbol": symbol, "rows": rows})
+        entries.append({**spec, "rows": rows, "library": library_path.name})
     with cuda_build_context(target):
         library = tvm.compile(tvm.IRModule(funcs), target=target)
-    library_path = out_dir / LIBRARY
     library.export_library(str(library_path))
     if not library_has_gpu_binary(library_path):
         raise RuntimeError(f"{library_path} carries CUDA source, not machine code")
-    manifest = {"arch": arch, "library": LIBRARY, "kernels": entries}
-    manifest_path = out_dir / MANIFEST
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest_path
+    return entries

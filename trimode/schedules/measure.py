@@ -157,7 +157,8 @@ def measure_bundle(bundle_dir: Path, lib_dir: Path | None = None, seed: int = 0,
     gpu = runtime.cuda.device_name()
     copy_gbps = runtime.copy_bandwidth_gbps()
     log(f"GPU {gpu}; device copy {copy_gbps:.0f} GB/s (read + write)")
-    module = runtime.ffi.load_module(str((bundle_dir / manifest["library"]).resolve()))
+    modules = {name: runtime.ffi.load_module(str((bundle_dir / name).resolve()))
+               for name in sorted({entry["library"] for entry in manifest["kernels"]})}
     head_start = (runtime.cuda.malloc(COPY_HEAD_START_BYTES), runtime.cuda.malloc(COPY_HEAD_START_BYTES))
     start, stop = runtime.cuda.event(), runtime.cuda.event()
     rng = np.random.default_rng(seed)
@@ -170,7 +171,7 @@ def measure_bundle(bundle_dir: Path, lib_dir: Path | None = None, seed: int = 0,
             data.clear()  # one shape's weights on the device at a time
             data[(n, k)] = _ShapeData(runtime, rng, n, k)
         weights = data[(n, k)]
-        func = module[entry["symbol"]]
+        func = modules[entry["library"]][entry["symbol"]]
         result = {key: entry[key] for key in ("kernel", "shape_name", "shape", "m", "schedule", "name", "default")}
         result["rows"] = rows
         try:

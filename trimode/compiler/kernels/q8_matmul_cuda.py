@@ -69,9 +69,11 @@ def schedule_candidates(n: int, k: int, m) -> list[dict]:
         for rows in (1, 2, 4):
             for k_warps in (2, 4, 8):
                 candidates.append({"kind": "gemv", "rows_per_warp": rows, "k_warps": k_warps})
-    for n_tiles in (1, 2, 4):
+    m_tiles = _m_tiles(m)
+    # 8 n-tiles halve the x re-reads per weight byte but need 64 more registers: m <= 32 only
+    for n_tiles in (1, 2, 4) if m_tiles > 2 else (1, 2, 4, 8):
         for k_warps in (2, 4, 8):
-            if _mma_shared_bytes(_m_tiles(m), n_tiles, k_warps) <= STATIC_SHARED_BYTES:
+            if _mma_shared_bytes(m_tiles, n_tiles, k_warps) <= STATIC_SHARED_BYTES:
                 candidates.append({"kind": "mma", "n_tiles": n_tiles, "k_warps": k_warps})
     return candidates
 
