@@ -133,3 +133,22 @@ def test_bundle_loads_with_the_runtime_libraries_alone(tmp_path):
     out = subprocess.run([sys.executable, "-c", RUNTIME_ONLY_LOAD, str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]
+
+
+def test_tune_without_a_gpu_leaves_a_bundle_to_measure_elsewhere(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from trimode.cli.tune import tune
+    from trimode.runtime import tvm_runtime
+    from trimode.schedules import bundle
+
+    monkeypatch.setattr(tvm_runtime, "cuda_device_count", lambda: 0)
+    few = bundle.q8_specs({"odd": (100, 160)}, [1], "default")[:1]
+    monkeypatch.setattr(bundle, "q8_specs", lambda shapes, ms, candidates: few)
+    out = CliRunner().invoke(tune, ["--geometry", "tiny", "--bundle", str(tmp_path), "--jobs", "1"])
+    assert out.exit_code == 0, out.output
+    assert "no GPU here" in out.output and "trimode tune --results" in out.output
+    assert json.loads((tmp_path / "manifest.json").read_text())["kernels"][0]["name"] == "gemv_r2_kw4"
+    assert library_has_gpu_binary(tmp_path / "kernels0.so")
