@@ -6,22 +6,24 @@ Needs only numpy, tvm_ffi (carried as a wheel) and the TVM runtime libraries (ca
 measurement to OUT/q8_results.json, which `trimode tune --results` turns into
 schedules/<gpu>.json.
 
-On the device tool (one call; carry [".carry", ".whl"]):
+On the device tool (one call, about 3-5 minutes; carry [".carry/q8", ".carry/tvm_lib", ".whl"]):
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && \
-  python3 bench/gpu_kernels.py --out $OUT
+      --target /tmp/site .whl/apache_tvm_ffi-0.1.14.post1-*.whl && \
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && python3 bench/gpu_kernels.py --out $OUT
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository travels; the package need not be installed
 
-from trimode.schedules.measure import format_table, measure_bundle  # noqa: E402
+from trimode.schedules.measure import format_table, measure_bundle, shape_names  # noqa: E402
 
 
 def main() -> None:
@@ -29,11 +31,31 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=ROOT / ".carry" / "q8")
     parser.add_argument("--tvm-lib", type=Path, default=ROOT / ".carry" / "tvm_lib")
     parser.add_argument("--out", type=Path, default=Path("."), help="where q8_results.json goes")
+    parser.add_argument("--shape", default=None, help="measure this shape only, in this process")
     args = parser.parse_args()
-    measured = measure_bundle(args.bundle, args.tvm_lib)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "q8_results.json").write_text(json.dumps(measured, indent=1) + "\n")
-    print(format_table(measured))
+    if args.shape is not None:
+        measured = measure_bundle(args.bundle, args.tvm_lib, only=args.shape)
+        (args.out / f"{args.shape}.json").write_text(json.dumps(measured) + "\n")
+        return
+    # One process per shape: a kernel that faults takes its CUDA context down, and with it
+    # only the rest of its own shape.
+    merged = {"results": []}
+    with tempfile.TemporaryDirectory() as parts:
+        for name in shape_names(args.bundle):
+            subprocess.run([sys.executable, __file__, "--bundle", str(args.bundle), "--tvm-lib",
+                            str(args.tvm_lib), "--out", parts, "--shape", name])
+            part = Path(parts) / f"{name}.json"
+            if not part.exists():
+                print(f"{name}: the measuring process died (see above)")
+                continue
+            measured = json.loads(part.read_text())
+            merged = {**measured, "results": merged["results"] + measured["results"]}
+            # written after every shape: a run cut short by its time limit keeps what it measured
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "q8_results.json").write_text(json.dumps(merged, indent=1) + "\n")
+    if "gpu" not in merged:
+        sys.exit("no shape could be measured")
+    print(format_table(merged))
 
 
 if __name__ == "__main__":

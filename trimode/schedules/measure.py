@@ -149,11 +149,20 @@ class _ShapeData:
         self.device = [(runtime.upload(q), runtime.upload(s)) for q, s in self.host]
 
 
+def shape_names(bundle_dir: Path) -> list[str]:
+    """The bundle's shape names, in build order."""
+    kernels = json.loads((Path(bundle_dir) / "manifest.json").read_text())["kernels"]
+    return list(dict.fromkeys(entry["shape_name"] for entry in kernels))
+
+
 def measure_bundle(bundle_dir: Path, lib_dir: Path | None = None, seed: int = 0,
-                   log=print) -> dict:
-    """Check and time every kernel in the bundle. Returns {"gpu", "copy_gbps", "results"}."""
+                   log=print, only: str | None = None) -> dict:
+    """Check and time every kernel in the bundle (those of shape `only`, if given).
+    Returns {"gpu", "copy_gbps", "results"}."""
     bundle_dir = Path(bundle_dir)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    if only is not None:
+        manifest["kernels"] = [e for e in manifest["kernels"] if e["shape_name"] == only]
     runtime = Runtime(lib_dir)
     gpu = runtime.cuda.device_name()
     copy_gbps = runtime.copy_bandwidth_gbps()
