@@ -16,11 +16,9 @@ cudart=$(find /usr/local /opt /usr/lib -name 'libcudart.so.13*' 2>/dev/null | he
 [ -n "$cudart" ] && export LD_LIBRARY_PATH=$(dirname "$cudart"):${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 
-if [ -f bench/gpu_kernels.py ] && [ -d .carry/kernels ]; then
+if [ "${KERNEL_BENCHES:-0}" = 1 ]; then  # the per-kernel benches of bench/NOTES-*.md
   timeout 150 python3 bench/gpu_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -30
-fi
-if [ -f bench/gpu_attention.py ] && [ -d .carry/attention ]; then
-  timeout 100 python3 bench/gpu_attention.py 2>&1 | tee "$OUT/attention.log" | tail -20
+  timeout 150 python3 bench/gpu_attention.py .carry/attention "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -20
 fi
 timeout 330 python3 bench/gpu_check.py --tiny-artifact .carry/artifacts/tiny \
   --bench-artifact .carry/artifacts/14b --geometry 14b --json-out "$OUT/gpu_check.json" "$@" \
