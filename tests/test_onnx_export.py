@@ -199,3 +199,13 @@ def test_unwritable_output_is_a_clear_error(tiny_gguf, tmp_path):
     result = CliRunner().invoke(cli, ["export-onnx", str(tiny_gguf), str(blocker / "out")])
     assert result.exit_code == 1
     assert result.output.strip() == f"Error: cannot write {blocker / 'out'}: Not a directory"
+
+
+def test_missing_onnx_package_is_a_clear_error(tiny_gguf, tmp_path, monkeypatch):
+    # A None entry in sys.modules makes `import onnx` fail as if it were not installed.
+    for name in [m for m in sys.modules if m == "onnx" or m.startswith(("onnx.", "trimode.compiler.onnx_export"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    result = CliRunner().invoke(cli, ["export-onnx", str(tiny_gguf), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: export-onnx needs the onnx package: pip install 'onnx>=1.16'"

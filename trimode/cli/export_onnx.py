@@ -12,8 +12,14 @@ def export_onnx(model, out_dir):
     DequantizeLinear) into OUT_DIR, with their shared weights.bin and inputs.json, which
     describes the inputs (rope tables and query scale come from the host; see
     trimode.compiler.onnx_export.graph_inputs)."""
-    from trimode.compiler.onnx_export import INPUTS_FILE, WEIGHTS_FILE
-    from trimode.compiler.onnx_export import export_onnx as write
+    try:
+        from trimode.compiler.onnx_export import INPUTS_FILE, WEIGHTS_FILE
+        from trimode.compiler.onnx_export import export_onnx as write
+    except ModuleNotFoundError as err:
+        if err.name != "onnx":
+            raise
+        # onnx is a test-time dependency (the `test` extra), not needed to serve.
+        raise click.ClickException("export-onnx needs the onnx package: pip install 'onnx>=1.16'") from None
     from trimode.model.gguf_file import load_model
 
     loaded = load_model(model)
