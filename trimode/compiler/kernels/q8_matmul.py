@@ -10,6 +10,9 @@ from tvm.script import tirx as T
 
 Q8_BLOCK = 32
 CPU_LANES = 8  # fp32 lanes of one AVX2 register: the reduction is kept as 8 partial sums
+# Below this many weights a matmul runs on one thread: waking the pool costs more than the
+# work (and on a loaded machine a descheduled worker stalls the whole step).
+CPU_PARALLEL_MIN_WEIGHTS = 1 << 20
 
 
 def q8_matmul_cpu(n: int, k: int) -> "T.PrimFunc":
@@ -17,6 +20,7 @@ def q8_matmul_cpu(n: int, k: int) -> "T.PrimFunc":
     dequantized once into a local buffer and reused for every row of x."""
     assert k % Q8_BLOCK == 0 and k % CPU_LANES == 0
     n_blocks, n_chunks = k // Q8_BLOCK, k // CPU_LANES
+    rows_loop = T.parallel if n * k >= CPU_PARALLEL_MIN_WEIGHTS else T.serial
 
     @T.prim_func(private=True)
     def q8_matmul(var_x: T.handle, q: T.Buffer((n, k), "int8"),
@@ -25,7 +29,7 @@ def q8_matmul_cpu(n: int, k: int) -> "T.PrimFunc":
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), "float32")
         y = T.match_buffer(var_y, (m, n), "float32")
-        for j in T.parallel(n):
+        for j in rows_loop(n):
             w = T.decl_buffer((k,), "float32")
             acc = T.decl_buffer((CPU_LANES,), "float32")
             for b in range(n_blocks):
