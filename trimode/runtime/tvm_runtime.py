@@ -51,7 +51,7 @@ def cuda_device_count() -> int:
         if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
             return 0
         return count.value
-    except OSError:
+    except (OSError, AttributeError):  # no driver, or the build-time stand-in (cuda_env.py)
         return 0
 
 
@@ -91,6 +91,10 @@ class Device:
         out = np.empty(tuple(tensor.shape), dtype=str(tensor.dtype))
         self._copy_to(tensor, ctypes.c_void_p(out.ctypes.data), out.nbytes)
         return out
+
+    def sync(self) -> None:
+        """Waits for the device's queued work (compiled calls return once enqueued on a GPU)."""
+        self._sync(self.device, 0)  # 0: the default stream the VM runs on
 
     def load_vm(self, library: Path):
         """Loads an exported VM library and returns its VirtualMachine module."""
