@@ -30,6 +30,19 @@ def test_tiny_module_exports_gpu_binary(tmp_path):
     assert library_has_gpu_binary(path)
 
 
+def test_stand_in_driver_reports_no_gpu():
+    import ctypes
+
+    from trimode.compiler.cuda_env import _real_driver_present, ensure_cuda_runtime_loaded
+
+    if ensure_cuda_runtime_loaded():
+        pytest.skip("a real CUDA driver is installed here")
+    assert not _real_driver_present()  # the loaded stand-in is not mistaken for a driver
+    driver = ctypes.CDLL("libcuda.so.1")
+    count = ctypes.c_int(-1)
+    assert driver.cuInit(0) == 100 and driver.cuDeviceGetCount(ctypes.byref(count)) == 100
+
+
 def test_source_only_library_is_not_a_binary(tmp_path):
     fake = tmp_path / "source.so"
     fake.write_bytes(b"\x7fELF....." + b'extern "C" __global__ void k() {}')
@@ -93,13 +106,13 @@ def test_bad_requests_raise_one_sentence(n, k, m, dtype, schedule, message):
 RUNTIME_ONLY_LOAD = """
 import ctypes, json, sys
 from pathlib import Path
-from trimode.compiler.cuda_env import cache_dir
+from trimode.compiler.cuda_env import driver_stub_path
 from trimode.schedules.measure import default_lib_dir
 real = True
 try:
     ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
 except OSError:
-    ctypes.CDLL(str(cache_dir() / "cuda-driver-stub" / "libcuda.so.1"), mode=ctypes.RTLD_GLOBAL)
+    ctypes.CDLL(str(driver_stub_path()), mode=ctypes.RTLD_GLOBAL)
 import tvm_ffi
 for name in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
     ctypes.CDLL(str(default_lib_dir() / name), mode=ctypes.RTLD_GLOBAL)

@@ -28,6 +28,7 @@ _DRIVER_SYMBOL = re.compile(r"^cu[A-Z]\w*$")
 # Magic numbers of what nvcc/nvrtc embed: a fatbin container, or a cubin (an ELF file).
 _FATBIN_MAGIC = (0xBA55ED50).to_bytes(4, "little")
 _ELF_MAGIC = b"\x7fELF"
+_STUB_MARKER = "trimode_build_only_cuda_driver_stub"
 
 
 def cache_dir() -> Path:
@@ -43,12 +44,17 @@ def _tvm_lib_dir() -> Path:
     return Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
 
 
+def driver_stub_path() -> Path:
+    return cache_dir() / "cuda-driver-stub-v2" / "libcuda.so.1"
+
+
 def _real_driver_present() -> bool:
     try:
-        ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
+        driver = ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
     except OSError:
         return False
-    return True
+    # once the stand-in is loaded, the soname libcuda.so.1 resolves to it
+    return not hasattr(driver, _STUB_MARKER)
 
 
 def _driver_symbols(runtime_cuda: Path) -> list[str]:
@@ -63,8 +69,10 @@ def _driver_symbols(runtime_cuda: Path) -> list[str]:
 
 def build_driver_stub(runtime_cuda: Path, out_dir: Path) -> Path:
     """Compile a stand-in libcuda.so.1 exporting every driver symbol `runtime_cuda` imports."""
-    symbols = _driver_symbols(runtime_cuda)
+    # cuInit and cuDeviceGetCount too: code that asks the driver for GPUs hears "no device"
+    symbols = sorted(set(_driver_symbols(runtime_cuda)) | {"cuInit", "cuDeviceGetCount"})
     source = "".join(f"int {name}(void) {{ return {_NO_DEVICE}; }}\n" for name in symbols)
+    source += f"int {_STUB_MARKER}(void) {{ return 1; }}\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "libcuda.so.1"
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
@@ -88,7 +96,7 @@ def ensure_cuda_runtime_loaded() -> bool:
         return real_driver
     runtime_cuda = _tvm_lib_dir() / "libtvm_runtime_cuda.so"
     if not real_driver:
-        stub = cache_dir() / "cuda-driver-stub" / "libcuda.so.1"
+        stub = driver_stub_path()
         if not stub.exists():
             build_driver_stub(runtime_cuda, stub.parent)
         # Loaded under the soname libcuda.so.1, it satisfies the runtime library's dependency.
