@@ -156,13 +156,16 @@ def shape_names(bundle_dir: Path) -> list[str]:
 
 
 def measure_bundle(bundle_dir: Path, lib_dir: Path | None = None, seed: int = 0,
-                   log=print, only: str | None = None) -> dict:
-    """Check and time every kernel in the bundle (those of shape `only`, if given).
+                   log=print, only: str | None = None, defaults_only: bool = False) -> dict:
+    """Check and time every kernel in the bundle (those of shape `only`, if given; the
+    default schedules and the dlight baselines alone, if `defaults_only`).
     Returns {"gpu", "copy_gbps", "results"}."""
     bundle_dir = Path(bundle_dir)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     if only is not None:
         manifest["kernels"] = [e for e in manifest["kernels"] if e["shape_name"] == only]
+    if defaults_only:
+        manifest["kernels"] = [e for e in manifest["kernels"] if e["default"] or e["name"] == "dlight"]
     runtime = Runtime(lib_dir)
     gpu = runtime.cuda.device_name()
     copy_gbps = runtime.copy_bandwidth_gbps()
