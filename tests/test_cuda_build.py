@@ -165,3 +165,15 @@ def test_tune_without_a_gpu_leaves_a_bundle_to_measure_elsewhere(tmp_path, monke
     assert "no GPU here" in out.output and "trimode tune --results" in out.output
     assert json.loads((tmp_path / "manifest.json").read_text())["kernels"][0]["name"] == "gemv_r2_kw4"
     assert library_has_gpu_binary(tmp_path / "kernels0.so")
+
+
+def test_dlight_leaves_the_hand_written_kernels_alone():
+    from tvm.s_tir import dlight
+
+    funcs = {f"mm{m}": q8_matmul_cuda.q8_matmul(100, 160, m, "float16", H100) for m in (1, 5, "dynamic")}
+    module = tvm.IRModule(funcs)
+    with H100:
+        scheduled = dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(),
+                                                dlight.gpu.Fallback())(module)
+    for name, func in funcs.items():
+        tvm.ir.assert_structural_equal(scheduled[name], func)

@@ -355,7 +355,7 @@ def _q8_gemv(n, k, m, rows_per_warp, k_warps):
                 q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
                 s: T.Buffer((T.int64(n), T.int64(k // 32)), "float16"),
                 y: T.Buffer((T.int64(m), T.int64(n)), "float16")):
-        T.func_attr({"tirx.noalias": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})  # dlight: hands off
         bx = T.launch_thread("blockIdx.x", blocks)
         tx = T.launch_thread("threadIdx.x", threads)
         T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, source_code=source))
@@ -381,7 +381,7 @@ def _q8_mma(n, k, m, n_tiles, k_warps):
         @T.prim_func(private=True)
         def q8_mma(x_handle: T.handle, q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
                    s: T.Buffer((T.int64(n), T.int64(k // 32)), "float16"), y_handle: T.handle):
-            T.func_attr({"tirx.noalias": True})
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})  # dlight: hands off
             rows = T.int64()
             x = T.match_buffer(x_handle, (rows, T.int64(k)), "float16")
             y = T.match_buffer(y_handle, (rows, T.int64(n)), "float16")
@@ -398,7 +398,7 @@ def _q8_mma(n, k, m, n_tiles, k_warps):
                q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
                s: T.Buffer((T.int64(n), T.int64(k // 32)), "float16"),
                y: T.Buffer((T.int64(m), T.int64(n)), "float16")):
-        T.func_attr({"tirx.noalias": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})  # dlight: hands off
         bx = T.launch_thread("blockIdx.x", blocks)
         by = T.launch_thread("blockIdx.y", 1)
         tx = T.launch_thread("threadIdx.x", threads)
