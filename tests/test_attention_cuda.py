@@ -14,7 +14,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from trimode.compiler.kernels.attention_cuda import (  # noqa: E402
-    AttentionPlan, attention_cuda, attention_cuda_unscheduled, default_plan)
+    AttentionPlan, attention_cuda, attention_cuda_unscheduled, default_plan, scratch_rows)
 from trimode.model.config import ModelError  # noqa: E402
 
 HQ, HKV, D = 4, 1, 32  # the tiny test models' heads
@@ -47,15 +47,20 @@ def _build_llvm(func):
                        target="llvm")
 
 
-def _check(lib, rng, n_t, pos, causal, n_kv_heads=HKV):
+def _check(lib, rng, n_t, pos, causal, plan, n_kv_heads=HKV):
     q = rng.standard_normal((n_t, HQ, D)).astype("float32")
     kv = rng.standard_normal((LAYERS, 2, n_kv_heads, CTX, D)).astype("float32")
     k_new = rng.standard_normal((n_t, n_kv_heads, D)).astype("float32")
     v_new = rng.standard_normal((n_t, n_kv_heads, D)).astype("float32")
     out = tvm.runtime.tensor(np.full((n_t, HQ, D), np.nan, "float32"))  # poisoned
+    # The split scratch as the model sizes it, poisoned too: splits past the keys at this pos
+    # (the grid is sized by the cache, not pos) must write what the merge weighs as nothing.
+    rows = scratch_rows(HQ, n_kv_heads, plan, n_t)
+    part_out = tvm.runtime.tensor(np.full((rows, HQ, D), np.nan, "float32"))
+    part_lse = tvm.runtime.tensor(np.full((rows, HQ), np.nan, "float32"))
     kv_dev = tvm.runtime.tensor(kv)
-    lib["main"](tvm.runtime.tensor(q), kv_dev, LAYER, pos, tvm.runtime.tensor(k_new),
-                tvm.runtime.tensor(v_new), out)
+    lib["main"](tvm.runtime.tensor(q), kv_dev, LAYER, tvm.runtime.tensor(np.array([pos], "int32")),
+                tvm.runtime.tensor(k_new), tvm.runtime.tensor(v_new), out, part_out, part_lse)
     got = out.numpy()
     want = attention_reference(q.astype(float), kv.astype(float), LAYER, pos,
                                k_new.astype(float), v_new.astype(float), causal)
@@ -71,7 +76,7 @@ def test_split_kv_algorithm_matches_float64(causal):
     rng = np.random.default_rng(7 if causal else 8)
     for n_t in (1, 3, 16):
         for pos in (0, 5, 200):
-            _check(lib, rng, n_t, pos, causal)
+            _check(lib, rng, n_t, pos, causal, SMALL)
 
 
 def test_decode_plan_and_gqa_head_mapping():
@@ -80,7 +85,7 @@ def test_decode_plan_and_gqa_head_mapping():
     lib = _build_llvm(attention_cuda_unscheduled(HQ, 2, D, True, "float32", 1))
     rng = np.random.default_rng(9)
     for pos in (0, 5, 200):
-        _check(lib, rng, 1, pos, True, n_kv_heads=2)
+        _check(lib, rng, 1, pos, True, default_plan(HQ, 2, "one"), n_kv_heads=2)
 
 
 def test_block_plan_bidirectional():
@@ -88,7 +93,7 @@ def test_block_plan_bidirectional():
                                                  plan=default_plan(HQ, HKV, "block")))
     rng = np.random.default_rng(10)
     for n_t, pos in ((3, 5), (16, 200)):
-        _check(lib, rng, n_t, pos, False)
+        _check(lib, rng, n_t, pos, False, default_plan(HQ, HKV, "block"))
 
 
 def test_bad_geometry_is_a_model_error():

@@ -62,8 +62,15 @@ def schedules_for(target: dict) -> tuple[dict, str]:
     return database_for(target)
 
 
+def cuda_graphs_enabled(target: dict) -> bool:
+    """CUDA builds capture each entry's kernels into CUDA graphs unless TRIMODE_CUDA_GRAPHS=0
+    (the eager build, kept for comparison and as a fallback)."""
+    return target["kind"] == "cuda" and os.environ.get("TRIMODE_CUDA_GRAPHS", "1") != "0"
+
+
 def build_key(cfg: ModelConfig, quantized: dict[str, bool], target: dict, schedules_id: str) -> str:
     parts = {
+        "cuda_graphs": cuda_graphs_enabled(target),
         "layout": layout_key(cfg, quantized),
         "target": target,
         "tvm": metadata.version("apache-tvm"),

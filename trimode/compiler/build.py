@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from trimode import __version__
-from trimode.artifacts import (MANIFEST, artifact_dir, build_key, layout_key, resolve_target,
-                               schedules_for)
+from trimode.artifacts import (MANIFEST, artifact_dir, build_key, cuda_graphs_enabled, layout_key,
+                               resolve_target, schedules_for)
 from trimode.model.config import ModelConfig
 
 
@@ -28,7 +28,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
     from tvm.relax.frontend import nn  # noqa: F401  (fails early if the compiler is missing)
 
     from trimode.compiler.kernel_table import Kernels
-    from trimode.compiler.model import NLDModel
+    from trimode.compiler.model import NLDModel, mark_static_arguments
     from trimode.compiler.pipeline import build_library
 
     target = resolve_target(target_name, arch)
@@ -43,12 +43,14 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
     kernels = Kernels(cfg, target_name, schedules)
     model = NLDModel(cfg, quantized, kernels)
     mod, named_params = model.export_tvm(spec=model.entry_specs())
+    mod = mark_static_arguments(mod)
     log(f"  exported Relax module ({len(named_params)} parameters) in {time.time() - started:.1f}s")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
-        build_library(mod, target, str(tmp / "model.so"), log)
+        graph_entries = build_library(mod, target, str(tmp / "model.so"), log,
+                                      cuda_graphs=cuda_graphs_enabled(target))
         manifest = {
             "key": key,
             "target": target_name,
@@ -57,6 +59,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
             "layout": layout_key(cfg, quantized),
             "config": cfg.geometry_key(),
             "entries": ["prefill", "decode", "verify", "draft"],
+            "cuda_graph_entries": graph_entries,
             "params": [{"name": name, "shape": [int(s) for s in p.shape], "dtype": p.dtype}
                        for name, p in named_params],
             "tvm": tvm.__version__,

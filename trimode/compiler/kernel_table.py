@@ -63,11 +63,32 @@ class Kernels:
                            c.head_dim, causal)
         from trimode.compiler.kernels import attention_cuda
 
-        plan = self.schedules.get(("attention", rows)) or attention_cuda.default_plan(
-            c.n_heads, c.n_kv_heads, rows)
         return opaque(attention_cuda.attention_cuda(c.n_heads, c.n_kv_heads, c.head_dim, causal,
                                                     self.dtype, 1 if rows == "one" else "dynamic",
-                                                    plan=plan))
+                                                    plan=self._attention_plan(rows)))
+
+    def attention_scratch(self, rows: str, t) -> list[list]:
+        """Shapes of the fp32 split buffers the attention kernel takes after its output (none
+        on CPU). Bounded row classes get a constant size, so the buffers are planned once and
+        a CUDA graph can own them; prefill's grow with T."""
+        if not self.is_gpu:
+            return []
+        from trimode.compiler.kernels import attention_cuda
+
+        c, plan = self.cfg, self._attention_plan(rows)
+        if rows == "many":
+            n = plan.max_splits * t
+        else:
+            n = attention_cuda.scratch_rows(c.n_heads, c.n_kv_heads, plan,
+                                            1 if rows == "one" else MAX_BLOCK)
+        return [[n, c.n_heads, c.head_dim], [n, c.n_heads]]
+
+    def _attention_plan(self, rows: str):
+        from trimode.compiler.kernels import attention_cuda
+
+        c = self.cfg
+        return self.schedules.get(("attention", rows)) or attention_cuda.default_plan(
+            c.n_heads, c.n_kv_heads, rows)
 
     def last_row(self, hidden: int):
         return _cached(logits.last_row, hidden, self.dtype)

@@ -3,6 +3,12 @@
 Entries (docs/DESIGN.md): prefill, decode (causal, write K/V), verify (causal, all rows),
 draft (bidirectional, cache untouched). Every kernel comes from a `Kernels` table chosen per
 target (kernels.py), so this file holds only the network's math, top to bottom.
+
+Per-step values live in device tensors that the runtime writes before each call: the
+position `pos` (int32 [1]) and, for decode/verify/draft, the tokens (int32 [MAX_BLOCK], the
+first T used). Those, the cache and the rope tables are the entries' *static* arguments (the
+same tensors at every call of a sequence), listed after `num_input`; with the weights they let
+RewriteCUDAGraph capture each entry's kernels into one CUDA graph (pipeline.py).
 """
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op, spec
 
-from trimode.compiler.kernel_table import Kernels
+from trimode.compiler.kernel_table import MAX_BLOCK, Kernels
 from trimode.model.config import ModelConfig
 
 
@@ -45,8 +51,8 @@ class Q8Embedding(nn.Module):
         self.kernel = kernels.q8_embedding(vocab, hidden)
         self.hidden, self.dtype = hidden, kernels.dtype
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        out = Tensor.placeholder([tokens.shape[0], self.hidden], self.dtype)
+    def forward(self, tokens: Tensor, t) -> Tensor:
+        out = Tensor.placeholder([t, self.hidden], self.dtype)
         return op.tensor_ir_op(self.kernel, "embedding", [tokens, self.q, self.scale], out)
 
 
@@ -56,8 +62,8 @@ class FloatEmbedding(nn.Module):
         self.kernel = kernels.float_embedding(vocab, hidden)
         self.hidden, self.dtype = hidden, kernels.dtype
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        out = Tensor.placeholder([tokens.shape[0], self.hidden], self.dtype)
+    def forward(self, tokens: Tensor, t) -> Tensor:
+        out = Tensor.placeholder([t, self.hidden], self.dtype)
         return op.tensor_ir_op(self.kernel, "embedding", [tokens, self.table], out)
 
 
@@ -92,7 +98,7 @@ class DecoderLayer(nn.Module):
         self.gate_up = linear(quantized, 2 * cfg.ffn, cfg.hidden, kernels, "gate_up")
         self.down = linear(quantized, cfg.hidden, cfg.ffn, kernels, "down")
 
-    def forward(self, x: Tensor, kv: Tensor, rope: RopeTables, pos: tirx.Var, causal: bool,
+    def forward(self, x: Tensor, kv: Tensor, rope: RopeTables, pos: Tensor, causal: bool,
                 rows: str) -> tuple[Tensor, Tensor]:
         cfg, kernels = self.cfg, self.kernels
         t = x.shape[0]
@@ -105,9 +111,11 @@ class DecoderLayer(nn.Module):
         if causal:  # only causal passes keep their K/V: the cache holds committed tokens only
             kv = op.tensor_ir_inplace_op(kernels.kv_append(), "kv_append", [kv, k, v, layer, pos],
                                          [0], Tensor.placeholder(kv.shape, kv.dtype))
+        scratch = [Tensor.placeholder(shape, "float32") for shape in kernels.attention_scratch(rows, t)]
         attn = op.tensor_ir_op(kernels.attention(causal, rows), "attention_causal" if causal
                                else "attention_bidirectional", [q, kv, layer, pos, k, v],
-                               head_shape(cfg.n_heads))          # [T, heads, d]
+                               [head_shape(cfg.n_heads)] + scratch)
+        attn = attn[0] if scratch else attn                         # [T, heads, d]
         x = x + self.o(op.reshape(attn, [t, cfg.q_dim]), rows)
         gate, up = op.split(self.gate_up(self.ffn_norm(x), rows), 2, axis=-1)
         x = x + self.down(op.silu(gate) * up, rows)
@@ -123,10 +131,10 @@ class NLDModel(nn.Module):
         self.output_norm = RMSNorm(cfg.hidden, cfg.rms_eps, kernels)
         self.head = linear(quantized["output"], cfg.vocab, cfg.hidden, kernels, "head")
 
-    def _forward(self, tokens: Tensor, pos: tirx.Var, kv: Tensor, cos: Tensor, sin: Tensor,
+    def _forward(self, tokens: Tensor, t, pos: Tensor, kv: Tensor, cos: Tensor, sin: Tensor,
                  q_scale: Tensor, causal: bool, rows: str, last_only: bool):
         rope = RopeTables(cos, sin, q_scale)
-        x = self.embed(tokens)                                       # [T, H]
+        x = self.embed(tokens, t)                                    # [T, H]
         for layer in self.layers:
             x, kv = layer(x, kv, rope, pos, causal, rows)
         if last_only:  # a prefill needs only its last row's logits
@@ -142,29 +150,35 @@ class NLDModel(nn.Module):
             [Tensor.placeholder([n_rows], "int32"), Tensor.placeholder([n_rows], "float32")])
         return logits, argmax, prob, kv
 
+    # Prefill takes its T tokens as a fresh tensor (any T: run eagerly); the others read the
+    # first T of the sequence's token buffer [MAX_BLOCK], T given as a shape value.
     def prefill(self, tokens, pos, kv, cos, sin, q_scale):
-        return self._forward(tokens, pos, kv, cos, sin, q_scale, True, "many", last_only=True)
+        return self._forward(tokens, tokens.shape[0], pos, kv, cos, sin, q_scale, True, "many",
+                             last_only=True)
 
     def decode(self, tokens, pos, kv, cos, sin, q_scale):
-        return self._forward(tokens, pos, kv, cos, sin, q_scale, True, "one", last_only=False)
+        return self._forward(tokens, 1, pos, kv, cos, sin, q_scale, True, "one", last_only=False)
 
-    def verify(self, tokens, pos, kv, cos, sin, q_scale):
-        return self._forward(tokens, pos, kv, cos, sin, q_scale, True, "block", last_only=False)
+    def verify(self, t, tokens, pos, kv, cos, sin, q_scale):
+        return self._forward(tokens, t, pos, kv, cos, sin, q_scale, True, "block", last_only=False)
 
-    def draft(self, tokens, pos, kv, cos, sin, q_scale):
-        logits, argmax, prob, _ = self._forward(tokens, pos, kv, cos, sin, q_scale, False,
+    def draft(self, t, tokens, pos, kv, cos, sin, q_scale):
+        logits, argmax, prob, _ = self._forward(tokens, t, pos, kv, cos, sin, q_scale, False,
                                                 "block", last_only=False)
         return logits, argmax, prob
 
     def entry_specs(self) -> dict:
-        """The four entries' argument specs, from one helper (STYLE.md: no copies)."""
+        """The four entries' argument specs, from one helper (STYLE.md: no copies). Per-call
+        inputs come first, the sequence's static tensors after them (ENTRY_INPUTS counts the
+        former)."""
         cfg, dtype = self.cfg, self.kernels.dtype
         half = cfg.head_dim // 2
 
-        def entry(tokens_len):
+        def entry(inputs: dict, tokens_len):
             return {
+                **inputs,
                 "tokens": spec.Tensor([tokens_len], "int32"),
-                "pos": int,
+                "pos": spec.Tensor([1], "int32"),
                 "kv": spec.Tensor([cfg.n_layers, 2, cfg.n_kv_heads, "ctx", cfg.head_dim], dtype),
                 "cos": spec.Tensor(["ctx", half], "float32"),
                 "sin": spec.Tensor(["ctx", half], "float32"),
@@ -172,4 +186,25 @@ class NLDModel(nn.Module):
                 "$": {"param_mode": "packed", "effect_mode": "none"},
             }
 
-        return {"prefill": entry("t"), "decode": entry(1), "verify": entry("t"), "draft": entry("t")}
+        return {"prefill": entry({}, "t"), "decode": entry({}, MAX_BLOCK),
+                "verify": entry({"t": int}, MAX_BLOCK), "draft": entry({"t": int}, MAX_BLOCK)}
+
+
+# Per-call arguments before each entry's static ones (prefill's tokens tensor; verify/draft's T).
+ENTRY_INPUTS = {"prefill": 1, "decode": 0, "verify": 0, "draft": 0}
+# Row-count bounds: buffers of bounded shape are planned statically, which graph capture needs.
+ENTRY_ROW_BOUND = {"verify": MAX_BLOCK, "draft": MAX_BLOCK}
+
+
+def mark_static_arguments(mod):
+    """Tells the Relax passes which arguments stay the same between calls (those after
+    num_input) and how many rows a block entry takes at most."""
+    for gvar, func in list(mod.functions.items()):
+        name = gvar.name_hint
+        if name not in ENTRY_INPUTS:
+            continue
+        func = func.with_attr("num_input", ENTRY_INPUTS[name])
+        if name in ENTRY_ROW_BOUND:
+            func = func.with_attr("tir_var_upper_bound", {"t": ENTRY_ROW_BOUND[name]})
+        mod[gvar] = func
+    return mod

@@ -55,6 +55,10 @@ def relax_passes(target: tvm.target.Target) -> list:
         relax.transform.RemovePurityChecking(),
         relax.transform.CallTIRRewrite(),
         relax.transform.StaticPlanBlockMemory(),
+        # Regions of kernels whose arguments are all static (weights, the sequence's tensors
+        # after num_input, statically planned buffers) become CUDA graphs, captured per VM on
+        # first call and replayed after; a no-op unless relax.backend.use_cuda_graph is set.
+        relax.transform.RewriteCUDAGraph(),
         relax.transform.LowerAllocTensor(),
         relax.transform.KillAfterLastUse(),
         relax.transform.LowerRuntimeBuiltin(),
@@ -65,15 +69,19 @@ def relax_passes(target: tvm.target.Target) -> list:
     return passes
 
 
-def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log) -> None:
-    """Compiles and exports the VM library. CUDA builds run inside cuda_build_context, so the
-    library embeds GPU machine code even on a machine without a GPU (TVM.md)."""
+def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
+                  cuda_graphs: bool = False) -> list[str]:
+    """Compiles and exports the VM library; returns the entries that run CUDA graphs. CUDA
+    builds run inside cuda_build_context, so the library embeds GPU machine code even on a
+    machine without a GPU (TVM.md)."""
     target = tvm.target.Target(target_spec, host="llvm") if target_spec["kind"] == "cuda" \
         else tvm.target.Target(target_spec)
     started = time.time()
-    with target:
+    with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):
         mod = tvm.transform.Sequential(relax_passes(target))(mod)
         log(f"  lowered Relax in {time.time() - started:.1f}s; generating code...")
+        graph_entries = sorted({gvar.name_hint.split("_cuda_graph_capture")[0]
+                                for gvar in mod.functions if "_cuda_graph_capture" in gvar.name_hint})
         if target_spec["kind"] == "cuda":
             from trimode.compiler.cuda_env import cuda_build_context
 
@@ -81,3 +89,4 @@ def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log) -> No
                 tvm.compile(mod, target, relax_pipeline=None).export_library(library)
         else:
             tvm.compile(mod, target, relax_pipeline=None).export_library(library)
+    return graph_entries

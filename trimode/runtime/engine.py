@@ -1,12 +1,17 @@
 """The compiled model at run time: weights on the device, one VM, and a Forward per sequence.
 
 Engine loads once (artifact, weights); `new_sequence(n_ctx)` gives a CompiledForward that
-owns one KV buffer [layers, 2, kv_heads, n_ctx, head_dim] and the rope tables, and maps the
-Forward interface onto the compiled entries:
+owns one KV buffer [layers, 2, kv_heads, n_ctx, head_dim], the rope tables, the step inputs
+(position int32 [1], tokens int32 [MAX_BLOCK]) and its own VM, and maps the Forward interface
+onto the compiled entries:
   causal, last row only      -> prefill (any T)
   causal, one token          -> decode
   causal, all rows           -> verify  (T <= MAX_BLOCK per call, longer inputs in chunks)
   bidirectional              -> draft   (T <= MAX_BLOCK)
+On CUDA, decode/verify/draft run as CUDA graphs (model.py, pipeline.py): each VM captures one
+graph per entry and T on first use and replays it after, so a step is one graph launch plus a
+few small copies. The graphs bake in the sequence's tensors, hence one VM per sequence; the
+per-step values travel in the step-input tensors, written before each call.
 """
 from __future__ import annotations
 
@@ -106,10 +111,15 @@ class Engine:
         self.manifest = json.loads((self.artifact / MANIFEST).read_text())
         self.dtype = self.manifest["dtype"]
         started = time.time()
-        self.vm = self.device.load_vm(self.artifact / "model.so")
-        self.entries = {name: self.vm[name] for name in self.manifest["entries"]}
+        self.library = self.device.load_library(self.artifact / "model.so")
+        # Entries that replay CUDA graphs (the artifact's own list: eager builds have none).
+        self.graph_entries = set(self.manifest.get("cuda_graph_entries", [])) \
+            if self.target == "cuda" else set()
+        self.graph_passes = 0  # passes run through a CUDA graph, over all sequences
         arrays = parameter_arrays(weights, quantized, self.dtype)
-        self.params = [self._upload_param(p, arrays) for p in self.manifest["params"]]
+        # One ffi Array, converted once: a Python list would be converted at every call.
+        self.params = self.device.ffi.convert([self._upload_param(p, arrays)
+                                               for p in self.manifest["params"]])
         self.load_seconds = time.time() - started
         self._tokenizer = None
 
@@ -128,6 +138,12 @@ class Engine:
 
             self._tokenizer = Tokenizer.from_metadata(self.metadata)
         return self._tokenizer
+
+    def cuda_graph_report(self) -> dict:
+        """Whether CUDA graphs were used: the entries built with them, and how many passes
+        replayed (or captured) one so far."""
+        return {"entries": sorted(self.graph_entries), "passes": self.graph_passes,
+                "used": self.graph_passes > 0}
 
     def new_sequence(self, n_ctx: int) -> "CompiledForward":
         if n_ctx < 1:
@@ -148,10 +164,17 @@ class CompiledForward:
     def __init__(self, engine: Engine, n_ctx: int):
         cfg, dev = engine.config, engine.device
         self.engine, self.config, self.n_ctx = engine, cfg, n_ctx
+        self.vm = dev.new_vm(engine.library)
+        self.entries = {name: self.vm[name] for name in engine.manifest["entries"]}
         self.kv = dev.empty([cfg.n_layers, 2, cfg.n_kv_heads, n_ctx, cfg.head_dim], engine.dtype)
         cos, sin = cfg.rope_tables(n_ctx)
         self.rope = [dev.upload(cos.astype(np.float32)), dev.upload(sin.astype(np.float32)),
                      dev.upload(cfg.q_scale(np.arange(n_ctx)).astype(np.float32))]
+        # The step inputs, read by the kernels on the device (the same tensors at every call,
+        # so a CUDA graph serves every position); host copies, rewritten before each call.
+        self._host_pos, self._host_tokens = np.zeros(1, np.int32), np.zeros(MAX_BLOCK, np.int32)
+        self.pos, self.tokens = dev.upload(self._host_pos), dev.upload(self._host_tokens)
+        self._static = [self.pos, self.kv, *self.rope]
         self._length = 0
         self.forwards = 0  # compiled passes run, for tokens-per-forward statistics
 
@@ -165,13 +188,30 @@ class CompiledForward:
         if self._length + n > self.n_ctx:
             raise ContextFull(f"context full: {self._length} cached + {n} new tokens > {self.n_ctx}")
 
-    def _run(self, entry: str, tokens: Sequence[int]) -> StepResult:
-        dev = self.engine.device
+    def launch(self, entry: str, tokens: Sequence[int]):
+        """Runs one compiled entry at the current length (which it leaves alone) and returns
+        its outputs on the device, nothing fetched: (logits, argmax, prob[, kv])."""
+        dev, engine = self.engine.device, self.engine
         ids = np.asarray(tokens, dtype=np.int32)
         if ids.min() < 0 or ids.max() >= self.config.vocab:
             raise ValueError(f"token id out of range [0, {self.config.vocab})")
-        out = self.engine.entries[entry](dev.upload(ids), dev.ffi.Shape([self._length]), self.kv,
-                                         *self.rope, self.engine.params)
+        self._host_pos[0] = self._length
+        dev.write(self.pos, self._host_pos)
+        if entry == "prefill":  # any T: a fresh tensor, run eagerly
+            args = [dev.upload(ids), *self._static]
+        else:
+            self._host_tokens[:len(ids)] = ids
+            dev.write(self.tokens, self._host_tokens)
+            shape = [] if entry == "decode" else [dev.ffi.Shape([len(ids)])]
+            args = [*shape, self.tokens, *self._static]
+        out = self.entries[entry](*args, engine.params)
+        if entry in engine.graph_entries:
+            engine.graph_passes += 1
+        return out
+
+    def _run(self, entry: str, tokens: Sequence[int]) -> StepResult:
+        dev = self.engine.device
+        out = self.launch(entry, tokens)
         self.forwards += 1
         logits = out[0]
         return StepResult(argmax=dev.download(out[1]).astype(np.int64),

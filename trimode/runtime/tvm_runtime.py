@@ -96,10 +96,18 @@ class Device:
         """Waits for the device's queued work (compiled calls return once enqueued on a GPU)."""
         self._sync(self.device, 0)  # 0: the default stream the VM runs on
 
-    def load_vm(self, library: Path):
-        """Loads an exported VM library and returns its VirtualMachine module."""
-        module = self.ffi.load_module(str(Path(library).resolve()))
-        vm = module["vm_load_executable"]()
+    def sync(self) -> None:
+        """Waits until the device has finished the work queued so far."""
+        self._sync(self.device, 0)  # 0: the default stream, where the VM launches
+
+    def load_library(self, library: Path):
+        """Loads an exported VM library (once per process and file)."""
+        return self.ffi.load_module(str(Path(library).resolve()))
+
+    def new_vm(self, library):
+        """A fresh VirtualMachine over a loaded library. Each holds its own CUDA graphs and
+        the buffers they own, so a VM serves one sequence (graphs bake in its tensors)."""
+        vm = library["vm_load_executable"]()
         host = DEVICE_TYPES["llvm"]
         vm["vm_initialization"](self.device_type, self.index, POOLED_ALLOCATOR, host, 0, POOLED_ALLOCATOR)
         return vm

@@ -2,7 +2,8 @@
 
 Query row t (absolute position pos + t) sees cache positions [0, pos) of its layer and the
 block's own keys k_new[j] for j <= t (causal) or for every j (bidirectional). The block's K/V
-come in as separate tensors, so a bidirectional (draft) pass never touches the cache.
+come in as separate tensors, so a bidirectional (draft) pass never touches the cache. pos is
+an int32 [1] tensor, read by the kernel: one compiled call (or CUDA graph) serves every position.
 GQA: q head h reads kv head h // (n_heads / n_kv_heads). This is the CPU kernel; the CUDA one
 (attention_cuda.py) has the same signature.
 """
@@ -29,7 +30,8 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
         total[0] = total[0] * mix[0] + mix[1]
 
     @T.prim_func(private=True)
-    def attention(var_q: T.handle, var_kv: T.handle, layer: T.int64, pos: T.int64,
+    def attention(var_q: T.handle, var_kv: T.handle, layer: T.int64,
+                  pos_buf: T.Buffer((T.int64(1),), "int32"),
                   var_k: T.handle, var_v: T.handle, var_out: T.handle):
         T.func_attr({"tirx.noalias": True})
         t, ctx = T.int64(), T.int64()
@@ -51,7 +53,7 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
             total[0] = T.float32(0)
             for d in range(D):
                 acc[d] = T.float32(0)
-            for j in range(pos):
+            for j in range(T.Cast("int64", pos_buf[0])):
                 score[0] = T.float32(0)
                 for d in range(D):
                     score[0] = score[0] + q[i, h, d] * kv[layer, 0, g, j, d]

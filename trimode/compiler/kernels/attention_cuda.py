@@ -81,6 +81,19 @@ def _check_geometry(n_heads: int, n_kv_heads: int, head_dim: int, plan: Attentio
         raise ModelError(f"threads per block ({plan.threads}) must be a multiple of 32.")
 
 
+def scratch_rows(n_heads: int, n_kv_heads: int, plan: AttentionPlan, t: int) -> int:
+    """Rows of part_out / part_lse that attention at up to `t` query rows needs at any cache
+    size: the largest split count times T (split_count in _attention_tir, without its
+    cache-size bound)."""
+    group = n_heads // n_kv_heads
+    rows = 0
+    for n_t in range(1, t + 1):
+        ctas_per_split = -(-n_t * group // plan.rows_per_cta) * n_kv_heads
+        splits = max(min(-(-plan.target_ctas // ctas_per_split), plan.max_splits), 1)
+        rows = max(rows, splits * n_t)
+    return rows
+
+
 def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, dtype: str,
                    t, max_ctx, plan: AttentionPlan, on_gpu: bool):
     _check_geometry(n_heads, n_kv_heads, head_dim, plan)
@@ -95,9 +108,11 @@ def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
     n_t = T.int64(t) if isinstance(t, int) else tirx.Var("n_t", "int64")
     ctx = T.int64(max_ctx) if isinstance(max_ctx, int) else tirx.Var("ctx", "int64")
 
-    def split_count(pos, n_t):
-        # Enough splits of the keys to fill the GPU, none shorter than min_tiles_per_split.
-        key_tiles = T.ceildiv(pos + n_t, TZ)
+    def split_count(ctx, n_t):
+        # Enough splits of the keys to fill the GPU, none shorter than min_tiles_per_split at a
+        # full cache. The grid depends on the cache size, never on pos (a CUDA graph replays
+        # one grid at every position); splits past the keys at this pos exit at once.
+        key_tiles = T.ceildiv(ctx, TZ)
         ctas_per_split = T.ceildiv(n_t * G, TX) * HKV
         wanted = T.min(T.ceildiv(T.int64(plan.target_ctas), ctas_per_split),
                        T.ceildiv(key_tiles, T.int64(plan.min_tiles_per_split)))
@@ -111,25 +126,27 @@ def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
         return tirx.all(inside, key <= pos + qt) if causal else inside
 
     @T.prim_func(private=True, s_tir=True)
-    def split_kv_attention(var_q: T.handle, var_kv: T.handle, layer: T.int64, pos: T.int64,
-                           var_k: T.handle, var_v: T.handle, var_out: T.handle):
+    def split_kv_attention(var_q: T.handle, var_kv: T.handle, layer: T.int64, var_pos: T.handle,
+                           var_k: T.handle, var_v: T.handle, var_out: T.handle,
+                           var_part_out: T.handle, var_part_lse: T.handle):
         T.func_attr({"tirx.noalias": True})
-        n_layers = T.int64()
+        n_layers, n_part = T.int64(), T.int64()
         q = T.match_buffer(var_q, (n_t, HQ, D), dtype)
         kv = T.match_buffer(var_kv, (n_layers, T.int64(2), HKV, ctx, D), dtype)
+        pos_buf = T.match_buffer(var_pos, (T.int64(1),), "int32")
         k_new = T.match_buffer(var_k, (n_t, HKV, D), dtype)
         v_new = T.match_buffer(var_v, (n_t, HKV, D), dtype)
         out = T.match_buffer(var_out, (n_t, HQ, D), dtype)
+        # Each split's partial rows, row s * n_t + t (>= split_count * n_t rows: the caller
+        # allocates them, so a CUDA graph owns them; see scratch_rows).
+        part_out = T.match_buffer(var_part_out, (n_part, HQ, D), "float32")
+        part_lse = T.match_buffer(var_part_lse, (n_part, HQ), "float32")
 
-        # (No statements but blocks and loops at the root: the merge is scheduled with compute_at.)
-        part_out = T.sblock_alloc_buffer((split_count(pos, n_t), n_t, HQ, D), "float32")
-        part_lse = T.sblock_alloc_buffer((split_count(pos, n_t), n_t, HQ), "float32")
-
-        for split, head, row_tile in T.grid(split_count(pos, n_t), HKV, T.ceildiv(n_t * G, TX)):
+        for split, head, row_tile in T.grid(split_count(ctx, n_t), HKV, T.ceildiv(n_t * G, TX)):
             with T.sblock("cta"):
                 s, h, rt = T.axis.remap("SSS", [split, head, row_tile])
-                T.reads(q[:, :, :], kv[layer, :, h, :, :], k_new[:, h, :], v_new[:, h, :])
-                T.writes(part_out[s, :, :, :], part_lse[s, :, :])
+                T.reads(q[:, :, :], kv[layer, :, h, :, :], k_new[:, h, :], v_new[:, h, :], pos_buf[0])
+                T.writes(part_out[s * n_t:s * n_t + n_t, :, :], part_lse[s * n_t:s * n_t + n_t, :])
                 q_tile = T.sblock_alloc_buffer((TX, D), dtype, scope=shared)
                 k_tile = T.sblock_alloc_buffer((TZ, D), dtype, scope=shared)
                 v_tile = T.sblock_alloc_buffer((TZ, D), dtype, scope=shared)
@@ -144,8 +161,9 @@ def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
                 new_sum = T.sblock_alloc_buffer((TX,), "float32", scope=shared)
                 acc = T.sblock_alloc_buffer((TX, D), "float32", scope=local)
 
+                pos: T.let[T.int64] = T.Cast("int64", pos_buf[0])
                 row0: T.let[T.int64] = rt * TX
-                split_keys: T.let[T.int64] = T.ceildiv(T.ceildiv(pos + n_t, TZ), split_count(pos, n_t)) * TZ
+                split_keys: T.let[T.int64] = T.ceildiv(T.ceildiv(pos + n_t, TZ), split_count(ctx, n_t)) * TZ
                 key_begin: T.let[T.int64] = s * split_keys
                 key_end: T.let[T.int64] = T.min(key_begin + split_keys, pos + n_t)
                 # Causal: no row of this tile sees past its last row's own key.
@@ -245,7 +263,7 @@ def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
                         qt: T.let[T.int64] = (row0 + vi) // G
                         qh: T.let[T.int64] = h * G + (row0 + vi) % G
                         if qt < n_t:
-                            part_out[s, qt, qh, vd] = T.if_then_else(
+                            part_out[s * n_t + qt, qh, vd] = T.if_then_else(
                                 row_sum[vi] > T.float32(0), acc[vi, vd] / row_sum[vi], T.float32(0))
                 for i in T.serial(TX):
                     with T.sblock("lse_store"):
@@ -254,27 +272,28 @@ def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
                         qh: T.let[T.int64] = h * G + (row0 + vi) % G
                         if qt < n_t:
                             # A split where this row sees no key gets weight exp2(NEG) = 0.
-                            part_lse[s, qt, qh] = T.if_then_else(
+                            part_lse[s * n_t + qt, qh] = T.if_then_else(
                                 row_sum[vi] > T.float32(0), row_max[vi] + T.log2(row_sum[vi]),
                                 T.float32(NEG))
 
         for i, hq, d in T.grid(n_t, HQ, D):
             with T.sblock("merge"):
                 vi, vh, vd = T.axis.remap("SSS", [i, hq, d])
-                T.reads(part_lse[:, vi, vh], part_out[:, vi, vh, vd])
+                T.reads(part_lse[:, vh], part_out[:, vh, vd])
                 T.writes(out[vi, vh, vd])
                 # Merge the splits by LSE: weights exp2(lse_s - max lse), normalised.
                 top = T.sblock_alloc_buffer((1,), "float32", scope=local)
                 total = T.sblock_alloc_buffer((1,), "float32", scope=local)
                 merged = T.sblock_alloc_buffer((1,), "float32", scope=local)
                 top[0] = T.float32(NEG)
-                for sp in T.serial(split_count(pos, n_t)):
-                    top[0] = T.max(top[0], part_lse[sp, vi, vh])
+                for sp in T.serial(split_count(ctx, n_t)):
+                    top[0] = T.max(top[0], part_lse[sp * n_t + vi, vh])
                 total[0] = T.float32(0)
                 merged[0] = T.float32(0)
-                for sp in T.serial(split_count(pos, n_t)):
-                    total[0] = total[0] + T.exp2(part_lse[sp, vi, vh] - top[0])
-                    merged[0] = merged[0] + T.exp2(part_lse[sp, vi, vh] - top[0]) * part_out[sp, vi, vh, vd]
+                for sp in T.serial(split_count(ctx, n_t)):
+                    total[0] = total[0] + T.exp2(part_lse[sp * n_t + vi, vh] - top[0])
+                    merged[0] = merged[0] + (T.exp2(part_lse[sp * n_t + vi, vh] - top[0])
+                                             * part_out[sp * n_t + vi, vh, vd])
                 out[vi, vh, vd] = T.Cast(dtype, merged[0] / total[0])
 
     return split_kv_attention
@@ -294,8 +313,10 @@ def attention_cuda(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
     """The attention PrimFunc for CUDA, thread-bound.
 
     Buffers (same order as attention.attention_cpu): q [T, Hq, D], kv [L, 2, Hkv, C, D],
-    layer int64, pos int64, k_new / v_new [T, Hkv, D], out [T, Hq, D]. `t` is an int (static
-    T) or "dynamic"; `max_ctx` an int or "symbolic" (C). The plan defaults by T: 1 -> decode,
+    layer int64, pos int32 [1] (on the device, so a CUDA graph serves every position),
+    k_new / v_new [T, Hkv, D], out [T, Hq, D], then the split scratch part_out [R, Hq, D] and
+    part_lse [R, Hq] fp32 with R >= scratch_rows(...) (or max_splits * T). `t` is an int
+    (static T) or "dynamic"; `max_ctx` an int or "symbolic" (C). The plan defaults by T: 1 -> decode,
     static T <= 64 -> block, otherwise prefill; pass default_plan(..., "block") for a verify or
     draft entry whose T is dynamic.
     """
