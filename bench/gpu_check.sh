@@ -3,8 +3,10 @@
 #   here:  bash bench/prepare_gpu_check.sh            (builds .carry/ and .whl/)
 #   there: bash bench/gpu_check.sh                    (device tool, carry [".carry", ".whl"])
 # It checks the CUDA build against the float64 reference on a tiny model (fp16 tolerance
-# 1e-2) and times every entry at the 14B geometry with random Q8_0 weights, printing a
-# short table last. Only the TVM runtime libraries travel: no compiler on the GPU box.
+# 1e-2; the greedy chain teacher-forced through the reference) and runs `trimode bench`'s
+# measurements (trimode/runtime/bench.py) at the 14B geometry with random Q8_0 weights,
+# then the same geometry as plain PyTorch bf16 (the box's torch), printing the table last.
+# Only the TVM runtime libraries travel: no compiler on the GPU box.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}

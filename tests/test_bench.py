@@ -1,0 +1,178 @@
+"""`trimode bench` on the tiny geometry (llvm): every figure of the report is present and
+consistent with the others (no timing thresholds); the PyTorch baseline computes the
+network the float64 reference does; bench/gpu_check.py's CPU run passes its own checks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from trimode.cli import cli
+from trimode.model.config import GEOMETRIES
+from trimode.model.random_weights import random_weights
+from trimode.model.reference import ReferenceForward, ReferenceModel
+from trimode.runtime.bench import BenchPlan, tiled_weights, weight_bytes_per_step
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = GEOMETRIES["tiny"]
+FILLS, BLOCK, PREFILL = (40, 90), 8, 48
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, ["bench", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def report():
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)  # two shared cores: OpenMP threads would only wait on each other
+    result = invoke("--geometry", "tiny", "--target", "llvm", "--json", "--repeat", "2",
+                    "--fills", ",".join(map(str, FILLS)), "--block", str(BLOCK),
+                    "--prefill", str(PREFILL))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_every_entry_is_timed_at_every_fill(report):
+    rows = [(r["entry"], r["fill"], r["tokens"]) for r in report["rows"]]
+    expected = [(e, f, n) for f in FILLS for e, n in (("decode", 1), ("verify", BLOCK), ("draft", BLOCK))]
+    assert rows == expected + [("prefill", 0, PREFILL)]
+    assert report["n_ctx"] == BenchPlan(FILLS, BLOCK, PREFILL).n_ctx
+    assert report["plan"]["repeat"] == 2
+
+
+def test_rates_follow_from_times_and_bytes(report):
+    kv_per_token = TINY.kv_bytes_per_token(4)  # float32 activations on llvm
+    assert report["dtype"] == "float32"
+    weights = weight_bytes_per_step(TINY, {"layers": True, "output": True}, 4)
+    assert report["weight_bytes_per_step"] == pytest.approx(weights)
+    # Q8_0: 34 bytes per 32 weights of every matmul but the (gathered) embedding.
+    assert weights == pytest.approx(TINY.weight_elements_per_token() * 34 / 32)
+    decode = {r["fill"]: r["seconds"] for r in report["rows"] if r["entry"] == "decode"}
+    for r in report["rows"]:
+        assert r["seconds"] > 0
+        assert r["bytes"] == pytest.approx(weights + kv_per_token * r["fill"])
+        assert r["gb_per_s"] == pytest.approx(r["bytes"] / r["seconds"] / 1e9)
+        assert r["roofline_pct"] == pytest.approx(100 * r["gb_per_s"] / report["copy_gb_per_s"])
+        assert r["tok_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+        assert r["x_decode"] == pytest.approx(r["seconds"] / decode.get(r["fill"], decode[FILLS[0]]))
+    prefill = report["rows"][-1]
+    assert report["prefill_tok_per_s"] == pytest.approx(PREFILL / prefill["seconds"])
+
+
+def test_loops_load_and_memory(report):
+    ar = report["ar"]
+    assert ar["tokens"] == 64 and ar["seconds"] > 0
+    assert ar["tok_per_s"] == pytest.approx(ar["tokens"] / ar["seconds"])
+    assert report["spec_cycle_seconds"] > 0
+    assert report["spec_cycle_x_decode"] == pytest.approx(
+        report["spec_cycle_seconds"] / report["rows"][0]["seconds"])
+    host = report["decode_host"]
+    assert 0 < host["enqueue_seconds"] <= host["synced_seconds"]
+    assert report["load_seconds"] >= 0 and report["load_source"] == "host memory"
+    assert report["copy_gb_per_s"] > 0 and "numpy" in report["copy_measured_by"]
+    # No GPU: no GPU memory figures, but the host's peak is known.
+    assert report["gpu_mem_peak_mib"] is None and report["gpu_mem_engine_mib"] is None
+    assert report["host_peak_rss_mib"] > 0
+    assert report["target"] == "llvm" and report["geometry"] == TINY.geometry_key()
+
+
+def test_torch_baseline_rows_and_ratios(report):
+    torch = report["torch"]
+    assert torch["available"] and torch["device"] == "cpu" and torch["dtype"] == "float32"
+    theirs = {(r["entry"], r["fill"]): r["seconds"] for r in torch["rows"]}
+    assert set(theirs) == {(r["entry"], r["fill"]) for r in report["rows"]}
+    for r in report["rows"]:
+        assert r["torch_seconds"] == theirs[(r["entry"], r["fill"])] > 0
+        assert r["ours_over_torch"] == pytest.approx(r["seconds"] / r["torch_seconds"])
+
+
+def test_table_names_every_figure(tmp_path):
+    result = invoke("--geometry", "tiny", "--target", "llvm", "--repeat", "1", "--fills", "20",
+                    "--block", "4", "--prefill", "8", "--no-torch")
+    assert result.exit_code == 0, result.output
+    table = result.stdout
+    for line in ("decode", "verify T=4", "draft T=4", "prefill T=8", "AR decode", "spec cycle",
+                 "host enqueue", "model load", "peak GPU memory n/a", "copy bandwidth",
+                 "torch baseline: n/a (not asked for)"):
+        assert line in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--fills", "2000"), "need a 2065-token cache; the model's context is 2048 tokens"),
+    (("--block", "65"), "block must be in [2, 64]"),
+    (("--prefill", "1"), "prefill must be at least 2 tokens"),
+    (("--fills", "a,b"), "comma-separated cache lengths"),
+])
+def test_bad_settings_are_one_line_errors(args, message):
+    result = CliRunner().invoke(cli, ["bench", "--geometry", "tiny", "--target", "llvm", *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_model_or_geometry_required():
+    result = CliRunner().invoke(cli, ["bench", "--target", "llvm"])
+    assert result.exit_code == 2 and "give -m MODEL or --geometry" in result.output
+
+
+def test_bench_from_a_model_file_times_its_load(tiny_gguf):
+    result = invoke("-m", str(tiny_gguf), "--target", "llvm", "--json", "--repeat", "1",
+                    "--fills", "16", "--block", "4", "--prefill", "8", "--no-torch")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["load_source"] == "file" and out["load_seconds"] > 0
+    assert not out["torch"]["available"]
+    assert all(r["torch_seconds"] is None and r["ours_over_torch"] is None for r in out["rows"])
+
+
+def test_tiled_weights_have_the_geometry_and_unit_scale_activations():
+    weights = tiled_weights(TINY)
+    assert weights.embed.q.shape == (TINY.vocab, TINY.hidden)
+    assert len(weights.layers) == TINY.n_layers
+    dense = weights.layers[0].wq.dequantize(np.float64)
+    # rows of std ~1/sqrt(K): a unit-variance input keeps unit scale through the matmul
+    assert dense.shape == (TINY.q_dim, TINY.hidden)
+    assert 0.8 < dense.std() * np.sqrt(TINY.hidden) < 1.2
+
+
+def test_torch_baseline_computes_the_reference_network():
+    torch = pytest.importorskip("torch")
+    from trimode.runtime.torch_baseline import TorchModel
+
+    weights = random_weights(TINY, seed=4)
+    ref = ReferenceForward(ReferenceModel(TINY, weights), 256)
+    model = TorchModel.from_weights(TINY, weights, 256)  # float64
+
+    def rel_err(got, want):
+        return np.abs(got - want).max() / np.abs(want).max()
+
+    prompt = list(range(300, 370))  # crosses the tiny model's YaRN query-scale step at 64
+    assert rel_err(model.forward(torch.tensor(prompt), 0).numpy(), ref.causal(prompt).logits()) < 1e-6
+    block = [TINY.mask_token_id] * 6 + [5]
+    assert rel_err(model.forward(torch.tensor(block), 70, causal=False).numpy(),
+                   ref.bidirectional(block).logits()) < 1e-6
+    # after a bidirectional block, a causal pass at the same positions overwrites its K/V
+    tail = [9, 10, 11]
+    assert rel_err(model.forward(torch.tensor(tail), 70).numpy(), ref.causal(tail).logits()) < 1e-6
+    last = model.forward(torch.tensor([12, 13]), 73, last_only=True).numpy()
+    assert last.shape == (1, TINY.vocab)
+    assert rel_err(last, ref.causal([12, 13]).logits()[-1:]) < 1e-6
+
+
+def test_gpu_check_script_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "check.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--target", "llvm", "--geometry", "tiny",
+         "--fills", "20,60", "--block", "8", "--prefill", "16", "--repeat", "1", "--no-torch",
+         "--json-out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["checks"] and all(c["ok"] for c in report["checks"])
+    chain = next(c for c in report["checks"] if "exact_argmax" in c)
+    assert chain["exact_argmax"] == 25  # float32 on the CPU: no near-tie flips
+    assert "decode host enqueue" in done.stdout and "correctness (tiny vs float64" in done.stdout

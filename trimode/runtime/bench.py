@@ -1,0 +1,434 @@
+"""What `trimode bench` and bench/gpu_check.py measure (issue 7), with the TVM runtime only.
+
+One run: the device's copy bandwidth (the roofline's denominator), model load time, every
+compiled entry (decode, verify T, draft T at each cache fill; prefill T) with achieved GB/s
+and % of roofline, the AR loop and a self-speculation cycle with their host logic, the
+decode step's host enqueue time, peak memory; then, where torch is present, the same
+geometry as plain PyTorch bf16 (runtime/torch_baseline.py) and our/torch time ratios.
+
+Roofline of a step: the bytes it must read (every weight once; the cache's K/V up to the
+fill) over the measured copy bandwidth, read + write bytes per second. The report is a plain
+JSON-able dict; `render_table` prints it.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from trimode.model.config import ModelConfig
+from trimode.model.weights import LayerWeights, ModelWeights, Q8Matrix
+from trimode.runtime.decode import MAX_BLOCK, ar_cycle, spec_cycle
+from trimode.runtime.sampling import SamplingParams, Sampler
+
+Q8_BYTES_PER_WEIGHT = 34 / 32  # a Q8_0 block: 32 int8 + one fp16 scale
+WARMUP_CALLS = 2
+COPY_REPEATS = 10
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """fills: cache lengths the decode/verify/draft entries are timed at; block: verify and
+    draft rows; prefill: prompt length timed from an empty cache; repeat: timed calls per
+    figure (the median is kept); ar_steps: tokens of the AR loop; ctx: the KV cache's size
+    (None: what the timings need; a larger one shows in the memory figures)."""
+    fills: tuple[int, ...] = (512, 4096)
+    block: int = 32
+    prefill: int = 2048
+    repeat: int = 10
+    ar_steps: int = 64
+    ctx: int | None = None
+
+    @property
+    def needed_ctx(self) -> int:
+        """Cache that holds every timed step (the AR loop and spec cycle start at the first fill)."""
+        return max(max(self.fills) + self.block, self.prefill,
+                   self.fills[0] + max(self.ar_steps + 1, self.block))
+
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx or self.needed_ctx
+
+    def problem(self, cfg: ModelConfig) -> str | None:
+        if not self.fills or min(self.fills) < 0:
+            return f"fills must be cache lengths >= 0, got {','.join(map(str, self.fills))}"
+        if not 2 <= self.block <= MAX_BLOCK:
+            return f"block must be in [2, {MAX_BLOCK}] (the verify/draft entries' rows), got {self.block}"
+        if self.prefill < 2:
+            return f"prefill must be at least 2 tokens (one token is a decode step), got {self.prefill}"
+        if self.repeat < 1:
+            return f"repeat must be at least 1, got {self.repeat}"
+        if self.ctx is not None and self.ctx < self.needed_ctx:
+            return (f"a {self.ctx}-token cache cannot hold these fills, block and prefill "
+                    f"(they need {self.needed_ctx})")
+        if self.n_ctx > cfg.context_length:
+            return (f"these fills, block and prefill need a {self.n_ctx}-token cache; the model's "
+                    f"context is {cfg.context_length} tokens")
+        return None
+
+
+class Loaded(NamedTuple):
+    engine: object    # runtime.engine.Engine
+    seconds: float    # from the named source to a ready engine
+    source: str       # where the weights came from: "file" or "host memory"
+
+
+# --- the machine ---------------------------------------------------------------------------
+
+def tiled_weights(cfg: ModelConfig, seed: int = 0) -> ModelWeights:
+    """Random Q8_0 weights of any geometry in seconds: every layer shares the same host arrays
+    (upload still gives each its own device buffer); scales keep activations O(1)."""
+    rng = np.random.default_rng(seed)
+
+    def q8(n: int, k: int) -> Q8Matrix:
+        q = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
+        scale = np.full((n, k // 32), 1.0 / (73.0 * np.sqrt(k)), np.float16)  # 73 ~ std of q
+        return Q8Matrix(q=q, scale=scale)
+
+    mats = {"wq": q8(cfg.q_dim, cfg.hidden), "wk": q8(cfg.kv_dim, cfg.hidden),
+            "wv": q8(cfg.kv_dim, cfg.hidden), "wo": q8(cfg.hidden, cfg.q_dim),
+            "w_gate": q8(cfg.ffn, cfg.hidden), "w_up": q8(cfg.ffn, cfg.hidden),
+            "w_down": q8(cfg.hidden, cfg.ffn)}
+    norm = np.ones(cfg.hidden, np.float32)
+    layers = [LayerWeights(attn_norm=norm, ffn_norm=norm, **mats) for _ in range(cfg.n_layers)]
+    return ModelWeights(embed=q8(cfg.vocab, cfg.hidden), layers=layers, output_norm=norm,
+                        output=q8(cfg.vocab, cfg.hidden))
+
+
+def weight_bytes_per_step(cfg: ModelConfig, quantized: dict[str, bool], act_bytes: int) -> float:
+    """Weight bytes one forward pass reads (the embedding is gathered, not read whole)."""
+    per_layer = sum(n * k for name, (n, k) in cfg.matmul_shapes().items() if name != "head")
+    size = {True: Q8_BYTES_PER_WEIGHT, False: act_bytes}
+    return (cfg.n_layers * per_layer * size[quantized["layers"]]
+            + cfg.vocab * cfg.hidden * size[quantized["output"]])
+
+
+def copy_bandwidth(target: str) -> tuple[float | None, str]:
+    """Read + write bytes per second of a large copy on the target's memory, and what
+    measured it. A GPU needs torch for this; without it the roofline is n/a."""
+    if target != "cuda":
+        n = 256 << 20
+        seconds = _copy_seconds(np.empty(n, np.uint8), np.ones(n, np.uint8), np.copyto)
+        return 2 * n / seconds / 1e9, "numpy copy (host memory)"
+    from trimode.runtime.torch_baseline import torch_or_none
+
+    torch = torch_or_none()
+    if torch is None or not torch.cuda.is_available():
+        return None, "n/a (needs torch with CUDA)"
+
+    def copy(dst, src):
+        dst.copy_(src)
+        torch.cuda.synchronize()
+    n = 2 << 30
+    seconds = _copy_seconds(torch.empty(n, dtype=torch.uint8, device="cuda"),
+                            torch.empty(n, dtype=torch.uint8, device="cuda"), copy)
+    torch.cuda.empty_cache()  # the buffers died with _copy_seconds' frame
+    return 2 * n / seconds / 1e9, "torch device-to-device copy"
+
+
+def _copy_seconds(dst, src, copy: Callable) -> float:
+    return _median_seconds(lambda: copy(dst, src), COPY_REPEATS)
+
+
+def _nvidia_smi(query: str) -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
+def device_name(target: str) -> str:
+    if target == "cuda":
+        return _nvidia_smi("name") or "CUDA GPU (nvidia-smi unavailable)"
+    return f"CPU, {os.cpu_count()} cores"
+
+
+class MemoryWatch:
+    """GPU memory in use (nvidia-smi, whole device) sampled between phases; the peak over the
+    samples less the first is what the engine added. None everywhere without nvidia-smi."""
+
+    def __init__(self, target: str):
+        self.on = target == "cuda"
+        self.baseline = self._used()
+        self.peak = self.baseline
+
+    def _used(self) -> float | None:
+        value = _nvidia_smi("memory.used") if self.on else None
+        return float(value) if value else None
+
+    def sample(self) -> None:
+        used = self._used()
+        if used is not None:
+            self.peak = used if self.peak is None else max(self.peak, used)
+
+    def added(self) -> float | None:
+        return None if self.peak is None or self.baseline is None else self.peak - self.baseline
+
+
+# --- timing --------------------------------------------------------------------------------
+
+def _median_seconds(fn: Callable[[], object], repeat: int, warmup: int = WARMUP_CALLS) -> float:
+    """Median wall time of fn; every fn here ends synchronised with the device (it downloads
+    argmax/prob or syncs), so wall time is the step."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+class _Tokens:
+    """Random token ids above the special ids, from a fixed seed."""
+
+    def __init__(self, vocab: int, seed: int = 1):
+        self.rng, self.vocab = np.random.default_rng(seed), vocab
+
+    def __call__(self, n: int) -> list[int]:
+        return self.rng.integers(min(1000, self.vocab // 2), self.vocab, n).tolist()
+
+
+def time_entries(fwd, plan: BenchPlan, ids: _Tokens) -> list[dict]:
+    """Median time of each compiled entry at each fill, from a cache truncated to the fill."""
+    rows = []
+
+    def at_fill(fill: int, entry: Callable, n: int) -> float:
+        if fwd.length < fill:  # positions below the fill must hold K/V
+            fwd.truncate(0)
+            if fill:
+                fwd.causal(ids(fill), last_only=True)
+
+        def step():
+            fwd.truncate(fill)
+            entry(ids(n))
+        return _median_seconds(step, plan.repeat)
+
+    for fill in plan.fills:
+        for entry, name, fn, n in (("decode", "decode", fwd.causal, 1),
+                                   ("verify", f"verify T={plan.block}", fwd.causal, plan.block),
+                                   ("draft", f"draft T={plan.block}", fwd.bidirectional, plan.block)):
+            rows.append({"entry": entry, "name": name, "tokens": n, "fill": fill,
+                         "seconds": at_fill(fill, fn, n)})
+    seconds = at_fill(0, lambda t: fwd.causal(t, last_only=True), plan.prefill)
+    rows.append({"entry": "prefill", "name": f"prefill T={plan.prefill}", "tokens": plan.prefill,
+                 "fill": 0, "seconds": seconds})
+    return rows
+
+
+def time_ar_loop(fwd, plan: BenchPlan, ids: _Tokens) -> dict:
+    """Greedy AR from the first fill: decode steps with the decode loop's own host logic."""
+    sampler = Sampler(SamplingParams())
+    fwd.truncate(0)
+    prompt = ids(plan.fills[0] + 1)
+    if len(prompt) > 1:
+        fwd.causal(prompt[:-1], last_only=True)
+    history = list(prompt)
+    started = time.perf_counter()
+    for _ in range(plan.ar_steps):
+        history += ar_cycle(fwd, sampler, history).tokens
+    seconds = time.perf_counter() - started
+    return {"tokens": plan.ar_steps, "seconds": seconds, "tok_per_s": plan.ar_steps / seconds}
+
+
+def time_spec_cycle(fwd, plan: BenchPlan, ids: _Tokens, mask_id: int, shift: bool) -> float:
+    """One greedy self-speculation cycle (draft T = block, verify, accept, truncate) from
+    the first fill, decode.spec_cycle itself with its host logic."""
+    sampler = Sampler(SamplingParams())
+    fill = plan.fills[0]
+    history = ids(fill + 1)
+    fwd.truncate(0)
+    if fill:
+        fwd.causal(history[:-1], last_only=True)
+
+    def cycle():
+        fwd.truncate(fill)
+        spec_cycle(fwd, sampler, history, plan.block - 1, mask_id, shift)
+    return _median_seconds(cycle, plan.repeat)
+
+
+def time_decode_enqueue(fwd, repeat: int) -> dict:
+    """The compiled decode call alone (inputs already on the device, no outputs fetched):
+    how long the host takes to enqueue the step vs. until the device has finished it. On a
+    GPU, enqueue close to the synced time means the step is launch-bound. On the CPU the
+    call is synchronous and both are the step."""
+    engine, dev = fwd.engine, fwd.engine.device
+    decode, token = engine.entries["decode"], dev.upload(np.array([7], np.int32))
+    pos = dev.ffi.Shape([fwd.length])  # K/V written at the current end, not kept (length stays)
+    enqueued, synced = [], []
+    for i in range(WARMUP_CALLS + repeat):
+        started = time.perf_counter()
+        decode(token, pos, fwd.kv, *fwd.rope, engine.params)
+        returned = time.perf_counter()
+        dev.sync()
+        if i >= WARMUP_CALLS:
+            enqueued.append(returned - started)
+            synced.append(time.perf_counter() - started)
+    return {"enqueue_seconds": float(np.median(enqueued)), "synced_seconds": float(np.median(synced))}
+
+
+# --- the run -------------------------------------------------------------------------------
+
+def bench_engine(loaded: Loaded, plan: BenchPlan, memory: MemoryWatch) -> dict:
+    """Everything measured on our compiled engine. Keeps no reference to it afterwards."""
+    engine, cfg = loaded.engine, loaded.engine.config
+    fwd = engine.new_sequence(plan.n_ctx)
+    memory.sample()
+    ids = _Tokens(cfg.vocab)
+    rows = time_entries(fwd, plan, ids)
+    memory.sample()
+    ar = time_ar_loop(fwd, plan, ids)
+    spec = time_spec_cycle(fwd, plan, ids, cfg.mask_token_id, cfg.shift_logits)
+    enqueue = time_decode_enqueue(fwd, plan.repeat)
+    memory.sample()
+    return {"rows": rows, "ar": ar, "spec_cycle_seconds": spec, "decode_host": enqueue,
+            "n_ctx": plan.n_ctx, "dtype": engine.dtype}
+
+
+def bench_torch(cfg: ModelConfig, plan: BenchPlan, target: str) -> dict:
+    """The plain PyTorch model at the same geometry: decode, verify/draft T = block at each
+    fill, and prefill (last row's logits), each step ending in argmax on the host as a decode
+    loop needs it. bf16 on a GPU (where we run fp16); float32 on the CPU, where we run float32
+    and bf16 matmuls are emulated on most CPUs. {"available": False, "why": ...} where torch
+    cannot run."""
+    from trimode.runtime.torch_baseline import TorchModel, torch_or_none
+
+    torch = torch_or_none()
+    if torch is None:
+        return {"available": False, "why": "torch is not installed"}
+    device = "cuda" if target == "cuda" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        return {"available": False, "why": "torch has no CUDA device"}
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the copy-bandwidth buffers are not the model's
+    model = TorchModel.random(cfg, plan.n_ctx, device, dtype)
+    rows = _torch_rows(torch, model, plan, device)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"available": True, "version": torch.__version__, "device": device, "dtype": dtype,
+            "rows": rows, "peak_mem_mib": peak}
+
+
+def _torch_rows(torch, model, plan: BenchPlan, device: str) -> list[dict]:
+    ids = _Tokens(model.config.vocab)
+    rows = []
+    with torch.inference_mode():
+        def timed(fill: int, n: int, causal: bool = True, last_only: bool = False) -> float:
+            tokens = torch.tensor(ids(n), device=device)
+            return _median_seconds(
+                lambda: model.forward(tokens, fill, causal, last_only).argmax(-1).cpu(), plan.repeat)
+
+        for fill in plan.fills:  # the cache's content does not change the time, only its length
+            rows += [{"entry": "decode", "fill": fill, "seconds": timed(fill, 1)},
+                     {"entry": "verify", "fill": fill, "seconds": timed(fill, plan.block)},
+                     {"entry": "draft", "fill": fill, "seconds": timed(fill, plan.block, causal=False)}]
+        rows.append({"entry": "prefill", "fill": 0, "seconds": timed(0, plan.prefill, last_only=True)})
+    return rows
+
+
+def run_bench(cfg: ModelConfig, plan: BenchPlan, target: str, load: Callable[[], Loaded],
+              with_torch: bool = True) -> dict:
+    """The whole bench in one run: bandwidth, load, our entries, then torch (ours freed
+    first, so both fit on one GPU)."""
+    bandwidth, measured_by = copy_bandwidth(target)
+    memory = MemoryWatch(target)
+    loaded = load()
+    quantized = _quantized(loaded.engine)
+    act_bytes = 2 if loaded.engine.dtype == "float16" else 4
+    ours = bench_engine(loaded, plan, memory)
+    report = {"target": target, "device": device_name(target), "geometry": cfg.geometry_key(),
+              "plan": asdict(plan), "copy_gb_per_s": bandwidth, "copy_measured_by": measured_by,
+              "load_seconds": loaded.seconds, "load_source": loaded.source,
+              "gpu_mem_peak_mib": memory.peak, "gpu_mem_engine_mib": memory.added(),
+              "host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              **ours}
+    del loaded
+    gc.collect()
+    report["torch"] = (bench_torch(cfg, plan, target) if with_torch
+                       else {"available": False, "why": "not asked for"})
+    _add_derived(report, cfg, weight_bytes_per_step(cfg, quantized, act_bytes), act_bytes)
+    return report
+
+
+def _quantized(engine) -> dict[str, bool]:
+    """Which parts the compiled module holds as Q8_0, from its parameter names."""
+    names = {p["name"] for p in engine.manifest["params"]}
+    return {"layers": "layers.0.qkv.q" in names, "output": "head.q" in names}
+
+
+def _add_derived(report: dict, cfg: ModelConfig, weight_bytes: float, act_bytes: int) -> None:
+    """Bytes, GB/s, % of roofline and ratios for each row; decode at the same fill is the
+    unit for x_decode (prefill: the first fill's decode)."""
+    rows, bandwidth = report["rows"], report["copy_gb_per_s"]
+    decode_at = {r["fill"]: r["seconds"] for r in rows if r["entry"] == "decode"}
+    first_decode = decode_at[report["plan"]["fills"][0]]
+    torch_at = {(r["entry"], r["fill"]): r["seconds"] for r in report["torch"].get("rows", [])}
+    for r in rows:
+        r["bytes"] = weight_bytes + cfg.kv_bytes_per_token(act_bytes) * r["fill"]
+        r["gb_per_s"] = r["bytes"] / r["seconds"] / 1e9
+        r["roofline_pct"] = 100 * r["gb_per_s"] / bandwidth if bandwidth else None
+        r["x_decode"] = r["seconds"] / decode_at.get(r["fill"], first_decode)
+        r["tok_per_s"] = r["tokens"] / r["seconds"]
+        theirs = torch_at.get((r["entry"], r["fill"]))
+        r["torch_seconds"] = theirs
+        r["ours_over_torch"] = r["seconds"] / theirs if theirs else None
+    report["weight_bytes_per_step"] = weight_bytes
+    report["spec_cycle_x_decode"] = report["spec_cycle_seconds"] / first_decode
+    report["prefill_tok_per_s"] = next(r["tok_per_s"] for r in rows if r["entry"] == "prefill")
+
+
+def render_table(report: dict) -> str:
+    """The bench as text: a header, one line per entry, then the loop figures."""
+    def opt(value, fmt: str, none: str) -> str:
+        return none if value is None else format(value, fmt)
+
+    def mib(value) -> str:
+        return "n/a" if value is None else f"{value:.0f} MiB"
+
+    bw = report["copy_gb_per_s"]
+    torch = report["torch"]
+    lines = [f"== {report['geometry']} on {report['target']} ({report['device']}); cache "
+             f"{report['n_ctx']} tokens, {report['dtype']} activations",
+             f"copy bandwidth {opt(bw, '.0f', 'n/a')}{'' if bw is None else ' GB/s'} "
+             f"({report['copy_measured_by']}); "
+             f"weights read per step {report['weight_bytes_per_step'] / 1e6:.1f} MB",
+             f"{'entry':<16}{'fill':>6}{'ms':>10}{'GB/s':>8}{'%roof':>7}{'x decode':>9}"
+             f"{'torch ms':>10}{'ours/torch':>11}"]
+    for r in report["rows"]:
+        torch_ms = "-" if r["torch_seconds"] is None else f"{1e3 * r['torch_seconds']:.2f}"
+        lines.append(f"{r['name']:<16}{r['fill']:>6}{1e3 * r['seconds']:>10.2f}{r['gb_per_s']:>8.1f}"
+                     f"{opt(r['roofline_pct'], '.0f', '-'):>7}{r['x_decode']:>9.2f}"
+                     f"{torch_ms:>10}{opt(r['ours_over_torch'], '.2f', '-'):>11}")
+    host = report["decode_host"]
+    lines += [
+        f"AR decode {report['ar']['tok_per_s']:.1f} tok/s ({report['ar']['tokens']} tokens from fill "
+        f"{report['plan']['fills'][0]}, host logic included)",
+        f"spec cycle (draft + verify T={report['plan']['block']}, host logic) "
+        f"{1e3 * report['spec_cycle_seconds']:.2f} ms = {report['spec_cycle_x_decode']:.2f}x decode",
+        f"decode host enqueue {1e3 * host['enqueue_seconds']:.3f} ms, until done "
+        f"{1e3 * host['synced_seconds']:.3f} ms",
+        f"prefill {report['prefill_tok_per_s']:.0f} tok/s",
+        f"model load {report['load_seconds']:.2f} s (from {report['load_source']}); peak GPU memory "
+        f"{mib(report['gpu_mem_peak_mib'])} (engine {mib(report['gpu_mem_engine_mib'])}); "
+        f"host peak RSS {report['host_peak_rss_mib']:.0f} MiB",
+    ]
+    if torch["available"]:
+        lines.append(f"torch {torch['version']} {torch['dtype']} on {torch['device']}: peak memory "
+                     f"{mib(torch['peak_mem_mib'])}; ours/torch < 1 means we are faster")
+    else:
+        lines.append(f"torch baseline: n/a ({torch['why']})")
+    return "\n".join(lines)
