@@ -1,8 +1,7 @@
 """y[m, n] = sum_k x[m, k] * q[n, k] * scale[n, k // 32]: the Q8_0 dequant-matmul.
 
 Weights stay 8-bit in memory (int8 values, fp16 scale per 32) and are dequantized inside the
-kernel. Two factories: a hand-scheduled CPU loop nest, and the plain dequant + matmul blocks
-that dlight's GPU rules schedule (the CUDA fallback when no tuned kernel applies).
+kernel. This is the CPU loop nest; the CUDA kernels are in q8_matmul_cuda.py.
 """
 from __future__ import annotations
 
@@ -45,37 +44,5 @@ def q8_matmul_cpu(n: int, k: int) -> "T.PrimFunc":
                 y[r, j] = T.float32(0)
                 for i in range(CPU_LANES):
                     y[r, j] = y[r, j] + acc[i]
-
-    return q8_matmul
-
-
-def q8_matmul_blocks(n: int, k: int, dtype: str, m: int | None = None) -> "T.PrimFunc":
-    """Unscheduled dequant + matmul blocks with fp32 accumulation, for dlight (GPU).
-    m=None leaves the row count symbolic."""
-    n_blocks = k // Q8_BLOCK
-
-    @T.prim_func(private=True, s_tir=True)
-    def q8_matmul(var_x: T.handle, q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
-                  scale: T.Buffer((T.int64(n), T.int64(n_blocks)), "float16"), var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        rows = T.int64() if m is None else T.int64(m)
-        x = T.match_buffer(var_x, (rows, T.int64(k)), dtype)
-        y = T.match_buffer(var_y, (rows, T.int64(n)), dtype)
-        w = T.sblock_alloc_buffer((T.int64(n), T.int64(k)), dtype)
-        acc = T.sblock_alloc_buffer((rows, T.int64(n)), "float32")
-        for j, c in T.grid(T.int64(n), T.int64(k)):
-            with T.sblock("dequant"):
-                vj, vc = T.axis.remap("SS", [j, c])
-                w[vj, vc] = T.Cast(dtype, q[vj, vc]) * T.Cast(dtype, scale[vj, vc // Q8_BLOCK])
-        for r, j, c in T.grid(rows, T.int64(n), T.int64(k)):
-            with T.sblock("matmul"):
-                vr, vj, vc = T.axis.remap("SSR", [r, j, c])
-                with T.init():
-                    acc[vr, vj] = T.float32(0)
-                acc[vr, vj] = acc[vr, vj] + T.Cast("float32", x[vr, vc]) * T.Cast("float32", w[vj, vc])
-        for r, j in T.grid(rows, T.int64(n)):
-            with T.sblock("cast"):
-                vr, vj = T.axis.remap("SS", [r, j])
-                y[vr, vj] = T.Cast(dtype, acc[vr, vj])
 
     return q8_matmul
