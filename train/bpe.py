@@ -11,11 +11,11 @@ import json
 from dataclasses import dataclass
 
 import gguf
+import gguf.vocab
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from trimode.model.chat import CHATML_TEMPLATE
-from trimode.model.vocab import (NUM_SPECIAL, TEKKEN_PATTERN, TEKKEN_PRE, Vocab, bytes_to_unicode,
-                                 special_token_name)
+from trimode.model.vocab import NUM_SPECIAL, TEKKEN_PATTERN, TEKKEN_PRE, Vocab, special_token_name
 
 
 def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -62,7 +62,7 @@ def train_vocab(texts: list[str], vocab_size: int) -> TrainedVocab:
     trainer_tok.train_from_iterator(texts, trainer)
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
               for m in json.loads(trainer_tok.to_str())["model"]["merges"]][:n_merges]
-    byte_tokens = [bytes_to_unicode()[b] for b in range(256)]
+    byte_tokens = [gguf.vocab.bytes_to_unicode()[b] for b in range(256)]
     tokens = [special_token_name(i) for i in range(NUM_SPECIAL)] + byte_tokens + [a + b for a, b in merges]
     if len(set(tokens[NUM_SPECIAL:])) != len(tokens) - NUM_SPECIAL:
         raise ValueError("BPE training produced a duplicate merge result")

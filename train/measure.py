@@ -32,7 +32,7 @@ class Loaded:
 
 def load(path, n_ctx: int = 512) -> Loaded:
     gg = load_model(path)
-    return Loaded(ReferenceModel(gg.config, gg.weights()), Tokenizer.from_metadata(gg.metadata), n_ctx)
+    return Loaded(ReferenceModel(gg.config, gg.weights), Tokenizer.from_metadata(gg.metadata), n_ctx)
 
 
 def held_out_prompts(n: int, context_lines: int = 8, per_file: int = 2) -> list[str]:

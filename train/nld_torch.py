@@ -88,7 +88,8 @@ class NLDModel(nn.Module):
         angle = positions.to(torch.float64)[..., None] * self.inv_freq  # [B, T, d/2], float64 like the host tables
         cos = angle.cos().float()[:, None]
         sin = angle.sin().float()[:, None]
-        q_scale = torch.tensor(self.cfg.q_scale(positions.cpu().numpy()), dtype=torch.float32)[:, None, :, None]
+        q_scale = torch.tensor(self.cfg.q_scale(positions.cpu().numpy()), dtype=torch.float32,
+                               device=tokens.device)[:, None, :, None]
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, q_scale, visible)

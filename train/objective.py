@@ -57,11 +57,11 @@ def joint_loss(model, clean: torch.Tensor, mask_token: int, generator: torch.Gen
                visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """clean int64 [B, L] (L a multiple of BLOCK). Returns (ar_loss, diffusion_loss)."""
     batch, length = clean.shape
-    masked = block_masks(batch * length // BLOCK, generator).view(batch, length)
+    masked = block_masks(batch * length // BLOCK, generator).view(batch, length).to(clean.device)
     noisy = torch.where(masked, torch.full_like(clean, mask_token), clean)
-    positions = torch.arange(length).repeat(2)[None].expand(batch, -1)
+    positions = torch.arange(length, device=clean.device).repeat(2)[None].expand(batch, -1)
     if visible is None:
-        visible = visibility(length)
+        visible = visibility(length).to(clean.device)
     logits = model(torch.cat([noisy, clean], dim=1), positions, visible)
     noisy_logits, clean_logits = logits[:, :length], logits[:, length:]
     ar = F.cross_entropy(clean_logits[:, :-1].reshape(-1, logits.shape[-1]), clean[:, 1:].reshape(-1))

@@ -1,39 +1,41 @@
 """Train the embedded default model (trimode/data/nld-tiny-code.gguf) on this machine's CPU.
 
-    python train/train_default_model.py train   # corpus -> BPE -> joint training -> train/out/
-    python train/train_default_model.py export  # train/out/ -> trimode/data/nld-tiny-code.gguf
-    python train/train_default_model.py measure # the figures in BENCHMARKS.md
+    python train/train_default_model.py prepare  # stdlib corpus -> BPE -> token ids in train/out/
+    python train/train_default_model.py train    # joint AR + diffusion training -> train/out/model.pt
+    python train/train_default_model.py export   # train/out/ -> trimode/data/nld-tiny-code.gguf
+    python train/train_default_model.py measure  # the figures in BENCHMARKS.md
 
-Reproducible from --seed (same thread count, same Python stdlib). PyTorch is a development
-dependency only: pip install -e .[train].
+`prepare` fixes the data (it depends on the Python whose stdlib it reads), so `train` can run
+on another machine (--device cuda) from the same ids. Reproducible from --seed on the same
+device and thread count. PyTorch is a development dependency only: pip install -e .[train].
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
-import click
+# One BLAS thread: on shared cores, spinning worker threads make the reference forward 10x slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import click  # noqa: E402
 import numpy as np
 import torch
 
 import bpe
 import corpus
-import measure
-from export import model_weights
 from nld_torch import NLDModel
 from objective import AR_WEIGHT, BLOCK, DIFFUSION_WEIGHT, joint_loss, visibility
 from trimode.model.config import ModelConfig
 from trimode.model.default_model import DEFAULT_MODEL
-from trimode.model.gguf_file import write_model
-from trimode.runtime.generation import DecodeParams
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 VOCAB_SIZE = 4096
-# ~5M parameters, sized so the run ends within an hour on a share of two busy cores;
-# head_dim * heads (192) != hidden (256) and GQA 4:1 like the real models.
+EVAL_WINDOWS = 64  # held-out windows of --seq tokens (the first 16K held-out tokens at seq 256)
+# ~5M parameters, sized for a share of two busy CPU cores; head_dim * heads (192) != hidden
+# (256) and GQA 4:1 like the real models.
 GEOMETRY = ModelConfig(n_layers=4, hidden=256, ffn=768, n_heads=4, n_kv_heads=1, head_dim=48,
                        vocab=VOCAB_SIZE, context_length=4096, rope_theta=1e6,
                        yarn_orig_ctx=4096, yarn_factor=16.0)
@@ -59,12 +61,13 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 def evaluate(model: NLDModel, stream: np.ndarray, seq: int, n_windows: int, seed: int) -> dict:
     """Mean held-out AR and diffusion losses over the first n_windows disjoint windows."""
     model.eval()
+    device = model.output.weight.device
     gen = torch.Generator().manual_seed(seed)
-    visible = visibility(seq)
+    visible = visibility(seq).to(device)
     n = min(n_windows, len(stream) // seq)
     ar_sum = df_sum = 0.0
     for i in range(n):
-        window = torch.from_numpy(stream[i * seq:(i + 1) * seq].astype(np.int64))[None]
+        window = torch.from_numpy(stream[i * seq:(i + 1) * seq].astype(np.int64))[None].to(device)
         ar, df = joint_loss(model, window, GEOMETRY.mask_token_id, gen, visible)
         ar_sum += ar.item()
         df_sum += df.item()
@@ -78,57 +81,80 @@ def cli():
 
 
 @cli.command()
-@click.option("--steps", default=420, show_default=True)
-@click.option("--batch", default=4, show_default=True)
-@click.option("--seq", default=256, show_default=True, help="tokens per sequence (a multiple of 32)")
-@click.option("--lr", default=2e-3, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=1, show_default=True)
-@click.option("--eval-every", default=50, show_default=True)
-def train(steps, batch, seq, lr, seed, threads, eval_every):
-    """Corpus -> BPE -> joint AR + diffusion training; writes train/out/."""
-    if seq % BLOCK:
-        raise click.BadParameter(f"--seq must be a multiple of {BLOCK}")
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+def prepare():
+    """Corpus -> BPE -> token ids: train/out/vocab.json and train/out/tokens.npz."""
     OUT_DIR.mkdir(exist_ok=True)
     train_files, held_out = corpus.split(corpus.stdlib_files())
     vocab = bpe.train_vocab([f.text for f in train_files], VOCAB_SIZE)
     (OUT_DIR / "vocab.json").write_text(json.dumps({"tokens": vocab.tokens, "merges": vocab.merges}))
     train_stream, eval_stream = token_stream(train_files, vocab), token_stream(held_out, vocab)
+    np.savez(OUT_DIR / "tokens.npz", train=train_stream, held_out=eval_stream)
     print(f"corpus: {len(train_files)} train files ({len(train_stream)} tokens), "
           f"{len(held_out)} held-out files ({len(eval_stream)} tokens)", flush=True)
 
+
+@cli.command()
+@click.option("--steps", default=420, show_default=True)
+@click.option("--batch", default=4, show_default=True)
+@click.option("--seq", default=256, show_default=True, help="tokens per sequence (a multiple of 32)")
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda")
+@click.option("--threads", default=1, show_default=True, help="CPU threads (cpu device)")
+@click.option("--save-every", default=250, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=OUT_DIR, show_default=True)
+@click.option("--resume", type=click.Path(exists=True, path_type=Path), default=None,
+              help="start from this model.pt's weights (a new optimizer and schedule)")
+def train(steps, batch, seq, lr, seed, device, threads, save_every, out_dir, resume):
+    """Joint AR + diffusion training from prepared ids; writes OUT/model.pt and OUT/eval.json."""
+    if seq % BLOCK:
+        raise click.BadParameter(f"--seq must be a multiple of {BLOCK}")
+    if not (OUT_DIR / "tokens.npz").exists():
+        raise click.ClickException(f"no prepared data in {OUT_DIR}: run the prepare command first")
+    torch.set_num_threads(threads)
+    # TF32 matmuls on GPUs; no effect on CPU.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = np.load(OUT_DIR / "tokens.npz")
+    train_stream, eval_stream = data["train"], data["held_out"]
+
     model = NLDModel(GEOMETRY)
-    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", flush=True)
+    if resume:
+        model.load_state_dict(torch.load(resume, map_location="cpu")["state"])
+    model.to(device)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M on {device}", flush=True)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    visible = visibility(seq)
+    gen = torch.Generator().manual_seed(seed)  # mask draws on the CPU: the same on every device
+    visible = visibility(seq).to(device)
     start = time.time()
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
         offsets = rng.integers(0, len(train_stream) - seq, batch)
         clean = torch.from_numpy(np.stack([train_stream[o:o + seq] for o in offsets]).astype(np.int64))
-        ar, df = joint_loss(model, clean, GEOMETRY.mask_token_id, gen, visible)
+        ar, df = joint_loss(model, clean.to(device), GEOMETRY.mask_token_id, gen, visible)
         loss = AR_WEIGHT * ar + DIFFUSION_WEIGHT * df
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 10 == 0 or step == steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             print(f"step {step} ar {ar.item():.3f} diffusion {df.item():.3f} "
                   f"elapsed {time.time() - start:.0f}s", flush=True)
-        if (step + 1) % eval_every == 0 or step == steps - 1:
-            torch.save({"state": model.state_dict(), "step": step + 1}, OUT_DIR / "model.pt")
-    result = evaluate(model, eval_stream, seq, n_windows=32, seed=seed)
-    result.update(steps=steps, batch=batch, seq=seq, lr=lr, seed=seed, threads=threads,
-                  train_tokens=steps * batch * seq, wall_s=round(time.time() - start))
-    (OUT_DIR / "eval.json").write_text(json.dumps(result, indent=1))
+        if (step + 1) % save_every == 0 or step == steps - 1:
+            torch.save({"state": {k: v.cpu() for k, v in model.state_dict().items()}, "step": step + 1},
+                       out_dir / "model.pt")
+    train_s = time.time() - start
+    result = evaluate(model, eval_stream, seq, n_windows=EVAL_WINDOWS, seed=seed)
+    result.update(resumed_from=str(resume) if resume else None, steps=steps, batch=batch, seq=seq, lr=lr, seed=seed, device=device,
+                  device_name=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                  threads=threads, train_tokens=steps * batch * seq, train_s=round(train_s))
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"held-out: {result}", flush=True)
 
 
@@ -136,7 +162,7 @@ def load_trained() -> tuple[NLDModel, bpe.TrainedVocab]:
     if not (OUT_DIR / "model.pt").exists():
         raise click.ClickException(f"no trained model in {OUT_DIR}: run the train command first")
     model = NLDModel(GEOMETRY)
-    model.load_state_dict(torch.load(OUT_DIR / "model.pt")["state"])
+    model.load_state_dict(torch.load(OUT_DIR / "model.pt", map_location="cpu")["state"])
     model.eval()
     saved = json.loads((OUT_DIR / "vocab.json").read_text())
     return model, bpe.TrainedVocab(tokens=saved["tokens"], merges=[tuple(m) for m in saved["merges"]])
@@ -145,6 +171,9 @@ def load_trained() -> tuple[NLDModel, bpe.TrainedVocab]:
 @cli.command()
 def export():
     """train/out/ -> trimode/data/nld-tiny-code.gguf (Q8_0)."""
+    from export import model_weights
+    from trimode.model.gguf_file import write_model
+
     model, vocab = load_trained()
     DEFAULT_MODEL.parent.mkdir(exist_ok=True)
     write_model(DEFAULT_MODEL, GEOMETRY, model_weights(model), vocab.to_vocab(),
@@ -157,6 +186,9 @@ def export():
 @click.option("--max-tokens", default=64, show_default=True)
 def measure_cmd(n_prompts, max_tokens):
     """Figures for BENCHMARKS.md from the shipped GGUF (float64 reference forward)."""
+    import measure
+    from trimode.runtime.generation import DecodeParams
+
     torch.set_num_threads(1)
     loaded = measure.load(DEFAULT_MODEL)
     model, _ = load_trained()
