@@ -258,23 +258,33 @@ def time_spec_cycle(fwd, plan: BenchPlan, ids: _Tokens, mask_id: int, shift: boo
 
 
 def time_decode_enqueue(fwd, repeat: int) -> dict:
-    """The compiled decode call alone (inputs already on the device, no outputs fetched):
-    how long the host takes to enqueue the step vs. until the device has finished it. On a
-    GPU, enqueue close to the synced time means the step is launch-bound. On the CPU the
-    call is synchronous and both are the step."""
-    engine, dev = fwd.engine, fwd.engine.device
-    decode, token = engine.entries["decode"], dev.upload(np.array([7], np.int32))
-    pos = dev.ffi.Shape([fwd.length])  # K/V written at the current end, not kept (length stays)
+    """The compiled decode call alone vs. until the device has finished it: how long the host
+    takes to enqueue the step (inputs uploaded, no outputs fetched yet). On a GPU, enqueue
+    close to the synced time means the step is launch-bound. On the CPU the call is
+    synchronous and both are the step. The entry is wrapped for the measurement, so the
+    call is exactly the one CompiledForward makes."""
+    entries, dev = fwd.engine.entries, fwd.engine.device
+    decode, start = entries["decode"], fwd.length
     enqueued, synced = [], []
-    for i in range(WARMUP_CALLS + repeat):
+
+    def timed_decode(*args):
         started = time.perf_counter()
-        decode(token, pos, fwd.kv, *fwd.rope, engine.params)
-        returned = time.perf_counter()
+        out = decode(*args)
+        enqueued.append(time.perf_counter() - started)
         dev.sync()
-        if i >= WARMUP_CALLS:
-            enqueued.append(returned - started)
-            synced.append(time.perf_counter() - started)
-    return {"enqueue_seconds": float(np.median(enqueued)), "synced_seconds": float(np.median(synced))}
+        synced.append(time.perf_counter() - started)
+        return out
+
+    entries["decode"] = timed_decode
+    try:
+        for _ in range(WARMUP_CALLS + repeat):
+            fwd.truncate(start)
+            fwd.causal([7])
+    finally:
+        entries["decode"] = decode
+    fwd.truncate(start)
+    return {"enqueue_seconds": float(np.median(enqueued[WARMUP_CALLS:])),
+            "synced_seconds": float(np.median(synced[WARMUP_CALLS:]))}
 
 
 # --- the run -------------------------------------------------------------------------------
