@@ -258,33 +258,21 @@ def time_spec_cycle(fwd, plan: BenchPlan, ids: _Tokens, mask_id: int, shift: boo
 
 
 def time_decode_enqueue(fwd, repeat: int) -> dict:
-    """The compiled decode call alone vs. until the device has finished it: how long the host
-    takes to enqueue the step (inputs uploaded, no outputs fetched yet). On a GPU, enqueue
-    close to the synced time means the step is launch-bound. On the CPU the call is
-    synchronous and both are the step. The entry is wrapped for the measurement, so the
-    call is exactly the one CompiledForward makes."""
-    entries, dev = fwd.engine.entries, fwd.engine.device
-    decode, start = entries["decode"], fwd.length
+    """One decode step launched (step inputs written, entry called, no outputs fetched) vs.
+    launched and waited for: how long the host takes to enqueue the step against how long
+    the device takes to finish it. On a GPU, enqueue close to the synced time means the step
+    is launch-bound. On the CPU the call is synchronous and both are the step."""
+    dev = fwd.engine.device
     enqueued, synced = [], []
-
-    def timed_decode(*args):
+    for i in range(WARMUP_CALLS + repeat):
         started = time.perf_counter()
-        out = decode(*args)
-        enqueued.append(time.perf_counter() - started)
+        fwd.launch("decode", [7])  # at the current length, which it leaves alone
+        returned = time.perf_counter()
         dev.sync()
-        synced.append(time.perf_counter() - started)
-        return out
-
-    entries["decode"] = timed_decode
-    try:
-        for _ in range(WARMUP_CALLS + repeat):
-            fwd.truncate(start)
-            fwd.causal([7])
-    finally:
-        entries["decode"] = decode
-    fwd.truncate(start)
-    return {"enqueue_seconds": float(np.median(enqueued[WARMUP_CALLS:])),
-            "synced_seconds": float(np.median(synced[WARMUP_CALLS:]))}
+        if i >= WARMUP_CALLS:
+            enqueued.append(returned - started)
+            synced.append(time.perf_counter() - started)
+    return {"enqueue_seconds": float(np.median(enqueued)), "synced_seconds": float(np.median(synced))}
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -302,7 +290,7 @@ def bench_engine(loaded: Loaded, plan: BenchPlan, memory: MemoryWatch) -> dict:
     enqueue = time_decode_enqueue(fwd, plan.repeat)
     memory.sample()
     return {"rows": rows, "ar": ar, "spec_cycle_seconds": spec, "decode_host": enqueue,
-            "n_ctx": plan.n_ctx, "dtype": engine.dtype}
+            "n_ctx": plan.n_ctx, "dtype": engine.dtype, "cuda_graphs": engine.cuda_graph_report()}
 
 
 def bench_torch(cfg: ModelConfig, plan: BenchPlan, target: str) -> dict:
@@ -423,14 +411,16 @@ def render_table(report: dict) -> str:
         lines.append(f"{r['name']:<16}{r['fill']:>6}{1e3 * r['seconds']:>10.2f}{r['gb_per_s']:>8.1f}"
                      f"{opt(r['roofline_pct'], '.0f', '-'):>7}{r['x_decode']:>9.2f}"
                      f"{torch_ms:>10}{opt(r['ours_over_torch'], '.2f', '-'):>11}")
-    host = report["decode_host"]
+    host, graphs = report["decode_host"], report["cuda_graphs"]
+    graph_use = (f"{', '.join(graphs['entries'])} ({'used' if graphs['used'] else 'not used'})"
+                 if graphs["entries"] else "none")
     lines += [
         f"AR decode {report['ar']['tok_per_s']:.1f} tok/s ({report['ar']['tokens']} tokens from fill "
         f"{report['plan']['fills'][0]}, host logic included)",
         f"spec cycle (draft + verify T={report['plan']['block']}, host logic) "
         f"{1e3 * report['spec_cycle_seconds']:.2f} ms = {report['spec_cycle_x_decode']:.2f}x decode",
         f"decode host enqueue {1e3 * host['enqueue_seconds']:.3f} ms, until done "
-        f"{1e3 * host['synced_seconds']:.3f} ms",
+        f"{1e3 * host['synced_seconds']:.3f} ms; CUDA graphs: {graph_use}",
         f"prefill {report['prefill_tok_per_s']:.0f} tok/s",
         f"model load {report['load_seconds']:.2f} s (from {report['load_source']}); peak GPU memory "
         f"{mib(report['gpu_mem_peak_mib'])} (engine {mib(report['gpu_mem_engine_mib'])}); "
