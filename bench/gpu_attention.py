@@ -23,6 +23,8 @@ COPY_BANDWIDTH = 3000e9  # bytes/s, the H100's measured copy bandwidth (issue 7)
 # (entry, T, causal); each runs at every cache fill.
 CASES = [("decode", 1, True), ("verify", 32, True), ("draft", 32, False), ("prefill", 2048, True)]
 FILLS = (4096, 32768)
+# default_plan's max_splits per row class (attention_cuda.py; not imported: no compiler here)
+MAX_SPLITS = {"decode": 128, "verify": 64, "draft": 64, "prefill": 16}
 SAMPLED_ROWS = 6
 REPEATS = 20
 
@@ -87,10 +89,15 @@ def run_case(ffi, module, device, rng, entry, n_t, causal, pos):
     kv = rng.standard_normal((1, 2, N_KV_HEADS, ctx, HEAD_DIM), np.float32).astype(half)
     k_new = rng.standard_normal((n_t, N_KV_HEADS, HEAD_DIM), np.float32).astype(half)
     v_new = rng.standard_normal((n_t, N_KV_HEADS, HEAD_DIM), np.float32).astype(half)
-    args = [device.upload(q), device.upload(kv), 0, pos, device.upload(k_new),
-            device.upload(v_new), device.upload(np.full(q.shape, np.nan, half))]
+    out = device.upload(np.full(q.shape, np.nan, half))
+    # pos lives on the device; the split scratch is the caller's (max_splits * T rows bound it)
+    rows_bound = MAX_SPLITS[entry] * n_t
+    args = [device.upload(q), device.upload(kv), 0, device.upload(np.array([pos], np.int32)),
+            device.upload(k_new), device.upload(v_new), out,
+            device.upload(np.zeros((rows_bound, N_HEADS, HEAD_DIM), np.float32)),
+            device.upload(np.zeros((rows_bound, N_HEADS), np.float32))]
     module[entry](*args)
-    got = device.download(args[-1], q.shape, half).astype(np.float64)
+    got = device.download(out, q.shape, half).astype(np.float64)
     rows = sorted({0, n_t - 1, *rng.integers(0, n_t, SAMPLED_ROWS).tolist()})
     want = reference_rows(q, kv, pos, k_new, v_new, causal, rows)
     unwritten = int(np.isnan(got).sum())
