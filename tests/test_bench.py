@@ -116,6 +116,15 @@ def test_bad_settings_are_one_line_errors(args, message):
     assert message in result.output and "Traceback" not in result.output
 
 
+def test_cuda_without_a_gpu_is_a_one_line_error():
+    from trimode.runtime.tvm_runtime import cuda_device_count
+
+    if cuda_device_count():
+        pytest.skip("this machine has a GPU")
+    result = CliRunner().invoke(cli, ["bench", "--geometry", "tiny", "--target", "cuda"])
+    assert result.exit_code == 2 and "reports no CUDA GPU" in result.output
+
+
 def test_model_or_geometry_required():
     result = CliRunner().invoke(cli, ["bench", "--target", "llvm"])
     assert result.exit_code == 2 and "give -m MODEL or --geometry" in result.output

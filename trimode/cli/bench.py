@@ -41,11 +41,13 @@ def bench(model, geometry, target, artifact, fills, block, prefill, ctx_size, re
     from trimode.model.config import GEOMETRIES
     from trimode.runtime.bench import BenchPlan, Loaded, render_table, run_bench, tiled_weights
     from trimode.runtime.engine import Engine
-    from trimode.runtime.tvm_runtime import default_target
+    from trimode.runtime.tvm_runtime import cuda_device_count, default_target
 
     if (model is None) == (geometry is None):
         raise click.UsageError("give -m MODEL or --geometry, not both")
     target = target or default_target()
+    if target == "cuda" and cuda_device_count() == 0:
+        raise click.UsageError("--target cuda: the driver reports no CUDA GPU here (use --target llvm)")
     log = (lambda msg: click.echo(msg, err=True))
 
     if model:
