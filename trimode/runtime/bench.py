@@ -4,7 +4,8 @@ One run: the device's copy bandwidth (the roofline's denominator), model load ti
 compiled entry (decode, verify T, draft T at each cache fill; prefill T) with achieved GB/s
 and % of roofline, the AR loop and a self-speculation cycle with their host logic, the
 decode step's host enqueue time, peak memory; then, where torch is present, the same
-geometry as plain PyTorch bf16 (runtime/torch_baseline.py) and our/torch time ratios.
+geometry as plain PyTorch (bf16 on a GPU, float32 on the CPU; runtime/torch_baseline.py)
+and our/torch time ratios.
 
 Roofline of a step: the bytes it must read (every weight once; the cache's K/V up to the
 fill) over the measured copy bandwidth, read + write bytes per second. The report is a plain
