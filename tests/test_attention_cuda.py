@@ -14,7 +14,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from trimode.compiler.kernels.attention_cuda import (  # noqa: E402
-    AttentionPlan, attention_cuda, attention_cuda_unscheduled, default_plan, scratch_rows)
+    AttentionPlan, attention_cuda, attention_cuda_unscheduled, default_plan, scratch_rows, scratch_rows_at)
 from trimode.model.config import ModelError  # noqa: E402
 
 HQ, HKV, D = 4, 1, 32  # the tiny test models' heads
@@ -55,7 +55,8 @@ def _check(lib, rng, n_t, pos, causal, plan, n_kv_heads=HKV):
     out = tvm.runtime.tensor(np.full((n_t, HQ, D), np.nan, "float32"))  # poisoned
     # The split scratch as the model sizes it, poisoned too: splits past the keys at this pos
     # (the grid is sized by the cache, not pos) must write what the merge weighs as nothing.
-    rows = scratch_rows(HQ, n_kv_heads, plan, n_t)
+    rows = int(scratch_rows_at(HQ, n_kv_heads, plan, n_t))  # the tight bound, at this T
+    assert rows <= scratch_rows(HQ, n_kv_heads, plan, n_t)  # what a block entry allocates
     part_out = tvm.runtime.tensor(np.full((rows, HQ, D), np.nan, "float32"))
     part_lse = tvm.runtime.tensor(np.full((rows, HQ), np.nan, "float32"))
     kv_dev = tvm.runtime.tensor(kv)

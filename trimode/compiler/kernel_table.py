@@ -77,7 +77,7 @@ class Kernels:
 
         c, plan = self.cfg, self._attention_plan(rows)
         if rows == "many":
-            n = plan.max_splits * t
+            n = attention_cuda.scratch_rows_at(c.n_heads, c.n_kv_heads, plan, t)
         else:
             n = attention_cuda.scratch_rows(c.n_heads, c.n_kv_heads, plan,
                                             1 if rows == "one" else MAX_BLOCK)

@@ -94,6 +94,15 @@ def scratch_rows(n_heads: int, n_kv_heads: int, plan: AttentionPlan, t: int) -> 
     return rows
 
 
+def scratch_rows_at(n_heads: int, n_kv_heads: int, plan: AttentionPlan, t):
+    """The same bound at exactly T rows, T symbolic (prefill: its scratch grows with T but
+    not by max_splits, which at T = 32k would be gigabytes)."""
+    group = n_heads // n_kv_heads
+    ctas_per_split = tirx.floordiv(t * group + plan.rows_per_cta - 1, plan.rows_per_cta) * n_kv_heads
+    splits = tirx.floordiv(plan.target_ctas + ctas_per_split - 1, ctas_per_split)
+    return tirx.max(tirx.min(splits, plan.max_splits), 1) * t
+
+
 def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, dtype: str,
                    t, max_ctx, plan: AttentionPlan, on_gpu: bool):
     _check_geometry(n_heads, n_kv_heads, head_dim, plan)
@@ -315,7 +324,7 @@ def attention_cuda(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
     Buffers (same order as attention.attention_cpu): q [T, Hq, D], kv [L, 2, Hkv, C, D],
     layer int64, pos int32 [1] (on the device, so a CUDA graph serves every position),
     k_new / v_new [T, Hkv, D], out [T, Hq, D], then the split scratch part_out [R, Hq, D] and
-    part_lse [R, Hq] fp32 with R >= scratch_rows(...) (or max_splits * T). `t` is an int
+    part_lse [R, Hq] fp32 with R >= scratch_rows(...) (or scratch_rows_at(..., T)). `t` is an int
     (static T) or "dynamic"; `max_ctx` an int or "symbolic" (C). The plan defaults by T: 1 -> decode,
     static T <= 64 -> block, otherwise prefill; pass default_plan(..., "block") for a verify or
     draft entry whose T is dynamic.
