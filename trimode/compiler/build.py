@@ -24,19 +24,18 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
                   arch: str | None = None, root: Path | None = None, force: bool = False,
                   log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     """Returns the artifact folder, building it unless an identical build is cached."""
-    import tvm
-    from tvm.relax.frontend import nn  # noqa: F401  (fails early if the compiler is missing)
-
-    from trimode.compiler.kernel_table import Kernels
-    from trimode.compiler.model import NLDModel, mark_static_arguments
-    from trimode.compiler.pipeline import build_library
-
     target = resolve_target(target_name, arch)
     schedules, schedules_id = schedules_for(target)
     key = build_key(cfg, quantized, target, schedules_id)
     out = artifact_dir(cfg, quantized, target_name, key, root)
     if (out / MANIFEST).exists() and not force:
-        return out
+        return out  # a cache hit never pays for importing the compiler
+
+    import tvm
+
+    from trimode.compiler.kernel_table import Kernels
+    from trimode.compiler.model import NLDModel, mark_static_arguments
+    from trimode.compiler.pipeline import build_library
 
     started = time.time()
     log(f"compiling {cfg.geometry_key()} for {target_name} -> {out}")

@@ -33,6 +33,8 @@ def tvm_lib_dir() -> Path:
 @lru_cache(maxsize=None)
 def load_runtime(gpu: bool):
     """Loads the runtime libraries once; returns the tvm_ffi module."""
+    # tvm_ffi imports torch when it is installed (5 s) for a DLPack bridge we never use.
+    os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
     import tvm_ffi  # first: it loads libtvm_ffi.so, which libtvm_runtime links against
 
     lib_dir = tvm_lib_dir()
