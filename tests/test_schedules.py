@@ -102,3 +102,33 @@ def test_reference_matches_dequantized_matmul():
     expected = np.array([[sum(float(x[r, c]) * w[j, c] for c in range(64)) for j in columns]
                          for r in range(3)])
     np.testing.assert_allclose(q8_reference(x, q, scale, columns), expected, rtol=1e-12)
+
+
+def test_compile_uses_the_tuned_database_of_the_named_gpu(tmp_path, monkeypatch):
+    """database_for feeds the kernel table: a tuned entry replaces the default schedule of its
+    shape, an unknown GPU gets the defaults, and the database's content is part of the key."""
+    import tvm_ffi
+
+    from trimode.compiler.kernel_table import Kernels
+    from trimode.compiler.kernels import q8_matmul_cuda
+    from trimode.model.config import GEOMETRIES
+
+    cfg = GEOMETRIES["tiny"]
+    n, k = cfg.matmul_shapes()["qkv"]
+    default = q8_matmul_cuda.default_schedule(n, k, 1)
+    tuned = next(c for c in q8_matmul_cuda.schedule_candidates(n, k, 1) if c != default)
+    monkeypatch.setattr(schedules, "DATABASE_DIR", tmp_path)
+    assert schedules.database_for("NVIDIA Unknown 1GB") == ({}, "none")
+    schedules.write_database("NVIDIA Test GPU", [_result((n, k), 1, tuned, 5.0)], "2026-11-27")
+    table, first_id = schedules.database_for("NVIDIA Test GPU")
+    assert table == {schedules.entry_key("q8_matmul", (n, k), 1): tuned}
+    assert first_id.startswith("nvidia-test-gpu-")
+
+    chosen = Kernels(cfg, "cuda", table).q8_matmul(n, k, "one", "qkv")
+    fallback = Kernels(cfg, "cuda", {}).q8_matmul(n, k, "one", "qkv")
+    expect = q8_matmul_cuda.q8_matmul(n, k, 1, "float16", schedule=tuned)
+    assert tvm_ffi.structural_equal(chosen.without_attr("op_pattern"), expect)
+    assert not tvm_ffi.structural_equal(chosen, fallback)
+
+    schedules.write_database("NVIDIA Test GPU", [_result((n, k), 1, default, 4.0)], "2026-11-28")
+    assert schedules.database_for("NVIDIA Test GPU")[1] != first_id

@@ -51,15 +51,13 @@ def resolve_target(name: str, arch: str | None = None) -> dict:
     raise ValueError(f"unknown target {name!r} (llvm or cuda)")
 
 
-def schedules_for(target: dict) -> tuple[dict, str]:
-    """The tuned schedule database for this GPU, or none (defaults) with a note."""
+def schedules_for(target: dict, gpu_name: str | None = None) -> tuple[dict, str]:
+    """The tuned schedule database of the GPU named, or ({}, "none"): default schedules."""
     if target["kind"] != "cuda":
         return {}, "none"
-    try:
-        from trimode.schedules import database_for
-    except ImportError:
-        return {}, "none"
-    return database_for(target)
+    from trimode.schedules import database_for
+
+    return database_for(gpu_name)
 
 
 def cuda_graphs_enabled(target: dict) -> bool:

@@ -11,12 +11,16 @@ import click
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default=None,
               help="Default: cuda when a GPU is present, else llvm.")
 @click.option("--arch", default=None, help="CUDA architecture, e.g. sm_90a (default: this GPU's, else sm_90a).")
+@click.option("--gpu", default=None,
+              help="GPU whose tuned schedules to use (trimode/schedules/<gpu>.json), e.g. "
+                   "'NVIDIA H100 80GB HBM3' (default: this machine's GPU).")
 @click.option("--force", is_flag=True, help="Rebuild even if a cached artifact exists.")
-def compile_cmd(model, geometry, target, arch, force):
+def compile_cmd(model, geometry, target, arch, gpu, force):
     """Compile MODEL (or --geometry) into artifacts/ and print the artifact folder."""
     from trimode.compiler.build import compile_model
     from trimode.model.config import GEOMETRIES
-    from trimode.runtime.tvm_runtime import cuda_arch, cuda_device_count, default_target
+    from trimode.runtime.tvm_runtime import (cuda_arch, cuda_device_count, cuda_device_name,
+                                             default_target)
 
     if (model is None) == (geometry is None):
         raise click.UsageError("give a MODEL file or --geometry, not both")
@@ -29,7 +33,8 @@ def compile_cmd(model, geometry, target, arch, force):
     else:
         cfg, quantized = GEOMETRIES[geometry], {"embed": True, "layers": True, "output": True}
     target = target or default_target()
-    if target == "cuda" and arch is None and cuda_device_count() > 0:
-        arch = cuda_arch()
-    out = compile_model(cfg, quantized, target, arch, force=force)
+    if target == "cuda" and cuda_device_count() > 0:
+        arch = arch or cuda_arch()
+        gpu = gpu or cuda_device_name()
+    out = compile_model(cfg, quantized, target, arch, force=force, gpu_name=gpu)
     click.echo(str(out))

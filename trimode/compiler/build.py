@@ -22,10 +22,11 @@ from trimode.model.config import ModelConfig
 
 def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str = "llvm",
                   arch: str | None = None, root: Path | None = None, force: bool = False,
-                  log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Returns the artifact folder, building it unless an identical build is cached."""
+                  log=lambda msg: print(msg, file=sys.stderr), gpu_name: str | None = None) -> Path:
+    """Returns the artifact folder, building it unless an identical build is cached.
+    gpu_name picks the tuned schedule database (schedules/<gpu>.json) of a CUDA build."""
     target = resolve_target(target_name, arch)
-    schedules, schedules_id = schedules_for(target)
+    schedules, schedules_id = schedules_for(target, gpu_name)
     key = build_key(cfg, quantized, target, schedules_id)
     out = artifact_dir(cfg, quantized, target_name, key, root)
     if (out / MANIFEST).exists() and not force:
@@ -39,6 +40,9 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
 
     started = time.time()
     log(f"compiling {cfg.geometry_key()} for {target_name} -> {out}")
+    if target_name == "cuda":
+        log(f"  schedules: tuned database {schedules_id}" if schedules else
+            f"  schedules: no tuned database for GPU {gpu_name or '(none named)'}; kernel defaults")
     kernels = Kernels(cfg, target_name, schedules)
     model = NLDModel(cfg, quantized, kernels)
     mod, named_params = model.export_tvm(spec=model.entry_specs())

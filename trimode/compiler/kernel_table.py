@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from trimode.compiler.kernels import attention, embedding, kv_cache, logits, norm, q8_matmul, rope
 from trimode.model.config import ModelConfig
+from trimode.schedules import entry_key
 
 MAX_BLOCK = 64
 
@@ -37,7 +38,7 @@ class Kernels:
 
         m = 1 if rows == "one" else "dynamic"
         return opaque(q8_matmul_cuda.q8_matmul(n, k, m, self.dtype, schedule=self.schedules.get(
-            ("q8_matmul", n, k, m))))
+            entry_key("q8_matmul", (n, k), m))))
 
     def q8_embedding(self, vocab: int, hidden: int):
         return embedding.q8_embedding(vocab, hidden, self.dtype)
@@ -87,8 +88,10 @@ class Kernels:
         from trimode.compiler.kernels import attention_cuda
 
         c = self.cfg
-        return self.schedules.get(("attention", rows)) or attention_cuda.default_plan(
-            c.n_heads, c.n_kv_heads, rows)
+        tuned = self.schedules.get(f"attention/{rows}")
+        if tuned:
+            return attention_cuda.AttentionPlan(**tuned)
+        return attention_cuda.default_plan(c.n_heads, c.n_kv_heads, rows)
 
     def last_row(self, hidden: int):
         return _cached(logits.last_row, hidden, self.dtype)

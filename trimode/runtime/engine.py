@@ -28,7 +28,7 @@ from trimode.artifacts import (MANIFEST, artifact_dir, build_key, resolve_target
 from trimode.model.config import ModelConfig, ModelError
 from trimode.model.weights import ModelWeights, Q8Matrix
 from trimode.runtime.forward import ContextFull, StepResult
-from trimode.runtime.tvm_runtime import Device, cuda_arch, default_target
+from trimode.runtime.tvm_runtime import Device, cuda_arch, cuda_device_name, default_target
 
 MAX_BLOCK = 64  # the verify/draft entries' row limit (kernel_table.MAX_BLOCK)
 
@@ -81,12 +81,14 @@ def find_or_compile(cfg: ModelConfig, quantized: dict[str, bool], target: str,
                     arch: str | None = None, log=None) -> Path:
     """The cached artifact for this build, compiling it (importing the compiler) on a miss."""
     spec = resolve_target(target, arch)
-    out = artifact_dir(cfg, quantized, target, build_key(cfg, quantized, spec, schedules_for(spec)[1]))
+    gpu = cuda_device_name() if target == "cuda" else None
+    out = artifact_dir(cfg, quantized, target,
+                       build_key(cfg, quantized, spec, schedules_for(spec, gpu)[1]))
     if (out / MANIFEST).exists():
         return out
     from trimode.compiler.build import compile_model  # the only runtime path into the compiler
 
-    return compile_model(cfg, quantized, target, arch, log=log or _stderr)
+    return compile_model(cfg, quantized, target, arch, log=log or _stderr, gpu_name=gpu)
 
 
 def _stderr(msg: str) -> None:

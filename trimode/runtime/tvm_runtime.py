@@ -124,3 +124,15 @@ def cuda_arch(index: int = 0) -> str:
     cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, index)
     arch = f"sm_{major.value}{minor.value}"
     return arch + "a" if major.value == 9 else arch
+
+
+def cuda_device_name(index: int = 0) -> str | None:
+    """The GPU's name as the driver reports it (e.g. 'NVIDIA H100 80GB HBM3'), or None."""
+    if cuda_device_count() <= index:
+        return None
+    cuda = ctypes.CDLL("libcuda.so.1")
+    name = ctypes.create_string_buffer(256)
+    device = ctypes.c_int(0)
+    if cuda.cuDeviceGet(ctypes.byref(device), index) != 0 or cuda.cuDeviceGetName(name, 256, device) != 0:
+        return None
+    return name.value.decode()

@@ -10,6 +10,7 @@ Keys are `<kernel>/<n>x<k>/m<m>` with m an int or "dynamic". Nothing here import
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -50,6 +51,20 @@ def lookup(gpu_name: str, kernel: str, shape, m, directory: Path | None = None) 
         return None
     entry = database["entries"].get(entry_key(kernel, shape, m))
     return None if entry is None else dict(entry["schedule"])
+
+
+def database_for(gpu_name: str | None, directory: Path | None = None) -> tuple[dict, str]:
+    """Every tuned schedule of this GPU keyed by entry_key, and an id naming the database's
+    content (part of the artifact key, so re-tuning rebuilds); ({}, "none") when the GPU is
+    unknown or was never tuned: the kernels' default schedules apply."""
+    if not gpu_name:
+        return {}, "none"
+    path = database_path(gpu_name, directory)
+    if not path.exists():
+        return {}, "none"
+    database = json.loads(path.read_text())
+    schedules = {key: dict(entry["schedule"]) for key, entry in database["entries"].items()}
+    return schedules, f"{gpu_key(gpu_name)}-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
 
 
 def best_per_key(measurements: list[dict]) -> dict[str, dict]:
