@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 from importlib import metadata
 from pathlib import Path
 
@@ -66,6 +67,17 @@ def cuda_graphs_enabled(target: dict) -> bool:
     return target["kind"] == "cuda" and os.environ.get("TRIMODE_CUDA_GRAPHS", "1") != "0"
 
 
+def cpu_fingerprint() -> str:
+    """This processor's model and feature flags (a CPU build targets them: -mcpu=native)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    first = info.split("\n\n")[0]
+    lines = [line for line in first.splitlines() if line.startswith(("model name", "flags"))]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+
+
 def build_key(cfg: ModelConfig, quantized: dict[str, bool], target: dict, schedules_id: str) -> str:
     parts = {
         "cuda_graphs": cuda_graphs_enabled(target),
@@ -76,6 +88,8 @@ def build_key(cfg: ModelConfig, quantized: dict[str, bool], target: dict, schedu
         "trimode": __version__,
         "compiler": compiler_source_hash(),
     }
+    if target["kind"] == "llvm":
+        parts["cpu"] = cpu_fingerprint()  # CPU builds use this processor's instruction set
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
