@@ -30,12 +30,21 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module, attr = target.split(":")
+        return getattr(importlib.import_module(f"trimode.cli.{module}"), attr)
+
+    def invoke(self, ctx):
+        # A model or setting the engine cannot use is the user's error: one line, no traceback.
+        from trimode.model.config import ModelError
+
         try:
-            return getattr(importlib.import_module(f"trimode.cli.{module}"), attr)
-        except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("trimode.cli"):
-                return None  # not written yet
-            raise
+            return super().invoke(ctx)
+        except ModelError as err:
+            raise OneLineError(str(err)) from None
+
+
+class OneLineError(click.ClickException):
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,8 +54,6 @@ def cli():
 
 
 def main():
-    from trimode.model.config import ModelError
-
     try:
         cli(standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -55,9 +62,6 @@ def main():
         err.show()
         sys.exit(err.exit_code)
     except click.Abort:
-        sys.exit(1)
-    except ModelError as err:
-        click.echo(f"error: {err}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from trimode.model.default_model import model_or_default
+
 from trimode.runtime.decode import (DEFAULT_BLOCK_LENGTH, DEFAULT_DRAFT_LENGTH, DEFAULT_THRESHOLD,
                                     MODES)
 
@@ -53,18 +55,6 @@ def stats_line(stats: dict, finish: str) -> str:
             f"{stats['tokens_per_forward']:.2f} tokens/forward; {accepted}"
             f"prefill {stats['prefill_tok_s']:.1f} tok/s, decode {stats['decode_tok_s']:.1f} tok/s, "
             f"first token {stats['ttft_s'] * 1000:.0f} ms")
-
-
-def resolve_model(model: str | None) -> Path:
-    if model:
-        return Path(model)
-    from trimode.model.default_model import DEFAULT_MODEL
-
-    if not DEFAULT_MODEL.exists():
-        raise click.ClickException(
-            f"no -m given and the default model is not installed ({DEFAULT_MODEL}); pass "
-            "-m MODEL.gguf (`trimode make-model --geometry tiny OUT.gguf` makes a test model)")
-    return DEFAULT_MODEL
 
 
 @click.command()
@@ -133,7 +123,7 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
     from trimode.runtime.generation import (DecodeParams, GenerationRequest, RequestError,
                                             SamplingParams, TokenEvent, generate as run)
 
-    path = resolve_model(model)
+    path = model_or_default(model)
     click.echo(f"loading {path} ...", err=True)
     started = time.perf_counter()
     engine = load_engine(path, target)

@@ -11,8 +11,9 @@ from trimode.runtime.decode import MAX_BLOCK, MODES, DecodeParams
 
 
 @click.command()
-@click.option("-m", "--model", "model_path", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path), help="GGUF model file.")
+@click.option("-m", "--model", "model_path", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="GGUF model file (default: the embedded model).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option("-c", "--ctx-size", "n_ctx", default=None, type=click.IntRange(min=2),
@@ -43,6 +44,9 @@ def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, rea
     del reasoning_format
     import uvicorn
 
+    from trimode.model.default_model import model_or_default
+
+    model_path = model_or_default(model_path)
     from trimode.model.config import ModelError
     from trimode.runtime.server.app import ServerSettings, create_app
 
