@@ -168,7 +168,11 @@ class Scheduler:
                     self._cond.wait()
                     continue
             for slot in busy:
-                self._step(slot)
+                try:
+                    self._step(slot)
+                except Exception as err:  # the thread must outlive any one request
+                    log.exception("generation failed")
+                    self._abandon(slot, err)
 
     def _admit(self) -> None:
         """Start waiting jobs, oldest first, on free slots (the one whose cache shares the
@@ -201,16 +205,21 @@ class Scheduler:
             event = next(slot.events)
         except StopIteration:
             event = Failed("generation ended without a result")
-        except Exception as err:
-            log.exception("generation failed")
-            slot.forward.truncate(0)  # nothing in the cache is trusted after a failure
-            slot.history = []
-            event = Failed(f"generation failed: {type(err).__name__}: {err}")
         if isinstance(event, TokenEvent):
             slot.history.extend(event.ids)
         self._send(job, event)
         if isinstance(event, (DoneEvent, Failed)):
             self._release(slot)
+
+    def _abandon(self, slot: Slot, err: Exception) -> None:
+        """Fail the slot's request and free the slot; nothing in its cache is trusted."""
+        slot.forward.truncate(0)
+        slot.history = []
+        if slot.job is not None:
+            self._send(slot.job, Failed(f"generation failed: {type(err).__name__}: {err}"))
+        if slot.events is not None:
+            slot.events.close()
+        self._release(slot)
 
     def _send(self, job: Job, event: object) -> None:
         try:
