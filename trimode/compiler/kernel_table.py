@@ -11,9 +11,8 @@ from functools import lru_cache
 
 from trimode.compiler.kernels import attention, embedding, kv_cache, logits, norm, q8_matmul, rope
 from trimode.model.config import ModelConfig
+from trimode.runtime.forward import MAX_BLOCK
 from trimode.schedules import entry_key
-
-MAX_BLOCK = 64
 
 
 @dataclass

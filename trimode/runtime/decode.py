@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from trimode.runtime.forward import Forward
+from trimode.runtime.forward import MAX_BLOCK, Forward
 from trimode.runtime.sampling import Sampler
 
 MODES = ("ar", "diffusion", "spec")
@@ -26,7 +26,6 @@ MODES = ("ar", "diffusion", "spec")
 DEFAULT_DRAFT_LENGTH = 15
 DEFAULT_BLOCK_LENGTH = 32
 DEFAULT_THRESHOLD = 0.9
-MAX_BLOCK = 64  # the compiled draft/verify entries take at most 64 rows
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,9 @@ from trimode.artifacts import (MANIFEST, artifact_dir, build_key, resolve_target
                                schedules_for)
 from trimode.model.config import ModelConfig, ModelError
 from trimode.model.weights import ModelWeights, Q8Matrix
-from trimode.runtime.forward import ContextFull, StepResult
+from trimode.runtime.forward import MAX_BLOCK, ContextFull, StepResult
 from trimode.runtime.tvm_runtime import Device, cuda_arch, cuda_device_name, default_target
 
-MAX_BLOCK = 64  # the verify/draft entries' row limit (kernel_table.MAX_BLOCK)
 
 
 def quantized_parts(weights: ModelWeights) -> dict[str, bool]:
@@ -184,19 +183,21 @@ class CompiledForward:
     def length(self) -> int:
         return self._length
 
-    def _room(self, n: int) -> None:
+    def _check(self, tokens: Sequence[int]) -> None:
+        """Refuses a pass before any of it runs, so a refused call leaves the sequence as it was."""
+        n = len(tokens)
         if n == 0:
             raise ValueError("a forward pass needs at least one token")
         if self._length + n > self.n_ctx:
             raise ContextFull(f"context full: {self._length} cached + {n} new tokens > {self.n_ctx}")
+        if min(tokens) < 0 or max(tokens) >= self.config.vocab:
+            raise ValueError(f"token id out of range [0, {self.config.vocab})")
 
     def launch(self, entry: str, tokens: Sequence[int]):
         """Runs one compiled entry at the current length (which it leaves alone) and returns
         its outputs on the device, nothing fetched: (logits, argmax, prob[, kv])."""
         dev, engine = self.engine.device, self.engine
         ids = np.asarray(tokens, dtype=np.int32)
-        if ids.min() < 0 or ids.max() >= self.config.vocab:
-            raise ValueError(f"token id out of range [0, {self.config.vocab})")
         self._host_pos[0] = self._length
         dev.write(self.pos, self._host_pos)
         if entry == "prefill":  # any T: a fresh tensor, run eagerly
@@ -221,7 +222,7 @@ class CompiledForward:
                           fetch_logits=lambda: dev.download(logits))
 
     def causal(self, tokens: Sequence[int], last_only: bool = False) -> StepResult:
-        self._room(len(tokens))
+        self._check(tokens)
         if len(tokens) == 1:
             step = self._run("decode", tokens)
         elif last_only:
@@ -244,7 +245,7 @@ class CompiledForward:
                           fetch_logits=lambda: np.concatenate([s.logits() for s in steps]))
 
     def bidirectional(self, tokens: Sequence[int]) -> StepResult:
-        self._room(len(tokens))
+        self._check(tokens)
         if len(tokens) > MAX_BLOCK:
             raise ValueError(f"a bidirectional block holds at most {MAX_BLOCK} tokens, got {len(tokens)}")
         return self._run("draft", tokens)

@@ -16,6 +16,11 @@ import numpy as np
 from trimode.model.config import ModelConfig
 
 
+# The most tokens one bidirectional pass (or one compiled causal all-rows pass) takes: the
+# verify/draft entries are compiled for blocks of up to this many rows.
+MAX_BLOCK = 64
+
+
 class ContextFull(ValueError):
     """The sequence would not fit in the KV cache."""
 

@@ -73,7 +73,7 @@ class Device:
         self._alloc = get("runtime.TVMTensorAllocWithScope")
         self._copy_from = get("runtime.TVMTensorCopyFromBytes")
         self._copy_to = get("runtime.TVMTensorCopyToBytes")
-        self._sync = get("runtime.Device_StreamSync", allow_missing=True)
+        self._sync = get("runtime.Device_StreamSync")
 
     def empty(self, shape, dtype: str):
         return self._alloc(self.ffi.Shape([int(s) for s in shape]), self.ffi.dtype(dtype),
@@ -93,10 +93,6 @@ class Device:
         out = np.empty(tuple(tensor.shape), dtype=str(tensor.dtype))
         self._copy_to(tensor, ctypes.c_void_p(out.ctypes.data), out.nbytes)
         return out
-
-    def sync(self) -> None:
-        """Waits for the device's queued work (compiled calls return once enqueued on a GPU)."""
-        self._sync(self.device, 0)  # 0: the default stream the VM runs on
 
     def sync(self) -> None:
         """Waits until the device has finished the work queued so far."""
