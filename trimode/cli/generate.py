@@ -123,6 +123,15 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
     from trimode.runtime.generation import (DecodeParams, GenerationRequest, RequestError,
                                             SamplingParams, TokenEvent, generate as run)
 
+    # Settings are checked before the model loads (which may compile for minutes).
+    sampling = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                              seed=None if seed is None or seed < 0 else seed,
+                              repetition_penalty=repeat_penalty, penalty_last_n=repeat_last_n)
+    decode = DecodeParams(mode=mode, draft_length=draft_length, block_length=block_length,
+                          threshold=threshold)
+    problem = sampling.problem() or decode.problem()
+    if problem:
+        raise click.UsageError(problem)
     path = model_or_default(model)
     click.echo(f"loading {path} ...", err=True)
     started = time.perf_counter()
@@ -139,12 +148,8 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
     request = GenerationRequest(
         prompt_ids=tuple(ids),
         max_tokens=max(n_ctx - len(ids), 0) if n_predict < 0 else n_predict,
-        sampling=SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                                seed=None if seed is None or seed < 0 else seed,
-                                repetition_penalty=repeat_penalty, penalty_last_n=repeat_last_n),
-        decode=DecodeParams(mode=mode, draft_length=draft_length, block_length=block_length,
-                            threshold=threshold),
-        stop=tuple(stop), loop_detection=not no_loop_detection, suppress_ids=suppress)
+        sampling=sampling, decode=decode, stop=tuple(stop),
+        loop_detection=not no_loop_detection, suppress_ids=suppress)
 
     tokens, pieces = [], []
     try:
