@@ -47,6 +47,29 @@ def loop_found(tokens: Sequence[int]) -> bool:
     return periodic_loop(tokens) or ngram_loop(tokens)
 
 
+class NgramWindow:
+    """ngram_loop, kept up to date one token at a time (it runs after every generated token):
+    counts of the 6-grams inside the last 300 tokens. Once the window holds 60 tokens, every
+    earlier check came out false, so only the newest 6-gram's count can have reached 6."""
+    SIZE, GRAM, MIN_WINDOW, REPEATS = 300, 6, 60, 6
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+
+    def push(self, tokens: Sequence[int]) -> bool:
+        """tokens: every token so far, the newest last. True when the rule fires."""
+        n = len(tokens)
+        if n >= self.GRAM:
+            self.counts[tuple(tokens[n - self.GRAM:])] += 1
+        if n > self.SIZE:  # the gram starting just before the window left it
+            self.counts[tuple(tokens[n - self.SIZE - 1:n - self.SIZE - 1 + self.GRAM])] -= 1
+        if n < self.MIN_WINDOW:
+            return False
+        if n == self.MIN_WINDOW:
+            return max(self.counts.values()) >= self.REPEATS
+        return self.counts[tuple(tokens[n - self.GRAM:])] >= self.REPEATS
+
+
 def held_prefix(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of `text` that is a proper start of some stop string."""
     longest = 0
@@ -73,6 +96,7 @@ class Stops:
         self.max_tokens = max_tokens
         self.loop_detection = loop_detection
         self.tokens: list[int] = []
+        self.ngrams = NgramWindow()
         self.pending = ""  # decoded, not shown: may be the start of a stop string
         self.finish: str | None = None
         self.message = ""
@@ -100,7 +124,7 @@ class Stops:
                 self.pending = ""
                 self.stop_string_hit = True
                 self.end("stop")
-            elif self.loop_detection and loop_found(self.tokens):
+            elif self.loop_detection and (self.ngrams.push(self.tokens) or periodic_loop(self.tokens)):
                 self.end("loop", f"stopped: a repetition loop after {len(self.tokens)} tokens")
             elif len(self.tokens) >= self.max_tokens:
                 self.end("length")
