@@ -100,3 +100,15 @@ def test_sampling_fields(tiny_model, tokenizer):
     assert req.stop == ("x",)
     random_seed = CompletionRequest.model_validate({"prompt": [1, 2], "seed": -1})
     assert completion_request(random_seed, tokenizer, settings(tiny_model)).sampling.seed is None
+
+
+def test_a_completion_prompt_that_starts_with_bos_gets_one_bos():
+    from trimode.model.chat import encode_prompt
+    from trimode.model.tokenizer import Tokenizer
+    from trimode.model.vocab import make_vocab
+
+    tok = Tokenizer.from_metadata(make_vocab(2048).to_metadata())
+    plain = encode_prompt(tok, "def f():", add_bos=True)
+    assert plain[0] == tok.bos_id and plain.count(tok.bos_id) == 1
+    assert encode_prompt(tok, "<s>def f():", add_bos=True) == plain
+    assert encode_prompt(tok, "def f():", add_bos=False) == plain[1:]

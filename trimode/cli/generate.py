@@ -34,17 +34,14 @@ def build_prompt(tokenizer, metadata: dict, text: str | None, ids: str | None, c
         except ValueError:
             raise click.BadParameter("give comma-separated integers, e.g. 1,2,3",
                                      param_hint="--prompt-ids") from None
-    from trimode.model.chat import render_chat
+    from trimode.model.chat import encode_prompt, render_chat
 
     bos = tokenizer.tokens[tokenizer.bos_id]
     if chat:
         text = render_chat(metadata.get("tokenizer.chat_template") or None,
                            [{"role": "user", "content": text}], reasoning=reasoning,
                            template_vars={"bos_token": bos})
-    out = tokenizer.encode_template(text)
-    if metadata.get("tokenizer.ggml.add_bos_token", True) and out[:1] != [tokenizer.bos_id]:
-        out = [tokenizer.bos_id, *out]
-    return out
+    return encode_prompt(tokenizer, text, bool(metadata.get("tokenizer.ggml.add_bos_token", True)))
 
 
 def stats_line(stats: dict, finish: str) -> str:

@@ -145,3 +145,12 @@ def _compiled(template: str) -> jinja2.Template:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise ModelError(f"chat template: {e.message} (line {e.lineno})") from None
+
+
+def encode_prompt(tokenizer, text: str, add_bos: bool) -> list[int]:
+    """A rendered prompt as ids: special tokens parsed, and BOS first when the model wants
+    one (tokenizer.ggml.add_bos_token) and the text does not already start with it."""
+    ids = tokenizer.encode_template(text)
+    if add_bos and ids[:1] != [tokenizer.bos_id]:
+        ids = [tokenizer.bos_id, *ids]
+    return ids

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trimode.model.chat import render_chat
+from trimode.model.chat import encode_prompt, render_chat
 from trimode.model.config import ModelError
 from trimode.model.tokenizer import Tokenizer
 from trimode.runtime.generation import DecodeParams, GenerationRequest, SamplingParams
@@ -44,9 +44,7 @@ def chat_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
                            reasoning=reasoning, template_vars={"bos_token": _bos(tokenizer)})
     except ModelError as err:
         raise APIError(400, str(err), "messages") from None
-    ids = tokenizer.encode_template(text)
-    if settings.add_bos and ids[:1] != [tokenizer.bos_id]:
-        ids = [tokenizer.bos_id, *ids]
+    ids = encode_prompt(tokenizer, text, settings.add_bos)
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     penalized = tuple(sorted(set(tokenizer.encode(replies[-1])))) if replies else ()
     suppress = () if reasoning else tuple(
@@ -57,7 +55,7 @@ def chat_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
 def completion_request(body: CompletionRequest, tokenizer: Tokenizer,
                        settings: PromptSettings) -> GenerationRequest:
     if isinstance(body.prompt, str):
-        ids = tokenizer.encode_template(body.prompt, add_bos=settings.add_bos)
+        ids = encode_prompt(tokenizer, body.prompt, settings.add_bos)
     else:
         ids = list(body.prompt)
         if max(ids) >= len(tokenizer):
