@@ -124,8 +124,8 @@ def test_compile_uses_the_tuned_database_of_the_named_gpu(tmp_path, monkeypatch)
     assert table == {schedules.entry_key("q8_matmul", (n, k), 1): tuned}
     assert first_id.startswith("nvidia-test-gpu-")
 
-    chosen = Kernels(cfg, "cuda", table).q8_matmul(n, k, "one", "qkv")
-    fallback = Kernels(cfg, "cuda", {}).q8_matmul(n, k, "one", "qkv")
+    chosen = Kernels(cfg, "cuda", table).q8_matmul(n, k, "one")
+    fallback = Kernels(cfg, "cuda", {}).q8_matmul(n, k, "one")
     expect = q8_matmul_cuda.q8_matmul(n, k, 1, "float16", schedule=tuned)
     assert tvm_ffi.structural_equal(chosen.without_attr("op_pattern"), expect)
     assert not tvm_ffi.structural_equal(chosen, fallback)

@@ -61,7 +61,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
             "dtype": kernels.dtype,
             "layout": layout_key(cfg, quantized),
             "config": cfg.geometry_key(),
-            "entries": ["prefill", "decode", "verify", "draft"],
+            "entries": list(model.entry_specs()),
             "cuda_graph_entries": graph_entries,
             "params": [{"name": name, "shape": [int(s) for s in p.shape], "dtype": p.dtype}
                        for name, p in named_params],

@@ -30,7 +30,7 @@ class Kernels:
     def is_gpu(self) -> bool:
         return self.target_kind == "cuda"
 
-    def q8_matmul(self, n: int, k: int, rows: str, role: str):
+    def q8_matmul(self, n: int, k: int, rows: str):
         if not self.is_gpu:
             return _cached(q8_matmul.q8_matmul_cpu, n, k)
         from trimode.compiler.kernels import q8_matmul_cuda

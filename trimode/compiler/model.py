@@ -29,7 +29,7 @@ class Q8Linear(nn.Module):
         self.n, self.k, self.kernels, self.role = n, k, kernels, role
 
     def forward(self, x: Tensor, rows: str) -> Tensor:
-        kernel = self.kernels.q8_matmul(self.n, self.k, rows, self.role)
+        kernel = self.kernels.q8_matmul(self.n, self.k, rows)
         out = Tensor.placeholder([x.shape[0], self.n], x.dtype)
         return op.tensor_ir_op(kernel, f"q8_matmul_{self.role}", [x, self.q, self.scale], out)
 

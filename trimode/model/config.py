@@ -124,19 +124,15 @@ class ModelConfig:
         return 1.0 + self.q_scale_beta * np.log1p(np.floor(np.asarray(positions, np.float64) / interval))
 
 
-def _preset(**kw) -> ModelConfig:
-    return ModelConfig(**kw)
-
-
 GEOMETRIES: dict[str, ModelConfig] = {
     # head_dim != hidden / heads and GQA 4:1, like the real models; a short YaRN original
     # context so tests cross the long-context query-scale steps.
-    "tiny": _preset(n_layers=2, hidden=96, ffn=192, n_heads=4, n_kv_heads=1, head_dim=32,
+    "tiny": ModelConfig(n_layers=2, hidden=96, ffn=192, n_heads=4, n_kv_heads=1, head_dim=32,
                     vocab=2048, context_length=2048, rope_theta=1e6, yarn_orig_ctx=64),
-    "3b": _preset(n_layers=26, hidden=3072, ffn=9216, n_heads=32, n_kv_heads=8, head_dim=128,
+    "3b": ModelConfig(n_layers=26, hidden=3072, ffn=9216, n_heads=32, n_kv_heads=8, head_dim=128,
                   vocab=131072, rope_theta=1e6),
-    "8b": _preset(n_layers=34, hidden=4096, ffn=14336, n_heads=32, n_kv_heads=8, head_dim=128,
+    "8b": ModelConfig(n_layers=34, hidden=4096, ffn=14336, n_heads=32, n_kv_heads=8, head_dim=128,
                   vocab=131072, rope_theta=1e6),
-    "14b": _preset(n_layers=40, hidden=5120, ffn=16384, n_heads=32, n_kv_heads=8, head_dim=128,
+    "14b": ModelConfig(n_layers=40, hidden=5120, ffn=16384, n_heads=32, n_kv_heads=8, head_dim=128,
                    vocab=131072, rope_theta=1e9),
 }

@@ -177,7 +177,6 @@ class CompiledForward:
         self.pos, self.tokens = dev.upload(self._host_pos), dev.upload(self._host_tokens)
         self._static = [self.pos, self.kv, *self.rope]
         self._length = 0
-        self.forwards = 0  # compiled passes run, for tokens-per-forward statistics
 
     @property
     def length(self) -> int:
@@ -215,7 +214,6 @@ class CompiledForward:
     def _run(self, entry: str, tokens: Sequence[int]) -> StepResult:
         dev = self.engine.device
         out = self.launch(entry, tokens)
-        self.forwards += 1
         logits = out[0]
         return StepResult(argmax=dev.download(out[1]).astype(np.int64),
                           prob=dev.download(out[2]),
