@@ -62,7 +62,7 @@ class Device:
         return array
 
     def sync(self):
-        self._sync(self.dev, None)
+        self._sync(self.dev, 0)  # the default stream (this tvm_ffi refuses None)
 
 
 def reference_rows(q, kv, pos, k_new, v_new, causal, rows):
