@@ -108,7 +108,7 @@ def test_table_names_every_figure(tmp_path):
     (("--fills", "2000"), "need a 2065-token cache; the model's context is 2048 tokens"),
     (("--block", "65"), "block must be in [2, 64]"),
     (("--prefill", "1"), "prefill must be at least 2 tokens"),
-    (("--fills", "a,b"), "comma-separated cache lengths"),
+    (("--fills", "a,b"), "comma-separated integers"),
 ])
 def test_bad_settings_are_one_line_errors(args, message):
     result = CliRunner().invoke(cli, ["bench", "--geometry", "tiny", "--target", "llvm", *args])

@@ -85,7 +85,7 @@ def test_chat_prompt_closes_the_think_block(tokenizer, tiny_model):
     assert thinking.endswith("<think>\n")
     plain = build_prompt(tokenizer, tiny_model.metadata, "hello", None, chat=False, reasoning=False)
     assert plain == [tokenizer.bos_id, *tokenizer.encode("hello")]
-    assert build_prompt(tokenizer, {}, None, "3, 4,5", chat=True, reasoning=False) == [3, 4, 5]
+    assert build_prompt(tokenizer, {}, None, [3, 4, 5], chat=True, reasoning=False) == [3, 4, 5]
 
 
 @pytest.mark.parametrize("args,message", [

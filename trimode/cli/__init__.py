@@ -42,6 +42,25 @@ class LazyGroup(click.Group):
             raise OneLineError(str(err)) from None
 
 
+class IntList(click.ParamType):
+    """`1,2,3` -> [1, 2, 3] (token ids, cache fills); at least one integer."""
+    name = "INTS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            ints = [int(part) for part in str(value).split(",") if part.strip()]
+        except ValueError:
+            self.fail(f"expected comma-separated integers, e.g. 1,2,3, got {value!r}", param, ctx)
+        if not ints:
+            self.fail("expected at least one integer", param, ctx)
+        return ints
+
+
+INT_LIST = IntList()
+
+
 class OneLineError(click.ClickException):
     def show(self, file=None):
         click.echo(f"error: {self.format_message()}", err=True)

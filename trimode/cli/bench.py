@@ -7,15 +7,7 @@ import time
 
 import click
 
-
-def parse_fills(ctx, param, value: str) -> tuple[int, ...]:
-    try:
-        fills = tuple(int(part) for part in value.split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter("give comma-separated cache lengths, e.g. 512,4096") from None
-    if not fills:
-        raise click.BadParameter("give at least one cache length")
-    return fills
+from trimode.cli import INT_LIST
 
 
 @click.command()
@@ -26,7 +18,7 @@ def parse_fills(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), help="device (default: cuda if present)")
 @click.option("--artifact", type=click.Path(exists=True, file_okay=False),
               help="compiled folder to use as it is (default: the artifact cache, compiling on a miss)")
-@click.option("--fills", default="512,4096", show_default=True, callback=parse_fills,
+@click.option("--fills", default="512,4096", show_default=True, type=INT_LIST,
               help="cache lengths to time decode/verify/draft at")
 @click.option("--block", default=32, show_default=True, help="rows of the verify and draft passes")
 @click.option("--prefill", default=2048, show_default=True, help="prompt length of the prefill timing")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from trimode.cli import INT_LIST
 from trimode.model.default_model import model_or_default
 
 from trimode.runtime.decode import (DEFAULT_BLOCK_LENGTH, DEFAULT_DRAFT_LENGTH, DEFAULT_THRESHOLD,
@@ -24,16 +25,12 @@ def note(message: str) -> None:
     click.echo(f"note: {message}", err=True)
 
 
-def build_prompt(tokenizer, metadata: dict, text: str | None, ids: str | None, chat: bool,
+def build_prompt(tokenizer, metadata: dict, text: str | None, ids: list[int] | None, chat: bool,
                reasoning: bool) -> list[int]:
     """The prompt as token ids: given ids verbatim; text through the chat template (chat) or
     as is, with BOS where the model wants it."""
     if ids is not None:
-        try:
-            return [int(part) for part in ids.split(",") if part.strip()]
-        except ValueError:
-            raise click.BadParameter("give comma-separated integers, e.g. 1,2,3",
-                                     param_hint="--prompt-ids") from None
+        return list(ids)
     from trimode.model.chat import encode_prompt, render_chat
 
     bos = tokenizer.tokens[tokenizer.bos_id]
@@ -57,7 +54,7 @@ def stats_line(stats: dict, finish: str) -> str:
 @click.command()
 @click.option("-m", "--model", type=click.Path(dir_okay=False), help="GGUF model (default: the embedded model)")
 @click.option("-p", "--prompt", help="prompt text")
-@click.option("--prompt-ids", help="prompt as comma-separated token ids (no template, no BOS)")
+@click.option("--prompt-ids", type=INT_LIST, help="prompt as comma-separated token ids (no template, no BOS)")
 @click.option("-f", "--file", "prompt_file", type=click.File("r", encoding="utf-8"), help="read the prompt text from a file")
 @click.option("-n", "--n-predict", "n_predict", type=int, default=256, show_default=True,
               help="tokens to generate; -1: until the context is full")

@@ -4,20 +4,14 @@ from __future__ import annotations
 import click
 import numpy as np
 
-
-def _ids(text: str | None) -> list[int]:
-    if not text:
-        return []
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated token ids, got {text!r}")
+from trimode.cli import INT_LIST
 
 
 @click.command("logits")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--prompt-ids", required=True, help="Comma-separated ids, run under the causal mask.")
-@click.option("--block-ids", default=None,
+@click.option("--prompt-ids", required=True, type=INT_LIST,
+              help="Comma-separated ids, run under the causal mask.")
+@click.option("--block-ids", default=None, type=INT_LIST,
               help="Comma-separated ids run as one bidirectional block after the prompt.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .npy")
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default=None)
@@ -26,9 +20,7 @@ def logits(model, prompt_ids, block_ids, output, target):
     the causal mask, then the block's rows under the bidirectional mask over the prompt."""
     from trimode.runtime.engine import load_engine
 
-    prompt, block = _ids(prompt_ids), _ids(block_ids)
-    if not prompt:
-        raise click.BadParameter("at least one prompt id is needed", param_hint="--prompt-ids")
+    prompt, block = prompt_ids, block_ids or []
     engine = load_engine(model, target)
     vocab = engine.config.vocab
     bad = [i for i in prompt + block if not 0 <= i < vocab]
