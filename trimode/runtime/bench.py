@@ -24,11 +24,11 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from trimode.model.config import ModelConfig
-from trimode.model.weights import LayerWeights, ModelWeights, Q8Matrix
+from trimode.model.weights import Q8_0_DTYPE, Q8_BLOCK, LayerWeights, ModelWeights, Q8Matrix
 from trimode.runtime.decode import MAX_BLOCK, ar_cycle, spec_cycle
 from trimode.runtime.sampling import SamplingParams, Sampler
 
-Q8_BYTES_PER_WEIGHT = 34 / 32  # a Q8_0 block: 32 int8 + one fp16 scale
+Q8_BYTES_PER_WEIGHT = Q8_0_DTYPE.itemsize / Q8_BLOCK  # 32 int8 + one fp16 scale per block
 WARMUP_CALLS = 2
 COPY_REPEATS = 10
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-Q8_BLOCK = 32
+from trimode.model.weights import Q8_BLOCK
+
 
 
 def q8_embedding(vocab: int, hidden: int, dtype: str) -> "T.PrimFunc":

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-Q8_BLOCK = 32
+from trimode.model.weights import Q8_BLOCK
+
 CPU_LANES = 8  # fp32 lanes of one AVX2 register: the reduction is kept as 8 partial sums
 # Below this many weights a matmul runs on one thread: waking the pool costs more than the
 # work (and on a loaded machine a descheduled worker stalls the whole step).

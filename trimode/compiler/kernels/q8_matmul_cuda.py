@@ -23,8 +23,8 @@ schedules and `trimode.schedules.lookup` hands them back as the `schedule` dict.
 from __future__ import annotations
 
 from trimode.model.config import ModelError
+from trimode.model.weights import Q8_BLOCK
 
-Q8_BLOCK = 32
 MMA_ROWS = 16          # rows of x per mma m-tile
 MMA_COLS = 8           # weight rows (output features) per mma n-tile
 MMA_K_CHUNK = 64       # k covered by one 16-byte load per thread of a 4-thread group
