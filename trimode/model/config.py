@@ -73,6 +73,13 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def layer_matrix_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out N, in K) of each matrix of one layer as the file holds it (weights.LAYER_MATRICES)."""
+        return {"wq": (self.q_dim, self.hidden), "wk": (self.kv_dim, self.hidden),
+                "wv": (self.kv_dim, self.hidden), "wo": (self.hidden, self.q_dim),
+                "w_gate": (self.ffn, self.hidden), "w_up": (self.ffn, self.hidden),
+                "w_down": (self.hidden, self.ffn)}
+
     def matmul_shapes(self) -> dict[str, tuple[int, int]]:
         """(out N, in K) of every per-layer matmul, after q/k/v and gate/up are fused."""
         return {

@@ -60,6 +60,10 @@ def as_float(w) -> np.ndarray:
     return w.dequantize(np.float64) if isinstance(w, Q8Matrix) else np.asarray(w, np.float64)
 
 
+# The matrices of one layer, as LayerWeights names them (norms aside).
+LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray  # float32 [H]

@@ -92,10 +92,7 @@ def tiled_weights(cfg: ModelConfig, seed: int = 0) -> ModelWeights:
         scale = np.full((n, k // 32), 1.0 / (73.0 * np.sqrt(k)), np.float16)  # 73 ~ std of q
         return Q8Matrix(q=q, scale=scale)
 
-    mats = {"wq": q8(cfg.q_dim, cfg.hidden), "wk": q8(cfg.kv_dim, cfg.hidden),
-            "wv": q8(cfg.kv_dim, cfg.hidden), "wo": q8(cfg.hidden, cfg.q_dim),
-            "w_gate": q8(cfg.ffn, cfg.hidden), "w_up": q8(cfg.ffn, cfg.hidden),
-            "w_down": q8(cfg.hidden, cfg.ffn)}
+    mats = {name: q8(*shape) for name, shape in cfg.layer_matrix_shapes().items()}
     norm = np.ones(cfg.hidden, np.float32)
     layers = [LayerWeights(attn_norm=norm, ffn_norm=norm, **mats) for _ in range(cfg.n_layers)]
     return ModelWeights(embed=q8(cfg.vocab, cfg.hidden), layers=layers, output_norm=norm,

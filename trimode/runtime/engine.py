@@ -26,7 +26,7 @@ import numpy as np
 from trimode.artifacts import (MANIFEST, artifact_dir, build_key, resolve_target,
                                schedules_for)
 from trimode.model.config import ModelConfig, ModelError
-from trimode.model.weights import ModelWeights, Q8Matrix
+from trimode.model.weights import LAYER_MATRICES, ModelWeights, Q8Matrix
 from trimode.runtime.forward import MAX_BLOCK, ContextFull, StepResult
 from trimode.runtime.tvm_runtime import Device, cuda_arch, cuda_device_name, default_target
 
@@ -35,8 +35,7 @@ from trimode.runtime.tvm_runtime import Device, cuda_arch, cuda_device_name, def
 def quantized_parts(weights: ModelWeights) -> dict[str, bool]:
     """Which groups run as Q8_0 (a group with any float matrix runs as float: dequantizing
     Q8_0 is exact, so nothing is lost)."""
-    layer_mats = [getattr(layer, n) for layer in weights.layers
-                  for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+    layer_mats = [getattr(layer, n) for layer in weights.layers for n in LAYER_MATRICES]
     return {"embed": isinstance(weights.embed, Q8Matrix),
             "layers": all(isinstance(w, Q8Matrix) for w in layer_mats),
             "output": isinstance(weights.output, Q8Matrix)}

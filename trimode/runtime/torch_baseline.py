@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from trimode.model.config import ModelConfig
-from trimode.model.weights import ModelWeights, as_float
+from trimode.model.weights import LAYER_MATRICES, ModelWeights, as_float
 
 if TYPE_CHECKING:
     import torch
 
-LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 def torch_or_none():
@@ -65,12 +64,8 @@ class TorchModel:
             return torch.randn(n, k, generator=gen, device=device, dtype=dtype) / np.sqrt(k)
 
         ones = torch.ones(cfg.hidden, device=device, dtype=dtype)
-        shapes = {"wq": (cfg.q_dim, cfg.hidden), "wk": (cfg.kv_dim, cfg.hidden),
-                  "wv": (cfg.kv_dim, cfg.hidden), "wo": (cfg.hidden, cfg.q_dim),
-                  "w_gate": (cfg.ffn, cfg.hidden), "w_up": (cfg.ffn, cfg.hidden),
-                  "w_down": (cfg.hidden, cfg.ffn)}
         layers = [{"attn_norm": ones, "ffn_norm": ones,
-                   **{name: matrix(*shape) for name, shape in shapes.items()}}
+                   **{name: matrix(*shape) for name, shape in cfg.layer_matrix_shapes().items()}}
                   for _ in range(cfg.n_layers)]
         return cls(cfg, embed=matrix(cfg.vocab, cfg.hidden) * np.sqrt(cfg.hidden), layers=layers,
                    output_norm=ones, head=matrix(cfg.vocab, cfg.hidden), n_ctx=n_ctx)
