@@ -207,19 +207,20 @@ class Scheduler:
             event = Failed("generation ended without a result")
         if isinstance(event, TokenEvent):
             slot.history.extend(event.ids)
-        self._send(job, event)
         if isinstance(event, (DoneEvent, Failed)):
-            self._release(slot)
+            self._release(slot)  # before the reply: a client that has its answer finds the slot free
+        self._send(job, event)
 
     def _abandon(self, slot: Slot, err: Exception) -> None:
         """Fail the slot's request and free the slot; nothing in its cache is trusted."""
+        job, events = slot.job, slot.events
         slot.forward.truncate(0)
         slot.history = []
-        if slot.job is not None:
-            self._send(slot.job, Failed(f"generation failed: {type(err).__name__}: {err}"))
-        if slot.events is not None:
-            slot.events.close()
         self._release(slot)
+        if events is not None:
+            events.close()
+        if job is not None:
+            self._send(job, Failed(f"generation failed: {type(err).__name__}: {err}"))
 
     def _send(self, job: Job, event: object) -> None:
         try:
