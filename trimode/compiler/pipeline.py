@@ -1,6 +1,7 @@
 """Relax module -> VM executable: one flat, ordered list of passes per target."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import tvm
@@ -89,8 +90,9 @@ def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
         if target_spec["kind"] == "cuda":
             from trimode.compiler.cuda_env import cuda_build_context
 
-            with cuda_build_context(target):
-                tvm.compile(mod, target, relax_pipeline=None).export_library(library)
+            codegen_scope = cuda_build_context(target)
         else:
+            codegen_scope = contextlib.nullcontext()
+        with codegen_scope:
             tvm.compile(mod, target, relax_pipeline=None).export_library(library)
     return graph_entries

@@ -343,7 +343,7 @@ def run_bench(cfg: ModelConfig, plan: BenchPlan, target: str, load: Callable[[],
     bandwidth, measured_by = copy_bandwidth(target)
     memory = MemoryWatch(target)
     loaded = load()
-    quantized = _quantized(loaded.engine)
+    quantized = loaded.engine.quantized
     act_bytes = 2 if loaded.engine.dtype == "float16" else 4
     ours = bench_engine(loaded, plan, memory)
     report = {"target": target, "device": device_name(target), "geometry": cfg.geometry_key(),
@@ -358,12 +358,6 @@ def run_bench(cfg: ModelConfig, plan: BenchPlan, target: str, load: Callable[[],
                        else {"available": False, "why": "not asked for"})
     _add_derived(report, cfg, weight_bytes_per_step(cfg, quantized, act_bytes), act_bytes)
     return report
-
-
-def _quantized(engine) -> dict[str, bool]:
-    """Which parts the compiled module holds as Q8_0, from its parameter names."""
-    names = {p["name"] for p in engine.manifest["params"]}
-    return {"layers": "layers.0.qkv.q" in names, "output": "head.q" in names}
 
 
 def _add_derived(report: dict, cfg: ModelConfig, weight_bytes: float, act_bytes: int) -> None:

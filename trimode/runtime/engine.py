@@ -103,7 +103,7 @@ class Engine:
         self.metadata = metadata or {}
         self.target = target or default_target()
         self.device = Device(self.target)
-        quantized = quantized_parts(weights)
+        self.quantized = quantized = quantized_parts(weights)
         if artifact is None:
             arch = cuda_arch() if self.target == "cuda" else None
             artifact = find_or_compile(config, quantized, self.target, arch, log)

@@ -62,9 +62,9 @@ def database_for(gpu_name: str | None, directory: Path | None = None) -> tuple[d
     path = database_path(gpu_name, directory)
     if not path.exists():
         return {}, "none"
-    database = json.loads(path.read_text())
-    schedules = {key: dict(entry["schedule"]) for key, entry in database["entries"].items()}
-    return schedules, f"{gpu_key(gpu_name)}-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    raw = path.read_bytes()
+    schedules = {key: dict(entry["schedule"]) for key, entry in json.loads(raw)["entries"].items()}
+    return schedules, f"{gpu_key(gpu_name)}-{hashlib.sha256(raw).hexdigest()[:12]}"
 
 
 def best_per_key(measurements: list[dict]) -> dict[str, dict]:
