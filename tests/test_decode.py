@@ -36,7 +36,8 @@ def micro_model(seed: int) -> ReferenceModel:
 class LetterTokenizer:
     """Id i decodes to one letter; enough for generate(), which only streams text."""
 
-    def incremental_decoder(self):
+    def incremental_decoder(self, skip=b""):
+        assert not skip, "this fake does not heal prompts"
         return _Letters()
 
 

@@ -14,6 +14,7 @@ from trimode.cli.generate import build_prompt
 from trimode.model.reference import ReferenceForward, ReferenceModel
 from trimode.model.tokenizer import Tokenizer
 from trimode.runtime.generation import DecodeParams, GenerationRequest, generate
+from trimode.runtime.healing import heal
 
 PROMPT = [1, 400, 77, 1023, 5, 1900, 64]
 
@@ -53,6 +54,30 @@ def test_json_tokens_equal_the_float64_reference(tiny_gguf, tokenizer, reference
         assert stats["forwards"] == 16
     else:  # two passes a cycle, one when a cycle has room for no draft
         assert 1 + stats["cycles"] < stats["forwards"] <= 1 + 2 * stats["cycles"]
+
+
+def greedy_text_reference(tiny_model, tokenizer, request):
+    fwd = ReferenceForward(ReferenceModel(tiny_model.config, tiny_model.weights), 256)
+    return [t for e in generate(fwd, tokenizer, request) for t in getattr(e, "ids", [])]
+
+
+@pytest.mark.parametrize("healing", [True, False])
+def test_text_prompt_without_template_is_healed(tiny_gguf, tiny_model, tokenizer, healing):
+    text = "def main():"
+    suppress = tuple(i for i in (tokenizer.think_open_id, tokenizer.think_close_id) if i is not None)
+    request = GenerationRequest(prompt_ids=tuple(tokenizer.encode(text, add_bos=True)), max_tokens=8,
+                                loop_detection=False, decode=DecodeParams(mode="ar"), suppress_ids=suppress)
+    if healing:
+        request = heal(tokenizer, request)
+        assert len(request.first_ids) > 1
+    want = greedy_text_reference(tiny_model, tokenizer, request)
+    result = invoke("-m", str(tiny_gguf), "-p", text, "--no-chat", "-n", "8", "--mode", "ar", "--json",
+                    "--no-loop-detection", "--target", "llvm", "-c", "256",
+                    *([] if healing else ["--no-token-healing"]))
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["tokens"] == want
+    assert text + out["text"] == tokenizer.decode(list(request.prompt_ids[1:]) + want)
 
 
 def test_streams_text_and_notes_ignored_flags(tiny_gguf, tokenizer, reference_tokens):

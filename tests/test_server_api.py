@@ -11,7 +11,10 @@ import openai
 import pytest
 
 from test_server_harness import (ReferenceEngine, chat_prompt_ids, greedy_reference, serve)
+from trimode.model.reference import ReferenceForward
 from trimode.runtime.decode import DecodeParams
+from trimode.runtime.generation import GenerationRequest, generate
+from trimode.runtime.healing import heal
 from trimode.runtime.server.app import ServerSettings
 
 GREEDY_AR = {"temperature": 0, "extra_body": {"mode": "ar"}}
@@ -75,6 +78,20 @@ def test_text_completion_prompt_gets_bos(engine, client):
     prompt = [engine.tokenizer.bos_id, *engine.tokenizer.encode("def main():")]
     assert reply.usage.prompt_tokens == len(prompt)
     assert reply.choices[0].text == expected_text(engine, prompt, 5)[1]
+
+
+def test_text_completion_heals_its_prompt_on_request(engine, client):
+    tok = engine.tokenizer
+    prompt = [tok.bos_id, *tok.encode("def main():")]
+    reply = client.completions.create(model="tiny", prompt="def main():", max_tokens=5,
+                                      temperature=0, extra_body={"mode": "ar", "token_healing": True})
+    healed = heal(tok, GenerationRequest(prompt_ids=tuple(prompt), max_tokens=5,
+                                         decode=DecodeParams(mode="ar")))
+    assert healed.prompt_ids == tuple(prompt[:-1])
+    *_, done = generate(ReferenceForward(engine.model, 64), tok, healed)
+    assert done.tokens[0] in healed.first_ids
+    assert reply.choices[0].text == tok.decode(prompt[1:-1] + done.tokens)[len("def main():"):]
+    assert reply.usage.completion_tokens == len(done.tokens)
 
 
 def test_streamed_chat_equals_the_whole_reply(client):

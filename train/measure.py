@@ -13,7 +13,9 @@ import corpus
 from trimode.model.gguf_file import load_model
 from trimode.model.reference import ReferenceForward, ReferenceModel
 from trimode.model.tokenizer import Tokenizer
-from trimode.runtime.generation import DecodeParams, DoneEvent, GenerationRequest, generate
+from trimode.runtime.generation import (DecodeParams, DoneEvent, GenerationRequest, TokenEvent,
+                                        generate)
+from trimode.runtime.healing import heal
 
 SAMPLE_PROMPTS = ("def fibonacci(n):", "class Stack:\n    def __init__(self):",
                   "import os\n\ndef list_files(path):", "    def __repr__(self):")
@@ -56,6 +58,15 @@ def run(loaded: Loaded, prompt: str, max_tokens: int, decode: DecodeParams) -> D
                                 loop_detection=False)
     *_, done = generate(loaded.forward(), loaded.tokenizer, request)
     return done
+
+
+def complete(loaded: Loaded, prompt: str, max_tokens: int, decode: DecodeParams) -> str:
+    """The text that follows `prompt`, its last token healed as `trimode generate` does."""
+    ids = tuple(loaded.tokenizer.encode(prompt, add_bos=True))
+    request = heal(loaded.tokenizer, GenerationRequest(prompt_ids=ids, max_tokens=max_tokens,
+                                                       decode=decode, loop_detection=False))
+    return "".join(e.text for e in generate(loaded.forward(), loaded.tokenizer, request)
+                   if isinstance(e, TokenEvent))
 
 
 def acceptance(loaded: Loaded, prompts: list[str], draft_length: int, max_tokens: int) -> dict:

@@ -76,8 +76,12 @@ def stats_line(stats: dict, finish: str) -> str:
               help="block diffusion reveal confidence")
 @click.option("--diffusion-steps", type=int, help="accepted and ignored (blocks reveal by --threshold)")
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
-@click.option("--chat/--no-chat", default=True, show_default=True,
-              help="wrap a text prompt in the model's chat template")
+@click.option("--chat/--no-chat", default=None,
+              help="wrap a text prompt in the model's chat template  [default: when the model has one]")
+@click.option("--token-healing/--no-token-healing", default=True, show_default=True,
+              help="without the chat template: back the prompt off by its last token and let the "
+                   "first generated token re-cover its text (a prompt ending at `):` then continues "
+                   "as training text did)")
 @click.option("--reasoning/--no-reasoning", default=False, show_default=True,
               help="let the model think (<think> ... </think>)")
 @click.option("-c", "--ctx-size", type=int,
@@ -90,7 +94,7 @@ def stats_line(stats: dict, finish: str) -> str:
 @click.option("-fa", "--flash-attn", help="accepted and ignored (attention is always fused)")
 def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_self_spec, temp,
              seed, top_k, top_p, min_p, repeat_penalty, repeat_last_n, draft_length, block_length,
-             threshold, diffusion_steps, stop, chat, reasoning, ctx_size, as_json,
+             threshold, diffusion_steps, stop, chat, token_healing, reasoning, ctx_size, as_json,
              no_loop_detection, target, threads, n_gpu_layers, flash_attn):
     """Generate a reply to one prompt."""
     given = [name for name, value in (("-p", prompt), ("--prompt-ids", prompt_ids),
@@ -116,6 +120,7 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
     from trimode.runtime.engine import load_engine
     from trimode.runtime.generation import (DecodeParams, GenerationRequest, RequestError,
                                             SamplingParams, TokenEvent, generate as run)
+    from trimode.runtime.healing import heal
 
     # Settings are checked before the model loads (which may compile for minutes).
     sampling = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -133,6 +138,9 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
     click.echo(f"ready on {engine.target} in {time.perf_counter() - started:.1f} s", err=True)
     tok = engine.tokenizer
     text = prompt_file.read() if prompt_file is not None else prompt
+    if chat is None:
+        # As llama-cli does: a model without a chat template is a plain completion model.
+        chat = bool(engine.metadata.get("tokenizer.chat_template"))
     ids = build_prompt(tok, engine.metadata, text, prompt_ids, chat, reasoning)
     n_ctx = min(ctx_size or DEFAULT_CTX, engine.config.context_length)
     if ctx_size and ctx_size > n_ctx:
@@ -144,6 +152,8 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
         max_tokens=max(n_ctx - len(ids), 0) if n_predict < 0 else n_predict,
         sampling=sampling, decode=decode, stop=tuple(stop),
         loop_detection=not no_loop_detection, suppress_ids=suppress)
+    if token_healing and text is not None and not chat:
+        request = heal(tok, request)
 
     tokens, pieces = [], []
     try:

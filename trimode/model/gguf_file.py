@@ -445,4 +445,5 @@ def _add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, vocab, name: str
     writer.add_bos_token_id(c.bos_token_id)
     writer.add_eos_token_id(c.eos_token_id)
     writer.add_mask_token_id(c.mask_token_id)
-    writer.add_chat_template(vocab.chat_template)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)

@@ -6,6 +6,7 @@ control token); rendered chat templates go through one that parses them.
 """
 from __future__ import annotations
 
+import bisect
 import codecs
 from functools import cached_property
 
@@ -97,8 +98,21 @@ class Tokenizer:
         """One token's text; a token holding part of a UTF-8 character shows U+FFFD."""
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
-    def incremental_decoder(self) -> "IncrementalDecoder":
-        return IncrementalDecoder(self)
+    def ids_with_prefix(self, prefix: bytes) -> list[int]:
+        """Ordinary (BPE and byte) tokens whose bytes start with `prefix`, by id."""
+        table, ids = self._sorted_bytes
+        lo = bisect.bisect_left(table, prefix)
+        hi = lo
+        while hi < len(table) and table[hi].startswith(prefix):
+            hi += 1
+        return sorted(ids[lo:hi])
+
+    def is_ordinary(self, token_id: int) -> bool:
+        """A BPE or byte token of this vocabulary (not a control, user-defined or unused one)."""
+        return 0 <= token_id < len(self.tokens) and self.token_types[token_id] in _BPE_TYPES
+
+    def incremental_decoder(self, skip: bytes = b"") -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip)
 
     def _with_bos(self, ids: list[int], add_bos: bool) -> list[int]:
         return [self.bos_id, *ids] if add_bos else ids
@@ -107,6 +121,13 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < len(self.tokens)]
         if bad:
             raise ModelError(f"token id {bad[0]} is outside the vocabulary of {len(self.tokens)}")
+
+    @cached_property
+    def _sorted_bytes(self) -> tuple[list[bytes], list[int]]:
+        # Ordinary tokens sorted by their bytes: those sharing a prefix are one contiguous run.
+        pairs = sorted((b, i) for i, b in enumerate(self._bytes_table)
+                       if self.token_types[i] in _BPE_TYPES)
+        return [b for b, _ in pairs], [i for _, i in pairs]
 
     @cached_property
     def _bytes_table(self) -> list[bytes]:
@@ -125,14 +146,22 @@ class Tokenizer:
 
 class IncrementalDecoder:
     """Streaming decode: `push(id)` returns only whole characters, holding back the bytes of
-    a UTF-8 character that later tokens complete."""
+    a UTF-8 character that later tokens complete. `skip`: bytes the stream starts with that
+    the reader already has (a healed prompt's tail), dropped from the text."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip: bytes = b""):
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._skip = skip
 
     def push(self, token_id: int) -> str:
-        return self._utf8.decode(self._tokenizer.token_bytes(token_id))
+        data = self._tokenizer.token_bytes(token_id)
+        if self._skip:
+            if not (data.startswith(self._skip) or self._skip.startswith(data)):
+                raise ValueError(f"token {token_id} does not continue the healed prompt tail {self._skip!r}")
+            cut = min(len(data), len(self._skip))
+            data, self._skip = data[cut:], self._skip[cut:]
+        return self._utf8.decode(data)
 
     def flush(self) -> str:
         """At the end of the stream: whatever is held back (U+FFFD if it is not a whole character)."""

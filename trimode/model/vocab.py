@@ -56,7 +56,7 @@ MULTILINGUAL_SAMPLE = (
 @dataclass
 class Vocab:
     """The `tokenizer.*` GGUF keys: token strings (GPT-2 byte-to-unicode form), gguf.TokenType
-    values, merges ("a b"), the pre-tokenizer name and the chat template."""
+    values, merges ("a b"), the pre-tokenizer name and the chat template ("": none)."""
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
@@ -79,6 +79,7 @@ class Vocab:
 
     def to_metadata(self) -> dict:
         """The GGUF `tokenizer.*` keys with plain python values, as `load_model(...).metadata` gives them."""
+        template = {"tokenizer.chat_template": self.chat_template} if self.chat_template else {}
         return {
             "tokenizer.ggml.model": self.model,
             "tokenizer.ggml.pre": self.pre,
@@ -88,7 +89,7 @@ class Vocab:
             "tokenizer.ggml.bos_token_id": self.bos_id,
             "tokenizer.ggml.eos_token_id": self.eos_id,
             "tokenizer.ggml.mask_token_id": self.mask_id,
-            "tokenizer.chat_template": self.chat_template,
+            **template,
         }
 
 

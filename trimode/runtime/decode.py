@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from trimode.runtime.forward import MAX_BLOCK, Forward
+from trimode.runtime.forward import MAX_BLOCK, Forward, StepResult
 from trimode.runtime.sampling import Sampler
 
 MODES = ("ar", "diffusion", "spec")
@@ -64,12 +64,24 @@ def mask_rows(slots: Sequence[int], shift: bool) -> list[int]:
     return [s - 1 if shift else s for s in slots]
 
 
-def prefill(fwd: Forward, prompt: Sequence[int], sampler: Sampler) -> int:
-    """Run the uncached part of the prompt causally; return the first generated token."""
+def prefill(fwd: Forward, prompt: Sequence[int], sampler: Sampler,
+            allowed: Sequence[int] = ()) -> int:
+    """Run the uncached part of the prompt causally; return the first generated token, one
+    of `allowed` when that is given (token healing)."""
     if fwd.length >= len(prompt):
         fwd.truncate(len(prompt) - 1)  # keep one token to produce the row we sample from
     step = fwd.causal(list(prompt[fwd.length:]), last_only=True)
+    if len(allowed):
+        step = restricted(step, allowed)
     return sampler.choose(step, [0], [sampler.context(prompt)])[0][0]
+
+
+def restricted(step: StepResult, allowed: Sequence[int]) -> StepResult:
+    """`step` with every id outside `allowed` at -inf logit."""
+    logits = step.logits()
+    kept = np.full_like(logits, -np.inf)
+    kept[:, allowed] = logits[:, allowed]
+    return StepResult.from_logits(kept)
 
 
 def ar_cycle(fwd: Forward, sampler: Sampler, history: list[int]) -> Cycle:

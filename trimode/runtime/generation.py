@@ -43,7 +43,10 @@ class RequestError(ValueError):
 class GenerationRequest:
     """prompt_ids: the whole prompt, template and BOS already applied. stop: strings that end
     generation (cut from the text). suppress_ids: ids never generated (e.g. <think> and
-    </think> when reasoning is off)."""
+    </think> when reasoning is off). first_ids and prompt_tail come from token healing
+    (runtime/healing.py): the first generated token is one of first_ids (empty: any), and
+    the prompt_tail bytes it starts with, which the prompt's text already had, are not
+    emitted again."""
     prompt_ids: tuple[int, ...]
     max_tokens: int = 256
     sampling: SamplingParams = SamplingParams()
@@ -51,6 +54,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     loop_detection: bool = True
     suppress_ids: tuple[int, ...] = ()
+    first_ids: tuple[int, ...] = ()
+    prompt_tail: bytes = b""
 
     def problem(self) -> str | None:
         if not self.prompt_ids:
@@ -129,7 +134,7 @@ def _run_cycle(fwd: Forward, sampler: Sampler, history: list[int], room: int,
 
 def _id_problem(request: GenerationRequest, vocab: int) -> str | None:
     for what, ids in (("prompt", request.prompt_ids), ("suppress_ids", request.suppress_ids),
-                      ("penalty_ids", request.sampling.penalty_ids)):
+                      ("penalty_ids", request.sampling.penalty_ids), ("first_ids", request.first_ids)):
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             return f"{what} holds token id {bad[0]}, outside the vocabulary of {vocab}"
@@ -147,7 +152,7 @@ def generate(forward: Forward, tokenizer: Detokenizer,
     n_ctx = forward.n_ctx
     stats = Stats(prompt_tokens=len(prompt))
     stops = Stops(tokenizer, forward.config.eos_token_id, request.stop, request.max_tokens,
-                  request.loop_detection)
+                  request.loop_detection, request.prompt_tail)
     if len(prompt) >= n_ctx:
         yield DoneEvent("context", stats, f"the prompt ({len(prompt)} tokens) does not fit in "
                         f"the context ({n_ctx} tokens); nothing was generated")
@@ -165,7 +170,7 @@ def generate(forward: Forward, tokenizer: Detokenizer,
     try:
         clock = time.perf_counter()
         stats.cached_tokens = min(forward.length, len(prompt) - 1)
-        cycle = Cycle([prefill(forward, prompt, sampler)], forwards=1)
+        cycle = Cycle([prefill(forward, prompt, sampler, request.first_ids)], forwards=1)
         stats.prefill_s = stats.ttft_s = time.perf_counter() - clock
         while True:
             stats.forwards += cycle.forwards

@@ -24,8 +24,9 @@ class StreamDecoder(Protocol):
 
 class Detokenizer(Protocol):
     """What generation needs of a tokenizer (trimode.model.tokenizer.Tokenizer has it):
-    a streaming decoder whose push() returns only whole characters."""
-    def incremental_decoder(self) -> StreamDecoder: ...
+    a streaming decoder whose push() returns only whole characters, and which leaves out
+    the `skip` bytes the stream starts with (a healed prompt's tail)."""
+    def incremental_decoder(self, skip: bytes = b"") -> StreamDecoder: ...
 
 
 def periodic_loop(tokens: Sequence[int]) -> bool:
@@ -86,11 +87,12 @@ class Stops:
 
     `feed(ids)` returns the ids taken (EOS and anything after an end are dropped) and the
     text now safe to show; once `finish` is set, `flush()` gives the held text that remains
-    (nothing after a stop string)."""
+    (nothing after a stop string). `shown`: bytes the first tokens repeat from the prompt's
+    text (token healing); they are neither shown nor searched for stop strings."""
 
     def __init__(self, tokenizer: Detokenizer, eos_id: int, stop_strings: Sequence[str],
-                 max_tokens: int, loop_detection: bool):
-        self.text = tokenizer.incremental_decoder()
+                 max_tokens: int, loop_detection: bool, shown: bytes = b""):
+        self.text = tokenizer.incremental_decoder(shown)
         self.eos_id = eos_id
         self.stop_strings = [s for s in stop_strings if s]
         self.max_tokens = max_tokens

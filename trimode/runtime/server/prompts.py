@@ -12,6 +12,7 @@ from trimode.model.chat import encode_prompt, render_chat
 from trimode.model.config import ModelError
 from trimode.model.tokenizer import Tokenizer
 from trimode.runtime.generation import DecodeParams, GenerationRequest, SamplingParams
+from trimode.runtime.healing import heal
 from trimode.runtime.server.errors import APIError
 from trimode.runtime.server.schemas import (ChatCompletionRequest, CompletionRequest,
                                             SamplingFields)
@@ -61,7 +62,8 @@ def completion_request(body: CompletionRequest, tokenizer: Tokenizer,
         if max(ids) >= len(tokenizer):
             raise APIError(400, f"prompt token id {max(ids)} is outside the vocabulary of "
                            f"{len(tokenizer)}", "prompt")
-    return _generation_request(body, ids, body.token_limit(), settings, (), ())
+    request = _generation_request(body, ids, body.token_limit(), settings, (), ())
+    return heal(tokenizer, request) if body.token_healing and isinstance(body.prompt, str) else request
 
 
 def _bos(tokenizer: Tokenizer) -> str:

@@ -157,6 +157,9 @@ class CompletionRequest(SamplingFields):
     prompt: Union[Text, Annotated[list[Annotated[int, Field(strict=True, ge=0)]],
                                  Field(min_length=1, max_length=MAX_TOKEN_IDS)]]
     echo: Optional[StrictBool] = None
+    # trimode's extra: token healing of a text prompt (runtime/healing.py). Off by default so
+    # the prompt's tokens are exactly what OpenAI-style clients and llama-server expect.
+    token_healing: StrictBool = False
 
     @field_validator("echo")
     @classmethod
