@@ -14,21 +14,50 @@ Q8_BLOCK = 32
 Q8_0_DTYPE = np.dtype([("d", "<f2"), ("qs", "i1", (Q8_BLOCK,))])
 
 
-@dataclass
 class Q8Matrix:
-    q: np.ndarray      # int8 [N, K]
-    scale: np.ndarray  # float16 [N, K // 32]
+    """q int8 [N, K] and scale float16 [N, K // 32]. A matrix read from a file keeps the file's
+    blocks (a view of its memory map) and unpacks them on first use of q or scale, or
+    straight into an engine's parameter buffer (unpack_into) without keeping a copy."""
+
+    def __init__(self, q: np.ndarray | None = None, scale: np.ndarray | None = None, *,
+                 blocks: np.ndarray | None = None):
+        if blocks is None and (q is None or scale is None):
+            raise ValueError("a Q8Matrix needs q and scale, or blocks")
+        self._q, self._scale, self._blocks = q, scale, blocks
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.q.shape
+        if self._q is not None:
+            return self._q.shape
+        n, nb = self._blocks.shape
+        return n, nb * Q8_BLOCK
+
+    @property
+    def q(self) -> np.ndarray:
+        if self._q is None:
+            self._q = np.ascontiguousarray(self._blocks["qs"]).reshape(self.shape)
+        return self._q
+
+    @property
+    def scale(self) -> np.ndarray:
+        if self._scale is None:
+            self._scale = np.ascontiguousarray(self._blocks["d"])
+        return self._scale
 
     @classmethod
     def from_blocks(cls, raw: np.ndarray, n: int, k: int) -> "Q8Matrix":
-        """Repack GGUF Q8_0 blocks (any buffer of n * k / 32 blocks) once, at load."""
+        """Over GGUF Q8_0 blocks (any buffer of n * k / 32 blocks), not copied."""
         blocks = np.frombuffer(raw, dtype=Q8_0_DTYPE, count=n * k // Q8_BLOCK).reshape(n, k // Q8_BLOCK)
-        return cls(q=np.ascontiguousarray(blocks["qs"]).reshape(n, k),
-                   scale=np.ascontiguousarray(blocks["d"]))
+        return cls(blocks=blocks)
+
+    def unpack_into(self, q: np.ndarray, scale: np.ndarray, rows: slice = slice(None)) -> None:
+        """Write rows `rows` of q and scale into q int8 [r, K] and scale float16 [r, K // 32]."""
+        if self._blocks is None or self._q is not None:
+            q[...], scale[...] = self.q[rows], self.scale[rows]
+            return
+        blocks = self._blocks[rows]
+        q.reshape(len(blocks), -1, Q8_BLOCK)[...] = blocks["qs"]
+        scale[...] = blocks["d"]
 
     def to_blocks(self) -> np.ndarray:
         n, k = self.shape

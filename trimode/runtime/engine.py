@@ -16,17 +16,19 @@ per-step values travel in the step-input tensors, written before each call.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from trimode.artifacts import (MANIFEST, artifact_dir, build_key, resolve_target,
                                schedules_for)
 from trimode.model.config import ModelConfig, ModelError
-from trimode.model.weights import LAYER_MATRICES, ModelWeights, Q8Matrix
+from trimode.model.weights import LAYER_MATRICES, Q8_BLOCK, ModelWeights, Q8Matrix
 from trimode.runtime.forward import MAX_BLOCK, ContextFull, StepResult
 from trimode.runtime.tvm_runtime import Device, cuda_arch, cuda_device_name, default_target
 
@@ -41,38 +43,52 @@ def quantized_parts(weights: ModelWeights) -> dict[str, bool]:
             "output": isinstance(weights.output, Q8Matrix)}
 
 
-def _rows(*mats) -> Q8Matrix | np.ndarray:
-    """Stacks matrices along the output dimension (q|k|v -> qkv, gate|up -> gate_up)."""
-    if all(isinstance(m, Q8Matrix) for m in mats):
-        return Q8Matrix(q=np.concatenate([m.q for m in mats]),
-                        scale=np.concatenate([m.scale for m in mats]))
-    return np.concatenate([m.dequantize() if isinstance(m, Q8Matrix) else m for m in mats])
+# Unpacking Q8_0 blocks is a strided copy that numpy runs without the GIL: row chunks of about
+# this many bytes go to a thread pool.
+UNPACK_CHUNK_BYTES = 8 << 20
+UNPACK_THREADS = min(8, os.cpu_count() or 1)
 
 
-def parameter_arrays(weights: ModelWeights, quantized: dict[str, bool], dtype: str) -> dict[str, np.ndarray]:
-    """Host arrays named as the compiled module's parameters."""
-    arrays: dict[str, np.ndarray] = {}
+def _stacked(prefix: str, mats: list, as_q8: bool, dtype: str, pool: ThreadPoolExecutor,
+             float_name: str = "weight") -> dict[str, np.ndarray]:
+    """One parameter (a Q8_0 q/scale pair, or one float matrix) made of `mats` stacked along
+    the output dimension (q|k|v -> qkv, gate|up -> gate_up), unpacked in one pass over the
+    file's blocks."""
+    if not as_q8:
+        dense = [m.dequantize() if isinstance(m, Q8Matrix) else np.asarray(m) for m in mats]
+        return {f"{prefix}.{float_name}": np.asarray(np.concatenate(dense), dtype)}
+    k = mats[0].shape[1]
+    n = sum(m.shape[0] for m in mats)
+    q, scale = np.empty((n, k), np.int8), np.empty((n, k // Q8_BLOCK), np.float16)
+    step = max(1, UNPACK_CHUNK_BYTES // k)
+    jobs, top = [], 0
+    for m in mats:
+        rows = m.shape[0]
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            jobs.append(pool.submit(m.unpack_into, q[top + a:top + b], scale[top + a:top + b], slice(a, b)))
+        top += rows
+    for job in jobs:
+        job.result()
+    return {f"{prefix}.q": q, f"{prefix}.scale": scale}
 
-    def put(prefix: str, mat, as_q8: bool, float_name: str = "weight"):
-        if as_q8:
-            arrays[f"{prefix}.q"], arrays[f"{prefix}.scale"] = mat.q, mat.scale
-        else:
-            dense = mat.dequantize() if isinstance(mat, Q8Matrix) else mat
-            arrays[f"{prefix}.{float_name}"] = np.asarray(dense, dtype)
 
-    put("embed", weights.embed, quantized["embed"], "table")
+def parameter_groups(weights: ModelWeights, quantized: dict[str, bool], dtype: str,
+                     pool: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
+    """Host arrays named as the compiled module's parameters, a few at a time, so loading never
+    holds more than one matrix's unpacked copy per group in host memory."""
+    yield _stacked("embed", [weights.embed], quantized["embed"], dtype, pool, "table")
+    q8 = quantized["layers"]
     for i, layer in enumerate(weights.layers):
         p = f"layers.{i}"
-        arrays[f"{p}.attn_norm.weight"] = np.asarray(layer.attn_norm, np.float32)
-        arrays[f"{p}.ffn_norm.weight"] = np.asarray(layer.ffn_norm, np.float32)
-        q8 = quantized["layers"]
-        put(f"{p}.qkv", _rows(layer.wq, layer.wk, layer.wv), q8)
-        put(f"{p}.o", layer.wo, q8)
-        put(f"{p}.gate_up", _rows(layer.w_gate, layer.w_up), q8)
-        put(f"{p}.down", layer.w_down, q8)
-    arrays["output_norm.weight"] = np.asarray(weights.output_norm, np.float32)
-    put("head", weights.output, quantized["output"])
-    return arrays
+        yield {f"{p}.attn_norm.weight": np.asarray(layer.attn_norm, np.float32),
+               f"{p}.ffn_norm.weight": np.asarray(layer.ffn_norm, np.float32)}
+        yield _stacked(f"{p}.qkv", [layer.wq, layer.wk, layer.wv], q8, dtype, pool)
+        yield _stacked(f"{p}.o", [layer.wo], q8, dtype, pool)
+        yield _stacked(f"{p}.gate_up", [layer.w_gate, layer.w_up], q8, dtype, pool)
+        yield _stacked(f"{p}.down", [layer.w_down], q8, dtype, pool)
+    yield {"output_norm.weight": np.asarray(weights.output_norm, np.float32)}
+    yield _stacked("head", [weights.output], quantized["output"], dtype, pool)
 
 
 def find_or_compile(cfg: ModelConfig, quantized: dict[str, bool], target: str,
@@ -116,19 +132,34 @@ class Engine:
         self.graph_entries = set(self.manifest.get("cuda_graph_entries", [])) \
             if self.target == "cuda" else set()
         self.graph_passes = 0  # passes run through a CUDA graph, over all sequences
-        arrays = parameter_arrays(weights, quantized, self.dtype)
+        uploaded = self._upload_weights(weights)
         # One ffi Array, converted once: a Python list would be converted at every call.
-        self.params = self.device.ffi.convert([self._upload_param(p, arrays)
-                                               for p in self.manifest["params"]])
+        self.params = self.device.ffi.convert([uploaded[p["name"]] for p in self.manifest["params"]])
         self.load_seconds = time.time() - started
         self._tokenizer = None
 
-    def _upload_param(self, param: dict, arrays: dict[str, np.ndarray]):
-        array = arrays.get(param["name"])
-        if array is None or list(array.shape) != param["shape"] or str(array.dtype) != param["dtype"]:
-            got = "missing" if array is None else f"{array.dtype}{list(array.shape)}"
+    def _upload_weights(self, weights: ModelWeights) -> dict:
+        """Device tensors by parameter name. The next group is unpacked on the host while the
+        current one uploads."""
+        wanted = {p["name"]: p for p in self.manifest["params"]}
+        uploaded = {}
+        with ThreadPoolExecutor(UNPACK_THREADS) as pool, ThreadPoolExecutor(1) as ahead:
+            groups = parameter_groups(weights, self.quantized, self.dtype, pool)
+            pending = ahead.submit(next, groups, None)
+            while (arrays := pending.result()) is not None:
+                pending = ahead.submit(next, groups, None)
+                for name, array in arrays.items():
+                    if name in wanted:
+                        uploaded[name] = self._upload_param(wanted[name], array)
+        missing = [name for name in wanted if name not in uploaded]
+        if missing:
+            raise ModelError(f"parameter {missing[0]}: the compiled artifact needs it, the model has none")
+        return uploaded
+
+    def _upload_param(self, param: dict, array: np.ndarray):
+        if list(array.shape) != param["shape"] or str(array.dtype) != param["dtype"]:
             raise ModelError(f"parameter {param['name']}: compiled for {param['dtype']}"
-                             f"{param['shape']}, model gives {got}")
+                             f"{param['shape']}, model gives {array.dtype}{list(array.shape)}")
         return self.device.upload(array)
 
     @property

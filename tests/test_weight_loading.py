@@ -1,0 +1,57 @@
+"""Loading weights for the engine: Q8_0 matrices stay views of the file's map until unpacked,
+and the engine's parameters, unpacked in row chunks on a thread pool straight from the
+blocks, equal the plain stacked matrices."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from trimode.model.gguf_file import load_model
+from trimode.model.weights import Q8Matrix
+from trimode.runtime import engine as engine_module
+from trimode.runtime.engine import parameter_groups, quantized_parts
+
+
+def test_a_file_matrix_is_a_view_until_used(tiny_gguf):
+    model = load_model(tiny_gguf)
+    wq = model.weights.layers[0].wq
+    assert wq._q is None and wq._scale is None  # nothing unpacked by loading
+    q, scale = np.empty(wq.shape, np.int8), np.empty((wq.shape[0], wq.shape[1] // 32), np.float16)
+    wq.unpack_into(q, scale)
+    assert wq._q is None  # unpacking into a buffer keeps no copy
+    assert np.array_equal(wq.q, q) and np.array_equal(wq.scale, scale)
+    blocks = wq.to_blocks()  # and back to the file's form
+    assert blocks.tobytes() == model.weights.layers[0].wq._blocks.tobytes()
+
+
+def test_unpack_rows_of_a_materialized_matrix():
+    rng = np.random.default_rng(0)
+    m = Q8Matrix(q=rng.integers(-127, 128, (8, 64), dtype=np.int8),
+                 scale=rng.random((8, 2)).astype(np.float16))
+    q, scale = np.empty((3, 64), np.int8), np.empty((3, 2), np.float16)
+    m.unpack_into(q, scale, slice(2, 5))
+    assert np.array_equal(q, m.q[2:5]) and np.array_equal(scale, m.scale[2:5])
+
+
+def test_parameters_in_small_chunks_equal_the_stacked_matrices(tiny_gguf, monkeypatch):
+    monkeypatch.setattr(engine_module, "UNPACK_CHUNK_BYTES", 300)  # a few rows per chunk
+    weights = load_model(tiny_gguf).weights
+    with ThreadPoolExecutor(3) as pool:
+        params = {}
+        for group in parameter_groups(weights, quantized_parts(weights), "float32", pool):
+            assert not params.keys() & group.keys()
+            params.update(group)
+    layer = weights.layers[1]
+    for name, mats in (("qkv", [layer.wq, layer.wk, layer.wv]), ("gate_up", [layer.w_gate, layer.w_up]),
+                       ("down", [layer.w_down])):
+        assert np.array_equal(params[f"layers.1.{name}.q"], np.concatenate([m.q for m in mats]))
+        assert np.array_equal(params[f"layers.1.{name}.scale"], np.concatenate([m.scale for m in mats]))
+    assert np.array_equal(params["head.q"], weights.output.q)
+    assert params["layers.0.attn_norm.weight"].dtype == np.float32
+
+
+def test_a_q8matrix_needs_its_parts():
+    with pytest.raises(ValueError, match="needs q and scale"):
+        Q8Matrix(q=np.zeros((1, 32), np.int8))
