@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,8 @@ def main():
     ap.add_argument("--tiny-artifact", default=None, help="compiled tiny model (default: cache)")
     ap.add_argument("--bench-artifact", default=None, help="compiled bench geometry (default: cache)")
     ap.add_argument("--geometry", default="14b", choices=sorted(GEOMETRIES))
+    ap.add_argument("--model", default=None, help="bench this GGUF file's weights, its load from "
+                    "disk timed (default: random weights of --geometry made in host memory)")
     ap.add_argument("--ctx", type=int, default=None, help="KV cache size (default: what the bench needs)")
     ap.add_argument("--fills", default="512,4096")
     ap.add_argument("--block", type=int, default=32)
@@ -117,7 +120,9 @@ def main():
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
-    cfg = GEOMETRIES[args.geometry]
+    if args.model:
+        from trimode.model.gguf_file import load_model  # needs the gguf wheel on the GPU box
+    cfg = load_model(args.model).config if args.model else GEOMETRIES[args.geometry]
     try:
         fills = tuple(int(f) for f in args.fills.split(","))
     except ValueError:
@@ -133,6 +138,11 @@ def main():
         log(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: rel err {c['rel_err']:.2e}")
 
     def load() -> Loaded:
+        if args.model:  # the whole path from the file: parse, unpack, upload
+            started = time.perf_counter()
+            model = load_model(args.model)
+            engine = Engine(cfg, model.weights, args.target, model.metadata, log, args.bench_artifact)
+            return Loaded(engine, time.perf_counter() - started, "file")
         engine = Engine(cfg, tiled_weights(cfg), args.target, artifact=args.bench_artifact, log=log)
         return Loaded(engine, engine.load_seconds, "host memory")
 

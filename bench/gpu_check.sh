@@ -2,6 +2,8 @@
 # The one prepared GPU check (issue 7). Built here, run on the GPU box in a single call:
 #   here:  bash bench/prepare_gpu_check.sh            (builds .carry/ and .whl/)
 #   there: bash bench/gpu_check.sh                    (device tool, carry [".carry", ".whl"])
+#          FROM_DISK=1 bash bench/gpu_check.sh        (also: write a 14B GGUF there and load
+#                                                      the bench's weights from it, timed)
 # It checks the CUDA build against the float64 reference on a tiny model (fp16 tolerance
 # 1e-2; the greedy chain teacher-forced through the reference) and runs `trimode bench`'s
 # measurements (trimode/runtime/bench.py) at the 14B geometry with random Q8_0 weights,
@@ -11,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/apache_tvm_ffi-*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export TRIMODE_TVM_LIB_DIR=$PWD/.carry/tvmlib
 cudart=$(find /usr/local /opt /usr/lib -name 'libcudart.so.13*' 2>/dev/null | head -1)
@@ -22,6 +24,14 @@ if [ "${KERNEL_BENCHES:-0}" = 1 ]; then  # the per-kernel benches of bench/NOTES
   timeout 150 python3 bench/gpu_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -30
   timeout 150 python3 bench/gpu_attention.py .carry/attention "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -20
 fi
+model=()
+if [ "${FROM_DISK:-0}" = 1 ]; then  # the 14B file on this box's disk; then try to drop it from the page cache
+  file=${MODEL_DIR:-/tmp}/14b.gguf
+  [ -f "$file" ] || timeout 240 python3 -m trimode.cli make-model --geometry 14b "$file" || exit 1
+  sync && echo 1 > /proc/sys/vm/drop_caches 2>/dev/null && echo "page cache dropped: the load reads the disk" \
+    || echo "page cache kept (no permission): the load may read memory, not the disk"
+  model=(--model "$file")
+fi
 timeout 330 python3 bench/gpu_check.py --tiny-artifact .carry/artifacts/tiny \
-  --bench-artifact .carry/artifacts/14b --geometry 14b --json-out "$OUT/gpu_check.json" "$@" \
+  --bench-artifact .carry/artifacts/14b --geometry 14b --json-out "$OUT/gpu_check.json" "${model[@]}" "$@" \
   2>&1 | tee "$OUT/gpu_check.log" | grep -v "^  ok"

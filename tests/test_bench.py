@@ -186,3 +186,15 @@ def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     chain = next(c for c in report["checks"] if "exact_argmax" in c)
     assert chain["exact_argmax"] == 25  # float32 on the CPU: no near-tie flips
     assert "decode host enqueue" in done.stdout and "correctness (tiny vs float64" in done.stdout
+
+
+def test_gpu_check_benches_a_file_with_its_load_timed(tmp_path, tiny_gguf):
+    out = tmp_path / "check.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--target", "llvm", "--model", str(tiny_gguf),
+         "--fills", "20", "--block", "8", "--prefill", "16", "--repeat", "1", "--no-torch",
+         "--skip-tiny", "--json-out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["load_source"] == "file" and report["load_seconds"] > 0
+    assert "(from file)" in done.stdout
