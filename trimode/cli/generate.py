@@ -17,8 +17,8 @@ from trimode.model.default_model import model_or_default
 
 from trimode.runtime.decode import (DEFAULT_BLOCK_LENGTH, DEFAULT_DRAFT_LENGTH, DEFAULT_THRESHOLD,
                                     MODES)
+from trimode.runtime.forward import DEFAULT_CTX
 
-DEFAULT_CTX = 4096
 
 
 def note(message: str) -> None:

@@ -19,6 +19,8 @@ from trimode.model.config import ModelConfig
 # The most tokens one bidirectional pass (or one compiled causal all-rows pass) takes: the
 # verify/draft entries are compiled for blocks of up to this many rows.
 MAX_BLOCK = 64
+# KV tokens a sequence gets when the user does not say (-c), or the model's context if shorter.
+DEFAULT_CTX = 4096
 
 
 class ContextFull(ValueError):

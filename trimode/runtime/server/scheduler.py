@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, Protocol
 
 from trimode.model.config import ModelConfig, ModelError
 from trimode.model.tokenizer import Tokenizer
-from trimode.runtime.forward import Forward
+from trimode.runtime.forward import DEFAULT_CTX, Forward
 from trimode.runtime.generation import DoneEvent, GenerationRequest, TokenEvent, generate
 from trimode.runtime.server.metrics import ServerMetrics
 
@@ -40,9 +40,6 @@ class Failed:
 
 class QueueFull(RuntimeError):
     pass
-
-
-DEFAULT_CTX = 4096
 
 
 def slot_context(n_ctx: Optional[int], n_slots: int, model_ctx: Optional[int]) -> int:
