@@ -99,8 +99,9 @@ def test_greedy_spec_equals_greedy_ar(loaded, held_out):
 
 def test_spec_accepts_drafts_on_held_out_code(loaded, held_out):
     stats = measure.acceptance(loaded, held_out, draft_length=8, max_tokens=48)
-    # Measured 1.38 tokens per cycle (8 held-out prompts, BENCHMARKS.md); 1.0 is no acceptance.
-    assert stats["tokens_per_cycle"] > 1.2, stats
+    # Tokens per cycle = accepted drafts + the verify pass's own token, so > 2 means more than
+    # one draft accepted per cycle. Measured 2.07 on these 6 prompts (2.02 on 8, BENCHMARKS.md).
+    assert stats["tokens_per_cycle"] > 2.0, stats
 
 
 def test_training_network_matches_the_reference():

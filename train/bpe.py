@@ -14,7 +14,6 @@ import gguf
 import gguf.vocab
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from trimode.model.chat import CHATML_TEMPLATE
 from trimode.model.vocab import NUM_SPECIAL, TEKKEN_PATTERN, TEKKEN_PRE, Vocab, special_token_name
 
 
@@ -48,7 +47,9 @@ class TrainedVocab:
         tokens = [special_token_name(i) for i in range(NUM_SPECIAL)] + self.tokens[NUM_SPECIAL:]
         types = [int(T.CONTROL)] * NUM_SPECIAL + [int(T.NORMAL)] * (len(tokens) - NUM_SPECIAL)
         return Vocab(tokens=tokens, token_types=types, merges=[f"{a} {b}" for a, b in self.merges],
-                     pre=TEKKEN_PRE, chat_template=CHATML_TEMPLATE)
+                     # Trained on plain source files, never on chat turns: no template, so
+                     # `trimode generate` completes text as llama-cli does for such models.
+                     pre=TEKKEN_PRE, chat_template="")
 
 
 def train_vocab(texts: list[str], vocab_size: int) -> TrainedVocab:
