@@ -32,7 +32,7 @@ class Kernels:
 
     def q8_matmul(self, n: int, k: int, rows: str):
         if not self.is_gpu:
-            return _cached(q8_matmul.q8_matmul_cpu, n, k)
+            return _cached(q8_matmul.q8_matmul_cpu, n, k, rows)
         from trimode.compiler.kernels import q8_matmul_cuda
 
         m = 1 if rows == "one" else "dynamic"

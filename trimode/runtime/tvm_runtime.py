@@ -30,11 +30,26 @@ def tvm_lib_dir() -> Path:
     return Path(spec.origin).parent / "lib"
 
 
+def physical_cores() -> int:
+    """Cores this process may run on, SMT siblings counted once (llama.cpp's default -t)."""
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
 @lru_cache(maxsize=None)
 def load_runtime(gpu: bool):
     """Loads the runtime libraries once; returns the tvm_ffi module."""
     # tvm_ffi imports torch when it is installed (5 s) for a DLPack bridge we never use.
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+    # TVM's pool otherwise takes half the logical CPUs on x86, assuming two threads per core:
+    # one thread on a 2-core machine without SMT. Read when the pool starts.
+    os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
     import tvm_ffi  # first: it loads libtvm_ffi.so, which libtvm_runtime links against
 
     lib_dir = tvm_lib_dir()

@@ -14,20 +14,46 @@ import math
 from tvm.script import tirx as T
 
 
+# Keys per tile: the scores of a tile are computed first, then the running softmax is
+# rescaled once per tile (not once per key) and the tile's values are summed, vectorized.
+KEY_TILE = 32
+LANES = 8  # fp32 lanes of one AVX2 register
+
+
 def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                   causal: bool) -> "T.PrimFunc":
     L, HQ, HKV, D = T.int64(n_layers), T.int64(n_heads), T.int64(n_kv_heads), T.int64(head_dim)
     group = n_heads // n_kv_heads
     scale = 1.0 / math.sqrt(head_dim)
+    lanes = LANES if head_dim % LANES == 0 else 1
+    chunks = head_dim // lanes
 
     @T.macro
-    def online_softmax_step(score, best, total, mix):
-        # Running max `best`, running sum `total`; mix[0] rescales what was accumulated so
-        # far, mix[1] weighs the new value row.
-        mix[0] = T.exp(best[0] - T.max(best[0], score[0]))
-        mix[1] = T.exp(score[0] - T.max(best[0], score[0]))
-        best[0] = T.max(best[0], score[0])
-        total[0] = total[0] * mix[0] + mix[1]
+    def keys_in_tiles(keys, values, n_keys, qs, acc, scores, part, best, total, rescale):
+        # keys/values: [n, D] views; n_keys of them. best/total: the running softmax.
+        for jt in range((n_keys + KEY_TILE - 1) // KEY_TILE):
+            size = T.min(n_keys - jt * KEY_TILE, KEY_TILE)
+            rescale[0] = best[0]
+            for jj in range(size):
+                for c in T.vectorized(lanes):
+                    part[c] = T.float32(0)
+                for b in range(chunks):
+                    for c in T.vectorized(lanes):
+                        part[c] = part[c] + qs[b * lanes + c] * keys[jt * KEY_TILE + jj, b * lanes + c]
+                scores[jj] = T.float32(0)
+                for c in T.unroll(lanes):
+                    scores[jj] = scores[jj] + part[c]
+                rescale[0] = T.max(rescale[0], scores[jj])
+            # rescale[0] holds the new running max; fold the old one into what was summed.
+            total[0] = total[0] * T.exp(best[0] - rescale[0])
+            for d in T.vectorized(D):
+                acc[d] = acc[d] * T.exp(best[0] - rescale[0])
+            best[0] = rescale[0]
+            for jj in range(size):
+                scores[jj] = T.exp(scores[jj] - best[0])
+                total[0] = total[0] + scores[jj]
+                for d in T.vectorized(D):
+                    acc[d] = acc[d] + scores[jj] * values[jt * KEY_TILE + jj, d]
 
     @T.prim_func(private=True)
     def attention(var_q: T.handle, var_kv: T.handle, layer: T.int64,
@@ -44,32 +70,32 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
             i = row // HQ
             h = row % HQ
             g = h // group
+            # This head's keys and values: the cache's [0, pos) and the block's own.
+            cache_k = T.decl_buffer((ctx, D), "float32", data=kv.data,
+                                    elem_offset=((layer * 2 + 0) * HKV + g) * ctx * D)
+            cache_v = T.decl_buffer((ctx, D), "float32", data=kv.data,
+                                    elem_offset=((layer * 2 + 1) * HKV + g) * ctx * D)
+            block_k = T.decl_buffer((t, D), "float32", data=k_new.data, elem_offset=g * D,
+                                    strides=(HKV * D, T.int64(1)))
+            block_v = T.decl_buffer((t, D), "float32", data=v_new.data, elem_offset=g * D,
+                                    strides=(HKV * D, T.int64(1)))
+            qs = T.decl_buffer((D,), "float32")
             acc = T.decl_buffer((D,), "float32")
+            scores = T.decl_buffer((KEY_TILE,), "float32")
+            part = T.decl_buffer((lanes,), "float32")
             best = T.decl_buffer((1,), "float32")
             total = T.decl_buffer((1,), "float32")
-            score = T.decl_buffer((1,), "float32")
-            mix = T.decl_buffer((2,), "float32")
-            best[0] = T.min_value("float32")
-            total[0] = T.float32(0)
-            for d in range(D):
+            rescale = T.decl_buffer((1,), "float32")
+            for d in T.vectorized(D):
+                qs[d] = q[i, h, d] * T.float32(scale)
                 acc[d] = T.float32(0)
-            for j in range(T.Cast("int64", pos_buf[0])):
-                score[0] = T.float32(0)
-                for d in range(D):
-                    score[0] = score[0] + q[i, h, d] * kv[layer, 0, g, j, d]
-                score[0] = score[0] * T.float32(scale)
-                online_softmax_step(score, best, total, mix)
-                for d in range(D):
-                    acc[d] = acc[d] * mix[0] + mix[1] * kv[layer, 1, g, j, d]
-            for j in range(i + 1 if causal else t):
-                score[0] = T.float32(0)
-                for d in range(D):
-                    score[0] = score[0] + q[i, h, d] * k_new[j, g, d]
-                score[0] = score[0] * T.float32(scale)
-                online_softmax_step(score, best, total, mix)
-                for d in range(D):
-                    acc[d] = acc[d] * mix[0] + mix[1] * v_new[j, g, d]
-            for d in range(D):
+            best[0] = T.float32(-3.0e38)
+            total[0] = T.float32(0)
+            keys_in_tiles(cache_k, cache_v, T.Cast("int64", pos_buf[0]), qs, acc, scores, part,
+                          best, total, rescale)
+            keys_in_tiles(block_k, block_v, i + 1 if causal else t, qs, acc, scores, part,
+                          best, total, rescale)
+            for d in T.vectorized(D):
                 out[i, h, d] = acc[d] / total[0]
 
     return attention

@@ -10,17 +10,30 @@ from tvm.script import tirx as T
 from trimode.model.weights import Q8_BLOCK
 
 CPU_LANES = 8  # fp32 lanes of one AVX2 register: the reduction is kept as 8 partial sums
-# Below this many weights a matmul runs on one thread: waking the pool costs more than the
-# work (and on a loaded machine a descheduled worker stalls the whole step).
-CPU_PARALLEL_MIN_WEIGHTS = 1 << 20
+# Below this much work (weights x rows) a matmul runs on one thread: waking the pool costs
+# more than the work (and on a loaded machine a descheduled worker stalls the whole step).
+CPU_PARALLEL_MIN_WORK = 1 << 16
+# Rows of x the multi-row kernel multiplies by one converted weight vector (2 x ROW_TILE
+# accumulator registers of AVX2's 16).
+ROW_TILE = 4
+# Rows a block or prefill pass has at least in practice (a verify of 1 row is rare).
+TYPICAL_BLOCK_ROWS = 8
 
 
-def q8_matmul_cpu(n: int, k: int) -> "T.PrimFunc":
-    """fp32 activations, any number of rows m. Each output feature's weight row is
-    dequantized once into a local buffer and reused for every row of x."""
+def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
+    """fp32 activations. rows "one": the decode kernel; otherwise the multi-row kernel."""
+    if rows == "one":
+        return q8_matvec_cpu(n, k)
+    return q8_matmul_tiled_cpu(n, k)
+
+
+def q8_matvec_cpu(n: int, k: int) -> "T.PrimFunc":
+    """Any number of rows m, built for m = 1 (decode): int8 weights are converted in registers
+    block by block, each block's dot product is scaled once by its fp16 scale, and nothing
+    dequantized is written to memory."""
     assert k % Q8_BLOCK == 0 and k % CPU_LANES == 0
-    n_blocks, n_chunks = k // Q8_BLOCK, k // CPU_LANES
-    rows_loop = T.parallel if n * k >= CPU_PARALLEL_MIN_WEIGHTS else T.serial
+    n_blocks, per_block = k // Q8_BLOCK, Q8_BLOCK // CPU_LANES
+    rows_loop = T.parallel if n * k >= CPU_PARALLEL_MIN_WORK else T.serial
 
     @T.prim_func(private=True)
     def q8_matmul(var_x: T.handle, q: T.Buffer((n, k), "int8"),
@@ -30,20 +43,74 @@ def q8_matmul_cpu(n: int, k: int) -> "T.PrimFunc":
         x = T.match_buffer(var_x, (m, k), "float32")
         y = T.match_buffer(var_y, (m, n), "float32")
         for j in rows_loop(n):
-            w = T.decl_buffer((k,), "float32")
-            acc = T.decl_buffer((CPU_LANES,), "float32")
-            for b in range(n_blocks):
-                for i in T.vectorized(Q8_BLOCK):
-                    w[b * Q8_BLOCK + i] = T.Cast("float32", q[j, b * Q8_BLOCK + i]) * T.Cast(
-                        "float32", scale[j, b])
             for r in range(m):
+                acc = T.decl_buffer((CPU_LANES,), "float32")
+                blk = T.decl_buffer((CPU_LANES,), "float32")
                 for i in T.vectorized(CPU_LANES):
                     acc[i] = T.float32(0)
-                for c in range(n_chunks):
+                for b in range(n_blocks):
                     for i in T.vectorized(CPU_LANES):
-                        acc[i] = acc[i] + x[r, c * CPU_LANES + i] * w[c * CPU_LANES + i]
+                        blk[i] = T.float32(0)
+                    for c in T.unroll(per_block):
+                        for i in T.vectorized(CPU_LANES):
+                            blk[i] = blk[i] + x[r, b * Q8_BLOCK + c * CPU_LANES + i] * T.Cast(
+                                "float32", q[j, b * Q8_BLOCK + c * CPU_LANES + i])
+                    for i in T.vectorized(CPU_LANES):
+                        acc[i] = acc[i] + blk[i] * T.Cast("float32", scale[j, b])
                 y[r, j] = T.float32(0)
-                for i in range(CPU_LANES):
+                for i in T.unroll(CPU_LANES):
                     y[r, j] = y[r, j] + acc[i]
+
+    return q8_matmul
+
+
+def q8_matmul_tiled_cpu(n: int, k: int) -> "T.PrimFunc":
+    """Any m, for blocks and prefill: the decode kernel's in-register conversion, with each
+    converted weight vector used for ROW_TILE rows of x at once (two ROW_TILE x CPU_LANES
+    accumulator sets, per block and in total, in registers); rows past the last full tile
+    go one at a time."""
+    assert k % Q8_BLOCK == 0 and k % CPU_LANES == 0
+    n_blocks, per_block = k // Q8_BLOCK, Q8_BLOCK // CPU_LANES
+    rt = ROW_TILE
+    rows_loop = T.parallel if n * k * TYPICAL_BLOCK_ROWS >= CPU_PARALLEL_MIN_WORK else T.serial
+
+    @T.macro
+    def rows_times_feature(x, q, scale, y, j, first, count, acc, blk, w):
+        for r in T.unroll(count):
+            for i in T.vectorized(CPU_LANES):
+                acc[r, i] = T.float32(0)
+        for b in range(n_blocks):
+            for r in T.unroll(count):
+                for i in T.vectorized(CPU_LANES):
+                    blk[r, i] = T.float32(0)
+            for c in T.unroll(per_block):
+                for i in T.vectorized(CPU_LANES):
+                    w[i] = T.Cast("float32", q[j, b * Q8_BLOCK + c * CPU_LANES + i])
+                for r in T.unroll(count):
+                    for i in T.vectorized(CPU_LANES):
+                        blk[r, i] = blk[r, i] + x[first + r, b * Q8_BLOCK + c * CPU_LANES + i] * w[i]
+            for r in T.unroll(count):
+                for i in T.vectorized(CPU_LANES):
+                    acc[r, i] = acc[r, i] + blk[r, i] * T.Cast("float32", scale[j, b])
+        for r in T.unroll(count):
+            y[first + r, j] = T.float32(0)
+            for i in T.unroll(CPU_LANES):
+                y[first + r, j] = y[first + r, j] + acc[r, i]
+
+    @T.prim_func(private=True)
+    def q8_matmul(var_x: T.handle, q: T.Buffer((n, k), "int8"),
+                  scale: T.Buffer((n, n_blocks), "float16"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k), "float32")
+        y = T.match_buffer(var_y, (m, n), "float32")
+        for j in rows_loop(n):
+            acc = T.decl_buffer((rt, CPU_LANES), "float32")
+            blk = T.decl_buffer((rt, CPU_LANES), "float32")
+            w = T.decl_buffer((CPU_LANES,), "float32")
+            for ro in range(m // rt):
+                rows_times_feature(x, q, scale, y, j, ro * rt, rt, acc, blk, w)
+            for r in range(m // rt * rt, m):
+                rows_times_feature(x, q, scale, y, j, r, 1, acc, blk, w)
 
     return q8_matmul
