@@ -95,6 +95,8 @@ def test_greedy_spec_equals_greedy_ar(loaded, held_out):
         ar = greedy(loaded, prompt, 40, "ar")
         for k in (4, 16):
             assert greedy(loaded, prompt, 40, "spec", k) == ar, (prompt, k)
+    healed_ar = measure.complete(loaded, FIBONACCI, 40, DecodeParams(mode="ar"))
+    assert measure.complete(loaded, FIBONACCI, 40, DecodeParams(mode="spec")) == healed_ar
 
 
 def test_spec_accepts_drafts_on_held_out_code(loaded, held_out):
