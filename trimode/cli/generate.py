@@ -89,7 +89,7 @@ def stats_line(stats: dict, finish: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help='print one JSON object {"tokens", "text", "stats"}')
 @click.option("--no-loop-detection", is_flag=True, help="do not stop on repetition loops")
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), help="device (default: cuda if present)")
-@click.option("-t", "--threads", type=int, help="CPU threads for the llvm target")
+@click.option("-t", "--threads", type=int, help="CPU threads for the llvm target  [default: one per physical core]")
 @click.option("-ngl", "--n-gpu-layers", type=int, help="accepted and ignored (all layers run on --target)")
 @click.option("-fa", "--flash-attn", help="accepted and ignored (attention is always fused)")
 def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_self_spec, temp,

@@ -1,6 +1,7 @@
 """`trimode serve`: the OpenAI-compatible server, with llama-server's flags where they apply."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -35,13 +36,17 @@ from trimode.runtime.decode import MAX_BLOCK, MODES, DecodeParams
               help="Self-speculation: masked draft slots per cycle, unless a request sets draft_length.")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
               help="Requests allowed to wait for a slot; beyond that new ones get a 503.")
+@click.option("-t", "--threads", default=None, type=click.IntRange(min=1),
+              help="CPU threads for the llvm target  [default: one per physical core]")
 def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, reasoning_format,
-          mode, draft_length, max_queue):
+          mode, draft_length, max_queue, threads):
     """Serve MODEL over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics, /tokenize, /detokenize."""
     # --reasoning-format is accepted so llama-server command lines work; 'none' (thinking
     # text left in the content) is the only format, so there is nothing to pass on.
     del reasoning_format
+    if threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the runtime's pool starts
     import uvicorn
 
     from trimode.model.default_model import model_or_default
