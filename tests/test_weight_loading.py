@@ -40,9 +40,13 @@ def test_parameters_in_small_chunks_equal_the_stacked_matrices(tiny_gguf, monkey
     weights = load_model(tiny_gguf).weights
     with ThreadPoolExecutor(3) as pool:
         params = {}
+        previous = {}
         for group in parameter_groups(weights, quantized_parts(weights), "float32", pool):
             assert not params.keys() & group.keys()
-            params.update(group)
+            # Reused buffers: a group never overlaps the one uploading before it.
+            assert not any(np.shares_memory(a, b) for a in group.values() for b in previous.values())
+            params.update({name: array.copy() for name, array in group.items()})
+            previous = group
     layer = weights.layers[1]
     for name, mats in (("qkv", [layer.wq, layer.wk, layer.wv]), ("gate_up", [layer.w_gate, layer.w_up]),
                        ("down", [layer.w_down])):

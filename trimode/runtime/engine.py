@@ -49,8 +49,33 @@ UNPACK_CHUNK_BYTES = 8 << 20
 UNPACK_THREADS = min(8, os.cpu_count() or 1)
 
 
+class HostBuffers:
+    """Two host buffers that Q8_0 groups take turns to fill: one is uploading while the next
+    group is unpacked into the other. Reusing them spares the page faults of fresh memory for
+    every group (most of the host time of a load on a fresh process)."""
+
+    ALIGN = 64
+
+    def __init__(self):
+        self._buffers = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self._turn = 0
+
+    def arrays(self, *specs: tuple[tuple[int, ...], type]) -> list[np.ndarray]:
+        sizes = [-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // self.ALIGN) * self.ALIGN
+                 for shape, dtype in specs]
+        if self._buffers[self._turn].nbytes < sum(sizes):
+            self._buffers[self._turn] = np.empty(sum(sizes), np.uint8)
+        buffer, self._turn = self._buffers[self._turn], 1 - self._turn
+        out, at = [], 0
+        for (shape, dtype), size in zip(specs, sizes):
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            out.append(buffer[at:at + nbytes].view(dtype).reshape(shape))
+            at += size
+        return out
+
+
 def _stacked(prefix: str, mats: list, as_q8: bool, dtype: str, pool: ThreadPoolExecutor,
-             float_name: str = "weight") -> dict[str, np.ndarray]:
+             buffers: HostBuffers, float_name: str = "weight") -> dict[str, np.ndarray]:
     """One parameter (a Q8_0 q/scale pair, or one float matrix) made of `mats` stacked along
     the output dimension (q|k|v -> qkv, gate|up -> gate_up), unpacked in one pass over the
     file's blocks."""
@@ -59,7 +84,7 @@ def _stacked(prefix: str, mats: list, as_q8: bool, dtype: str, pool: ThreadPoolE
         return {f"{prefix}.{float_name}": np.asarray(np.concatenate(dense), dtype)}
     k = mats[0].shape[1]
     n = sum(m.shape[0] for m in mats)
-    q, scale = np.empty((n, k), np.int8), np.empty((n, k // Q8_BLOCK), np.float16)
+    q, scale = buffers.arrays(((n, k), np.int8), ((n, k // Q8_BLOCK), np.float16))
     step = max(1, UNPACK_CHUNK_BYTES // k)
     jobs, top = [], 0
     for m in mats:
@@ -75,20 +100,22 @@ def _stacked(prefix: str, mats: list, as_q8: bool, dtype: str, pool: ThreadPoolE
 
 def parameter_groups(weights: ModelWeights, quantized: dict[str, bool], dtype: str,
                      pool: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
-    """Host arrays named as the compiled module's parameters, a few at a time, so loading never
-    holds more than one matrix's unpacked copy per group in host memory."""
-    yield _stacked("embed", [weights.embed], quantized["embed"], dtype, pool, "table")
+    """Host arrays named as the compiled module's parameters, a group at a time. A group's
+    arrays stay valid until two more groups have been produced (HostBuffers), so loading
+    holds two unpacked parameters at most, in memory it reuses."""
+    buffers = HostBuffers()
+    yield _stacked("embed", [weights.embed], quantized["embed"], dtype, pool, buffers, "table")
     q8 = quantized["layers"]
     for i, layer in enumerate(weights.layers):
         p = f"layers.{i}"
         yield {f"{p}.attn_norm.weight": np.asarray(layer.attn_norm, np.float32),
                f"{p}.ffn_norm.weight": np.asarray(layer.ffn_norm, np.float32)}
-        yield _stacked(f"{p}.qkv", [layer.wq, layer.wk, layer.wv], q8, dtype, pool)
-        yield _stacked(f"{p}.o", [layer.wo], q8, dtype, pool)
-        yield _stacked(f"{p}.gate_up", [layer.w_gate, layer.w_up], q8, dtype, pool)
-        yield _stacked(f"{p}.down", [layer.w_down], q8, dtype, pool)
+        yield _stacked(f"{p}.qkv", [layer.wq, layer.wk, layer.wv], q8, dtype, pool, buffers)
+        yield _stacked(f"{p}.o", [layer.wo], q8, dtype, pool, buffers)
+        yield _stacked(f"{p}.gate_up", [layer.w_gate, layer.w_up], q8, dtype, pool, buffers)
+        yield _stacked(f"{p}.down", [layer.w_down], q8, dtype, pool, buffers)
     yield {"output_norm.weight": np.asarray(weights.output_norm, np.float32)}
-    yield _stacked("head", [weights.output], quantized["output"], dtype, pool)
+    yield _stacked("head", [weights.output], quantized["output"], dtype, pool, buffers)
 
 
 def find_or_compile(cfg: ModelConfig, quantized: dict[str, bool], target: str,
@@ -140,7 +167,7 @@ class Engine:
 
     def _upload_weights(self, weights: ModelWeights) -> dict:
         """Device tensors by parameter name. The next group is unpacked on the host while the
-        current one uploads."""
+        current one uploads (an upload returns once the host array may be reused)."""
         wanted = {p["name"]: p for p in self.manifest["params"]}
         uploaded = {}
         with ThreadPoolExecutor(UNPACK_THREADS) as pool, ThreadPoolExecutor(1) as ahead:

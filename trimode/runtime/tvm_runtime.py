@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,12 +46,20 @@ def physical_cores() -> int:
 @lru_cache(maxsize=None)
 def load_runtime(gpu: bool):
     """Loads the runtime libraries once; returns the tvm_ffi module."""
-    # tvm_ffi imports torch when it is installed (5 s) for a DLPack bridge we never use.
+    # tvm_ffi imports torch when it is installed (1-5 s) for DLPack and stream bridges we never
+    # use: that import is made to fail fast while tvm_ffi loads, and torch stays importable.
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+    torch_absent = "torch" not in sys.modules
     # TVM's pool otherwise takes half the logical CPUs on x86, assuming two threads per core:
     # one thread on a 2-core machine without SMT. Read when the pool starts.
     os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
-    import tvm_ffi  # first: it loads libtvm_ffi.so, which libtvm_runtime links against
+    if torch_absent:
+        sys.modules["torch"] = None
+    try:
+        import tvm_ffi  # first: it loads libtvm_ffi.so, which libtvm_runtime links against
+    finally:
+        if torch_absent and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
 
     lib_dir = tvm_lib_dir()
     ctypes.CDLL(str(lib_dir / "libtvm_runtime.so"), RTLD)
