@@ -13,66 +13,25 @@ CPU_LANES = 8  # fp32 lanes of one AVX2 register: the reduction is kept as 8 par
 # Below this much work (weights x rows) a matmul runs on one thread: waking the pool costs
 # more than the work (and on a loaded machine a descheduled worker stalls the whole step).
 CPU_PARALLEL_MIN_WORK = 1 << 16
-# Rows of x the multi-row kernel multiplies by one converted weight vector (2 x ROW_TILE
-# accumulator registers of AVX2's 16).
+# Rows of x multiplied by one converted weight vector (2 x ROW_TILE accumulator registers of
+# AVX2's 16).
 ROW_TILE = 4
 # Rows a block or prefill pass has at least in practice (a verify of 1 row is rare).
 TYPICAL_BLOCK_ROWS = 8
 
 
 def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
-    """fp32 activations. rows "one": the decode kernel; otherwise the multi-row kernel."""
-    if rows == "one":
-        return q8_matvec_cpu(n, k)
-    return q8_matmul_tiled_cpu(n, k)
-
-
-def q8_matvec_cpu(n: int, k: int) -> "T.PrimFunc":
-    """Any number of rows m, built for m = 1 (decode): int8 weights are converted in registers
-    block by block, each block's dot product is scaled once by its fp16 scale, and nothing
-    dequantized is written to memory."""
-    assert k % Q8_BLOCK == 0 and k % CPU_LANES == 0
-    n_blocks, per_block = k // Q8_BLOCK, Q8_BLOCK // CPU_LANES
-    rows_loop = T.parallel if n * k >= CPU_PARALLEL_MIN_WORK else T.serial
-
-    @T.prim_func(private=True)
-    def q8_matmul(var_x: T.handle, q: T.Buffer((n, k), "int8"),
-                  scale: T.Buffer((n, n_blocks), "float16"), var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(var_x, (m, k), "float32")
-        y = T.match_buffer(var_y, (m, n), "float32")
-        for j in rows_loop(n):
-            for r in range(m):
-                acc = T.decl_buffer((CPU_LANES,), "float32")
-                blk = T.decl_buffer((CPU_LANES,), "float32")
-                for i in T.vectorized(CPU_LANES):
-                    acc[i] = T.float32(0)
-                for b in range(n_blocks):
-                    for i in T.vectorized(CPU_LANES):
-                        blk[i] = T.float32(0)
-                    for c in T.unroll(per_block):
-                        for i in T.vectorized(CPU_LANES):
-                            blk[i] = blk[i] + x[r, b * Q8_BLOCK + c * CPU_LANES + i] * T.Cast(
-                                "float32", q[j, b * Q8_BLOCK + c * CPU_LANES + i])
-                    for i in T.vectorized(CPU_LANES):
-                        acc[i] = acc[i] + blk[i] * T.Cast("float32", scale[j, b])
-                y[r, j] = T.float32(0)
-                for i in T.unroll(CPU_LANES):
-                    y[r, j] = y[r, j] + acc[i]
-
-    return q8_matmul
-
-
-def q8_matmul_tiled_cpu(n: int, k: int) -> "T.PrimFunc":
-    """Any m, for blocks and prefill: the decode kernel's in-register conversion, with each
-    converted weight vector used for ROW_TILE rows of x at once (two ROW_TILE x CPU_LANES
-    accumulator sets, per block and in total, in registers); rows past the last full tile
-    go one at a time."""
+    """fp32 activations, any m. int8 weights are converted to float in registers, 8 at a
+    time; each converted vector is multiplied into ROW_TILE rows of x at once (two ROW_TILE x
+    CPU_LANES accumulator sets, per 32-value block and in total, in registers), each block's
+    sum is scaled once by its fp16 scale, and nothing dequantized is written to memory. Rows
+    past the last full tile (all of them at m = 1, decode) go one at a time. `rows` ("one",
+    "block", "many") only sets how much work the parallel threshold expects."""
     assert k % Q8_BLOCK == 0 and k % CPU_LANES == 0
     n_blocks, per_block = k // Q8_BLOCK, Q8_BLOCK // CPU_LANES
     rt = ROW_TILE
-    rows_loop = T.parallel if n * k * TYPICAL_BLOCK_ROWS >= CPU_PARALLEL_MIN_WORK else T.serial
+    work = n * k * (1 if rows == "one" else TYPICAL_BLOCK_ROWS)
+    rows_loop = T.parallel if work >= CPU_PARALLEL_MIN_WORK else T.serial
 
     @T.macro
     def rows_times_feature(x, q, scale, y, j, first, count, acc, blk, w):
