@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trimode.model.config import GEOMETRIES  # noqa: E402
 from trimode.model.random_weights import random_weights  # noqa: E402
 from trimode.model.reference import ReferenceForward, ReferenceModel  # noqa: E402
-from trimode.runtime.bench import BenchPlan, Loaded, render_table, run_bench, tiled_weights  # noqa: E402
+from trimode.runtime.bench import BenchPlan, bench_loader, render_table, run_bench  # noqa: E402
 from trimode.runtime.engine import Engine  # noqa: E402
 
 CHAIN_PROMPT, CHAIN_TOKENS = [1, 2, 3], 25
@@ -120,9 +119,9 @@ def main():
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
-    if args.model:
-        from trimode.model.gguf_file import load_model  # needs the gguf wheel on the GPU box
-    cfg = load_model(args.model).config if args.model else GEOMETRIES[args.geometry]
+    # A --model file needs the gguf wheel on the GPU box.
+    cfg, load = bench_loader(args.model, GEOMETRIES[args.geometry], args.target,
+                             args.bench_artifact, log)
     try:
         fills = tuple(int(f) for f in args.fills.split(","))
     except ValueError:
@@ -136,15 +135,6 @@ def main():
     checks = [] if args.skip_tiny else check_tiny(args.target, args.tiny_artifact, tol)
     for c in checks:
         log(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: rel err {c['rel_err']:.2e}")
-
-    def load() -> Loaded:
-        if args.model:  # the whole path from the file: parse, unpack, upload
-            started = time.perf_counter()
-            model = load_model(args.model)
-            engine = Engine(cfg, model.weights, args.target, model.metadata, log, args.bench_artifact)
-            return Loaded(engine, time.perf_counter() - started, "file")
-        engine = Engine(cfg, tiled_weights(cfg), args.target, artifact=args.bench_artifact, log=log)
-        return Loaded(engine, engine.load_seconds, "host memory")
 
     report = run_bench(cfg, plan, args.target, load, with_torch=not args.no_torch)
     report["checks"] = checks

@@ -3,7 +3,6 @@ device's memory roofline, and against plain PyTorch where torch is installed."""
 from __future__ import annotations
 
 import json
-import time
 
 import click
 
@@ -31,8 +30,7 @@ def bench(model, geometry, target, artifact, fills, block, prefill, ctx_size, re
           as_json):
     """Time decode, verify, draft and prefill; AR tok/s, spec cycle, load time, memory."""
     from trimode.model.config import GEOMETRIES
-    from trimode.runtime.bench import BenchPlan, Loaded, render_table, run_bench, tiled_weights
-    from trimode.runtime.engine import Engine
+    from trimode.runtime.bench import BenchPlan, bench_loader, render_table, run_bench
     from trimode.runtime.tvm_runtime import cuda_device_count, default_target
 
     if (model is None) == (geometry is None):
@@ -42,24 +40,7 @@ def bench(model, geometry, target, artifact, fills, block, prefill, ctx_size, re
         raise click.UsageError("--target cuda: the driver reports no CUDA GPU here (use --target llvm)")
     log = (lambda msg: click.echo(msg, err=True))
 
-    if model:
-        from trimode.model.gguf_file import load_model
-
-        started = time.perf_counter()
-        loaded_model = load_model(model)
-        read_seconds = time.perf_counter() - started
-        cfg = loaded_model.config
-
-        def load() -> Loaded:
-            engine = Engine(cfg, loaded_model.weights, target, loaded_model.metadata, log, artifact)
-            return Loaded(engine, read_seconds + engine.load_seconds, "file")
-    else:
-        cfg = GEOMETRIES[geometry]
-
-        def load() -> Loaded:
-            engine = Engine(cfg, tiled_weights(cfg), target, log=log, artifact=artifact)
-            return Loaded(engine, engine.load_seconds, "host memory")
-
+    cfg, load = bench_loader(model, None if model else GEOMETRIES[geometry], target, artifact, log)
     plan = BenchPlan(fills=fills, block=block, prefill=prefill, repeat=repeat, ctx=ctx_size)
     problem = plan.problem(cfg)
     if problem:

@@ -80,6 +80,31 @@ class Loaded(NamedTuple):
     source: str       # where the weights came from: "file" or "host memory"
 
 
+def bench_loader(model_path: str | None, cfg: ModelConfig | None, target: str,
+                 artifact: str | None, log) -> tuple[ModelConfig, Callable[[], Loaded]]:
+    """The geometry to bench and how to load its engine: a GGUF file's own weights (the
+    file's parse timed with the unpack and upload), or random weights of `cfg` made in host
+    memory."""
+    from trimode.runtime.engine import Engine
+
+    if model_path is None:
+        def load_tiled() -> Loaded:
+            engine = Engine(cfg, tiled_weights(cfg), target, log=log, artifact=artifact)
+            return Loaded(engine, engine.load_seconds, "host memory")
+        return cfg, load_tiled
+
+    from trimode.model.gguf_file import load_model
+
+    started = time.perf_counter()
+    model = load_model(model_path)
+    read_seconds = time.perf_counter() - started
+
+    def load_file() -> Loaded:
+        engine = Engine(model.config, model.weights, target, model.metadata, log, artifact)
+        return Loaded(engine, read_seconds + engine.load_seconds, "file")
+    return model.config, load_file
+
+
 # --- the machine ---------------------------------------------------------------------------
 
 def tiled_weights(cfg: ModelConfig, seed: int = 0) -> ModelWeights:
