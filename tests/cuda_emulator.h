@@ -1,0 +1,375 @@
+// Runs hand-written CUDA C++ device functions on the CPU, for tests on machines without a GPU.
+//
+// Every CUDA thread of a block is a fiber (ucontext) on one OS thread. A fiber runs until it
+// reaches a barrier (__syncthreads, or a warp-collective op: shuffles, mma.sync), then the next
+// fiber runs; a barrier releases once every live thread of its group has arrived, and a thread
+// that returns drops out of its barriers (as on the GPU). Blocks run one after another, in
+// forward or reverse order, and the threads of a block likewise, so a kernel that depends on
+// which block or thread runs first gives different results under the two orders. A barrier
+// nobody can complete (a __syncthreads inside divergent code) is reported as a deadlock.
+//
+// Emulated: __shared__ (block-shared, one block at a time), the half types and intrinsics our
+// kernels use, full-warp shuffles, mma.sync m16n8k16 f16 -> f32 (PTX ISA fragment layouts,
+// fp32 accumulation in k order), cp.async 16-byte copies that land only at cp.async.wait_group
+// (a read before the wait sees the old contents), atomics and fences (trivial: one OS thread).
+// Kernels reach the emulated instructions through `#ifdef TRIMODE_CUDA_EMULATION`, which
+// this header defines, in place of their inline PTX.
+#pragma once
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#define TRIMODE_CUDA_EMULATION 1
+namespace emu {
+inline void fail(const char* message);
+}
+#define __device__
+#define __global__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+// ---- vector types --------------------------------------------------------------------------
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(8) float2 { float x, y; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+// ---- half precision (IEEE binary16 storage; arithmetic rounds once per operation) ------------
+struct __half {
+  unsigned short bits;
+};
+struct alignas(4) __half2 {
+  __half x, y;
+};
+using half = __half;
+using half2 = __half2;
+
+inline float __half2float(half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.bits, 2);
+  return static_cast<float>(f);
+}
+inline half __float2half_rn(float v) {
+  _Float16 f = static_cast<_Float16>(v);
+  half h;
+  std::memcpy(&h.bits, &f, 2);
+  return h;
+}
+inline half __float2half(float v) { return __float2half_rn(v); }
+inline half2 __halves2half2(half a, half b) { return {a, b}; }
+inline half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
+inline half2 __float2half2_rn(float a) { return {__float2half_rn(a), __float2half_rn(a)}; }
+inline float2 __half22float2(half2 v) { return {__half2float(v.x), __half2float(v.y)}; }
+inline float __low2float(half2 v) { return __half2float(v.x); }
+inline float __high2float(half2 v) { return __half2float(v.y); }
+// fp16 values are exact in double, and so are the sum, difference and product of two: one
+// rounding to fp16, as the hardware does.
+#define TRIMODE_EMU_HALF2_OP(name, expr)                                                  \
+  inline half2 name(half2 a, half2 b) {                                                   \
+    auto f = [](half p, half q) {                                                         \
+      double x = __half2float(p), y = __half2float(q);                                     \
+      return __float2half_rn(static_cast<float>(expr));                                   \
+    };                                                                                    \
+    return {f(a.x, b.x), f(a.y, b.y)};                                                    \
+  }
+TRIMODE_EMU_HALF2_OP(__hadd2, x + y)
+TRIMODE_EMU_HALF2_OP(__hsub2, x - y)
+TRIMODE_EMU_HALF2_OP(__hmul2, x * y)
+#undef TRIMODE_EMU_HALF2_OP
+inline half2 __hfma2(half2 a, half2 b, half2 c) {
+  auto f = [](half p, half q, half r) {
+    return __float2half_rn(static_cast<float>(
+        static_cast<double>(__half2float(p)) * __half2float(q) + __half2float(r)));
+  };
+  return {f(a.x, b.x, c.x), f(a.y, b.y, c.y)};
+}
+
+// ---- bit and math intrinsics -----------------------------------------------------------------
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t bytes = (static_cast<uint64_t>(y) << 32) | x;
+  unsigned out = 0;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned sel = (s >> (4 * i)) & 0xf;
+    if (sel & 8) emu::fail("__byte_perm: sign-replicating selectors are not emulated");
+    out |= static_cast<unsigned>((bytes >> (8 * sel)) & 0xff) << (8 * i);
+  }
+  return out;
+}
+template <class A, class B> inline auto min(A a, B b) { return a < b ? a : b; }
+template <class A, class B> inline auto max(A a, B b) { return a < b ? b : a; }
+template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldcg(const T* p) { return *p; }
+template <class T> inline void __stcg(T* p, T v) { *p = v; }
+inline void __threadfence() {}
+inline void __trap() { emu::fail("__trap()"); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned old = *p; *p = old + v; return old; }
+inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return old; }
+inline float atomicAdd(float* p, float v) { float old = *p; *p = old + v; return old; }
+inline unsigned atomicExch(unsigned* p, unsigned v) { unsigned old = *p; *p = v; return old; }
+
+// ---- the scheduler -----------------------------------------------------------------------------
+namespace emu {
+
+struct Fiber;
+
+struct Barrier {
+  int expected = 0;
+  int arrived = 0;
+};
+
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  int bytes;  // of 16; the rest is zero-filled (cp.async's src-size operand)
+};
+
+struct Fiber {
+  ucontext_t context;
+  dim3 thread;
+  int warp = 0, lane = 0;
+  bool done = false;
+  Barrier* waiting = nullptr;
+  std::vector<PendingCopy> open_copies;                // issued, not yet committed
+  std::vector<std::vector<PendingCopy>> copy_groups;   // committed, not yet waited for
+};
+
+struct Warp {
+  Barrier barrier;
+  unsigned char slot[32][8];
+  unsigned mma[32][6];
+};
+
+inline ucontext_t scheduler;
+inline std::vector<Fiber> fibers;
+inline std::vector<Warp> warps;
+inline Barrier block_barrier;
+inline Fiber* current = nullptr;
+inline dim3 block_index, block_dim, grid_dim;
+inline std::function<void()> body;
+inline std::vector<std::vector<char>> stacks;
+inline char error[512];
+
+constexpr size_t STACK_BYTES = 256 << 10;
+
+inline bool failed = false;
+
+// Records the error and leaves the fiber for good; launch() then returns nonzero.
+inline void fail(const char* message) {
+  std::snprintf(error, sizeof error, "%s (block %u,%u,%u thread %u,%u,%u)", message, block_index.x,
+                block_index.y, block_index.z, current ? current->thread.x : 0,
+                current ? current->thread.y : 0, current ? current->thread.z : 0);
+  failed = true;
+  if (current) setcontext(&scheduler);
+}
+
+inline void release(Barrier& barrier) {
+  for (Fiber& fiber : fibers)
+    if (fiber.waiting == &barrier) fiber.waiting = nullptr;
+  barrier.arrived = 0;
+}
+
+inline void arrive(Barrier& barrier) {
+  if (++barrier.arrived == barrier.expected) {
+    release(barrier);
+    return;
+  }
+  current->waiting = &barrier;
+  swapcontext(&current->context, &scheduler);
+}
+
+inline void leave(Barrier& barrier) {
+  if (--barrier.expected > 0 && barrier.arrived == barrier.expected) release(barrier);
+}
+
+inline void trampoline() {
+  body();
+  bool copies_pending = !current->open_copies.empty();
+  for (const auto& group : current->copy_groups) copies_pending |= !group.empty();
+  if (copies_pending) fail("thread exited with cp.async copies never waited for");
+  current->done = true;
+  leave(block_barrier);
+  leave(warps[current->warp].barrier);
+}  // returns to the scheduler through uc_link
+
+inline int thread_count() { return static_cast<int>(block_dim.x * block_dim.y * block_dim.z); }
+
+// Runs every block of the grid. reverse: blocks and threads in descending order; greedy: the
+// first runnable thread always runs next, so its warp races ahead of the others to the next
+// __syncthreads (the default sweeps every thread once per round: warps move in lockstep).
+inline int launch(dim3 grid, dim3 block, bool reverse, bool greedy, std::function<void()> kernel) {
+  grid_dim = grid;
+  block_dim = block;
+  body = std::move(kernel);
+  error[0] = 0;
+  failed = false;
+  const int n = thread_count();
+  if (n % 32 || n > 1024) {
+    fail("threads per block must be a multiple of 32, at most 1024");
+    return 1;
+  }
+  stacks.resize(n);
+  for (auto& stack : stacks) stack.resize(STACK_BYTES);
+  const long blocks = static_cast<long>(grid.x) * grid.y * grid.z;
+  for (long b = 0; b < blocks; ++b) {
+    const long linear = reverse ? blocks - 1 - b : b;
+    block_index = {static_cast<unsigned>(linear % grid.x),
+                   static_cast<unsigned>(linear / grid.x % grid.y),
+                   static_cast<unsigned>(linear / grid.x / grid.y)};
+    fibers.assign(n, Fiber{});
+    warps.assign(n / 32, Warp{});
+    block_barrier = {n, 0};
+    for (int i = 0; i < n; ++i) {
+      Fiber& fiber = fibers[i];
+      fiber.thread = {static_cast<unsigned>(i % block.x), static_cast<unsigned>(i / block.x % block.y),
+                      static_cast<unsigned>(i / block.x / block.y)};
+      fiber.warp = i / 32;
+      fiber.lane = i % 32;
+      warps[fiber.warp].barrier.expected = 32;
+      getcontext(&fiber.context);
+      fiber.context.uc_stack.ss_sp = stacks[i].data();
+      fiber.context.uc_stack.ss_size = STACK_BYTES;
+      fiber.context.uc_link = &scheduler;
+      makecontext(&fiber.context, trampoline, 0);
+    }
+    int finished = 0;
+    while (finished < n) {
+      bool progressed = false;
+      for (int k = 0; k < n; ++k) {
+        Fiber& fiber = fibers[reverse ? n - 1 - k : k];
+        if (fiber.done || fiber.waiting) continue;
+        current = &fiber;
+        swapcontext(&scheduler, &fiber.context);
+        if (failed) return 1;
+        progressed = true;
+        if (fiber.done) ++finished;
+        if (greedy) break;  // back to the first thread: it runs ahead as far as barriers allow
+      }
+      if (!progressed) {
+        current = nullptr;
+        fail("deadlock: every live thread waits at a barrier that cannot complete");
+        return 1;
+      }
+    }
+    current = nullptr;
+  }
+  return 0;
+}
+
+inline Warp& my_warp() { return warps[current->warp]; }
+
+inline void sync_warp() { arrive(my_warp().barrier); }
+
+template <class T>
+inline T shuffle(unsigned mask, T value, int source_lane) {
+  static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes here");
+  if (mask != 0xffffffffu || my_warp().barrier.expected != 32) fail("partial-warp shuffles are not emulated");
+  Warp& warp = my_warp();
+  std::memcpy(warp.slot[current->lane], &value, sizeof(T));
+  sync_warp();
+  T result;
+  std::memcpy(&result, warp.slot[source_lane & 31], sizeof(T));
+  sync_warp();  // nobody overwrites a slot before every lane has read
+  return result;
+}
+
+inline float half_of(unsigned word, int upper) {
+  half h{static_cast<unsigned short>(upper ? word >> 16 : word & 0xffff)};
+  return __half2float(h);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32: d = a (16x16) * b (16x8) + c, per lane
+// (group g = lane / 4, t = lane % 4): a[0..3] = rows g | g+8 x k 2t..2t+1 | 2t+8..2t+9 (a[0]: g,
+// low k; a[1]: g+8, low k; a[2]: g, high k; a[3]: g+8, high k), b0 | b1 = k 2t..2t+1 | 2t+8..2t+9
+// of column g, c[0..3] = (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+inline void mma_m16n8k16_f32_f16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+  if (my_warp().barrier.expected != 32) fail("mma.sync with an incomplete warp");
+  Warp& warp = my_warp();
+  unsigned* mine = warp.mma[current->lane];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b0;
+  mine[5] = b1;
+  sync_warp();
+  const int g = current->lane / 4, t = current->lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float acc = c[e];
+    for (int k = 0; k < 16; ++k) {
+      const unsigned a_word = warp.mma[(row % 8) * 4 + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)];
+      const unsigned b_word = warp.mma[col * 4 + (k % 8) / 2][4 + (k >= 8)];
+      acc += half_of(a_word, k % 2) * half_of(b_word, k % 2);
+    }
+    c[e] = acc;
+  }
+  sync_warp();
+}
+
+inline void land(const PendingCopy& copy) {
+  std::memset(copy.dst, 0, 16);
+  std::memcpy(copy.dst, copy.src, copy.bytes);
+}
+
+// Late (the default) catches a read before the wait; early catches an overwrite of shared
+// memory that other threads have not finished reading.
+inline bool early_copies = false;
+
+inline void cp_async16(void* dst, const void* src, int src_bytes) {
+  if (src_bytes < 0 || src_bytes > 16) fail("cp.async source size outside 0..16");
+  if (early_copies) land({dst, src, src_bytes});
+  else current->open_copies.push_back({dst, src, src_bytes});
+}
+
+inline void cp_async_commit() {
+  current->copy_groups.push_back(std::move(current->open_copies));
+  current->open_copies.clear();
+}
+
+inline void cp_async_wait(int pending_allowed) {
+  auto& groups = current->copy_groups;
+  while (static_cast<int>(groups.size()) > pending_allowed) {
+    for (const PendingCopy& copy : groups.front()) land(copy);
+    groups.erase(groups.begin());
+  }
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::current->thread)
+#define blockIdx (emu::block_index)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+
+inline void __syncthreads() { emu::arrive(emu::block_barrier); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
+template <class T> inline T __shfl_sync(unsigned mask, T v, int lane, int = 32) {
+  return emu::shuffle(mask, v, lane);
+}
+template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int = 32) {
+  return emu::shuffle(mask, v, emu::current->lane ^ lane_mask);
+}
+template <class T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int = 32) {
+  const int source = emu::current->lane + static_cast<int>(delta);
+  T other = emu::shuffle(mask, v, source < 32 ? source : emu::current->lane);
+  return other;
+}
