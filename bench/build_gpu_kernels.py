@@ -2,8 +2,9 @@
 
 Writes (all ignored by git, carried by name to the GPU box):
   .carry/q8/        kernels<i>.so (sm_90a fatbin embedded) + manifest.json: every Q8_0 matmul
-                    candidate schedule for the 14B shapes at m = 1, 16, 32, 64 and prefill
-                    (512 rows), plus the tiny geometry's shapes, plus dlight baselines
+                    candidate schedule for the 14B shapes for decode (m = 1), blocks (run at
+                    16 and 32 rows) and prefill (512 rows), plus the tiny geometry's shapes,
+                    plus dlight baselines
   .carry/tvm_lib/   libtvm_runtime.so, libtvm_runtime_cuda.so from this venv's apache-tvm
   .whl/             apache-tvm-ffi 0.1.14.post1 for CPython 3.12 (the GPU box's Python)
 
@@ -22,7 +23,7 @@ import click
 
 ROOT = Path(__file__).resolve().parent.parent
 TVM_FFI = "apache-tvm-ffi==0.1.14.post1"
-MS = [1, 16, 32, 64, "dynamic"]
+MS = [1, "block", "dynamic"]
 
 
 def fetch_tvm_ffi_wheel(dest: Path) -> None:
@@ -60,8 +61,8 @@ def main(geometry, candidates, arch, jobs, out_dir):
     specs = q8_specs(shapes, MS, candidates)
     # the tiny geometry: odd sizes (K = 96 is not a multiple of 64) must be right too
     tiny = {f"tiny_{name}": shape for name, shape in GEOMETRIES["tiny"].matmul_shapes().items()}
-    specs += q8_specs(tiny, [1, 5, 32, "dynamic"], "default")
-    specs += q8_specs({"tiny_odd": (100, 160)}, [1, 5, 64], candidates)
+    specs += q8_specs(tiny, MS, "default")
+    specs += q8_specs({"tiny_odd": (100, 160)}, [1, 5, 64, "block"], candidates)
     started = time.time()
     manifest = build_bundle(specs, out_dir, arch, jobs)
     click.echo(f"built {len(specs)} kernels into {manifest.parent} in {time.time() - started:.0f} s")

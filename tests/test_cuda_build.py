@@ -71,23 +71,45 @@ def _build_matmuls(tmp_path, specs, name):
 
 
 def test_default_schedules_build_to_gpu_binary(tmp_path):
-    specs = [(n, k, m, None) for n, k in SHAPES for m in (1, 32, "dynamic")]
-    assert library_has_gpu_binary(_build_matmuls(tmp_path, specs, "defaults"))
+    specs = [(n, k, m, None) for n, k in SHAPES for m in (1, "block", "dynamic")]
+    path = _build_matmuls(tmp_path, specs, "defaults")
+    assert library_has_gpu_binary(path)
+    # the split-K kernel's scratch and tickets are module-scope device variables
+    assert b"_tickets" in path.read_bytes()
 
 
 def test_tuning_candidates_build(tmp_path):
     # tune measures these on the GPU box
-    # every gemv row count and mma n-tile count, at the most warps (most shared memory)
-    specs = [(100, 160, 5, schedule) for schedule in q8_matmul_cuda.schedule_candidates(100, 160, 5)
-             if schedule["k_warps"] == 8]
+    # every gemv row count and mma n-tile count at the most warps (most shared memory), and
+    # every split-K tiling at its most splits
+    candidates = q8_matmul_cuda.schedule_candidates(100, 160, 5)
+    specs = [(100, 160, 5, c) for c in candidates if c.get("k_warps") == 8]
+    splitk = {}
+    for c in q8_matmul_cuda.schedule_candidates(6144, 5120, "block"):
+        if c["kind"] == "mma_splitk":
+            tiling = (c["n_tiles"], c["warps"], c["k_group"])
+            splitk[tiling] = max(splitk.get(tiling, c), c, key=lambda s: s["splits"])
+    assert len(splitk) == 8
+    specs += [(6144, 5120, "block", c) for c in splitk.values()]
     specs.append((100, 160, 64, {"kind": "mma", "n_tiles": 4, "k_warps": 2}))  # most registers
     assert library_has_gpu_binary(_build_matmuls(tmp_path, specs, "candidates"))
 
 
 def test_default_schedule_reads_with_cuda_cores_for_decode_and_tensor_cores_for_blocks():
     assert q8_matmul_cuda.default_schedule(6144, 5120, 1)["kind"] == "gemv"
-    assert q8_matmul_cuda.default_schedule(6144, 5120, 32)["kind"] == "mma"
+    assert q8_matmul_cuda.default_schedule(6144, 5120, 32)["kind"] == "mma_splitk"
+    assert q8_matmul_cuda.default_schedule(6144, 5120, "block")["kind"] == "mma_splitk"
     assert q8_matmul_cuda.default_schedule(6144, 5120, "dynamic")["kind"] == "mma"
+
+
+@pytest.mark.parametrize("n, k", [(6144, 5120), (5120, 4096), (32768, 5120), (5120, 16384), (131072, 5120)])
+def test_default_block_grids_fill_the_gpu_without_splits_shorter_than_two_stages(n, k):
+    schedule = q8_matmul_cuda.default_schedule(n, k, "block")
+    plan = q8_matmul_cuda.SplitKPlan.of(n, k, schedule)
+    blocks = plan.column_tiles(n) * plan.splits
+    assert blocks >= q8_matmul_cuda.SPLITK_TARGET_BLOCKS or plan.splits == k // (2 * 64 * plan.k_group)
+    assert plan.split_k(k) >= 2 * 64 * plan.k_group
+    assert (plan.splits - 1) * plan.split_k(k) < k <= plan.splits * plan.split_k(k)  # no empty split
 
 
 @pytest.mark.parametrize("n, k, m, dtype, schedule, message", [
@@ -97,6 +119,13 @@ def test_default_schedule_reads_with_cuda_cores_for_decode_and_tensor_cores_for_
     (96, 96, "dynamic", "float16", {"kind": "gemv", "rows_per_warp": 1, "k_warps": 1}, "gemv"),
     (96, 96, 1, "float16", {"kind": "wmma"}, "unknown"),
     (96, 96, 64, "float16", {"kind": "mma", "n_tiles": 4, "k_warps": 8}, "shared memory"),
+    (96, 96, "block", "float16", {"kind": "mma_splitk", "n_tiles": 2, "warps": 8, "k_group": 3,
+                                  "splits": 1}, "shared memory"),
+    (96, 96, "block", "float16", {"kind": "mma_splitk", "n_tiles": 2, "warps": 64, "k_group": 1,
+                                  "splits": 1}, "not a valid tiling"),
+    (96, 96, "dynamic", "float16", {"kind": "mma_splitk", "n_tiles": 2, "warps": 8, "k_group": 1,
+                                    "splits": 1}, "not any m"),
+    (96, 96, "blocks", "float16", None, "m must be"),
 ])
 def test_bad_requests_raise_one_sentence(n, k, m, dtype, schedule, message):
     with pytest.raises(ModelError, match=message):
@@ -132,17 +161,18 @@ def test_bundle_loads_with_the_runtime_libraries_alone(tmp_path):
 
     from trimode.schedules.bundle import build_bundle, q8_specs
 
-    specs = q8_specs({"odd": (100, 160)}, [1, 5, "dynamic"], "default")
+    specs = q8_specs({"odd": (100, 160)}, [1, "block", "dynamic"], "default")
     names = {(spec["m"], spec["name"]) for spec in specs}
-    assert names == {(1, "gemv_r2_kw4"), (5, "mma_nt2_kw4"), ("dynamic", "mma_nt2_kw4"),
-                     (1, "dlight"), (5, "dlight")}
+    assert names == {(1, "gemv_r2_kw4"), ("block", "splitk_nt2_w8_g2_s1"), ("dynamic", "mma_nt2_kw4"),
+                     (1, "dlight"), ("block", "dlight")}
     specs = [spec for spec in specs if spec["name"] != "dlight"]  # keep the test quick
     manifest = build_bundle(specs, tmp_path, "sm_90a", jobs=2)
     entries = json.loads(manifest.read_text())["kernels"]
     assert len(entries) == len(specs)
     assert {entry["library"] for entry in entries} == {"kernels0.so", "kernels1.so"}
     assert all(library_has_gpu_binary(tmp_path / name) for name in ("kernels0.so", "kernels1.so"))
-    assert [e["rows"] for e in entries if e["m"] == "dynamic"] == [512]
+    assert [e["rows"] for e in entries if e["m"] == "dynamic"] == [[512]]
+    assert [e["rows"] for e in entries if e["m"] == "block"] == [[16, 32]]
     out = subprocess.run([sys.executable, "-c", RUNTIME_ONLY_LOAD, str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]
@@ -170,7 +200,8 @@ def test_tune_without_a_gpu_leaves_a_bundle_to_measure_elsewhere(tmp_path, monke
 def test_dlight_leaves_the_hand_written_kernels_alone():
     from tvm.s_tir import dlight
 
-    funcs = {f"mm{m}": q8_matmul_cuda.q8_matmul(100, 160, m, "float16", H100) for m in (1, 5, "dynamic")}
+    funcs = {f"mm{m}": q8_matmul_cuda.q8_matmul(100, 160, m, "float16", H100)
+             for m in (1, 5, "block", "dynamic")}
     module = tvm.IRModule(funcs)
     with H100:
         scheduled = dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(),

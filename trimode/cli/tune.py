@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-ROW_CLASSES = [1, 16, 32, 64, "dynamic"]
+# What the compiled model uses (kernel_table.Q8_ROWS): decode, verify/draft blocks, prefill.
+ROW_CLASSES = [1, "block", "dynamic"]
 
 
 @click.command()

@@ -35,7 +35,7 @@ class Kernels:
             return _cached(q8_matmul.q8_matmul_cpu, n, k, rows)
         from trimode.compiler.kernels import q8_matmul_cuda
 
-        m = 1 if rows == "one" else "dynamic"
+        m = Q8_ROWS[rows]
         return opaque(q8_matmul_cuda.q8_matmul(n, k, m, self.dtype, schedule=self.schedules.get(
             entry_key("q8_matmul", (n, k), m))))
 
@@ -99,6 +99,9 @@ class Kernels:
         return _cached(logits.argmax_prob, vocab)
 
 
+# The CUDA Q8_0 kernel's row class per pass (q8_matmul_cuda: decode one row, verify/draft any
+# T <= MAX_BLOCK with one kernel, prefill any T); also the schedule databases' m keys.
+Q8_ROWS = {"one": 1, "block": "block", "many": "dynamic"}
 OPAQUE = 8  # relax's kOpaque op pattern
 
 

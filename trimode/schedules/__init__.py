@@ -6,7 +6,8 @@ One file per GPU model, `<gpu-key>.json` beside this module, written by `trimode
      "entries": {"q8_matmul/6144x5120/m32": {"schedule": {...}, "time_us": 11.9,
                                             "candidates": 14, "measured": "2026-11-27"}}}
 
-Keys are `<kernel>/<n>x<k>/m<m>` with m an int or "dynamic". Nothing here imports TVM.
+Keys are `<kernel>/<n>x<k>/m<m>` with m an int, "block" or "dynamic" (the row classes of
+q8_matmul_cuda). Nothing here imports TVM.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def load_database(gpu_name: str, directory: Path | None = None) -> dict | None:
 
 
 def lookup(gpu_name: str, kernel: str, shape, m, directory: Path | None = None) -> dict | None:
-    """The tuned schedule for `kernel` at `shape` (n, k) and row class `m` (int or "dynamic")
+    """The tuned schedule for `kernel` at `shape` (n, k) and row class `m` (int, "block" or "dynamic")
     on this GPU, or None (unknown GPU or untuned shape: use the kernel's default)."""
     database = load_database(gpu_name, directory)
     if database is None:
@@ -68,17 +69,25 @@ def database_for(gpu_name: str | None, directory: Path | None = None) -> tuple[d
 
 
 def best_per_key(measurements: list[dict]) -> dict[str, dict]:
-    """The fastest correct measurement for each (kernel, shape, m), as database entries.
-    A measurement: {"kernel", "shape": [n, k], "m", "schedule", "time_us", "ok"}."""
-    best: dict[str, dict] = {}
-    counts: dict[str, int] = {}
+    """The fastest correct schedule for each (kernel, shape, m), as database entries.
+    A measurement: {"kernel", "shape": [n, k], "m", "rows", "schedule", "time_us", "ok"}. A
+    row class measured at several row counts (a block at 16 and 32) is ranked by the sum of
+    its times, and only a schedule correct at every one of them is kept."""
+    totals: dict[tuple, dict] = {}
     for item in measurements:
         key = entry_key(item["kernel"], item["shape"], item["m"])
+        candidate = json.dumps(item["schedule"], sort_keys=True) if item["schedule"] else item["name"]
+        total = totals.setdefault((key, candidate), {"schedule": item["schedule"], "time_us": 0.0, "ok": True})
+        total["time_us"] += item["time_us"]
+        total["ok"] = total["ok"] and bool(item["ok"])
+    best: dict[str, dict] = {}
+    counts: dict[str, int] = {}
+    for (key, _), total in totals.items():
         counts[key] = counts.get(key, 0) + 1
-        if not item["ok"] or item["schedule"] is None:
+        if total["schedule"] is None or not total["ok"]:
             continue  # wrong results, or a baseline that has no schedule to hand back
-        if key not in best or item["time_us"] < best[key]["time_us"]:
-            best[key] = {"schedule": item["schedule"], "time_us": item["time_us"]}
+        if key not in best or total["time_us"] < best[key]["time_us"]:
+            best[key] = {"schedule": total["schedule"], "time_us": total["time_us"]}
     for key, entry in best.items():
         entry["candidates"] = counts[key]
     return best

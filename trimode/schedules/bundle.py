@@ -10,14 +10,22 @@ import json
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-# Rows a "dynamic" (prefill) kernel is measured with.
-PREFILL_ROWS = 512
+# The rows each row class is measured at: prefill at 512; a verify/draft kernel at the
+# default draft block (draft length 15 + 1) and at the block of issue 7's target, its time
+# being their sum. A static m is measured at m.
+MEASURED_ROWS = {"dynamic": [512], "block": [16, 32]}
+# The dlight baseline needs a static row count: the largest measured.
+BASELINE_ROWS = {"block": 32}
+
+
+def measured_rows(m) -> list[int]:
+    return MEASURED_ROWS.get(m, [m])
 
 
 def q8_specs(shapes: dict[str, tuple[int, int]], ms, candidates: str) -> list[dict]:
     """What to build: every (shape, m) with the default schedule, all tuning candidates
-    (candidates="all") or the default alone ("default"); plus the dlight baseline for m=1 and
-    the largest block m, the schedules the issue measured first."""
+    (candidates="all") or the default alone ("default"); plus the dlight baseline (TVM's
+    default schedules, what the issue measured first) for decode and blocks."""
     from trimode.compiler.kernels import q8_matmul_cuda as q8
 
     specs = []
@@ -29,12 +37,13 @@ def q8_specs(shapes: dict[str, tuple[int, int]], ms, candidates: str) -> list[di
                 schedules += [c for c in q8.schedule_candidates(n, k, m) if c != default]
             for schedule in schedules:
                 specs.append({"kernel": "q8_matmul", "shape_name": shape_name, "shape": [n, k],
-                              "m": m, "schedule": schedule, "name": q8.schedule_name(schedule),
-                              "default": schedule == default})
-        blocks = [m for m in ms if m != "dynamic"]
-        for m in sorted({min(blocks), max(blocks)}) if blocks else ():
-            specs.append({"kernel": "q8_matmul", "shape_name": shape_name, "shape": [n, k],
-                          "m": m, "schedule": None, "name": "dlight", "default": False})
+                              "m": m, "rows": measured_rows(m), "schedule": schedule,
+                              "name": q8.schedule_name(schedule), "default": schedule == default})
+            if m != "dynamic":
+                rows = BASELINE_ROWS.get(m, m)
+                specs.append({"kernel": "q8_matmul", "shape_name": shape_name, "shape": [n, k],
+                              "m": m, "rows": [rows], "schedule": None, "name": "dlight",
+                              "default": False})
     return specs
 
 
@@ -44,7 +53,7 @@ def _primfunc(spec, target):
     n, k = spec["shape"]
     if spec["schedule"] is not None:
         return q8.q8_matmul(n, k, spec["m"], "float16", target, spec["schedule"])
-    return _dlight_baseline(n, k, spec["m"], target)
+    return _dlight_baseline(n, k, spec["rows"][0], target)
 
 
 def _dlight_baseline(n, k, m, target):
@@ -128,8 +137,7 @@ def _build_library(specs: list[dict], library_path: Path, arch: str) -> list[dic
         except Exception as err:  # a baseline rule that does not apply must not stop the rest
             print(f"skipped {spec['shape_name']} m={spec['m']} {spec['name']}: {err}".splitlines()[0])
             continue
-        rows = PREFILL_ROWS if spec["m"] == "dynamic" else spec["m"]
-        entries.append({**spec, "rows": rows, "library": library_path.name})
+        entries.append({**spec, "library": library_path.name})
     with cuda_build_context(target):
         library = tvm.compile(tvm.IRModule(funcs), target=target)
     library.export_library(str(library_path))

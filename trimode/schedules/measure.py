@@ -179,24 +179,24 @@ def measure_bundle(bundle_dir: Path, lib_dir: Path | None = None, seed: int = 0,
     results = []
     for entry in manifest["kernels"]:
         n, k = entry["shape"]
-        rows = entry["rows"]
         if (n, k) not in data:
             data.clear()  # one shape's weights on the device at a time
             data[(n, k)] = _ShapeData(runtime, rng, n, k)
         weights = data[(n, k)]
         func = modules[entry["library"]][entry["symbol"]]
-        result = {key: entry[key] for key in ("kernel", "shape_name", "shape", "m", "schedule", "name", "default")}
-        result["rows"] = rows
-        try:
-            result["rel_err"] = _check(runtime, func, weights, rng, n, k, rows)
-            result["ok"] = bool(result["rel_err"] < TOLERANCE)
-            result["time_us"] = _time(runtime, func, weights, rng, n, k, rows, head_start, start, stop)
-        except Exception as err:  # one broken candidate must not end the run
-            result.update(ok=False, rel_err=float("nan"), time_us=float("nan"), error=str(err).splitlines()[0])
-        result["gbps"] = q8_bytes(n, k, rows) / (result["time_us"] * 1e-6) / 1e9
-        results.append(result)
-        log(f"  {entry['shape_name']:8s} m={str(entry['m']):7s} {entry['name']:14s} "
-            f"{result['time_us']:9.2f} us  err {result['rel_err']:.1e}{'' if result['ok'] else '  FAIL'}")
+        for rows in entry["rows"]:
+            result = {key: entry[key] for key in ("kernel", "shape_name", "shape", "m", "schedule", "name", "default")}
+            result["rows"] = rows
+            try:
+                result["rel_err"] = _check(runtime, func, weights, rng, n, k, rows)
+                result["ok"] = bool(result["rel_err"] < TOLERANCE)
+                result["time_us"] = _time(runtime, func, weights, rng, n, k, rows, head_start, start, stop)
+            except Exception as err:  # one broken candidate must not end the run
+                result.update(ok=False, rel_err=float("nan"), time_us=float("nan"), error=str(err).splitlines()[0])
+            result["gbps"] = q8_bytes(n, k, rows) / (result["time_us"] * 1e-6) / 1e9
+            results.append(result)
+            log(f"  {entry['shape_name']:8s} m={str(entry['m']):7s} x{rows:<4d} {entry['name']:24s} "
+                f"{result['time_us']:9.2f} us  err {result['rel_err']:.1e}{'' if result['ok'] else '  FAIL'}")
     return {"gpu": gpu, "copy_gbps": copy_gbps, "results": results}
 
 
@@ -236,7 +236,7 @@ def _time(runtime, func, weights, rng, n, k, rows, head_start, start, stop) -> f
 
 
 def format_table(measured: dict) -> str:
-    """shape, m, schedule, time, GB/s, % of 3000 GB/s, ratio to the best m=1 time."""
+    """shape, m, rows, schedule, time, GB/s, % of 3000 GB/s, ratio to the best m=1 time."""
     results = measured["results"]
     best_m1 = {}
     for r in results:
@@ -244,26 +244,28 @@ def format_table(measured: dict) -> str:
             best_m1[r["shape_name"]] = min(best_m1.get(r["shape_name"], float("inf")), r["time_us"])
     best = {}
     for r in results:
-        key = (r["shape_name"], r["m"])
+        key = (r["shape_name"], r["m"], r["rows"])
         if r["ok"] and (key not in best or r["time_us"] < best[key]["time_us"]):
             best[key] = r
+
+    def same(x, key):
+        return (x["shape_name"], x["m"], x["rows"]) == key
+
     lines = [f"GPU {measured['gpu']}, device copy {measured['copy_gbps']:.0f} GB/s",
-             f"{'shape':9s} {'n x k':>13s} {'m':>7s} {'schedule':14s} {'us':>9s} {'GB/s':>7s} "
+             f"{'shape':9s} {'n x k':>13s} {'m':>7s} {'rows':>5s} {'schedule':24s} {'us':>9s} {'GB/s':>7s} "
              f"{'%3000':>6s} {'x m=1':>6s} {'dflt us':>8s} {'dlight':>8s}"]
-    for (shape_name, m), r in best.items():
-        default = next((x for x in results if (x["shape_name"], x["m"]) == (shape_name, m)
-                        and x["default"]), None)
-        dlight = next((x for x in results if (x["shape_name"], x["m"]) == (shape_name, m)
-                       and x["name"] == "dlight"), None)
-        ratio = r["time_us"] / best_m1[shape_name] if shape_name in best_m1 else float("nan")
+    for key, r in best.items():
+        default = next((x for x in results if same(x, key) and x["default"]), None)
+        dlight = next((x for x in results if same(x, key) and x["name"] == "dlight"), None)
+        ratio = r["time_us"] / best_m1[key[0]] if key[0] in best_m1 else float("nan")
         n, k = r["shape"]
         lines.append(
-            f"{shape_name:9s} {f'{n}x{k}':>13s} {str(m):>7s} {r['name']:14s} {r['time_us']:9.2f} "
+            f"{key[0]:9s} {f'{n}x{k}':>13s} {str(key[1]):>7s} {key[2]:5d} {r['name']:24s} {r['time_us']:9.2f} "
             f"{r['gbps']:7.0f} {100 * r['gbps'] / NOMINAL_GBPS:5.0f}% {ratio:6.2f} "
             f"{default['time_us'] if default else float('nan'):8.2f} "
             f"{dlight['time_us'] if dlight and dlight['ok'] else float('nan'):8.2f}")
     failed = [r for r in results if not r["ok"]]
-    lines.append(f"{len(results)} kernels measured, {len(failed)} failed the check"
-                 + "".join(f"\n  FAIL {r['shape_name']} m={r['m']} {r['name']} err={r['rel_err']:.2e}"
+    lines.append(f"{len(results)} measurements, {len(failed)} failed the check"
+                 + "".join(f"\n  FAIL {r['shape_name']} m={r['m']} x{r['rows']} {r['name']} err={r['rel_err']:.2e}"
                            f" {r.get('error', '')}" for r in failed[:12]))
     return "\n".join(lines)

@@ -3,24 +3,33 @@
 x float16 [m, k], q int8 [n, k] (row n = output feature, k contiguous), scale float16
 [n, k // 32], fp32 accumulation, y float16 [m, n].
 
-Two hand-written kernels, each a CUDA C++ device function that TVM launches through
+Three hand-written kernels, each a CUDA C++ device function that TVM launches through
 `T.cuda.func_call` (TVM owns the launch, the argument passing and the packaging; the library
-carries the compiled fatbin and loads with the runtime libraries alone):
+carries the compiled fatbin and loads with the runtime libraries alone). tests/cuda_emulator.h
+runs the same source on the CPU, which is how the tests check them without a GPU.
 
 - `gemv` (m <= 4, decode): CUDA cores. Each lane streams 16-byte int8 loads of `rows_per_warp`
   weight rows; the warps of a block split K (split-K inside the block), so small N still fills
   the GPU. int8 -> float by the exponent trick (one byte-permute and one add per element).
-- `mma` (blocks of m <= 64, and prefill in 64-row slabs): tensor cores, mma.sync m16n8k16
-  fp16 x fp16 -> fp32. Each thread loads 16 contiguous int8 of one weight row and 16
-  contiguous fp16 of two x rows, and both operands use the same permutation of k inside each
-  64-k chunk, so the fragments come straight from 16-byte loads (no shared memory, no
-  ldmatrix). Weights are dequantized to fp16 in registers once for all m rows (the reason the
-  block pass costs about what decode costs). K is split over the warps of a block.
+- `mma` (prefill, in 64-row slabs): tensor cores, mma.sync m16n8k16 fp16 x fp16 -> fp32. Each
+  thread loads 16 contiguous int8 of one weight row and 16 contiguous fp16 of two x rows, and
+  both operands use the same permutation of k inside each 64-k chunk, so the fragments come
+  straight from 16-byte loads (no shared memory, no ldmatrix). Weights are dequantized to
+  fp16 in registers once for all rows of the slab. K is split over the warps of a block.
+- `mma_splitk` (verify and draft blocks, m <= 64 rows at run time): the same fragments, but
+  the warps of a block split N and read x from shared memory (cp.async, one group of k
+  ahead), so each x element crosses L2 once per NB = 8 * n_tiles * warps weight rows instead
+  of once per 8 * n_tiles; blocks split K to fill the GPU, and the last block of each
+  column tile sums the splits' fp32 partials in split order (deterministic).
 
+Row classes (`m`): an int (a static row count: 1 for decode), "block" (any m <= 64, given at
+run time: one kernel serves every verify/draft T) or "dynamic" (any m: prefill).
 Tiling is chosen in plain Python below (`default_schedule`); `trimode tune` measures other
 schedules and `trimode.schedules.lookup` hands them back as the `schedule` dict.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from trimode.model.config import ModelError
 from trimode.model.weights import Q8_BLOCK
@@ -32,49 +41,113 @@ GEMV_K_CHUNK = 32 * 16  # k covered by one 16-byte load per lane of a warp
 GEMV_MAX_M = 4
 MMA_MAX_M = 64         # rows of x one block handles (4 m-tiles); prefill tiles m by this
 STATIC_SHARED_BYTES = 48 * 1024
-KINDS = ("gemv", "mma")
+SPLITK_TARGET_BLOCKS = 2 * 132  # two blocks per multiprocessor of an H100/H200
+KINDS = ("gemv", "mma", "mma_splitk")
+ROW_CLASSES = ("block", "dynamic")  # besides static row counts
+
+
+@dataclass(frozen=True)
+class SplitKPlan:
+    """Tiling of the mma_splitk kernel for one (n, k)."""
+    n_tiles: int  # mma n-tiles (8 weight rows each) per warp
+    warps: int    # warps per block; they split N and share x
+    k_group: int  # 64-k chunks per shared-memory stage of x (1 or 2: two stages fit 48 KB)
+    splits: int   # blocks along K
+
+    def rows_per_block(self) -> int:
+        return MMA_COLS * self.n_tiles * self.warps
+
+    def column_tiles(self, n: int) -> int:
+        return -(-n // self.rows_per_block())
+
+    def split_k(self, k: int) -> int:
+        """k per split: whole groups, so no 64-k chunk straddles two splits."""
+        group = MMA_K_CHUNK * self.k_group
+        return -(-(-(-k // self.splits)) // group) * group
+
+    def shared_bytes(self) -> int:
+        return 2 * MMA_MAX_M * (MMA_K_CHUNK * self.k_group + 8) * 2  # two stages of x, fp16
+
+    @classmethod
+    def of(cls, n: int, k: int, schedule: dict) -> "SplitKPlan":
+        """The plan a schedule names, its split count reduced to the splits that hold work."""
+        plan = cls(schedule["n_tiles"], schedule["warps"], schedule["k_group"], max(1, schedule["splits"]))
+        if plan.n_tiles < 1 or plan.warps < 1 or plan.warps * 32 > 1024 or plan.k_group < 1:
+            raise ModelError(f"mma_splitk schedule {schedule} is not a valid tiling")
+        if plan.shared_bytes() > STATIC_SHARED_BYTES:
+            raise ModelError(f"mma_splitk k_group={plan.k_group} needs more than 48 KB of shared memory")
+        return cls(plan.n_tiles, plan.warps, plan.k_group, -(-k // plan.split_k(k)))
+
+
+def default_splits(n: int, k: int, n_tiles: int, warps: int, k_group: int) -> int:
+    """Splits of K that bring the grid to about SPLITK_TARGET_BLOCKS blocks, none shorter
+    than two stages of x."""
+    column_tiles = -(-n // (MMA_COLS * n_tiles * warps))
+    most = max(1, k // (2 * MMA_K_CHUNK * k_group))
+    return max(1, min(-(-SPLITK_TARGET_BLOCKS // column_tiles), most))
+
+
+def _splitk_schedule(n, k, n_tiles, warps, k_group, splits=None) -> dict:
+    splits = default_splits(n, k, n_tiles, warps, k_group) if splits is None else splits
+    plan = SplitKPlan.of(n, k, {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": splits})
+    return {"kind": "mma_splitk", "n_tiles": n_tiles, "warps": warps, "k_group": k_group,
+            "splits": plan.splits}
 
 
 def default_schedule(n: int, k: int, m) -> dict:
     """The schedule used when the GPU has no tuned entry: decode reads with CUDA cores,
-    everything else with tensor cores; split K further when N alone gives too few blocks."""
+    blocks with the split-K tensor-core kernel, prefill with the slab kernel."""
     few_rows = n < 8192  # o, qkv, down at 14B: N/8 warps would not fill 132 SMs deeply
-    if m != "dynamic" and m <= 1:
+    if m == "dynamic":
+        return {"kind": "mma", "n_tiles": 2 if few_rows else 4, "k_warps": 4}
+    if m != "block" and m <= 1:
         return {"kind": "gemv", "rows_per_warp": 2, "k_warps": 4 if few_rows else 2}
-    return {"kind": "mma", "n_tiles": 2 if few_rows else 4, "k_warps": 4}
+    return _splitk_schedule(n, k, n_tiles=2, warps=8, k_group=2)
 
 
 def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: dict | None = None):
     """PrimFunc (no global symbol) computing y[m, n] from x [m, k], q [n, k], scale [n, k/32].
 
-    m: an int (1 for decode, <= 64 for a verify/draft block) or "dynamic" (prefill; symbolic
+    m: an int (1 for decode), "block" (rows <= 64 at run time) or "dynamic" (prefill; any
     rows). target is accepted for the factory interface; the code is sm_80+ CUDA C++.
     """
     _check_shape(n, k, m, dtype)
     schedule = dict(schedule or default_schedule(n, k, m))
     kind = schedule.get("kind")
     if kind == "gemv":
-        if m == "dynamic" or m > GEMV_MAX_M:
+        if m in ROW_CLASSES or m > GEMV_MAX_M:
             raise ModelError(f"the gemv kernel handles m <= {GEMV_MAX_M}, not m={m}")
         return _q8_gemv(n, k, m, schedule["rows_per_warp"], schedule["k_warps"])
     if kind == "mma":
         return _q8_mma(n, k, m, schedule["n_tiles"], schedule["k_warps"])
+    if kind == "mma_splitk":
+        if m == "dynamic":
+            raise ModelError(f"the mma_splitk kernel handles m <= {MMA_MAX_M} rows, not any m")
+        return _q8_mma_splitk(n, k, m, SplitKPlan.of(n, k, schedule))
     raise ModelError(f"unknown q8 matmul schedule kind {kind!r} (expected one of {KINDS})")
 
 
 def schedule_candidates(n: int, k: int, m) -> list[dict]:
     """The schedules `trimode tune` measures for one shape and m."""
     candidates = []
-    if m != "dynamic" and m <= GEMV_MAX_M:
+    if m not in ROW_CLASSES and m <= GEMV_MAX_M:
         for rows in (1, 2, 4):
             for k_warps in (2, 4, 8):
                 candidates.append({"kind": "gemv", "rows_per_warp": rows, "k_warps": k_warps})
-    m_tiles = _m_tiles(m)
     # 8 n-tiles halve the x re-reads per weight byte but need 64 more registers: m <= 32 only
+    m_tiles = _m_tiles(m)
     for n_tiles in (1, 2, 4) if m_tiles > 2 else (1, 2, 4, 8):
         for k_warps in (2, 4, 8):
             if _mma_shared_bytes(m_tiles, n_tiles, k_warps) <= STATIC_SHARED_BYTES:
                 candidates.append({"kind": "mma", "n_tiles": n_tiles, "k_warps": k_warps})
+    if m == "block" or m not in ROW_CLASSES and m > 1:
+        for n_tiles, warps in ((1, 8), (2, 4), (2, 8), (4, 4)):
+            for k_group in (1, 2):
+                base = default_splits(n, k, n_tiles, warps, k_group)
+                for splits in sorted({max(1, base // 2), base, 2 * base}):
+                    schedule = _splitk_schedule(n, k, n_tiles, warps, k_group, splits)
+                    if schedule not in candidates:
+                        candidates.append(schedule)
     return candidates
 
 
@@ -82,6 +155,9 @@ def schedule_name(schedule: dict) -> str:
     """A short stable name for a schedule, e.g. 'mma_nt4_kw4'."""
     if schedule["kind"] == "gemv":
         return f"gemv_r{schedule['rows_per_warp']}_kw{schedule['k_warps']}"
+    if schedule["kind"] == "mma_splitk":
+        return (f"splitk_nt{schedule['n_tiles']}_w{schedule['warps']}_g{schedule['k_group']}"
+                f"_s{schedule['splits']}")
     return f"mma_nt{schedule['n_tiles']}_kw{schedule['k_warps']}"
 
 
@@ -90,12 +166,12 @@ def _check_shape(n, k, m, dtype):
         raise ModelError(f"the CUDA Q8_0 matmul takes float16 activations, not {dtype}")
     if n < 1 or k < Q8_BLOCK or k % Q8_BLOCK:
         raise ModelError(f"Q8_0 matmul needs n >= 1 and k a positive multiple of 32, got n={n} k={k}")
-    if m != "dynamic" and not (isinstance(m, int) and 1 <= m <= MMA_MAX_M):
-        raise ModelError(f"m must be 1..{MMA_MAX_M} or 'dynamic', got {m!r}")
+    if m not in ROW_CLASSES and not (isinstance(m, int) and 1 <= m <= MMA_MAX_M):
+        raise ModelError(f"m must be 1..{MMA_MAX_M}, 'block' or 'dynamic', got {m!r}")
 
 
 def _m_tiles(m) -> int:
-    rows = MMA_MAX_M if m == "dynamic" else m
+    rows = MMA_MAX_M if m in ROW_CLASSES else m
     return -(-rows // MMA_ROWS)
 
 
@@ -109,6 +185,7 @@ def _mma_shared_bytes(m_tiles, n_tiles, k_warps) -> int:
 # so several shapes can share one module without clashing definitions.
 
 _COMMON = r"""
+
 // int8 weights arrive as 4 bytes per word; x ^ 0x80 turns each into u = q + 128 in [0, 255].
 __device__ __forceinline__ float trimode_q8_byte_as_float(unsigned u, unsigned selector) {
   // bytes [u_i, 0, 0, 0x4B] is the float 2^23 + u_i exactly; subtract 2^23 + 128 to get q_i
@@ -117,6 +194,20 @@ __device__ __forceinline__ float trimode_q8_byte_as_float(unsigned u, unsigned s
 __device__ __forceinline__ unsigned trimode_q8_pair_as_half2(unsigned u, unsigned selector) {
   // bytes [u_i, 0x64, u_j, 0x64] is the half2 (1024 + u_i, 1024 + u_j) exactly
   return __byte_perm(u, 0x64646464u, selector);
+}
+"""
+
+_MMA_INSTRUCTION = r"""
+__device__ __forceinline__ void NAME_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#ifdef TRIMODE_CUDA_EMULATION  // tests/cuda_emulator.h: the same instruction on the CPU
+  emu::mma_m16n8k16_f32_f16(c, a, b0, b1);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 """
 
@@ -203,15 +294,7 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
 
 def _mma_source(name, n, k, m_tiles, n_tiles, k_warps):
     shared_floats = max(_mma_shared_bytes(m_tiles, n_tiles, k_warps) // 4, 1)
-    return _COMMON.replace("trimode_q8_", f"{name}_") + rf"""
-__device__ __forceinline__ void {name}_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {{
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{{%0, %1, %2, %3}}, {{%4, %5, %6, %7}}, {{%8, %9}}, {{%0, %1, %2, %3}};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}}
-
+    return _COMMON.replace("trimode_q8_", f"{name}_") + _MMA_INSTRUCTION.replace("NAME", name) + rf"""
 // Rows [blockIdx.y * 16 * MT, +16 * MT) of x and y; weight rows [blockIdx.x * 8 * NT, +8 * NT).
 // mma fragment layout (PTX ISA, m16n8k16 f16): lane = 4 * g + t. A holds (row g | g + 8,
 // k 2t, 2t+1 | 2t+8, 2t+9), B holds (k 2t, 2t+1 | 2t+8, 2t+9, col g), C holds (row g | g + 8,
@@ -280,6 +363,7 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
     }}
 #pragma unroll
     for (int i = 0; i < MT; ++i) {{
+      if (16 * i >= m - m0) break;  // uniform: tiles past the last row cost neither loads nor mma
       unsigned a[2][8];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {{
@@ -339,6 +423,204 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
 """
 
 
+def _splitk_source(name, n, k, plan: "SplitKPlan"):
+    """Blocks of m <= 64 rows (verify, draft): warps split N and share x through shared memory,
+    blocks split K; the last block of each column tile to finish sums the tile's partials."""
+    mt, nt, warps, groups_k = MMA_MAX_M // MMA_ROWS, plan.n_tiles, plan.warps, plan.k_group
+    tail = _splitk_store_direct(name) if plan.splits == 1 else _splitk_store_partials(name, n, plan)
+    scratch = "" if plan.splits == 1 else rf"""
+// Split partials (fp32, [split][row][column]) and, per column tile, how many splits have
+// finished; the last one resets its count, so every launch finds them zero.
+__device__ float {name}_partial[{plan.splits * MMA_MAX_M * n}];
+__device__ unsigned {name}_tickets[{plan.column_tiles(n)}];
+"""
+    return _COMMON.replace("trimode_q8_", f"{name}_") + _MMA_INSTRUCTION.replace("NAME", name) + scratch + rf"""
+__device__ __forceinline__ void {name}_copy16(void* shared, const void* global, int bytes) {{
+#ifdef TRIMODE_CUDA_EMULATION
+  emu::cp_async16(shared, global, bytes);
+#else
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
+#endif
+}}
+__device__ __forceinline__ void {name}_copy_commit() {{
+#ifdef TRIMODE_CUDA_EMULATION
+  emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}}
+__device__ __forceinline__ void {name}_copy_wait_all_but_one() {{
+#ifdef TRIMODE_CUDA_EMULATION
+  emu::cp_async_wait(1);
+#else
+  asm volatile("cp.async.wait_group 1;\n" ::);
+#endif
+}}
+
+// Block (bx, split): weight rows [bx * NB, +NB) -- warp w owns n-tiles w * NT .. w * NT + NT - 1
+// -- over k in [split * KS, +KS), walked in groups of KG = 64 * U. Each group's x rows are
+// copied to shared memory with cp.async one group ahead, and each thread's weights for the
+// next group are loaded into registers while this group's mma run. Fragments as in the
+// mma kernel above: logical k (2t + e | 2t + 8 + e) of step j is k chunk + 16t + 4j + (e | 2 + e).
+__device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
+                                       const half* __restrict__ s, half* __restrict__ y, int m) {{
+  constexpr int N = {n}, K = {k}, MT = {mt}, NT = {nt}, W = {warps}, U = {groups_k};
+  constexpr int NB = 8 * NT * W, KG = 64 * U, KS = {plan.split_k(k)}, THREADS = 32 * W;
+  constexpr int XROW = KG + 8;  // halves; 16 bytes of padding per row: no bank conflicts
+  __shared__ __align__(16) half xs[2][16 * MT][XROW];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * NB, split = blockIdx.y;
+  const int k_begin = split * KS, k_end = min(k_begin + KS, K);
+  const int groups = (k_end - k_begin + KG - 1) / KG;
+  if (m > 16 * MT) __trap();  // the row class promises m <= 64
+  const int tiles = (m + 15) / 16;  // m-tiles holding rows; the rest are skipped
+  int wrow[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) wrow[j] = min(n0 + 8 * (warp * NT + j) + g, N - 1);  // tail: row N-1 again
+
+  auto copy_x = [&](int group, int buffer) {{
+    const int k0 = k_begin + group * KG;
+    for (int piece = threadIdx.x; piece < 16 * tiles * (KG / 8); piece += THREADS) {{
+      const int row = piece / (KG / 8), col = (piece % (KG / 8)) * 8;
+      const bool inside = row < m && k0 + col < k_end;  // K % 32 == 0: a piece is whole or absent
+      {name}_copy16(&xs[buffer][row][col], inside ? x + (size_t)row * K + k0 + col : x, inside ? 16 : 0);
+    }}
+    {name}_copy_commit();
+  }};
+  // This group's weights and the next group's (registers: indexed by constants only).
+  uint4 raw[U][NT], raw_next[U][NT];
+  half sc[U][NT], sc_next[U][NT];
+  auto load_w = [&](int group, uint4 (&into)[U][NT], half (&scale_into)[U][NT]) {{
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {{
+        const int kk = k_begin + group * KG + 64 * u + 16 * t;
+        const bool inside = kk < k_end;
+        into[u][j] = inside ? __ldg(reinterpret_cast<const uint4*>(q + (size_t)wrow[j] * K + kk))
+                            : make_uint4(0x80808080u, 0x80808080u, 0x80808080u, 0x80808080u);
+        scale_into[u][j] = inside ? __ldg(s + (size_t)wrow[j] * (K / 32) + kk / 32) : __float2half_rn(0.f);
+      }}
+  }};
+
+  float c[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[i][j][e] = 0.f;
+  const unsigned half2_1152 = 0x64806480u;  // (1152, 1152) = 1024 + 128
+
+  copy_x(0, 0);
+  load_w(0, raw, sc);
+  for (int group = 0; group < groups; ++group) {{
+    const int buffer = group & 1;
+    if (group + 1 < groups) copy_x(group + 1, buffer ^ 1);
+    else {name}_copy_commit();  // an empty group keeps "all but the newest one" meaning this one
+    {name}_copy_wait_all_but_one();
+    __syncthreads();  // every thread's share of this group's x has landed
+    if (group + 1 < groups) load_w(group + 1, raw_next, sc_next);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {{
+      unsigned b[NT][8];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {{
+        const half2 s2 = __halves2half2(sc[u][j], sc[u][j]);
+        const uint4 r = raw[u][j];
+        const unsigned ww[4] = {{r.x ^ 0x80808080u, r.y ^ 0x80808080u, r.z ^ 0x80808080u, r.w ^ 0x80808080u}};
+#pragma unroll
+        for (int w = 0; w < 4; ++w)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {{
+            const unsigned biased = {name}_pair_as_half2(ww[w], h ? 0x4342u : 0x4140u);
+            half2 v = __hsub2(*reinterpret_cast<const half2*>(&biased),
+                              *reinterpret_cast<const half2*>(&half2_1152));
+            v = __hmul2(v, s2);
+            b[j][2 * w + h] = *reinterpret_cast<const unsigned*>(&v);
+          }}
+      }}
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {{
+        if (i >= tiles) break;
+        unsigned a[2][8];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {{
+          const uint4* p = reinterpret_cast<const uint4*>(&xs[buffer][16 * i + 8 * h + g][64 * u + 16 * t]);
+          const uint4 lo = p[0], hi = p[1];
+          a[h][0] = lo.x; a[h][1] = lo.y; a[h][2] = lo.z; a[h][3] = lo.w;
+          a[h][4] = hi.x; a[h][5] = hi.y; a[h][6] = hi.z; a[h][7] = hi.w;
+        }}
+#pragma unroll
+        for (int step = 0; step < 4; ++step) {{
+          const unsigned frag[4] = {{a[0][2 * step], a[1][2 * step], a[0][2 * step + 1], a[1][2 * step + 1]}};
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {name}_mma(c[i][j], frag, b[j][2 * step], b[j][2 * step + 1]);
+        }}
+      }}
+    }}
+    __syncthreads();  // nobody reads this buffer any more: the next copy may overwrite it
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {{
+        raw[u][j] = raw_next[u][j];
+        sc[u][j] = sc_next[u][j];
+      }}
+  }}
+{tail}
+}}
+"""
+
+
+def _splitk_store_direct(name):
+    return r"""
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = 16 * i + 8 * (e / 2) + g, col = n0 + 8 * (warp * NT + j) + 2 * t + e % 2;
+        if (row < m && col < N) y[(size_t)row * N + col] = __float2half_rn(c[i][j][e]);
+      }"""
+
+
+def _splitk_store_partials(name, n, plan):
+    return rf"""
+  constexpr int S = {plan.splits};
+  float* partial = {name}_partial + (size_t)split * {MMA_MAX_M} * N;
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {{
+        const int row = 16 * i + 8 * (e / 2) + g, col = n0 + 8 * (warp * NT + j) + 2 * t + e % 2;
+        if (row < m && col < N) __stcg(partial + (size_t)row * N + col, c[i][j][e]);
+      }}
+  // The classic last-block reduction: publish the partial, take a ticket; the block holding the
+  // last ticket sums every split's partial in split order (the same sum whichever finishes last).
+  __threadfence();
+  __syncthreads();
+  __shared__ unsigned is_last;
+  if (threadIdx.x == 0) is_last = atomicAdd(&{name}_tickets[blockIdx.x], 1u) == S - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < m * NB; e += THREADS) {{
+    const int row = e / NB, col = n0 + e % NB;
+    if (col >= N) continue;
+    float total = 0.f;
+#pragma unroll 4
+    for (int v = 0; v < S; ++v) total += __ldcg({name}_partial + ((size_t)v * {MMA_MAX_M} + row) * N + col);
+    y[(size_t)row * N + col] = __float2half_rn(total);
+  }}
+  if (threadIdx.x == 0) {name}_tickets[blockIdx.x] = 0u;"""
+
+
 # ---------------------------------------------------------------------------------------------
 # TIR wrappers: launch the grid, hand the buffers to the device function.
 
@@ -364,44 +646,57 @@ def _q8_gemv(n, k, m, rows_per_warp, k_warps):
 
 
 def _q8_mma(n, k, m, n_tiles, k_warps):
-    from tvm.script import tirx as T
-
     m_tiles = _m_tiles(m)
     if _mma_shared_bytes(m_tiles, n_tiles, k_warps) > STATIC_SHARED_BYTES:
         raise ModelError(f"mma schedule n_tiles={n_tiles} k_warps={k_warps} needs more than 48 KB "
                          "of shared memory")
-    rows_tag = "dyn" if m == "dynamic" else str(m)
-    name = f"trimode_q8_mma_n{n}_k{k}_m{rows_tag}_nt{n_tiles}_kw{k_warps}"
-    source = _mma_source(name, n, k, m_tiles, n_tiles, k_warps)
-    blocks = -(-n // (MMA_COLS * n_tiles))
-    threads = 32 * k_warps
+    name = f"trimode_q8_mma_n{n}_k{k}_m{_rows_tag(m)}_nt{n_tiles}_kw{k_warps}"
     slab = MMA_ROWS * m_tiles
+    return _rows_launch(name, _mma_source(name, n, k, m_tiles, n_tiles, k_warps), n, k, m,
+                        -(-n // (MMA_COLS * n_tiles)), lambda rows: (rows + slab - 1) // slab, 32 * k_warps)
 
-    if m == "dynamic":
+
+def _q8_mma_splitk(n, k, m, plan: SplitKPlan):
+    name = (f"trimode_q8_splitk_n{n}_k{k}_m{_rows_tag(m)}_nt{plan.n_tiles}_w{plan.warps}"
+            f"_g{plan.k_group}_s{plan.splits}")
+    return _rows_launch(name, _splitk_source(name, n, k, plan), n, k, m, plan.column_tiles(n),
+                        lambda rows: plan.splits, 32 * plan.warps)
+
+
+def _rows_tag(m) -> str:
+    return {"dynamic": "dyn", "block": "blk"}.get(m, str(m))
+
+
+def _rows_launch(name, source, n, k, m, blocks_x, blocks_y, threads):
+    """TIR launching `name(x, q, s, y, rows)` on a (blocks_x, blocks_y(rows)) grid; rows are
+    static (m an int) or read off x's shape (a row class)."""
+    from tvm.script import tirx as T
+
+    if m in ROW_CLASSES:
         @T.prim_func(private=True)
-        def q8_mma(x_handle: T.handle, q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
-                   s: T.Buffer((T.int64(n), T.int64(k // 32)), "float16"), y_handle: T.handle):
+        def q8_matmul_rows(x_handle: T.handle, q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
+                           s: T.Buffer((T.int64(n), T.int64(k // 32)), "float16"), y_handle: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})  # dlight: hands off
             rows = T.int64()
             x = T.match_buffer(x_handle, (rows, T.int64(k)), "float16")
             y = T.match_buffer(y_handle, (rows, T.int64(n)), "float16")
-            bx = T.launch_thread("blockIdx.x", blocks)
-            by = T.launch_thread("blockIdx.y", T.Cast("int32", (rows + slab - 1) // slab))
+            bx = T.launch_thread("blockIdx.x", blocks_x)
+            by = T.launch_thread("blockIdx.y", T.Cast("int32", blocks_y(rows)))
             tx = T.launch_thread("threadIdx.x", threads)
             T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, T.Cast("int32", rows),
                                         source_code=source))
 
-        return q8_mma
+        return q8_matmul_rows
 
     @T.prim_func(private=True)
-    def q8_mma(x: T.Buffer((T.int64(m), T.int64(k)), "float16"),
-               q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
-               s: T.Buffer((T.int64(n), T.int64(k // 32)), "float16"),
-               y: T.Buffer((T.int64(m), T.int64(n)), "float16")):
+    def q8_matmul_static(x: T.Buffer((T.int64(m), T.int64(k)), "float16"),
+                         q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
+                         s: T.Buffer((T.int64(n), T.int64(k // 32)), "float16"),
+                         y: T.Buffer((T.int64(m), T.int64(n)), "float16")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})  # dlight: hands off
-        bx = T.launch_thread("blockIdx.x", blocks)
-        by = T.launch_thread("blockIdx.y", 1)
+        bx = T.launch_thread("blockIdx.x", blocks_x)
+        by = T.launch_thread("blockIdx.y", blocks_y(m))
         tx = T.launch_thread("threadIdx.x", threads)
         T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, m, source_code=source))
 
-    return q8_mma
+    return q8_matmul_static

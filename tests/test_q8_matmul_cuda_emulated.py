@@ -1,0 +1,139 @@
+"""The CUDA Q8_0 matmul kernels, their own CUDA C++ source run on the CPU (cuda_emulator.h),
+against float64: every kernel kind, odd shapes, row counts around the tiles, splits that do
+not divide K, several thread orders, two launches in a row (the split-K tickets reset)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from trimode.compiler.kernels import q8_matmul_cuda as q8
+
+if shutil.which("g++") is None:
+    pytest.skip("g++ is not installed", allow_module_level=True)
+
+from cuda_emulator import EmulatedFunction, EmulationError  # noqa: E402
+
+GEMV_PARAMS = ["const half*", "const signed char*", "const half*", "half*"]
+ROWS_PARAMS = GEMV_PARAMS + ["int"]
+# thread orders: (reverse, greedy, early_copies); see EmulatedFunction.__call__
+ORDERS = [(False, False, False), (True, True, True)]
+
+
+def _problem(rng, n, k, m):
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    q = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    scale = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float16)
+    w = q.astype(np.float64) * np.repeat(scale.astype(np.float64), 32, axis=1)
+    return x, q, scale, x.astype(np.float64) @ w.T
+
+
+def _check(y, ref):
+    assert not np.isnan(y).any(), f"{np.isnan(y).sum()} outputs never written"
+    err = np.linalg.norm(y.astype(np.float64) - ref) / np.linalg.norm(ref)
+    assert err < 2e-3, err  # fp16 output rounding is ~3e-4
+
+
+def _run_rows_kernel(name, source, grid, threads, n, k, m, order=ORDERS[0], launches=1, seed=0):
+    x, q, scale, ref = _problem(np.random.default_rng(seed), n, k, m)
+    y = np.full((m, n), np.nan, np.float16)
+    reverse, greedy, early = order
+    EmulatedFunction(source, name, ROWS_PARAMS)(grid, (threads,), x, q, scale, y, m, reverse=reverse,
+                                                greedy=greedy, early_copies=early, launches=launches)
+    return y, ref
+
+
+@pytest.mark.parametrize("n, k, m, rows_per_warp, k_warps", [
+    (100, 160, 1, 2, 4), (100, 160, 3, 4, 2), (96, 96, 1, 1, 8), (64, 1024, 4, 2, 2), (257, 512, 1, 4, 4),
+])
+def test_gemv_matches_float64(n, k, m, rows_per_warp, k_warps):
+    name = "gemv"
+    source = q8._gemv_source(name, n, k, m, rows_per_warp, k_warps)
+    x, q, scale, ref = _problem(np.random.default_rng(1), n, k, m)
+    y = np.full((m, n), np.nan, np.float16)
+    EmulatedFunction(source, name, GEMV_PARAMS)((-(-n // rows_per_warp),), (32 * k_warps,), x, q, scale, y)
+    _check(y, ref)
+
+
+@pytest.mark.parametrize("n, k, m, n_tiles, k_warps", [
+    (100, 160, 5, 2, 4), (64, 512, 33, 4, 2), (96, 96, 64, 1, 8), (40, 256, 100, 2, 2), (72, 320, 17, 8, 2),
+])
+def test_slab_mma_matches_float64(n, k, m, n_tiles, k_warps):
+    # prefill's kernel: rows in 64-row slabs, the last slab partly empty
+    name = "mma"
+    source = q8._mma_source(name, n, k, q8._m_tiles("dynamic"), n_tiles, k_warps)
+    grid = (-(-n // (8 * n_tiles)), -(-m // 64))
+    y, ref = _run_rows_kernel(name, source, grid, 32 * k_warps, n, k, m)
+    _check(y, ref)
+
+
+SPLITK_CASES = [
+    # n, k, m, n_tiles, warps, k_group, splits
+    (100, 160, 5, 2, 8, 2, 1),     # one split: fp16 written directly; K not a multiple of 64
+    (100, 160, 17, 1, 4, 1, 3),    # K = 160 in 64-k groups over 3 splits; odd N
+    (200, 1024, 33, 4, 4, 2, 3),   # 1024 / 3 rounds up to 384 per split, the last one short
+    (256, 1024, 64, 2, 8, 2, 4),   # every m-tile full
+    (136, 2048, 16, 1, 8, 1, 16),  # many splits, the default block T (draft length 15 + 1)
+    (96, 96, 1, 2, 8, 2, 2),       # a one-row block; two splits asked, one holds work
+]
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=["forward", "reverse-greedy-early"])
+@pytest.mark.parametrize("n, k, m, n_tiles, warps, k_group, splits", SPLITK_CASES)
+def test_splitk_matches_float64_in_every_order_and_launch(n, k, m, n_tiles, warps, k_group, splits, order):
+    plan = q8.SplitKPlan.of(n, k, {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": splits})
+    name = "splitk"
+    source = q8._splitk_source(name, n, k, plan)
+    # the second launch proves the last block reset the tickets the first one used
+    y, ref = _run_rows_kernel(name, source, (plan.column_tiles(n), plan.splits), 32 * warps, n, k, m,
+                              order=order, launches=2)
+    _check(y, ref)
+
+
+def test_the_default_block_tilings_of_the_14b_are_right_at_small_k():
+    # the tilings (n-tiles per warp, warps, groups) the 14B's shapes get, at a K the emulator
+    # runs quickly
+    from trimode.model.config import GEOMETRIES
+
+    tilings = {tuple(q8.default_schedule(n, k, "block")[key] for key in ("n_tiles", "warps", "k_group"))
+               for n, k in GEOMETRIES["14b"].matmul_shapes().values()}
+    for n_tiles, warps, k_group in sorted(tilings):
+        n, k = 264, 512
+        plan = q8.SplitKPlan.of(n, k, {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": 2})
+        name = "splitk"
+        y, ref = _run_rows_kernel(name, q8._splitk_source(name, n, k, plan),
+                                  (plan.column_tiles(n), plan.splits), 32 * warps, n, k, 16)
+        _check(y, ref)
+
+
+def test_the_emulator_catches_a_missing_barrier():
+    # without the barrier that ends a group, a warp running ahead overwrites x in shared
+    # memory before the other warps have read it: the greedy, early-copy order shows it
+    n, k, m = 200, 1024, 33
+    plan = q8.SplitKPlan.of(n, k, {"n_tiles": 4, "warps": 4, "k_group": 2, "splits": 3})
+    name = "splitk"
+    source = q8._splitk_source(name, n, k, plan)
+    broken = source.replace("    __syncthreads();  // nobody reads this buffer any more", "    // (removed)")
+    assert broken != source
+    grid = (plan.column_tiles(n), plan.splits)
+    y, ref = _run_rows_kernel(name, broken, grid, 128, n, k, m, order=ORDERS[0])
+    _check(y, ref)  # lockstep warps hide the race
+    y, ref = _run_rows_kernel(name, broken, grid, 128, n, k, m, order=ORDERS[1])
+    with pytest.raises(AssertionError):
+        _check(y, ref)
+
+
+def test_the_emulator_catches_a_read_before_the_copy_wait_and_a_deadlock():
+    n, k, m = 100, 160, 5
+    plan = q8.SplitKPlan.of(n, k, {"n_tiles": 2, "warps": 8, "k_group": 2, "splits": 1})
+    name = "splitk"
+    source = q8._splitk_source(name, n, k, plan)
+    no_wait = source.replace(f"    {name}_copy_wait_all_but_one();\n", "\n")
+    assert no_wait != source
+    with pytest.raises(EmulationError, match="never waited"):
+        _run_rows_kernel(name, no_wait, (plan.column_tiles(n), 1), 256, n, k, m)
+    divergent = source.replace("  if (m > 16 * MT) __trap();", "  if (threadIdx.x == 0) __syncthreads();")
+    assert divergent != source
+    with pytest.raises(EmulationError, match="deadlock"):
+        _run_rows_kernel(name, divergent, (plan.column_tiles(n), 1), 256, n, k, m)
