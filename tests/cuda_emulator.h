@@ -10,7 +10,7 @@
 //
 // Emulated: __shared__ (block-shared, one block at a time), the half types and intrinsics our
 // kernels use, full-warp shuffles, mma.sync m16n8k16 f16 -> f32 (PTX ISA fragment layouts,
-// fp32 accumulation in k order), cp.async 16-byte copies that land only at cp.async.wait_group
+// fp32 accumulation in k order), ldmatrix x4 (plain and transposed), cp.async 16-byte copies that land only at cp.async.wait_group
 // (a read before the wait sees the old contents), atomics and fences (trivial: one OS thread).
 // Kernels reach the emulated instructions through `#ifdef TRIMODE_CUDA_EMULATION`, which
 // this header defines, in place of their inline PTX.
@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 #include <vector>
 
@@ -225,8 +226,8 @@ inline int launch(dim3 grid, dim3 block, bool reverse, bool greedy, std::functio
   error[0] = 0;
   failed = false;
   const int n = thread_count();
-  if (n % 32 || n > 1024) {
-    fail("threads per block must be a multiple of 32, at most 1024");
+  if (n < 1 || n > 1024) {
+    fail("threads per block must be 1..1024");
     return 1;
   }
   stacks.resize(n);
@@ -238,7 +239,7 @@ inline int launch(dim3 grid, dim3 block, bool reverse, bool greedy, std::functio
                    static_cast<unsigned>(linear / grid.x % grid.y),
                    static_cast<unsigned>(linear / grid.x / grid.y)};
     fibers.assign(n, Fiber{});
-    warps.assign(n / 32, Warp{});
+    warps.assign((n + 31) / 32, Warp{});
     block_barrier = {n, 0};
     for (int i = 0; i < n; ++i) {
       Fiber& fiber = fibers[i];
@@ -246,7 +247,7 @@ inline int launch(dim3 grid, dim3 block, bool reverse, bool greedy, std::functio
                       static_cast<unsigned>(i / block.x / block.y)};
       fiber.warp = i / 32;
       fiber.lane = i % 32;
-      warps[fiber.warp].barrier.expected = 32;
+      warps[fiber.warp].barrier.expected = std::min(32, n - 32 * fiber.warp);  // a last partial warp
       getcontext(&fiber.context);
       fiber.context.uc_stack.ss_sp = stacks[i].data();
       fiber.context.uc_stack.ss_size = STACK_BYTES;
@@ -321,6 +322,29 @@ inline void mma_m16n8k16_f32_f16(float* c, const unsigned* a, unsigned b0, unsig
       acc += half_of(a_word, k % 2) * half_of(b_word, k % 2);
     }
     c[e] = acc;
+  }
+  sync_warp();
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l names row l % 8 of matrix l / 8;
+// register i of lane l gets row l / 4, elements 2(l % 4), +1 of matrix i (trans: elements
+// (2(l % 4), l / 4) and (2(l % 4) + 1, l / 4), the transposed matrix's row l / 4).
+inline void ldmatrix_x4(unsigned* r, const void* row, bool trans) {
+  if (my_warp().barrier.expected != 32) fail("ldmatrix with an incomplete warp");
+  if (reinterpret_cast<uintptr_t>(row) % 16) fail("ldmatrix row address not 16-byte aligned");
+  Warp& warp = my_warp();
+  std::memcpy(warp.slot[current->lane], &row, sizeof row);
+  sync_warp();
+  const int l = current->lane;
+  for (int i = 0; i < 4; ++i) {
+    unsigned short pair[2];
+    for (int e = 0; e < 2; ++e) {
+      const int rr = trans ? 2 * (l % 4) + e : l / 4, cc = trans ? l / 4 : 2 * (l % 4) + e;
+      const unsigned short* source;
+      std::memcpy(&source, warp.slot[8 * i + rr], sizeof source);
+      pair[e] = source[cc];
+    }
+    r[i] = pair[0] | static_cast<unsigned>(pair[1]) << 16;
   }
   sync_warp();
 }

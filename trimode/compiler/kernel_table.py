@@ -61,11 +61,24 @@ class Kernels:
         if not self.is_gpu:
             return _cached(attention.attention_cpu, c.n_layers, c.n_heads, c.n_kv_heads,
                            c.head_dim, causal)
+        plan = self._attention_plan(rows)
+        if self._attention_on_tensor_cores(rows):
+            from trimode.compiler.kernels import attention_mma
+
+            return opaque(attention_mma.attention_mma(c.n_heads, c.n_kv_heads, c.head_dim, causal,
+                                                      self.dtype, rows, plan))
         from trimode.compiler.kernels import attention_cuda
 
         return opaque(attention_cuda.attention_cuda(c.n_heads, c.n_kv_heads, c.head_dim, causal,
                                                     self.dtype, 1 if rows == "one" else "dynamic",
-                                                    plan=self._attention_plan(rows)))
+                                                    plan=plan))
+
+    def _attention_on_tensor_cores(self, rows: str) -> bool:
+        # Blocks and prefills share each K/V tile among T * G rows: tensor cores. Decode has G
+        # rows per kv head: the CUDA-core split-KV kernel.
+        from trimode.compiler.kernels import attention_mma
+
+        return rows != "one" and attention_mma.supports(self.cfg.head_dim)
 
     def attention_scratch(self, rows: str, t) -> list[list]:
         """Shapes of the fp32 split buffers the attention kernel takes after its output (none
@@ -84,13 +97,15 @@ class Kernels:
         return [[n, c.n_heads, c.head_dim], [n, c.n_heads]]
 
     def _attention_plan(self, rows: str):
-        from trimode.compiler.kernels import attention_cuda
+        from trimode.compiler.kernels import attention_cuda, attention_mma
 
         c = self.cfg
-        tuned = self.schedules.get(f"attention/{rows}")
+        kernel, key = ((attention_mma, f"attention_mma/{rows}") if self._attention_on_tensor_cores(rows)
+                       else (attention_cuda, f"attention/{rows}"))
+        tuned = self.schedules.get(key)
         if tuned:
             return attention_cuda.AttentionPlan(**tuned)
-        return attention_cuda.default_plan(c.n_heads, c.n_kv_heads, rows)
+        return kernel.default_plan(c.n_heads, c.n_kv_heads, rows)
 
     def last_row(self, hidden: int):
         return _cached(logits.last_row, hidden, self.dtype)

@@ -103,6 +103,18 @@ def scratch_rows_at(n_heads: int, n_kv_heads: int, plan: AttentionPlan, t):
     return tirx.max(tirx.min(splits, plan.max_splits), 1) * t
 
 
+def splits_for(plan: AttentionPlan, group: int, n_kv_heads: int, ctx, n_t):
+    """Splits of the key sequence (an int64 TIR expression): enough to fill the GPU, none
+    shorter than min_tiles_per_split at a full cache. The grid depends on the cache size,
+    never on pos (a CUDA graph replays one grid at every position); splits past the keys at
+    this pos exit at once."""
+    key_tiles = T.ceildiv(ctx, T.int64(plan.keys_per_tile))
+    ctas_per_split = T.ceildiv(n_t * T.int64(group), T.int64(plan.rows_per_cta)) * T.int64(n_kv_heads)
+    wanted = T.min(T.ceildiv(T.int64(plan.target_ctas), ctas_per_split),
+                   T.ceildiv(key_tiles, T.int64(plan.min_tiles_per_split)))
+    return T.max(T.min(wanted, T.int64(plan.max_splits)), T.int64(1))
+
+
 def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, dtype: str,
                    t, max_ctx, plan: AttentionPlan, on_gpu: bool):
     _check_geometry(n_heads, n_kv_heads, head_dim, plan)
@@ -118,14 +130,7 @@ def _attention_tir(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
     ctx = T.int64(max_ctx) if isinstance(max_ctx, int) else tirx.Var("ctx", "int64")
 
     def split_count(ctx, n_t):
-        # Enough splits of the keys to fill the GPU, none shorter than min_tiles_per_split at a
-        # full cache. The grid depends on the cache size, never on pos (a CUDA graph replays
-        # one grid at every position); splits past the keys at this pos exit at once.
-        key_tiles = T.ceildiv(ctx, TZ)
-        ctas_per_split = T.ceildiv(n_t * G, TX) * HKV
-        wanted = T.min(T.ceildiv(T.int64(plan.target_ctas), ctas_per_split),
-                       T.ceildiv(key_tiles, T.int64(plan.min_tiles_per_split)))
-        return T.max(T.min(wanted, T.int64(plan.max_splits)), T.int64(1))
+        return splits_for(plan, group, n_kv_heads, ctx, n_t)
 
     def causal_stop(key_end, own_key_end):
         return T.min(key_end, own_key_end) if causal else key_end
