@@ -1,6 +1,7 @@
 """CUDA builds on a machine without a GPU: the exported libraries must carry machine code."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -99,7 +100,25 @@ def test_default_schedule_reads_with_cuda_cores_for_decode_and_tensor_cores_for_
     assert q8_matmul_cuda.default_schedule(6144, 5120, 1)["kind"] == "gemv"
     assert q8_matmul_cuda.default_schedule(6144, 5120, 32)["kind"] == "mma_splitk"
     assert q8_matmul_cuda.default_schedule(6144, 5120, "block")["kind"] == "mma_splitk"
-    assert q8_matmul_cuda.default_schedule(6144, 5120, "dynamic")["kind"] == "mma"
+    assert q8_matmul_cuda.default_schedule(6144, 5120, "dynamic")["kind"] == "gemm"
+
+
+def test_prefill_gemm_builds_with_its_short_prompt_kernel(tmp_path):
+    # rows <= 64 take the split-K kernel (a copy of its own), longer prompts the tiled GEMM
+    splitk = {"kind": "mma_splitk", "n_tiles": 1, "warps": 8, "k_group": 1, "splits": 3}
+    funcs = {"g": q8_matmul_cuda.q8_matmul(6144, 5120, "dynamic", "float16", H100, None, splitk)
+             .with_attr("global_symbol", "g")}
+    with cuda_build_context(H100):
+        source = tvm.tirx.build(tvm.IRModule(funcs), target=H100).imports[0].inspect_source()
+    kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", source))
+    assert len(kernels) == 2  # one per branch on the row count
+    assert "trimode_q8_gemm_n6144_k5120(" in source
+    assert "trimode_q8_splitk_n6144_k5120_mprefill_nt1_w8_g1_s3(" in source
+    with cuda_build_context(H100):
+        lib = tvm.compile(tvm.IRModule(funcs), target=H100)
+    path = tmp_path / "gemm.so"
+    lib.export_library(str(path))
+    assert library_has_gpu_binary(path)
 
 
 @pytest.mark.parametrize("n, k", [(6144, 5120), (5120, 4096), (32768, 5120), (5120, 16384), (131072, 5120)])
@@ -126,6 +145,7 @@ def test_default_block_grids_fill_the_gpu_without_splits_shorter_than_two_stages
     (96, 96, "dynamic", "float16", {"kind": "mma_splitk", "n_tiles": 2, "warps": 8, "k_group": 1,
                                     "splits": 1}, "not any m"),
     (96, 96, "blocks", "float16", None, "m must be"),
+    (96, 96, "block", "float16", {"kind": "gemm"}, "serves prefill"),
 ])
 def test_bad_requests_raise_one_sentence(n, k, m, dtype, schedule, message):
     with pytest.raises(ModelError, match=message):
@@ -163,7 +183,7 @@ def test_bundle_loads_with_the_runtime_libraries_alone(tmp_path):
 
     specs = q8_specs({"odd": (100, 160)}, [1, "block", "dynamic"], "default")
     names = {(spec["m"], spec["name"]) for spec in specs}
-    assert names == {(1, "gemv_r2_kw4"), ("block", "splitk_nt2_w8_g2_s1"), ("dynamic", "mma_nt2_kw4"),
+    assert names == {(1, "gemv_r2_kw4"), ("block", "splitk_nt2_w8_g2_s1"), ("dynamic", "gemm"),
                      (1, "dlight"), ("block", "dlight")}
     specs = [spec for spec in specs if spec["name"] != "dlight"]  # keep the test quick
     manifest = build_bundle(specs, tmp_path, "sm_90a", jobs=2)

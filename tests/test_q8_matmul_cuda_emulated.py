@@ -68,6 +68,16 @@ def test_slab_mma_matches_float64(n, k, m, n_tiles, k_warps):
     _check(y, ref)
 
 
+@pytest.mark.parametrize("order", ORDERS, ids=["forward", "reverse-greedy-early"])
+@pytest.mark.parametrize("n, k, m", [(200, 256, 130), (128, 96, 257), (72, 64, 65), (100, 160, 128)])
+def test_prefill_gemm_matches_float64(n, k, m, order):
+    # row and column tiles of 128, the last ones partly empty; odd N (no paired stores)
+    name = "gemm"
+    grid = (-(-m // q8.GEMM_ROWS), -(-n // q8.GEMM_COLS))
+    y, ref = _run_rows_kernel(name, q8._gemm_source(name, n, k), grid, q8.GEMM_THREADS, n, k, m, order=order)
+    _check(y, ref)
+
+
 SPLITK_CASES = [
     # n, k, m, n_tiles, warps, k_group, splits
     (100, 160, 5, 2, 8, 2, 1),     # one split: fp16 written directly; K not a multiple of 64

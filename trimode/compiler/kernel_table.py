@@ -36,8 +36,9 @@ class Kernels:
         from trimode.compiler.kernels import q8_matmul_cuda
 
         m = Q8_ROWS[rows]
-        return opaque(q8_matmul_cuda.q8_matmul(n, k, m, self.dtype, schedule=self.schedules.get(
-            entry_key("q8_matmul", (n, k), m))))
+        tuned = lambda m: self.schedules.get(entry_key("q8_matmul", (n, k), m))  # noqa: E731
+        return opaque(q8_matmul_cuda.q8_matmul(n, k, m, self.dtype, schedule=tuned(m),
+                                               block_schedule=tuned("block")))
 
     def q8_embedding(self, vocab: int, hidden: int):
         return embedding.q8_embedding(vocab, hidden, self.dtype)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 from trimode.compiler.kernels.attention_cuda import AttentionPlan, splits_for
+from trimode.compiler.kernels.cuda_ptx import ptx_helpers
 from trimode.model.config import ModelError
 
 LOG2E = math.log2(math.e)
@@ -63,58 +64,7 @@ def _check(n_heads, n_kv_heads, head_dim, plan: AttentionPlan):
         raise ModelError(f"head_dim {head_dim}: two stages of K and V exceed 48 KB of shared memory")
 
 
-_HELPERS = r"""
-__device__ __forceinline__ void NAME_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-#ifdef TRIMODE_CUDA_EMULATION  // tests/cuda_emulator.h: the same instructions on the CPU
-  emu::mma_m16n8k16_f32_f16(c, a, b0, b1);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-__device__ __forceinline__ void NAME_ldmatrix(unsigned* r, const half* row) {
-#ifdef TRIMODE_CUDA_EMULATION
-  emu::ldmatrix_x4(r, row, false);
-#else
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
-#endif
-}
-__device__ __forceinline__ void NAME_ldmatrix_trans(unsigned* r, const half* row) {
-#ifdef TRIMODE_CUDA_EMULATION
-  emu::ldmatrix_x4(r, row, true);
-#else
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
-#endif
-}
-__device__ __forceinline__ void NAME_copy16(void* shared, const void* global, int bytes) {
-#ifdef TRIMODE_CUDA_EMULATION
-  emu::cp_async16(shared, global, bytes);
-#else
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
-#endif
-}
-__device__ __forceinline__ void NAME_copy_commit() {
-#ifdef TRIMODE_CUDA_EMULATION
-  emu::cp_async_commit();
-#else
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-__device__ __forceinline__ void NAME_copy_wait_all_but_one() {
-#ifdef TRIMODE_CUDA_EMULATION
-  emu::cp_async_wait(1);
-#else
-  asm volatile("cp.async.wait_group 1;\n" ::);
-#endif
-}
+_PACK = r"""
 __device__ __forceinline__ unsigned NAME_pack(float lo, float hi) {
   const half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const unsigned*>(&v);
@@ -128,7 +78,7 @@ def attention_source(name: str, n_heads: int, n_kv_heads: int, head_dim: int, ca
     _check(n_heads, n_kv_heads, head_dim, plan)
     hq, hkv, d, group = n_heads, n_kv_heads, head_dim, n_heads // n_kv_heads
     scale = LOG2E / math.sqrt(head_dim)
-    return _HELPERS.replace("NAME", name) + rf"""
+    return ptx_helpers(name) + _PACK.replace("NAME", name) + rf"""
 // Split stage. Grid (row tiles, kv heads, splits); 32 * W threads; warp w owns rows
 // r0 + 16w .. +16 of this kv head, row r being (t = r / G, q head h * G + r % G).
 __device__ __forceinline__ void {name}_split(

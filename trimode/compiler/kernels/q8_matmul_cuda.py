@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trimode.compiler.kernels.cuda_ptx import ptx_helpers
 from trimode.model.config import ModelError
 from trimode.model.weights import Q8_BLOCK
 
@@ -42,7 +43,7 @@ GEMV_MAX_M = 4
 MMA_MAX_M = 64         # rows of x one block handles (4 m-tiles); prefill tiles m by this
 STATIC_SHARED_BYTES = 48 * 1024
 SPLITK_TARGET_BLOCKS = 2 * 132  # two blocks per multiprocessor of an H100/H200
-KINDS = ("gemv", "mma", "mma_splitk")
+KINDS = ("gemv", "mma", "mma_splitk", "gemm")
 ROW_CLASSES = ("block", "dynamic")  # besides static row counts
 
 
@@ -96,20 +97,23 @@ def _splitk_schedule(n, k, n_tiles, warps, k_group, splits=None) -> dict:
 
 def default_schedule(n: int, k: int, m) -> dict:
     """The schedule used when the GPU has no tuned entry: decode reads with CUDA cores,
-    blocks with the split-K tensor-core kernel, prefill with the slab kernel."""
+    blocks with the split-K tensor-core kernel, prefill with the tiled GEMM."""
     few_rows = n < 8192  # o, qkv, down at 14B: N/8 warps would not fill 132 SMs deeply
     if m == "dynamic":
-        return {"kind": "mma", "n_tiles": 2 if few_rows else 4, "k_warps": 4}
+        return {"kind": "gemm"}
     if m != "block" and m <= 1:
         return {"kind": "gemv", "rows_per_warp": 2, "k_warps": 4 if few_rows else 2}
     return _splitk_schedule(n, k, n_tiles=2, warps=8, k_group=2)
 
 
-def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: dict | None = None):
+def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: dict | None = None,
+              block_schedule: dict | None = None):
     """PrimFunc (no global symbol) computing y[m, n] from x [m, k], q [n, k], scale [n, k/32].
 
     m: an int (1 for decode), "block" (rows <= 64 at run time) or "dynamic" (prefill; any
-    rows). target is accepted for the factory interface; the code is sm_80+ CUDA C++.
+    rows). A "gemm" schedule runs prompts of <= 64 rows with `block_schedule` (default: the
+    block class's default), where 128-row tiles would leave most of the GPU idle. target is
+    accepted for the factory interface; the code is sm_80+ CUDA C++.
     """
     _check_shape(n, k, m, dtype)
     schedule = dict(schedule or default_schedule(n, k, m))
@@ -124,6 +128,13 @@ def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: 
         if m == "dynamic":
             raise ModelError(f"the mma_splitk kernel handles m <= {MMA_MAX_M} rows, not any m")
         return _q8_mma_splitk(n, k, m, SplitKPlan.of(n, k, schedule))
+    if kind == "gemm":
+        if m != "dynamic":
+            raise ModelError(f"the gemm kernel serves prefill (m='dynamic'), not m={m!r}")
+        small = dict(block_schedule or default_schedule(n, k, "block"))
+        if small.get("kind") != "mma_splitk":
+            raise ModelError(f"short prompts under a gemm schedule take an mma_splitk schedule, not {small}")
+        return _q8_gemm(n, k, SplitKPlan.of(n, k, small))
     raise ModelError(f"unknown q8 matmul schedule kind {kind!r} (expected one of {KINDS})")
 
 
@@ -140,6 +151,8 @@ def schedule_candidates(n: int, k: int, m) -> list[dict]:
         for k_warps in (2, 4, 8):
             if _mma_shared_bytes(m_tiles, n_tiles, k_warps) <= STATIC_SHARED_BYTES:
                 candidates.append({"kind": "mma", "n_tiles": n_tiles, "k_warps": k_warps})
+    if m == "dynamic":
+        candidates.insert(0, {"kind": "gemm"})
     if m == "block" or m not in ROW_CLASSES and m > 1:
         for n_tiles, warps in ((1, 8), (2, 4), (2, 8), (4, 4)):
             for k_group in (1, 2):
@@ -155,6 +168,8 @@ def schedule_name(schedule: dict) -> str:
     """A short stable name for a schedule, e.g. 'mma_nt4_kw4'."""
     if schedule["kind"] == "gemv":
         return f"gemv_r{schedule['rows_per_warp']}_kw{schedule['k_warps']}"
+    if schedule["kind"] == "gemm":
+        return "gemm"
     if schedule["kind"] == "mma_splitk":
         return (f"splitk_nt{schedule['n_tiles']}_w{schedule['warps']}_g{schedule['k_group']}"
                 f"_s{schedule['splits']}")
@@ -197,19 +212,6 @@ __device__ __forceinline__ unsigned trimode_q8_pair_as_half2(unsigned u, unsigne
 }
 """
 
-_MMA_INSTRUCTION = r"""
-__device__ __forceinline__ void NAME_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-#ifdef TRIMODE_CUDA_EMULATION  // tests/cuda_emulator.h: the same instruction on the CPU
-  emu::mma_m16n8k16_f32_f16(c, a, b0, b1);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-"""
 
 
 def _gemv_source(name, n, k, m, rows_per_warp, k_warps):
@@ -294,7 +296,7 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
 
 def _mma_source(name, n, k, m_tiles, n_tiles, k_warps):
     shared_floats = max(_mma_shared_bytes(m_tiles, n_tiles, k_warps) // 4, 1)
-    return _COMMON.replace("trimode_q8_", f"{name}_") + _MMA_INSTRUCTION.replace("NAME", name) + rf"""
+    return _COMMON.replace("trimode_q8_", f"{name}_") + ptx_helpers(name) + rf"""
 // Rows [blockIdx.y * 16 * MT, +16 * MT) of x and y; weight rows [blockIdx.x * 8 * NT, +8 * NT).
 // mma fragment layout (PTX ISA, m16n8k16 f16): lane = 4 * g + t. A holds (row g | g + 8,
 // k 2t, 2t+1 | 2t+8, 2t+9), B holds (k 2t, 2t+1 | 2t+8, 2t+9, col g), C holds (row g | g + 8,
@@ -434,30 +436,7 @@ def _splitk_source(name, n, k, plan: "SplitKPlan"):
 __device__ float {name}_partial[{plan.splits * MMA_MAX_M * n}];
 __device__ unsigned {name}_tickets[{plan.column_tiles(n)}];
 """
-    return _COMMON.replace("trimode_q8_", f"{name}_") + _MMA_INSTRUCTION.replace("NAME", name) + scratch + rf"""
-__device__ __forceinline__ void {name}_copy16(void* shared, const void* global, int bytes) {{
-#ifdef TRIMODE_CUDA_EMULATION
-  emu::cp_async16(shared, global, bytes);
-#else
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
-#endif
-}}
-__device__ __forceinline__ void {name}_copy_commit() {{
-#ifdef TRIMODE_CUDA_EMULATION
-  emu::cp_async_commit();
-#else
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}}
-__device__ __forceinline__ void {name}_copy_wait_all_but_one() {{
-#ifdef TRIMODE_CUDA_EMULATION
-  emu::cp_async_wait(1);
-#else
-  asm volatile("cp.async.wait_group 1;\n" ::);
-#endif
-}}
-
+    return _COMMON.replace("trimode_q8_", f"{name}_") + ptx_helpers(name) + scratch + rf"""
 // Block (bx, split): weight rows [bx * NB, +NB) -- warp w owns n-tiles w * NT .. w * NT + NT - 1
 // -- over k in [split * KS, +KS), walked in groups of KG = 64 * U. Each group's x rows are
 // copied to shared memory with cp.async one group ahead, and each thread's weights for the
@@ -621,6 +600,123 @@ def _splitk_store_partials(name, n, plan):
   if (threadIdx.x == 0) {name}_tickets[blockIdx.x] = 0u;"""
 
 
+GEMM_ROWS = 128     # rows of x per block of the prefill GEMM
+GEMM_COLS = 128     # weight rows per block
+GEMM_K = Q8_BLOCK   # k per stage: one Q8_0 block, one scale per weight row
+GEMM_THREADS = 256  # 8 warps, 2 (rows) x 4 (weight rows), each 64 x 32 of the output
+
+
+def _gemm_source(name, n, k):
+    """Prefill: a tiled GEMM. Per k-stage of 32 (one Q8_0 block), x [128, 32] and the int8
+    weights [128, 32] go to shared memory by cp.async one stage ahead; the block's threads
+    dequantize the stage once into an fp16 tile; every warp takes its A (x) and B (weight)
+    fragments by ldmatrix and runs 4 x 4 mma.sync tiles. Blocks along m vary fastest, so the
+    blocks running at once share a weight tile through L2 and DRAM sees each weight about
+    once."""
+    return _COMMON.replace("trimode_q8_", f"{name}_") + ptx_helpers(name) + rf"""
+__device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
+                                       const half* __restrict__ s, half* __restrict__ y, int m) {{
+  constexpr int N = {n}, K = {k}, BM = {GEMM_ROWS}, BN = {GEMM_COLS}, BK = {GEMM_K}, THREADS = {GEMM_THREADS};
+  constexpr int MT = 4, NT = 4, KP = BK + 8;  // 16 bytes of padding per row: no ldmatrix bank conflicts
+  __shared__ __align__(16) half xs[2][BM][KP];
+  __shared__ __align__(16) signed char qs[2][BN][BK];
+  __shared__ __align__(16) half ws[BN][KP];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int wm = warp >> 2, wn = warp & 3, matrix = lane >> 3;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, steps = K / BK;
+  // the 16 weights this thread dequantizes per stage: row tid / 2, bytes 16 (tid % 2) ..
+  const int dq_row = tid >> 1, dq_col = 16 * (tid & 1), dq_n = min(n0 + dq_row, N - 1);
+
+  auto issue = [&](int step, int buffer) {{
+    const int k0 = step * BK;
+    for (int piece = tid; piece < BM * (BK / 8); piece += THREADS) {{
+      const int row = piece / (BK / 8), col = piece % (BK / 8) * 8;
+      const bool inside = m0 + row < m;
+      {name}_copy16(&xs[buffer][row][col], inside ? x + (size_t)(m0 + row) * K + k0 + col : x, inside ? 16 : 0);
+    }}
+    {name}_copy16(&qs[buffer][dq_row][dq_col], q + (size_t)dq_n * K + k0 + dq_col, 16);  // rows past N: row N-1
+    {name}_copy_commit();
+  }};
+
+  float c[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[i][j][e] = 0.f;
+  const unsigned half2_1152 = 0x64806480u;  // (1152, 1152) = 1024 + 128
+  half scale = __ldg(s + (size_t)dq_n * (K / 32));
+
+  issue(0, 0);
+  for (int step = 0; step < steps; ++step) {{
+    const int buffer = step & 1;
+    {name}_copy_wait_all();
+    __syncthreads();  // this stage has landed; every warp is done with the last one's tiles
+    half next_scale = scale;
+    if (step + 1 < steps) {{
+      issue(step + 1, buffer ^ 1);
+      next_scale = __ldg(s + (size_t)dq_n * (K / 32) + step + 1);
+    }}
+    {{
+      const uint4 raw = *reinterpret_cast<const uint4*>(&qs[buffer][dq_row][dq_col]);
+      const unsigned ww[4] = {{raw.x ^ 0x80808080u, raw.y ^ 0x80808080u, raw.z ^ 0x80808080u, raw.w ^ 0x80808080u}};
+      const half2 s2 = __halves2half2(scale, scale);
+      unsigned wf[8];
+#pragma unroll
+      for (int w = 0; w < 4; ++w)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {{  // bytes (2h, 2h + 1) of word w, in k order
+          const unsigned biased = {name}_pair_as_half2(ww[w], h ? 0x4342u : 0x4140u);
+          half2 v = __hsub2(*reinterpret_cast<const half2*>(&biased), *reinterpret_cast<const half2*>(&half2_1152));
+          v = __hmul2(v, s2);
+          wf[2 * w + h] = *reinterpret_cast<const unsigned*>(&v);
+        }}
+      uint4* to = reinterpret_cast<uint4*>(&ws[dq_row][dq_col]);
+      to[0] = make_uint4(wf[0], wf[1], wf[2], wf[3]);
+      to[1] = make_uint4(wf[4], wf[5], wf[6], wf[7]);
+    }}
+    scale = next_scale;
+    __syncthreads();  // the fp16 weight tile is whole
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {{
+      unsigned a[MT][4], b[NT][2];
+#pragma unroll
+      for (int i = 0; i < MT; ++i)  // rows 16i + (lane & 15), k 16 ks + 8 (lane >> 4)
+        {name}_ldmatrix(a[i], &xs[buffer][64 * wm + 16 * i + (lane & 15)][16 * ks + 8 * (lane >> 4)]);
+#pragma unroll
+      for (int j2 = 0; j2 < NT / 2; ++j2) {{  // weight rows 16 j2 + 8 (matrix >> 1) + row, k + 8 (matrix & 1)
+        unsigned r[4];
+        {name}_ldmatrix(r, &ws[32 * wn + 16 * j2 + 8 * (matrix >> 1) + (lane & 7)][16 * ks + 8 * (matrix & 1)]);
+        b[2 * j2][0] = r[0]; b[2 * j2][1] = r[1]; b[2 * j2 + 1][0] = r[2]; b[2 * j2 + 1][1] = r[3];
+      }}
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {name}_mma(c[i][j], a[i], b[j][0], b[j][1]);
+    }}
+  }}
+
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {{
+      const int row = m0 + 64 * wm + 16 * i + 8 * h + g;
+      if (row >= m) continue;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {{
+        const int col = n0 + 32 * wn + 8 * j + 2 * t;
+        if (N % 2 == 0 && col + 1 < N) {{  // an even N keeps every pair 4-byte aligned
+          *reinterpret_cast<half2*>(y + (size_t)row * N + col) = __floats2half2_rn(c[i][j][2 * h], c[i][j][2 * h + 1]);
+        }} else if (col < N) {{
+          y[(size_t)row * N + col] = __float2half_rn(c[i][j][2 * h]);
+        }}
+      }}
+    }}
+}}
+"""
+
+
 # ---------------------------------------------------------------------------------------------
 # TIR wrappers: launch the grid, hand the buffers to the device function.
 
@@ -661,6 +757,41 @@ def _q8_mma_splitk(n, k, m, plan: SplitKPlan):
             f"_g{plan.k_group}_s{plan.splits}")
     return _rows_launch(name, _splitk_source(name, n, k, plan), n, k, m, plan.column_tiles(n),
                         lambda rows: plan.splits, 32 * plan.warps)
+
+
+def _q8_gemm(n, k, small: SplitKPlan):
+    """Prefill: rows <= 64 through the split-K kernel (its own copy: module-scope scratch is
+    per kernel), more through the tiled GEMM."""
+    from tvm.script import tirx as T
+
+    name = f"trimode_q8_gemm_n{n}_k{k}"
+    source = _gemm_source(name, n, k)
+    small_name = (f"trimode_q8_splitk_n{n}_k{k}_mprefill_nt{small.n_tiles}_w{small.warps}"
+                  f"_g{small.k_group}_s{small.splits}")
+    small_source = _splitk_source(small_name, n, k, small)
+    column_tiles = -(-n // GEMM_COLS)
+
+    @T.prim_func(private=True)
+    def q8_gemm(x_handle: T.handle, q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
+                s: T.Buffer((T.int64(n), T.int64(k // 32)), "float16"), y_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})  # dlight: hands off
+        rows = T.int64()
+        x = T.match_buffer(x_handle, (rows, T.int64(k)), "float16")
+        y = T.match_buffer(y_handle, (rows, T.int64(n)), "float16")
+        if rows <= T.int64(MMA_MAX_M):
+            with T.launch_thread("blockIdx.x", small.column_tiles(n)):
+                with T.launch_thread("blockIdx.y", small.splits):
+                    with T.launch_thread("threadIdx.x", 32 * small.warps):
+                        T.evaluate(T.cuda.func_call(small_name, x.data, q.data, s.data, y.data,
+                                                    T.Cast("int32", rows), source_code=small_source))
+        else:
+            with T.launch_thread("blockIdx.x", T.Cast("int32", (rows + GEMM_ROWS - 1) // GEMM_ROWS)):
+                with T.launch_thread("blockIdx.y", column_tiles):
+                    with T.launch_thread("threadIdx.x", GEMM_THREADS):
+                        T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data,
+                                                    T.Cast("int32", rows), source_code=source))
+
+    return q8_gemm
 
 
 def _rows_tag(m) -> str:
