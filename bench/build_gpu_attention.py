@@ -2,9 +2,12 @@
 
 Runs on the build machine (full TVM, nvcc, no GPU needed). Writes into OUT_DIR (default
 .carry/attention, ignored by git):
-  attention.so    -- one library, entries decode / verify / draft / prefill, sm_90a fatbin
-  lib/            -- libtvm_runtime.so and libtvm_runtime_cuda.so from the TVM wheel, so the
-                     GPU machine needs only these, tvm_ffi and numpy (no `import tvm`).
+  attention.so    -- one library, sm_90a fatbin: the model's kernels decode (CUDA cores) and
+                     verify / draft / prefill (tensor cores, attention_mma), and the CUDA-core
+                     kernel for the last three as verify_fma / draft_fma / prefill_fma, so
+                     one run measures the two side by side
+  and into .carry/tvmlib libtvm_runtime.so and libtvm_runtime_cuda.so from the TVM wheel, so
+  the GPU machine needs only these, tvm_ffi and numpy (no `import tvm`).
 Usage: python bench/build_gpu_attention.py [OUT_DIR]
 """
 from __future__ import annotations
@@ -17,25 +20,31 @@ from pathlib import Path
 import tvm
 
 from trimode.compiler.cuda_env import cuda_build_context, library_has_gpu_binary
+from trimode.compiler.kernels import attention_mma
 from trimode.compiler.kernels.attention_cuda import attention_cuda, default_plan
 
 N_HEADS, N_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, "float16"
 TARGET = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
-# entry name -> (T, causal, row class); gpu_attention.py runs the same names.
+# entry name -> (causal, row class); gpu_attention.py runs the same names.
 ENTRIES = {
-    "decode": (1, True, "one"),
-    "verify": ("dynamic", True, "block"),
-    "draft": ("dynamic", False, "block"),
-    "prefill": ("dynamic", True, "many"),
+    "decode": (True, "one"),
+    "verify": (True, "block"),
+    "draft": (False, "block"),
+    "prefill": (True, "many"),
 }
 
 
 def build(out_dir: Path) -> Path:
     funcs = {}
-    for name, (t, causal, rows) in ENTRIES.items():
-        plan = default_plan(N_HEADS, N_KV_HEADS, rows)
-        funcs[name] = attention_cuda(N_HEADS, N_KV_HEADS, HEAD_DIM, causal, DTYPE, t,
-                                     plan=plan).with_attr("global_symbol", name)
+    for name, (causal, rows) in ENTRIES.items():
+        fma = attention_cuda(N_HEADS, N_KV_HEADS, HEAD_DIM, causal, DTYPE, 1 if rows == "one" else "dynamic",
+                             plan=default_plan(N_HEADS, N_KV_HEADS, rows))
+        if rows == "one":
+            funcs[name] = fma.with_attr("global_symbol", name)
+            continue
+        funcs[f"{name}_fma"] = fma.with_attr("global_symbol", f"{name}_fma")
+        funcs[name] = attention_mma.attention_mma(N_HEADS, N_KV_HEADS, HEAD_DIM, causal, DTYPE,
+                                                  rows).with_attr("global_symbol", name)
     out_dir.mkdir(parents=True, exist_ok=True)
     with cuda_build_context(TARGET):
         lib = tvm.compile(tvm.IRModule(funcs), target=TARGET)
@@ -44,9 +53,10 @@ def build(out_dir: Path) -> Path:
     if not library_has_gpu_binary(path):
         raise SystemExit(f"{path} carries CUDA source, not a GPU binary: the GPU side would "
                          "need the TVM compiler.")
-    (out_dir / "lib").mkdir(exist_ok=True)
+    libs = Path(__file__).resolve().parent.parent / ".carry" / "tvmlib"
+    libs.mkdir(parents=True, exist_ok=True)
     for name in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
-        shutil.copy2(Path(tvm.__file__).parent / "lib" / name, out_dir / "lib" / name)
+        shutil.copy2(Path(tvm.__file__).parent / "lib" / name, libs / name)
     return path
 
 

@@ -5,7 +5,7 @@ Writes (all ignored by git, carried by name to the GPU box):
                     candidate schedule for the 14B shapes for decode (m = 1), blocks (run at
                     16 and 32 rows) and prefill (512 rows), plus the tiny geometry's shapes,
                     plus dlight baselines
-  .carry/tvm_lib/   libtvm_runtime.so, libtvm_runtime_cuda.so from this venv's apache-tvm
+  .carry/tvmlib/   libtvm_runtime.so, libtvm_runtime_cuda.so from this venv's apache-tvm
   .whl/             apache-tvm-ffi 0.1.14.post1 for CPython 3.12 (the GPU box's Python)
 
 Usage: python bench/build_gpu_kernels.py [--candidates all|default] [--geometry 14b]
@@ -66,7 +66,7 @@ def main(geometry, candidates, arch, jobs, out_dir):
     started = time.time()
     manifest = build_bundle(specs, out_dir, arch, jobs)
     click.echo(f"built {len(specs)} kernels into {manifest.parent} in {time.time() - started:.0f} s")
-    copy_runtime_libs(ROOT / ".carry" / "tvm_lib")
+    copy_runtime_libs(ROOT / ".carry" / "tvmlib")
     fetch_tvm_ffi_wheel(ROOT / ".whl")
     click.echo("carry: .carry .whl   then run: see bench/gpu_kernels.py")
 

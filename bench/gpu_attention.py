@@ -1,6 +1,7 @@
 """Check and time the CUDA attention kernels on a GPU, with the TVM runtime libraries only.
 
-Needs what bench/build_gpu_attention.py wrote (attention.so, lib/), tvm_ffi and numpy; never
+Needs what bench/build_gpu_attention.py wrote (attention.so; the runtime libraries in
+$TRIMODE_TVM_LIB_DIR, default .carry/tvmlib), tvm_ffi and numpy; never
 imports tvm. For each entry at 14B heads (32 q / 8 kv, d 128, fp16) and cache fill:
 fresh random data, output poisoned with NaN, GPU result vs a float64 numpy reference on
 sampled query rows (relative error < 1e-2), then the median time of 20 runs with the L2
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -20,10 +22,13 @@ import numpy as np
 
 N_HEADS, N_KV_HEADS, HEAD_DIM = 32, 8, 128
 COPY_BANDWIDTH = 3000e9  # bytes/s, the H100's measured copy bandwidth (issue 7)
-# (entry, T, causal); each runs at every cache fill.
-CASES = [("decode", 1, True), ("verify", 32, True), ("draft", 32, False), ("prefill", 2048, True)]
+# (entry, T, causal); each runs at every cache fill. `_fma`: the CUDA-core kernel the tensor-core
+# one replaced for blocks and prefill (bench/build_gpu_attention.py), for the ratio.
+CASES = [("decode", 1, True), ("verify", 16, True), ("verify", 32, True), ("verify_fma", 32, True),
+         ("draft", 32, False), ("draft_fma", 32, False), ("prefill", 2048, True), ("prefill_fma", 2048, True)]
 FILLS = (4096, 32768)
-# default_plan's max_splits per row class (attention_cuda.py; not imported: no compiler here)
+# the default plans' max_splits per row class (attention_cuda.py and attention_mma.py agree;
+# not imported: no compiler here)
 MAX_SPLITS = {"decode": 128, "verify": 64, "draft": 64, "prefill": 16}
 SAMPLED_ROWS = 6
 REPEATS = 20
@@ -32,8 +37,9 @@ REPEATS = 20
 def load_runtime(build_dir: Path):
     import tvm_ffi  # after numpy; needs the runtime libraries loaded globally first
 
+    libs = Path(os.environ.get("TRIMODE_TVM_LIB_DIR", Path(__file__).resolve().parent.parent / ".carry" / "tvmlib"))
     for name in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
-        ctypes.CDLL(str(build_dir / "lib" / name), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(libs / name), mode=ctypes.RTLD_GLOBAL)
     return tvm_ffi, tvm_ffi.load_module(str((build_dir / "attention.so").resolve()))
 
 
@@ -91,7 +97,7 @@ def run_case(ffi, module, device, rng, entry, n_t, causal, pos):
     v_new = rng.standard_normal((n_t, N_KV_HEADS, HEAD_DIM), np.float32).astype(half)
     out = device.upload(np.full(q.shape, np.nan, half))
     # pos lives on the device; the split scratch is the caller's (max_splits * T rows bound it)
-    rows_bound = MAX_SPLITS[entry] * n_t
+    rows_bound = MAX_SPLITS[entry.removesuffix("_fma")] * n_t
     args = [device.upload(q), device.upload(kv), 0, device.upload(np.array([pos], np.int32)),
             device.upload(k_new), device.upload(v_new), out,
             device.upload(np.zeros((rows_bound, N_HEADS, HEAD_DIM), np.float32)),

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issue 7). Built here, run on the GPU box in a single call:
-#   here:  bash bench/prepare_gpu_check.sh            (builds .carry/ and .whl/)
-#   there: bash bench/gpu_check.sh                    (device tool, carry [".carry", ".whl"])
+#   here:  bash bench/prepare_gpu_check.sh            (builds .carry/ and .whl/; KERNELS=1: also
+#                                                      the per-kernel bundles)
+#   there: bash bench/gpu_check.sh                    (device tool, carry [".carry", ".whl"];
+#                                                      KERNEL_BENCHES=1: also every kernel
+#                                                      candidate and the attention kernels)
 #          FROM_DISK=1 bash bench/gpu_check.sh        (also: write a 14B GGUF there and load
 #                                                      the bench's weights from it, timed)
 # It checks the CUDA build against the float64 reference on a tiny model (fp16 tolerance
@@ -20,10 +23,6 @@ cudart=$(find /usr/local /opt /usr/lib -name 'libcudart.so.13*' 2>/dev/null | he
 [ -n "$cudart" ] && export LD_LIBRARY_PATH=$(dirname "$cudart"):${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 
-if [ "${KERNEL_BENCHES:-0}" = 1 ]; then  # the per-kernel benches of bench/NOTES-*.md
-  timeout 150 python3 bench/gpu_kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -30
-  timeout 150 python3 bench/gpu_attention.py .carry/attention "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -20
-fi
 model=()
 if [ "${FROM_DISK:-0}" = 1 ]; then  # the 14B file on this box's disk; then try to drop it from the page cache
   file=${MODEL_DIR:-/tmp}/14b.gguf
@@ -35,3 +34,15 @@ fi
 timeout 330 python3 bench/gpu_check.py --tiny-artifact .carry/artifacts/tiny \
   --bench-artifact .carry/artifacts/14b --geometry 14b --json-out "$OUT/gpu_check.json" "${model[@]}" "$@" \
   2>&1 | tee "$OUT/gpu_check.log" | grep -v "^  ok"
+status=${PIPESTATUS[0]}
+
+if [ "${KERNEL_BENCHES:-0}" = 1 ]; then  # the per-kernel benches of bench/NOTES-*.md (KERNELS=1 prepare)
+  timeout 120 python3 bench/gpu_attention.py .carry/attention "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -18
+  # every Q8_0 candidate: $OUT/q8_results.json is what `trimode tune --results` files here
+  timeout 300 python3 bench/gpu_kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -22
+fi
+if [ "${BLOCK16:-1}" = 1 ]; then  # the default draft block (draft length 15 + 1) beside the T = 32 above
+  timeout 150 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b \
+    --geometry 14b --block 16 --json-out "$OUT/gpu_check_block16.json" 2>&1 | tail -16
+fi
+exit "$status"

@@ -1,12 +1,12 @@
 """Run ON the GPU box: check and time the Q8_0 matmul kernels built by bench/build_gpu_kernels.py.
 
 Needs only numpy, tvm_ffi (carried as a wheel) and the TVM runtime libraries (carried in
-.carry/tvm_lib); no TVM compiler. Prints a table (best schedule per shape and m: time, GB/s,
+.carry/tvmlib); no TVM compiler. Prints a table (best schedule per shape and m: time, GB/s,
 % of 3000 GB/s, ratio to m = 1, the default schedule's and dlight's times) and writes every
 measurement to OUT/q8_results.json, which `trimode tune --results` turns into
 schedules/<gpu>.json.
 
-On the device tool (one call, about 3-5 minutes; carry [".carry/q8", ".carry/tvm_lib", ".whl"]):
+On the device tool (one call, about 3-5 minutes; carry [".carry/q8", ".carry/tvmlib", ".whl"]):
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/apache_tvm_ffi-0.1.14.post1-*.whl && \
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && python3 bench/gpu_kernels.py --out $OUT
@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=ROOT / ".carry" / "q8")
     parser.add_argument("--tvm-lib", type=Path,
-                        default=os.environ.get("TRIMODE_TVM_LIB_DIR", ROOT / ".carry" / "tvm_lib"))
+                        default=os.environ.get("TRIMODE_TVM_LIB_DIR", ROOT / ".carry" / "tvmlib"))
     parser.add_argument("--defaults-only", action="store_true",
                         help="only the default schedules and dlight (a quick check, not tuning)")
     parser.add_argument("--out", type=Path, default=Path("."), help="where q8_results.json goes")

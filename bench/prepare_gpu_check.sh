@@ -2,6 +2,9 @@
 # Builds what bench/gpu_check.sh needs on the GPU box, here (no GPU needed): the CUDA
 # artifacts of the tiny and 14B geometries, the TVM runtime libraries, the tvm_ffi wheel and
 # the gguf wheel (pure Python; FROM_DISK=1 writes and reads a 14B file there).
+# KERNELS=1 also builds the per-kernel bundles that KERNEL_BENCHES=1 measures there: every
+# Q8_0 matmul tuning candidate at the 14B shapes (.carry/q8, for `trimode tune --results`)
+# and the attention kernels, tensor-core and CUDA-core side by side (.carry/attention).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -18,4 +21,10 @@ for geometry in tiny 14b; do
   dir=$($PY -m trimode.cli compile --geometry $geometry --target cuda --arch "$ARCH" | tail -1)
   rm -rf ".carry/artifacts/$geometry" && cp -r "$dir" ".carry/artifacts/$geometry"
 done
-du -sh .carry .whl
+if [ "${KERNELS:-0}" = 1 ]; then
+  # both read the runtime libraries from .carry/tvmlib, as the model does
+  $PY bench/build_gpu_kernels.py --arch "$ARCH" --out .carry/q8
+  $PY bench/build_gpu_attention.py .carry/attention
+fi
+du -sh .carry/* .whl
+du -sch .carry .whl | tail -1

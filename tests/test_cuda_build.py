@@ -90,7 +90,7 @@ def test_tuning_candidates_build(tmp_path):
         if c["kind"] == "mma_splitk":
             tiling = (c["n_tiles"], c["warps"], c["k_group"])
             splitk[tiling] = max(splitk.get(tiling, c), c, key=lambda s: s["splits"])
-    assert len(splitk) == 8
+    assert len(splitk) == 10
     specs += [(6144, 5120, "block", c) for c in splitk.values()]
     specs.append((100, 160, 64, {"kind": "mma", "n_tiles": 4, "k_warps": 2}))  # most registers
     assert library_has_gpu_binary(_build_matmuls(tmp_path, specs, "candidates"))

@@ -3,7 +3,7 @@
 x float16 [m, k], q int8 [n, k] (row n = output feature, k contiguous), scale float16
 [n, k // 32], fp32 accumulation, y float16 [m, n].
 
-Three hand-written kernels, each a CUDA C++ device function that TVM launches through
+Four hand-written kernels, each a CUDA C++ device function that TVM launches through
 `T.cuda.func_call` (TVM owns the launch, the argument passing and the packaging; the library
 carries the compiled fatbin and loads with the runtime libraries alone). tests/cuda_emulator.h
 runs the same source on the CPU, which is how the tests check them without a GPU.
@@ -11,16 +11,19 @@ runs the same source on the CPU, which is how the tests check them without a GPU
 - `gemv` (m <= 4, decode): CUDA cores. Each lane streams 16-byte int8 loads of `rows_per_warp`
   weight rows; the warps of a block split K (split-K inside the block), so small N still fills
   the GPU. int8 -> float by the exponent trick (one byte-permute and one add per element).
-- `mma` (prefill, in 64-row slabs): tensor cores, mma.sync m16n8k16 fp16 x fp16 -> fp32. Each
-  thread loads 16 contiguous int8 of one weight row and 16 contiguous fp16 of two x rows, and
-  both operands use the same permutation of k inside each 64-k chunk, so the fragments come
-  straight from 16-byte loads (no shared memory, no ldmatrix). Weights are dequantized to
-  fp16 in registers once for all rows of the slab. K is split over the warps of a block.
+- `mma` (rows in 64-row slabs; a tuning candidate for blocks and prefill): tensor cores,
+  mma.sync m16n8k16 fp16 x fp16 -> fp32. Each thread loads 16 contiguous int8 of one weight
+  row and 16 contiguous fp16 of two x rows, and both operands use the same permutation of k
+  inside each 64-k chunk, so the fragments come straight from 16-byte loads (no shared
+  memory, no ldmatrix). Weights are dequantized to fp16 in registers once for all rows of
+  the slab. K is split over the warps of a block.
 - `mma_splitk` (verify and draft blocks, m <= 64 rows at run time): the same fragments, but
   the warps of a block split N and read x from shared memory (cp.async, one group of k
   ahead), so each x element crosses L2 once per NB = 8 * n_tiles * warps weight rows instead
   of once per 8 * n_tiles; blocks split K to fill the GPU, and the last block of each
   column tile sums the splits' fp32 partials in split order (deterministic).
+- `gemm` (prefill): 128 x 128 output tiles, x and the dequantized weights staged in shared
+  memory, ldmatrix + mma.sync; prompts of <= 64 rows go to an mma_splitk kernel instead.
 
 Row classes (`m`): an int (a static row count: 1 for decode), "block" (any m <= 64, given at
 run time: one kernel serves every verify/draft T) or "dynamic" (any m: prefill).
@@ -147,14 +150,14 @@ def schedule_candidates(n: int, k: int, m) -> list[dict]:
                 candidates.append({"kind": "gemv", "rows_per_warp": rows, "k_warps": k_warps})
     # 8 n-tiles halve the x re-reads per weight byte but need 64 more registers: m <= 32 only
     m_tiles = _m_tiles(m)
-    for n_tiles in (1, 2, 4) if m_tiles > 2 else (1, 2, 4, 8):
+    for n_tiles in (() if m == 1 else (1, 2, 4) if m_tiles > 2 else (1, 2, 4, 8)):
         for k_warps in (2, 4, 8):
             if _mma_shared_bytes(m_tiles, n_tiles, k_warps) <= STATIC_SHARED_BYTES:
                 candidates.append({"kind": "mma", "n_tiles": n_tiles, "k_warps": k_warps})
     if m == "dynamic":
         candidates.insert(0, {"kind": "gemm"})
     if m == "block" or m not in ROW_CLASSES and m > 1:
-        for n_tiles, warps in ((1, 8), (2, 4), (2, 8), (4, 4)):
+        for n_tiles, warps in ((1, 8), (2, 4), (2, 8), (4, 4), (4, 8)):  # 64 to 256 weight rows a block
             for k_group in (1, 2):
                 base = default_splits(n, k, n_tiles, warps, k_group)
                 for splits in sorted({max(1, base // 2), base, 2 * base}):
