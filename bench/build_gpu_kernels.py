@@ -4,7 +4,7 @@ Writes (all ignored by git, carried by name to the GPU box):
   .carry/q8/        kernels<i>.so (sm_90a fatbin embedded) + manifest.json: every Q8_0 matmul
                     candidate schedule for the 14B shapes for decode (m = 1), blocks (run at
                     16 and 32 rows) and prefill (512 rows), plus the tiny geometry's shapes,
-                    plus dlight baselines
+                    plus dlight baselines; and every attention plan of the 14B's heads
   .carry/tvmlib/   libtvm_runtime.so, libtvm_runtime_cuda.so from this venv's apache-tvm
   .whl/             apache-tvm-ffi 0.1.14.post1 for CPython 3.12 (the GPU box's Python)
 
@@ -53,12 +53,14 @@ def copy_runtime_libs(dest: Path) -> None:
               show_default=True)
 def main(geometry, candidates, arch, jobs, out_dir):
     from trimode.model.config import GEOMETRIES
-    from trimode.schedules.bundle import build_bundle, q8_specs
+    from trimode.schedules.bundle import attention_specs, build_bundle, q8_specs
 
     if geometry not in GEOMETRIES:
         raise click.BadParameter(f"unknown geometry {geometry!r} (one of {', '.join(GEOMETRIES)})")
     shapes = GEOMETRIES[geometry].matmul_shapes()
-    specs = q8_specs(shapes, MS, candidates)
+    cfg = GEOMETRIES[geometry]
+    specs = q8_specs(shapes, MS, candidates) + attention_specs(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                                               candidates)
     # the tiny geometry: odd sizes (K = 96 is not a multiple of 64) must be right too
     tiny = {f"tiny_{name}": shape for name, shape in GEOMETRIES["tiny"].matmul_shapes().items()}
     specs += q8_specs(tiny, MS, "default")

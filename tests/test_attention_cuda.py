@@ -121,3 +121,29 @@ def test_cuda_variant_builds_to_gpu_code(tmp_path, t, causal, rows):
     path = tmp_path / "attention.so"
     lib.export_library(str(path))
     assert library_has_gpu_binary(path)
+
+
+def test_the_tuning_measurement_checks_attention_against_float64():
+    # measure_attention (run on the GPU box by `trimode tune`) on the llvm twin of the kernel:
+    # the inputs it builds, its float64 reference and its error figure
+    from types import SimpleNamespace
+
+    from trimode.schedules.measure_attention import measure_attention
+
+    class CpuRuntime:
+        cuda = SimpleNamespace(synchronize=lambda: None)
+
+        def upload(self, array):
+            return tvm.runtime.tensor(array)
+
+        def download(self, tensor, shape, dtype):
+            return tensor.numpy().astype(dtype).reshape(shape)
+
+    func = _build_llvm(attention_cuda_unscheduled(HQ, HKV, D, True, "float16", "dynamic", plan=SMALL))["main"]
+    entry = {"heads": [HQ, HKV, D], "rows": [5], "fill": 40, "schedule": {"max_splits": SMALL.max_splits}}
+    calls = []
+    result = measure_attention(CpuRuntime(), func, entry, np.random.default_rng(0),
+                               lambda call: (call(0), call(1), calls.append(2), 4.0)[-1])
+    assert result["ok"] and result["rel_err"] < 1e-2 and result["time_us"] == 4.0
+    broken = measure_attention(CpuRuntime(), lambda *args: None, entry, np.random.default_rng(0), lambda call: 1.0)
+    assert not broken["ok"]  # an output never written stays NaN

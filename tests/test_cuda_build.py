@@ -179,20 +179,24 @@ def test_bundle_loads_with_the_runtime_libraries_alone(tmp_path):
     import subprocess
     import sys
 
-    from trimode.schedules.bundle import build_bundle, q8_specs
+    from trimode.schedules.bundle import attention_specs, build_bundle, q8_specs
 
     specs = q8_specs({"odd": (100, 160)}, [1, "block", "dynamic"], "default")
     names = {(spec["m"], spec["name"]) for spec in specs}
     assert names == {(1, "gemv_r2_kw4"), ("block", "splitk_nt2_w8_g2_s1"), ("dynamic", "gemm"),
                      (1, "dlight"), ("block", "dlight")}
     specs = [spec for spec in specs if spec["name"] != "dlight"]  # keep the test quick
+    specs += attention_specs(4, 1, 32, "default")  # the tiny heads: one plan per row class
     manifest = build_bundle(specs, tmp_path, "sm_90a", jobs=2)
     entries = json.loads(manifest.read_text())["kernels"]
     assert len(entries) == len(specs)
+    assert {e["key"] for e in entries if "key" in e} == {"attention/one", "attention_mma/block",
+                                                         "attention_mma/many"}
     assert {entry["library"] for entry in entries} == {"kernels0.so", "kernels1.so"}
     assert all(library_has_gpu_binary(tmp_path / name) for name in ("kernels0.so", "kernels1.so"))
-    assert [e["rows"] for e in entries if e["m"] == "dynamic"] == [[512]]
-    assert [e["rows"] for e in entries if e["m"] == "block"] == [[16, 32]]
+    q8 = [e for e in entries if e["kernel"] == "q8_matmul"]
+    assert [e["rows"] for e in q8 if e["m"] == "dynamic"] == [[512]]
+    assert [e["rows"] for e in q8 if e["m"] == "block"] == [[16, 32]]
     out = subprocess.run([sys.executable, "-c", RUNTIME_ONLY_LOAD, str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]

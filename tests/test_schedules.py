@@ -132,3 +132,50 @@ def test_compile_uses_the_tuned_database_of_the_named_gpu(tmp_path, monkeypatch)
 
     schedules.write_database("NVIDIA Test GPU", [_result((n, k), 1, default, 4.0)], "2026-11-28")
     assert schedules.database_for("NVIDIA Test GPU")[1] != first_id
+
+
+def _attention_result(key, plan, time_us, ok=True, default=False):
+    return {"kernel": key.split("/")[0], "key": key, "shape_name": f"attention_{key.split('/')[1]}",
+            "heads": [4, 1, 32], "m": key.split("/")[1], "rows": 32, "fill": 4096, "schedule": plan,
+            "name": str(plan["rows_per_cta"]), "default": default, "time_us": time_us, "ok": ok,
+            "rel_err": 1e-3 if ok else 1.0, "gbps": 1000.0}
+
+
+def test_attention_plans_are_filed_and_reach_the_kernel_table(tmp_path, monkeypatch):
+    import dataclasses
+
+    from trimode.compiler.kernel_table import Kernels
+    from trimode.compiler.kernels import attention_mma
+    from trimode.model.config import GEOMETRIES
+
+    cfg = GEOMETRIES["tiny"]
+    default, *others = attention_mma.plan_candidates(cfg.n_heads, cfg.n_kv_heads, "block")
+    wide = next(p for p in others if p.rows_per_cta == 128)
+    measured = [_attention_result("attention_mma/block", dataclasses.asdict(default), 9.0, default=True),
+                _attention_result("attention_mma/block", dataclasses.asdict(wide), 7.0),
+                _attention_result("attention_mma/block", dataclasses.asdict(others[0]), 1.0, ok=False)]
+    table_text = format_table({"gpu": GPU, "copy_gbps": 3000.0, "results": measured})
+    assert "attention_mma/block" in table_text and "1 failed the check" in table_text
+    monkeypatch.setattr(schedules, "DATABASE_DIR", tmp_path)
+    schedules.write_database(GPU, measured, "2026-12-01")
+    table, _ = schedules.database_for(GPU)
+    assert table == {"attention_mma/block": dataclasses.asdict(wide)}
+    # the tuned plan sizes the split scratch of verify/draft; decode and prefill keep theirs
+    tuned, plain = Kernels(cfg, "cuda", table), Kernels(cfg, "cuda", {})
+    assert tuned.attention_scratch("block", 64) != plain.attention_scratch("block", 64)
+    assert tuned.attention_scratch("one", 1) == plain.attention_scratch("one", 1)
+
+
+def test_attention_candidates_cover_every_row_class_with_its_kernel():
+    from trimode.schedules.bundle import attention_specs
+
+    specs = attention_specs(32, 8, 128, "all")
+    keys = {spec["key"] for spec in specs}
+    assert keys == {"attention/one", "attention_mma/block", "attention_mma/many"}
+    for key in keys:
+        mine = [spec for spec in specs if spec["key"] == key]
+        assert sum(spec["default"] for spec in mine) == 1 and len(mine) > 1
+        assert len({spec["name"] for spec in mine}) == len(mine)  # names tell them apart
+    # a head_dim the tensor-core kernel cannot take is tuned on the CUDA-core kernel
+    assert {spec["key"] for spec in attention_specs(4, 1, 40, "default")} == {
+        "attention/one", "attention/block", "attention/many"}

@@ -1,4 +1,5 @@
-"""`trimode tune`: measure schedule candidates and keep the best per shape in schedules/<gpu>.json.
+"""`trimode tune`: measure schedule candidates (Q8_0 matmuls per shape and row class, attention
+plans per row class) and keep the best of each in schedules/<gpu>.json.
 
 Build and measure may run on different machines. With a GPU here, one command does both.
 Without one, tune writes a candidate bundle (GPU machine code + manifest) to measure on a GPU
@@ -32,7 +33,8 @@ ROW_CLASSES = [1, "block", "dynamic"]
 @click.option("--database-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where <gpu>.json goes [default: the trimode.schedules package]")
 def tune(target, geometry, arch, bundle_dir, results_file, jobs, database_dir):
-    """Tune the Q8_0 matmul schedules for every shape of a geometry on this GPU."""
+    """Tune the Q8_0 matmul schedules for every shape of a geometry, and the attention plans
+    of its heads, on this GPU."""
     from trimode.schedules import write_database
 
     if results_file is not None:
@@ -42,14 +44,16 @@ def tune(target, geometry, arch, bundle_dir, results_file, jobs, database_dir):
 
     from trimode.model.config import GEOMETRIES
     from trimode.runtime.tvm_runtime import cuda_arch, cuda_device_count
-    from trimode.schedules.bundle import build_bundle, q8_specs
+    from trimode.schedules.bundle import attention_specs, build_bundle, q8_specs
 
     if geometry not in GEOMETRIES:
         raise click.BadParameter(f"unknown geometry {geometry!r} (one of {', '.join(GEOMETRIES)})",
                                  param_hint="--geometry")
     has_gpu = cuda_device_count() > 0
     arch = arch or (cuda_arch() if has_gpu else "sm_90a")
-    specs = q8_specs(GEOMETRIES[geometry].matmul_shapes(), ROW_CLASSES, "all")
+    cfg = GEOMETRIES[geometry]
+    specs = (q8_specs(cfg.matmul_shapes(), ROW_CLASSES, "all")
+             + attention_specs(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, "all"))
     click.echo(f"building {len(specs)} candidates for {arch} into {bundle_dir} ...")
     manifest = build_bundle(specs, bundle_dir, arch, jobs)
     if not has_gpu:

@@ -6,8 +6,9 @@ One file per GPU model, `<gpu-key>.json` beside this module, written by `trimode
      "entries": {"q8_matmul/6144x5120/m32": {"schedule": {...}, "time_us": 11.9,
                                             "candidates": 14, "measured": "2026-11-27"}}}
 
-Keys are `<kernel>/<n>x<k>/m<m>` with m an int, "block" or "dynamic" (the row classes of
-q8_matmul_cuda). Nothing here imports TVM.
+Keys are `q8_matmul/<n>x<k>/m<m>` with m an int, "block" or "dynamic" (the row classes of
+q8_matmul_cuda), and `<attention kernel>/<rows>` ("attention/one", "attention_mma/block",
+"attention_mma/many": kernel_table's plans). Nothing here imports TVM.
 """
 from __future__ import annotations
 
@@ -70,12 +71,13 @@ def database_for(gpu_name: str | None, directory: Path | None = None) -> tuple[d
 
 def best_per_key(measurements: list[dict]) -> dict[str, dict]:
     """The fastest correct schedule for each (kernel, shape, m), as database entries.
-    A measurement: {"kernel", "shape": [n, k], "m", "rows", "schedule", "time_us", "ok"}. A
+    A measurement: {"kernel", "shape": [n, k], "m", "rows", "schedule", "time_us", "ok"}, or
+    with its database "key" (attention). A
     row class measured at several row counts (a block at 16 and 32) is ranked by the sum of
     its times, and only a schedule correct at every one of them is kept."""
     totals: dict[tuple, dict] = {}
     for item in measurements:
-        key = entry_key(item["kernel"], item["shape"], item["m"])
+        key = item.get("key") or entry_key(item["kernel"], item["shape"], item["m"])
         candidate = json.dumps(item["schedule"], sort_keys=True) if item["schedule"] else item["name"]
         total = totals.setdefault((key, candidate), {"schedule": item["schedule"], "time_us": 0.0, "ok": True})
         total["time_us"] += item["time_us"]

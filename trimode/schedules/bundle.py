@@ -1,8 +1,8 @@
 """Candidate bundles: schedules built here, measured on a GPU box that has only the TVM runtime.
 
 A bundle is a folder of exported libraries (`kernels<i>.so`, GPU machine code embedded) and
-`manifest.json` naming each function: its library, kernel, shape, m, schedule and how many
-rows to run it with. `trimode.schedules.measure` reads the bundle; building needs the TVM compiler.
+`manifest.json` naming each function: its library, kernel, shape (attention: heads), m (the
+row class), schedule and how many rows to run it with. `trimode.schedules.measure` reads the bundle; building needs the TVM compiler.
 """
 from __future__ import annotations
 
@@ -47,9 +47,52 @@ def q8_specs(shapes: dict[str, tuple[int, int]], ms, candidates: str) -> list[di
     return specs
 
 
+# Attention kernels per row class: the kernel (kernel_table's choice when head_dim allows
+# tensor cores), and the T and cache fill they are measured at.
+ATTENTION_CASES = {
+    "one": ("attention", 1, 4096),
+    "block": ("attention_mma", 32, 4096),
+    "many": ("attention_mma", 512, 0),
+}
+
+
+def attention_specs(n_heads: int, n_kv_heads: int, head_dim: int, candidates: str) -> list[dict]:
+    """What to build for attention: per row class its default plan, or every candidate plan
+    (candidates="all"). Measured causal (verify and draft share a plan)."""
+    import dataclasses
+
+    from trimode.compiler.kernels import attention_cuda, attention_mma
+
+    specs = []
+    for rows, (kernel, t, fill) in ATTENTION_CASES.items():
+        if kernel == "attention_mma" and not attention_mma.supports(head_dim):
+            kernel = "attention"
+        module = attention_mma if kernel == "attention_mma" else attention_cuda
+        default = module.default_plan(n_heads, n_kv_heads, rows)
+        plans = module.plan_candidates(n_heads, n_kv_heads, rows) if candidates == "all" else [default]
+        for plan in plans:
+            schedule = dataclasses.asdict(plan)
+            specs.append({"kernel": kernel, "key": f"{kernel}/{rows}", "shape_name": f"attention_{rows}",
+                          "heads": [n_heads, n_kv_heads, head_dim], "m": rows, "rows": [t], "fill": fill,
+                          "schedule": schedule, "default": plan == default,
+                          "name": "r{rows_per_cta}_k{keys_per_tile}_c{target_ctas}_s{max_splits}".format(**schedule)})
+    return specs
+
+
 def _primfunc(spec, target):
     from trimode.compiler.kernels import q8_matmul_cuda as q8
 
+    if spec["kernel"] == "attention":
+        from trimode.compiler.kernels import attention_cuda
+
+        plan = attention_cuda.AttentionPlan(**spec["schedule"])
+        t = 1 if spec["m"] == "one" else "dynamic"
+        return attention_cuda.attention_cuda(*spec["heads"], True, "float16", t, plan=plan)
+    if spec["kernel"] == "attention_mma":
+        from trimode.compiler.kernels import attention_cuda, attention_mma
+
+        plan = attention_cuda.AttentionPlan(**spec["schedule"])
+        return attention_mma.attention_mma(*spec["heads"], True, "float16", spec["m"], plan)
     n, k = spec["shape"]
     if spec["schedule"] is not None:
         return q8.q8_matmul(n, k, spec["m"], "float16", target, spec["schedule"])

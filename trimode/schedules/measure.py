@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trimode.schedules.measure_attention import format_attention_table, measure_attention
+
 TOLERANCE = 1e-2
 NOMINAL_GBPS = 3000.0        # what the issue's percentages are of (H100 copy bandwidth)
 ROTATION_BYTES = 256 << 20   # weights cycled per shape: five times a 50 MB L2
@@ -172,25 +174,37 @@ def measure_bundle(bundle_dir: Path, lib_dir: Path | None = None, seed: int = 0,
     log(f"GPU {gpu}; device copy {copy_gbps:.0f} GB/s (read + write)")
     modules = {name: runtime.ffi.load_module(str((bundle_dir / name).resolve()))
                for name in sorted({entry["library"] for entry in manifest["kernels"]})}
-    head_start = (runtime.cuda.malloc(COPY_HEAD_START_BYTES), runtime.cuda.malloc(COPY_HEAD_START_BYTES))
-    start, stop = runtime.cuda.event(), runtime.cuda.event()
+    timer = Timer(runtime)
     rng = np.random.default_rng(seed)
     data: dict[tuple, _ShapeData] = {}
     results = []
     for entry in manifest["kernels"]:
+        func = modules[entry["library"]][entry["symbol"]]
+        if entry["kernel"].startswith("attention"):
+            result = {key: entry[key] for key in ("kernel", "key", "shape_name", "heads", "m", "fill", "schedule",
+                                                  "name", "default")}
+            result["rows"] = entry["rows"][0]
+            try:
+                result.update(measure_attention(runtime, func, entry, rng, timer))
+            except Exception as err:  # one broken candidate must not end the run
+                result.update(ok=False, rel_err=float("nan"), time_us=float("nan"), gbps=float("nan"),
+                              error=str(err).splitlines()[0])
+            results.append(result)
+            log(f"  {entry['key']:20s} x{result['rows']:<4d} {entry['name']:24s} {result['time_us']:9.2f} us  "
+                f"err {result['rel_err']:.1e}{'' if result['ok'] else '  FAIL'}")
+            continue
         n, k = entry["shape"]
         if (n, k) not in data:
             data.clear()  # one shape's weights on the device at a time
             data[(n, k)] = _ShapeData(runtime, rng, n, k)
         weights = data[(n, k)]
-        func = modules[entry["library"]][entry["symbol"]]
         for rows in entry["rows"]:
             result = {key: entry[key] for key in ("kernel", "shape_name", "shape", "m", "schedule", "name", "default")}
             result["rows"] = rows
             try:
                 result["rel_err"] = _check(runtime, func, weights, rng, n, k, rows)
                 result["ok"] = bool(result["rel_err"] < TOLERANCE)
-                result["time_us"] = _time(runtime, func, weights, rng, n, k, rows, head_start, start, stop)
+                result["time_us"] = _time(runtime, func, weights, rng, n, k, rows, timer)
             except Exception as err:  # one broken candidate must not end the run
                 result.update(ok=False, rel_err=float("nan"), time_us=float("nan"), error=str(err).splitlines()[0])
             result["gbps"] = q8_bytes(n, k, rows) / (result["time_us"] * 1e-6) / 1e9
@@ -215,29 +229,44 @@ def _check(runtime, func, weights, rng, n, k, rows) -> float:
     return float(np.linalg.norm(out[:, columns] - ref) / np.linalg.norm(ref))
 
 
-def _time(runtime, func, weights, rng, n, k, rows, head_start, start, stop) -> float:
+def _time(runtime, func, weights, rng, n, k, rows, timer) -> float:
     xs = [runtime.upload(rng.standard_normal((rows, k)).astype(np.float16)) for _ in range(2)]
     ys = [runtime.upload(np.zeros((rows, n), dtype=np.float16)) for _ in range(2)]
     copies = len(weights.device)
-    for i in range(3):  # warm-up: module load, first-launch costs
-        func(xs[i % 2], *weights.device[i % copies], ys[i % 2])
-    runtime.cuda.synchronize()
-    per_call = []
-    for _ in range(BATCHES):
-        runtime.cuda.copy(head_start[1], head_start[0], COPY_HEAD_START_BYTES)
-        runtime.cuda.record(start)
-        for i in range(BATCH_CALLS):
-            q_dev, s_dev = weights.device[i % copies]
-            func(xs[i % 2], q_dev, s_dev, ys[i % 2])
-        runtime.cuda.record(stop)
-        per_call.append(runtime.cuda.elapsed_ms(start, stop) * 1e3 / BATCH_CALLS)
-    runtime.cuda.synchronize()
-    return float(np.median(per_call))
+    return timer(lambda i: func(xs[i % 2], *weights.device[i % copies], ys[i % 2]))
+
+
+class Timer:
+    """us per call of call(i) (i = 0, 1, ...: the call picks its inputs by it): warm-up, then
+    the median over batches of calls queued behind a long device copy, between two events."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.head_start = (runtime.cuda.malloc(COPY_HEAD_START_BYTES), runtime.cuda.malloc(COPY_HEAD_START_BYTES))
+        self.start, self.stop = runtime.cuda.event(), runtime.cuda.event()
+
+    def __call__(self, call) -> float:
+        cuda = self.runtime.cuda
+        for i in range(3):  # warm-up: module load, first-launch costs
+            call(i)
+        cuda.synchronize()
+        per_call = []
+        for _ in range(BATCHES):
+            cuda.copy(self.head_start[1], self.head_start[0], COPY_HEAD_START_BYTES)
+            cuda.record(self.start)
+            for i in range(BATCH_CALLS):
+                call(i)
+            cuda.record(self.stop)
+            per_call.append(cuda.elapsed_ms(self.start, self.stop) * 1e3 / BATCH_CALLS)
+        cuda.synchronize()
+        return float(np.median(per_call))
 
 
 def format_table(measured: dict) -> str:
-    """shape, m, rows, schedule, time, GB/s, % of 3000 GB/s, ratio to the best m=1 time."""
-    results = measured["results"]
+    """Q8_0 matmuls: shape, m, rows, schedule, time, GB/s, % of 3000 GB/s, ratio to the best
+    m=1 time; then the best plan of each attention kernel."""
+    attention = [r for r in measured["results"] if r["kernel"].startswith("attention")]
+    results = [r for r in measured["results"] if not r["kernel"].startswith("attention")]
     best_m1 = {}
     for r in results:
         if r["m"] == 1 and r["ok"]:
@@ -264,8 +293,10 @@ def format_table(measured: dict) -> str:
             f"{r['gbps']:7.0f} {100 * r['gbps'] / NOMINAL_GBPS:5.0f}% {ratio:6.2f} "
             f"{default['time_us'] if default else float('nan'):8.2f} "
             f"{dlight['time_us'] if dlight and dlight['ok'] else float('nan'):8.2f}")
-    failed = [r for r in results if not r["ok"]]
-    lines.append(f"{len(results)} measurements, {len(failed)} failed the check"
+    if attention:
+        lines.append(format_attention_table(attention))
+    failed = [r for r in results + attention if not r["ok"]]
+    lines.append(f"{len(results) + len(attention)} measurements, {len(failed)} failed the check"
                  + "".join(f"\n  FAIL {r['shape_name']} m={r['m']} x{r['rows']} {r['name']} err={r['rel_err']:.2e}"
                            f" {r.get('error', '')}" for r in failed[:12]))
     return "\n".join(lines)

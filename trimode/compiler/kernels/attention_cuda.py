@@ -63,6 +63,21 @@ def default_plan(n_heads: int, n_kv_heads: int, rows: str) -> AttentionPlan:
     raise ModelError(f"unknown row class {rows!r}: expected 'one', 'block' or 'many'")
 
 
+def plan_candidates(n_heads: int, n_kv_heads: int, rows: str) -> list[AttentionPlan]:
+    """The decode plans `trimode tune` measures (blocks and prefill run attention_mma where
+    head_dim allows): keys per tile, the CTAs the splits aim at, the most splits."""
+    default = default_plan(n_heads, n_kv_heads, rows)
+    plans = [default]
+    for keys_per_tile in (32, 64, 128):
+        for target_ctas in (264, 528, 1056):
+            for max_splits in (128, 256):
+                plan = AttentionPlan(default.rows_per_cta, keys_per_tile, default.threads, target_ctas,
+                                     max_splits, default.min_tiles_per_split, default.vector)
+                if plan not in plans:
+                    plans.append(plan)
+    return plans
+
+
 def _rows_class(t) -> str:
     if t == 1:
         return "one"

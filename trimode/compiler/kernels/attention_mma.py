@@ -46,6 +46,22 @@ def default_plan(n_heads: int, n_kv_heads: int, rows: str) -> AttentionPlan:
     raise ModelError(f"tensor-core attention serves 'block' and 'many' rows, not {rows!r}")
 
 
+def plan_candidates(n_heads: int, n_kv_heads: int, rows: str) -> list[AttentionPlan]:
+    """The plans `trimode tune` measures: rows per CTA (warps of 16 rows), how many CTAs the
+    splits aim at, and the most splits."""
+    default = default_plan(n_heads, n_kv_heads, rows)
+    most_splits = (32, 64, 128) if rows == "block" else (1, 4, 16)
+    plans = [default]
+    for rows_per_cta in (32, 64, 128):
+        for target_ctas in (132, 264, 528):
+            for max_splits in most_splits:
+                plan = AttentionPlan(rows_per_cta, KEYS_PER_TILE, 2 * rows_per_cta, target_ctas, max_splits,
+                                     default.min_tiles_per_split, default.vector)
+                if plan not in plans:
+                    plans.append(plan)
+    return plans
+
+
 def supports(head_dim: int) -> bool:
     """mma k-steps and ldmatrix tiles are 16 wide over d."""
     return head_dim % 16 == 0
