@@ -78,6 +78,20 @@ def test_prefill_gemm_matches_float64(n, k, m, order):
     _check(y, ref)
 
 
+def _run_splitk(n, k, m, schedule, order=ORDERS[0], launches=1, edit=None):
+    """The split-K kernel of `schedule` (its splits reduced to those holding work), its
+    source passed through `edit` first (the tests that break it on purpose)."""
+    plan = q8.SplitKPlan.of(n, k, schedule)
+    name = "splitk"
+    source = q8._splitk_source(name, n, k, plan)
+    if edit is not None:
+        edited = edit(source)
+        assert edited != source
+        source = edited
+    return _run_rows_kernel(name, source, (plan.column_tiles(n), plan.splits), 32 * plan.warps, n, k, m,
+                            order=order, launches=launches)
+
+
 SPLITK_CASES = [
     # n, k, m, n_tiles, warps, k_group, splits
     (100, 160, 5, 2, 8, 2, 1),     # one split: fp16 written directly; K not a multiple of 64
@@ -92,13 +106,9 @@ SPLITK_CASES = [
 @pytest.mark.parametrize("order", ORDERS, ids=["forward", "reverse-greedy-early"])
 @pytest.mark.parametrize("n, k, m, n_tiles, warps, k_group, splits", SPLITK_CASES)
 def test_splitk_matches_float64_in_every_order_and_launch(n, k, m, n_tiles, warps, k_group, splits, order):
-    plan = q8.SplitKPlan.of(n, k, {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": splits})
-    name = "splitk"
-    source = q8._splitk_source(name, n, k, plan)
     # the second launch proves the last block reset the tickets the first one used
-    y, ref = _run_rows_kernel(name, source, (plan.column_tiles(n), plan.splits), 32 * warps, n, k, m,
-                              order=order, launches=2)
-    _check(y, ref)
+    schedule = {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": splits}
+    _check(*_run_splitk(n, k, m, schedule, order=order, launches=2))
 
 
 def test_the_default_block_tilings_of_the_14b_are_right_at_small_k():
@@ -109,41 +119,24 @@ def test_the_default_block_tilings_of_the_14b_are_right_at_small_k():
     tilings = {tuple(q8.default_schedule(n, k, "block")[key] for key in ("n_tiles", "warps", "k_group"))
                for n, k in GEOMETRIES["14b"].matmul_shapes().values()}
     for n_tiles, warps, k_group in sorted(tilings):
-        n, k = 264, 512
-        plan = q8.SplitKPlan.of(n, k, {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": 2})
-        name = "splitk"
-        y, ref = _run_rows_kernel(name, q8._splitk_source(name, n, k, plan),
-                                  (plan.column_tiles(n), plan.splits), 32 * warps, n, k, 16)
-        _check(y, ref)
+        schedule = {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": 2}
+        _check(*_run_splitk(264, 512, 16, schedule))
 
 
 def test_the_emulator_catches_a_missing_barrier():
     # without the barrier that ends a group, a warp running ahead overwrites x in shared
     # memory before the other warps have read it: the greedy, early-copy order shows it
-    n, k, m = 200, 1024, 33
-    plan = q8.SplitKPlan.of(n, k, {"n_tiles": 4, "warps": 4, "k_group": 2, "splits": 3})
-    name = "splitk"
-    source = q8._splitk_source(name, n, k, plan)
-    broken = source.replace("    __syncthreads();  // nobody reads this buffer any more", "    // (removed)")
-    assert broken != source
-    grid = (plan.column_tiles(n), plan.splits)
-    y, ref = _run_rows_kernel(name, broken, grid, 128, n, k, m, order=ORDERS[0])
-    _check(y, ref)  # lockstep warps hide the race
-    y, ref = _run_rows_kernel(name, broken, grid, 128, n, k, m, order=ORDERS[1])
+    schedule = {"n_tiles": 4, "warps": 4, "k_group": 2, "splits": 3}
+    no_barrier = lambda s: s.replace("    __syncthreads();  // nobody reads this buffer any more", "    //")  # noqa: E731
+    _check(*_run_splitk(200, 1024, 33, schedule, order=ORDERS[0], edit=no_barrier))  # lockstep hides it
     with pytest.raises(AssertionError):
-        _check(y, ref)
+        _check(*_run_splitk(200, 1024, 33, schedule, order=ORDERS[1], edit=no_barrier))
 
 
 def test_the_emulator_catches_a_read_before_the_copy_wait_and_a_deadlock():
-    n, k, m = 100, 160, 5
-    plan = q8.SplitKPlan.of(n, k, {"n_tiles": 2, "warps": 8, "k_group": 2, "splits": 1})
-    name = "splitk"
-    source = q8._splitk_source(name, n, k, plan)
-    no_wait = source.replace(f"    {name}_copy_wait_all_but_one();\n", "\n")
-    assert no_wait != source
+    schedule = {"n_tiles": 2, "warps": 8, "k_group": 2, "splits": 1}
     with pytest.raises(EmulationError, match="never waited"):
-        _run_rows_kernel(name, no_wait, (plan.column_tiles(n), 1), 256, n, k, m)
-    divergent = source.replace("  if (m > 16 * MT) __trap();", "  if (threadIdx.x == 0) __syncthreads();")
-    assert divergent != source
+        _run_splitk(100, 160, 5, schedule, edit=lambda s: s.replace("    splitk_copy_wait_all_but_one();\n", "\n"))
     with pytest.raises(EmulationError, match="deadlock"):
-        _run_rows_kernel(name, divergent, (plan.column_tiles(n), 1), 256, n, k, m)
+        _run_splitk(100, 160, 5, schedule, edit=lambda s: s.replace(
+            "  if (m > 16 * MT) __trap();", "  if (threadIdx.x == 0) __syncthreads();"))

@@ -755,9 +755,14 @@ def _q8_mma(n, k, m, n_tiles, k_warps):
                         -(-n // (MMA_COLS * n_tiles)), lambda rows: (rows + slab - 1) // slab, 32 * k_warps)
 
 
-def _q8_mma_splitk(n, k, m, plan: SplitKPlan):
-    name = (f"trimode_q8_splitk_n{n}_k{k}_m{_rows_tag(m)}_nt{plan.n_tiles}_w{plan.warps}"
+def _splitk_name(n, k, rows_tag, plan: SplitKPlan) -> str:
+    # rows_tag too: each kernel owns its module-scope scratch and tickets
+    return (f"trimode_q8_splitk_n{n}_k{k}_m{rows_tag}_nt{plan.n_tiles}_w{plan.warps}"
             f"_g{plan.k_group}_s{plan.splits}")
+
+
+def _q8_mma_splitk(n, k, m, plan: SplitKPlan):
+    name = _splitk_name(n, k, _rows_tag(m), plan)
     return _rows_launch(name, _splitk_source(name, n, k, plan), n, k, m, plan.column_tiles(n),
                         lambda rows: plan.splits, 32 * plan.warps)
 
@@ -769,8 +774,7 @@ def _q8_gemm(n, k, small: SplitKPlan):
 
     name = f"trimode_q8_gemm_n{n}_k{k}"
     source = _gemm_source(name, n, k)
-    small_name = (f"trimode_q8_splitk_n{n}_k{k}_mprefill_nt{small.n_tiles}_w{small.warps}"
-                  f"_g{small.k_group}_s{small.splits}")
+    small_name = _splitk_name(n, k, "prefill", small)
     small_source = _splitk_source(small_name, n, k, small)
     column_tiles = -(-n // GEMM_COLS)
 
