@@ -14,6 +14,9 @@
 // (a read before the wait sees the old contents), atomics and fences (trivial: one OS thread).
 // Kernels reach the emulated instructions through `#ifdef TRIMODE_CUDA_EMULATION`, which
 // this header defines, in place of their inline PTX.
+// Not modelled: shared memory is not poisoned between blocks (a block that reads shared
+// memory it never wrote sees the previous block's), nor are timing, occupancy and the
+// limits on registers and shared memory (ptxas reports those; tests/test_cuda_build.py).
 #pragma once
 #include <ucontext.h>
 

@@ -103,6 +103,18 @@ def test_default_schedule_reads_with_cuda_cores_for_decode_and_tensor_cores_for_
     assert q8_matmul_cuda.default_schedule(6144, 5120, "dynamic")["kind"] == "gemm"
 
 
+def test_prefill_gemm_takes_the_block_schedule_only_when_it_is_split_k():
+    import tvm_ffi
+
+    slab = {"kind": "mma", "n_tiles": 2, "k_warps": 4}  # a block class tuned to the slab kernel
+    splitk = {"kind": "mma_splitk", "n_tiles": 1, "warps": 8, "k_group": 1, "splits": 3}
+    default = q8_matmul_cuda.default_schedule(6144, 5120, "block")
+    build = lambda small: q8_matmul_cuda.q8_matmul(6144, 5120, "dynamic", "float16", H100, None, small)  # noqa: E731
+    assert tvm_ffi.structural_equal(build(slab), build(default))
+    assert tvm_ffi.structural_equal(build(None), build(default))
+    assert not tvm_ffi.structural_equal(build(splitk), build(default))
+
+
 def test_prefill_gemm_builds_with_its_short_prompt_kernel(tmp_path):
     # rows <= 64 take the split-K kernel (a copy of its own), longer prompts the tiled GEMM
     splitk = {"kind": "mma_splitk", "n_tiles": 1, "warps": 8, "k_group": 1, "splits": 3}

@@ -114,8 +114,9 @@ def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: 
     """PrimFunc (no global symbol) computing y[m, n] from x [m, k], q [n, k], scale [n, k/32].
 
     m: an int (1 for decode), "block" (rows <= 64 at run time) or "dynamic" (prefill; any
-    rows). A "gemm" schedule runs prompts of <= 64 rows with `block_schedule` (default: the
-    block class's default), where 128-row tiles would leave most of the GPU idle. target is
+    rows). A "gemm" schedule runs prompts of <= 64 rows with `block_schedule` when that is an
+    mma_splitk schedule (else the block class's default), where 128-row tiles would leave most
+    of the GPU idle. target is
     accepted for the factory interface; the code is sm_80+ CUDA C++.
     """
     _check_shape(n, k, m, dtype)
@@ -134,9 +135,9 @@ def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: 
     if kind == "gemm":
         if m != "dynamic":
             raise ModelError(f"the gemm kernel serves prefill (m='dynamic'), not m={m!r}")
-        small = dict(block_schedule or default_schedule(n, k, "block"))
-        if small.get("kind") != "mma_splitk":
-            raise ModelError(f"short prompts under a gemm schedule take an mma_splitk schedule, not {small}")
+        # a block class tuned to another kernel leaves short prompts the split-K default
+        small = block_schedule if (block_schedule or {}).get("kind") == "mma_splitk" else \
+            default_schedule(n, k, "block")
         return _q8_gemm(n, k, SplitKPlan.of(n, k, small))
     raise ModelError(f"unknown q8 matmul schedule kind {kind!r} (expected one of {KINDS})")
 
