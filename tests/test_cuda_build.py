@@ -195,7 +195,7 @@ def test_bundle_loads_with_the_runtime_libraries_alone(tmp_path):
 
     specs = q8_specs({"odd": (100, 160)}, [1, "block", "dynamic"], "default")
     names = {(spec["m"], spec["name"]) for spec in specs}
-    assert names == {(1, "gemv_r2_kw4"), ("block", "splitk_nt2_w8_g2_s1"), ("dynamic", "gemm"),
+    assert names == {(1, "gemv_r2_kw1"), ("block", "splitk_nt2_w8_g2_s1"), ("dynamic", "gemm"),
                      (1, "dlight"), ("block", "dlight")}
     specs = [spec for spec in specs if spec["name"] != "dlight"]  # keep the test quick
     specs += attention_specs(4, 1, 32, "default")  # the tiny heads: one plan per row class
@@ -229,7 +229,7 @@ def test_tune_without_a_gpu_leaves_a_bundle_to_measure_elsewhere(tmp_path, monke
     out = CliRunner().invoke(tune, ["--geometry", "tiny", "--bundle", str(tmp_path), "--jobs", "1"])
     assert out.exit_code == 0, out.output
     assert "no GPU here" in out.output and "trimode tune --results" in out.output
-    assert json.loads((tmp_path / "manifest.json").read_text())["kernels"][0]["name"] == "gemv_r2_kw4"
+    assert json.loads((tmp_path / "manifest.json").read_text())["kernels"][0]["name"] == "gemv_r2_kw1"
     assert library_has_gpu_binary(tmp_path / "kernels0.so")
 
 
@@ -244,3 +244,11 @@ def test_dlight_leaves_the_hand_written_kernels_alone():
                                                 dlight.gpu.Fallback())(module)
     for name, func in funcs.items():
         tvm.ir.assert_structural_equal(scheduled[name], func)
+
+
+@pytest.mark.parametrize("n, k, k_warps", [(6144, 5120, 2), (5120, 4096, 4), (5120, 16384, 4),
+                                            (32768, 5120, 2), (131072, 5120, 2), (100, 160, 1)])
+def test_default_decode_warps_split_k_evenly(n, k, k_warps):
+    schedule = q8_matmul_cuda.default_schedule(n, k, 1)
+    assert schedule["k_warps"] == k_warps
+    assert -(-k // q8_matmul_cuda.GEMV_K_CHUNK) % schedule["k_warps"] == 0

@@ -105,7 +105,11 @@ def default_schedule(n: int, k: int, m) -> dict:
     if m == "dynamic":
         return {"kind": "gemm"}
     if m != "block" and m <= 1:
-        return {"kind": "gemv", "rows_per_warp": 2, "k_warps": 4 if few_rows else 2}
+        # warps split K by 512-k chunks: a count that divides them leaves no warp idle at the
+        # end (qkv at 14B: 10 chunks, so 2 warps, not 4)
+        chunks = -(-k // GEMV_K_CHUNK)
+        k_warps = next(w for w in ((4, 2, 1) if few_rows else (2, 1)) if chunks % w == 0)
+        return {"kind": "gemv", "rows_per_warp": 2, "k_warps": k_warps}
     return _splitk_schedule(n, k, n_tiles=2, warps=8, k_group=2)
 
 
