@@ -75,11 +75,7 @@ class Kernels:
                                                     plan=plan))
 
     def _attention_on_tensor_cores(self, rows: str) -> bool:
-        # Blocks and prefills share each K/V tile among T * G rows: tensor cores. Decode has G
-        # rows per kv head: the CUDA-core split-KV kernel.
-        from trimode.compiler.kernels import attention_mma
-
-        return rows != "one" and attention_mma.supports(self.cfg.head_dim)
+        return cuda_attention_kernel(rows, self.cfg.head_dim) == "attention_mma"
 
     def attention_scratch(self, rows: str, t) -> list[list]:
         """Shapes of the fp32 split buffers the attention kernel takes after its output (none
@@ -101,9 +97,8 @@ class Kernels:
         from trimode.compiler.kernels import attention_cuda, attention_mma
 
         c = self.cfg
-        kernel, key = ((attention_mma, f"attention_mma/{rows}") if self._attention_on_tensor_cores(rows)
-                       else (attention_cuda, f"attention/{rows}"))
-        tuned = self.schedules.get(key)
+        kernel = attention_mma if self._attention_on_tensor_cores(rows) else attention_cuda
+        tuned = self.schedules.get(f"{cuda_attention_kernel(rows, c.head_dim)}/{rows}")
         if tuned:
             return attention_cuda.AttentionPlan(**tuned)
         return kernel.default_plan(c.n_heads, c.n_kv_heads, rows)
@@ -113,6 +108,15 @@ class Kernels:
 
     def argmax_prob(self, vocab: int):
         return _cached(logits.argmax_prob, vocab)
+
+
+def cuda_attention_kernel(rows: str, head_dim: int) -> str:
+    """The CUDA attention kernel of a row class (also its schedule database's key prefix).
+    Blocks and prefills share each K/V tile among T * G rows: tensor cores where head_dim
+    allows. Decode has G rows per kv head: the CUDA-core split-KV kernel."""
+    from trimode.compiler.kernels import attention_mma
+
+    return "attention_mma" if rows != "one" and attention_mma.supports(head_dim) else "attention"
 
 
 # The CUDA Q8_0 kernel's row class per pass (q8_matmul_cuda: decode one row, verify/draft any

@@ -2,7 +2,8 @@
 
 A bundle is a folder of exported libraries (`kernels<i>.so`, GPU machine code embedded) and
 `manifest.json` naming each function: its library, kernel, shape (attention: heads), m (the
-row class), schedule and how many rows to run it with. `trimode.schedules.measure` reads the bundle; building needs the TVM compiler.
+row class), schedule and how many rows to run it with. `trimode.schedules.measure` reads the
+bundle; building needs the TVM compiler.
 """
 from __future__ import annotations
 
@@ -47,13 +48,8 @@ def q8_specs(shapes: dict[str, tuple[int, int]], ms, candidates: str) -> list[di
     return specs
 
 
-# Attention kernels per row class: the kernel (kernel_table's choice when head_dim allows
-# tensor cores), and the T and cache fill they are measured at.
-ATTENTION_CASES = {
-    "one": ("attention", 1, 4096),
-    "block": ("attention_mma", 32, 4096),
-    "many": ("attention_mma", 512, 0),
-}
+# The T and cache fill attention plans are measured at, per row class.
+ATTENTION_CASES = {"one": (1, 4096), "block": (32, 4096), "many": (512, 0)}
 
 
 def attention_specs(n_heads: int, n_kv_heads: int, head_dim: int, candidates: str) -> list[dict]:
@@ -61,12 +57,12 @@ def attention_specs(n_heads: int, n_kv_heads: int, head_dim: int, candidates: st
     (candidates="all"). Measured causal (verify and draft share a plan)."""
     import dataclasses
 
+    from trimode.compiler.kernel_table import cuda_attention_kernel
     from trimode.compiler.kernels import attention_cuda, attention_mma
 
     specs = []
-    for rows, (kernel, t, fill) in ATTENTION_CASES.items():
-        if kernel == "attention_mma" and not attention_mma.supports(head_dim):
-            kernel = "attention"
+    for rows, (t, fill) in ATTENTION_CASES.items():
+        kernel = cuda_attention_kernel(rows, head_dim)  # the model's choice
         module = attention_mma if kernel == "attention_mma" else attention_cuda
         default = module.default_plan(n_heads, n_kv_heads, rows)
         plans = module.plan_candidates(n_heads, n_kv_heads, rows) if candidates == "all" else [default]
@@ -75,7 +71,8 @@ def attention_specs(n_heads: int, n_kv_heads: int, head_dim: int, candidates: st
             specs.append({"kernel": kernel, "key": f"{kernel}/{rows}", "shape_name": f"attention_{rows}",
                           "heads": [n_heads, n_kv_heads, head_dim], "m": rows, "rows": [t], "fill": fill,
                           "schedule": schedule, "default": plan == default,
-                          "name": "r{rows_per_cta}_k{keys_per_tile}_c{target_ctas}_s{max_splits}".format(**schedule)})
+                          "name": "r{rows_per_cta}_k{keys_per_tile}_c{target_ctas}_s{max_splits}".format(
+                              **schedule)})
     return specs
 
 
