@@ -179,3 +179,71 @@ def test_attention_candidates_cover_every_row_class_with_its_kernel():
     # a head_dim the tensor-core kernel cannot take is tuned on the CUDA-core kernel
     assert {spec["key"] for spec in attention_specs(4, 1, 40, "default")} == {
         "attention/one", "attention/block", "attention/many"}
+
+
+def test_measure_bundle_end_to_end_with_a_stand_in_gpu(tmp_path, monkeypatch):
+    """measure_bundle runs on the GPU box only; here a stand-in runtime whose kernels are
+    numpy runs it whole: Q8_0 and attention entries, several row counts, a broken candidate,
+    the table and the database the results file into."""
+    from types import SimpleNamespace
+
+    from trimode.schedules import measure
+    from trimode.schedules.measure_attention import reference_rows
+
+    class Tensor:
+        def __init__(self, array):
+            self.array = np.array(array)
+
+    def q8_kernel(x, q, s, y):
+        w = q.array.astype(np.float64) * np.repeat(s.array.astype(np.float64), 32, axis=1)
+        y.array[:] = (x.array.astype(np.float64) @ w.T).astype(np.float16)
+
+    def attention_kernel(q, kv, layer, pos, k_new, v_new, out, part_out, part_lse):
+        rows = list(range(q.array.shape[0]))
+        out.array[:] = reference_rows(q.array, kv.array, layer, int(pos.array[0]), k_new.array,
+                                      v_new.array, rows).astype(np.float16)
+
+    cuda = SimpleNamespace(device_name=lambda: GPU, malloc=lambda n: None, copy=lambda *a: None,
+                           event=lambda: None, record=lambda e: None, elapsed_ms=lambda a, b: 0.02,
+                           synchronize=lambda: None)
+    kernels = {"k0": q8_kernel, "k1": q8_kernel, "k2": lambda *args: None, "k3": attention_kernel}
+
+    class StandIn:
+        def __init__(self, lib_dir=None):
+            self.cuda = cuda
+            self.ffi = SimpleNamespace(load_module=lambda path: kernels)
+
+        def upload(self, array):
+            return Tensor(array)
+
+        def download(self, tensor, shape, dtype):
+            return tensor.array.astype(dtype).reshape(shape)
+
+        def copy_bandwidth_gbps(self):
+            return 4000.0
+
+    monkeypatch.setattr(measure, "Runtime", StandIn)
+    monkeypatch.setattr(measure, "ROTATION_BYTES", 1)  # one weight copy
+    q8 = {"kernel": "q8_matmul", "shape_name": "odd", "shape": [40, 64], "library": "kernels0.so"}
+    plan = {"rows_per_cta": 64, "keys_per_tile": 32, "threads": 128, "target_ctas": 8, "max_splits": 4,
+            "min_tiles_per_split": 1, "vector": 8}
+    manifest = {"arch": "sm_90a", "kernels": [
+        {**q8, "m": 1, "rows": [1], "schedule": GEMV, "name": "gemv", "default": True, "symbol": "k0"},
+        {**q8, "m": "block", "rows": [16, 32], "schedule": MMA_FAST, "name": "fast", "default": True,
+         "symbol": "k1"},
+        {**q8, "m": "block", "rows": [16, 32], "schedule": MMA_SLOW, "name": "unwritten", "default": False,
+         "symbol": "k2"},
+        {"kernel": "attention_mma", "key": "attention_mma/block", "shape_name": "attention_block",
+         "heads": [4, 1, 32], "m": "block", "rows": [5], "fill": 20, "schedule": plan, "name": "r64",
+         "default": True, "library": "kernels0.so", "symbol": "k3"}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    measured = measure.measure_bundle(tmp_path, log=lambda *a: None)
+    assert [(r["name"], r["rows"], r["ok"]) for r in measured["results"]] == [
+        ("gemv", 1, True), ("fast", 16, True), ("fast", 32, True), ("unwritten", 16, False),
+        ("unwritten", 32, False), ("r64", 5, True)]
+    assert all(r["time_us"] == 1.0 for r in measured["results"])  # 0.02 ms over 20 calls
+    table = format_table(measured)
+    assert "attention_mma/block" in table and "2 failed the check" in table
+    schedules.write_database(GPU, measured["results"], "2026-12-01", tmp_path)
+    assert schedules.lookup(GPU, "q8_matmul", (40, 64), "block", tmp_path) == MMA_FAST
+    assert schedules.database_for(GPU, tmp_path)[0]["attention_mma/block"] == plan

@@ -30,6 +30,9 @@ BATCH_CALLS = 20
 BATCHES = 15
 COPY_HEAD_START_BYTES = 256 << 20  # a device copy the calls queue behind (~0.2 ms)
 _DEVICE_TO_DEVICE = 3
+# What a result keeps of its manifest entry (attention entries have a key and heads, Q8_0
+# ones a shape).
+RESULT_KEYS = ("kernel", "key", "shape_name", "shape", "heads", "m", "fill", "schedule", "name", "default")
 
 
 def default_lib_dir() -> Path:
@@ -181,36 +184,26 @@ def measure_bundle(bundle_dir: Path, lib_dir: Path | None = None, seed: int = 0,
     for entry in manifest["kernels"]:
         func = modules[entry["library"]][entry["symbol"]]
         if entry["kernel"].startswith("attention"):
-            result = {key: entry[key] for key in ("kernel", "key", "shape_name", "heads", "m", "fill", "schedule",
-                                                  "name", "default")}
-            result["rows"] = entry["rows"][0]
+            measure = lambda rows: measure_attention(runtime, func, entry, rng, timer)  # noqa: E731
+            label = entry["key"]
+        else:
+            n, k = entry["shape"]
+            if (n, k) not in data:
+                data.clear()  # one shape's weights on the device at a time
+                data[(n, k)] = _ShapeData(runtime, rng, n, k)
+            measure = lambda rows: _measure_q8(runtime, func, data[(n, k)], rng, n, k, rows, timer)  # noqa: E731
+            label = f"{entry['shape_name']} m={entry['m']}"
+        for rows in entry["rows"]:
+            result = {key: entry[key] for key in RESULT_KEYS if key in entry}
+            result["rows"] = rows
             try:
-                result.update(measure_attention(runtime, func, entry, rng, timer))
+                result.update(measure(rows))
             except Exception as err:  # one broken candidate must not end the run
                 result.update(ok=False, rel_err=float("nan"), time_us=float("nan"), gbps=float("nan"),
                               error=str(err).splitlines()[0])
             results.append(result)
-            log(f"  {entry['key']:20s} x{result['rows']:<4d} {entry['name']:24s} {result['time_us']:9.2f} us  "
+            log(f"  {label:20s} x{rows:<4d} {entry['name']:24s} {result['time_us']:9.2f} us  "
                 f"err {result['rel_err']:.1e}{'' if result['ok'] else '  FAIL'}")
-            continue
-        n, k = entry["shape"]
-        if (n, k) not in data:
-            data.clear()  # one shape's weights on the device at a time
-            data[(n, k)] = _ShapeData(runtime, rng, n, k)
-        weights = data[(n, k)]
-        for rows in entry["rows"]:
-            result = {key: entry[key] for key in ("kernel", "shape_name", "shape", "m", "schedule", "name", "default")}
-            result["rows"] = rows
-            try:
-                result["rel_err"] = _check(runtime, func, weights, rng, n, k, rows)
-                result["ok"] = bool(result["rel_err"] < TOLERANCE)
-                result["time_us"] = _time(runtime, func, weights, rng, n, k, rows, timer)
-            except Exception as err:  # one broken candidate must not end the run
-                result.update(ok=False, rel_err=float("nan"), time_us=float("nan"), error=str(err).splitlines()[0])
-            result["gbps"] = q8_bytes(n, k, rows) / (result["time_us"] * 1e-6) / 1e9
-            results.append(result)
-            log(f"  {entry['shape_name']:8s} m={str(entry['m']):7s} x{rows:<4d} {entry['name']:24s} "
-                f"{result['time_us']:9.2f} us  err {result['rel_err']:.1e}{'' if result['ok'] else '  FAIL'}")
     return {"gpu": gpu, "copy_gbps": copy_gbps, "results": results}
 
 
@@ -229,11 +222,14 @@ def _check(runtime, func, weights, rng, n, k, rows) -> float:
     return float(np.linalg.norm(out[:, columns] - ref) / np.linalg.norm(ref))
 
 
-def _time(runtime, func, weights, rng, n, k, rows, timer) -> float:
+def _measure_q8(runtime, func, weights, rng, n, k, rows, timer) -> dict:
+    rel_err = _check(runtime, func, weights, rng, n, k, rows)
     xs = [runtime.upload(rng.standard_normal((rows, k)).astype(np.float16)) for _ in range(2)]
     ys = [runtime.upload(np.zeros((rows, n), dtype=np.float16)) for _ in range(2)]
     copies = len(weights.device)
-    return timer(lambda i: func(xs[i % 2], *weights.device[i % copies], ys[i % 2]))
+    time_us = timer(lambda i: func(xs[i % 2], *weights.device[i % copies], ys[i % 2]))
+    return {"rel_err": rel_err, "ok": bool(rel_err < TOLERANCE), "time_us": time_us,
+            "gbps": q8_bytes(n, k, rows) / (time_us * 1e-6) / 1e9}
 
 
 class Timer:
