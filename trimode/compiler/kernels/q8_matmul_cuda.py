@@ -218,6 +218,22 @@ __device__ __forceinline__ unsigned trimode_q8_pair_as_half2(unsigned u, unsigne
   // bytes [u_i, 0x64, u_j, 0x64] is the half2 (1024 + u_i, 1024 + u_j) exactly
   return __byte_perm(u, 0x64646464u, selector);
 }
+// 16 int8 weights times their block scale, as 8 half2: out[2w + h] holds bytes (2h, 2h + 1)
+// of word w, in k order.
+__device__ __forceinline__ void trimode_q8_dequant16(uint4 raw, half scale, unsigned* out) {
+  const unsigned half2_1152 = 0x64806480u;  // (1152, 1152) = 1024 + 128
+  const half2 s2 = __halves2half2(scale, scale);
+  const unsigned ww[4] = {raw.x ^ 0x80808080u, raw.y ^ 0x80808080u, raw.z ^ 0x80808080u, raw.w ^ 0x80808080u};
+#pragma unroll
+  for (int w = 0; w < 4; ++w)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const unsigned biased = trimode_q8_pair_as_half2(ww[w], h ? 0x4342u : 0x4140u);
+      half2 v = __hsub2(*reinterpret_cast<const half2*>(&biased), *reinterpret_cast<const half2*>(&half2_1152));
+      v = __hmul2(v, s2);
+      out[2 * w + h] = *reinterpret_cast<const unsigned*>(&v);
+    }
+}
 """
 
 
@@ -338,39 +354,21 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
       xok[i][h] = row < m;
       xrow[i][h] = xok[i][h] ? row : 0;
     }}
-  const unsigned half2_1152 = 0x64806480u;  // (1152, 1152) = 1024 + 128
 
   for (int chunk = warp; chunk * 64 < K; chunk += KW) {{
     const int kk = chunk * 64 + 16 * t;
     const bool kok = kk < K;  // K % 32 == 0, so a started 16-element run is whole
     uint4 raw[NT];
-    unsigned sc2[NT];
+    half sc[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {{
       raw[j] = kok ? __ldg(reinterpret_cast<const uint4*>(q + (size_t)wrow[j] * K + kk))
                    : make_uint4(0x80808080u, 0x80808080u, 0x80808080u, 0x80808080u);
-      const half sh = kok ? __ldg(s + (size_t)wrow[j] * (K / 32) + kk / 32) : __float2half_rn(0.f);
-      const half2 s2 = __halves2half2(sh, sh);
-      sc2[j] = *reinterpret_cast<const unsigned*>(&s2);
+      sc[j] = kok ? __ldg(s + (size_t)wrow[j] * (K / 32) + kk / 32) : __float2half_rn(0.f);
     }}
-    // dequantize: b[j][2 * w + h] holds bytes (2h, 2h + 1) of word w, times the block scale
     unsigned b[NT][8];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {{
-      const unsigned ww[4] = {{raw[j].x ^ 0x80808080u, raw[j].y ^ 0x80808080u,
-                               raw[j].z ^ 0x80808080u, raw[j].w ^ 0x80808080u}};
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {{
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {{
-          const unsigned biased = {name}_pair_as_half2(ww[w], h ? 0x4342u : 0x4140u);
-          half2 v = __hsub2(*reinterpret_cast<const half2*>(&biased),
-                            *reinterpret_cast<const half2*>(&half2_1152));
-          v = __hmul2(v, *reinterpret_cast<const half2*>(&sc2[j]));
-          b[j][2 * w + h] = *reinterpret_cast<const unsigned*>(&v);
-        }}
-      }}
-    }}
+    for (int j = 0; j < NT; ++j) {name}_dequant16(raw[j], sc[j], b[j]);
 #pragma unroll
     for (int i = 0; i < MT; ++i) {{
       if (16 * i >= m - m0) break;  // uniform: tiles past the last row cost neither loads nor mma
@@ -499,7 +497,6 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) c[i][j][e] = 0.f;
-  const unsigned half2_1152 = 0x64806480u;  // (1152, 1152) = 1024 + 128
 
   copy_x(0, 0);
   load_w(0, raw, sc);
@@ -514,21 +511,7 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
     for (int u = 0; u < U; ++u) {{
       unsigned b[NT][8];
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {{
-        const half2 s2 = __halves2half2(sc[u][j], sc[u][j]);
-        const uint4 r = raw[u][j];
-        const unsigned ww[4] = {{r.x ^ 0x80808080u, r.y ^ 0x80808080u, r.z ^ 0x80808080u, r.w ^ 0x80808080u}};
-#pragma unroll
-        for (int w = 0; w < 4; ++w)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {{
-            const unsigned biased = {name}_pair_as_half2(ww[w], h ? 0x4342u : 0x4140u);
-            half2 v = __hsub2(*reinterpret_cast<const half2*>(&biased),
-                              *reinterpret_cast<const half2*>(&half2_1152));
-            v = __hmul2(v, s2);
-            b[j][2 * w + h] = *reinterpret_cast<const unsigned*>(&v);
-          }}
-      }}
+      for (int j = 0; j < NT; ++j) {name}_dequant16(raw[u][j], sc[u][j], b[j]);
 #pragma unroll
       for (int i = 0; i < MT; ++i) {{
         if (i >= tiles) break;
@@ -653,7 +636,6 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) c[i][j][e] = 0.f;
-  const unsigned half2_1152 = 0x64806480u;  // (1152, 1152) = 1024 + 128
   half scale = __ldg(s + (size_t)dq_n * (K / 32));
 
   issue(0, 0);
@@ -667,19 +649,8 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
       next_scale = __ldg(s + (size_t)dq_n * (K / 32) + step + 1);
     }}
     {{
-      const uint4 raw = *reinterpret_cast<const uint4*>(&qs[buffer][dq_row][dq_col]);
-      const unsigned ww[4] = {{raw.x ^ 0x80808080u, raw.y ^ 0x80808080u, raw.z ^ 0x80808080u, raw.w ^ 0x80808080u}};
-      const half2 s2 = __halves2half2(scale, scale);
-      unsigned wf[8];
-#pragma unroll
-      for (int w = 0; w < 4; ++w)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {{  // bytes (2h, 2h + 1) of word w, in k order
-          const unsigned biased = {name}_pair_as_half2(ww[w], h ? 0x4342u : 0x4140u);
-          half2 v = __hsub2(*reinterpret_cast<const half2*>(&biased), *reinterpret_cast<const half2*>(&half2_1152));
-          v = __hmul2(v, s2);
-          wf[2 * w + h] = *reinterpret_cast<const unsigned*>(&v);
-        }}
+      unsigned wf[8];  // in k order
+      {name}_dequant16(*reinterpret_cast<const uint4*>(&qs[buffer][dq_row][dq_col]), scale, wf);
       uint4* to = reinterpret_cast<uint4*>(&ws[dq_row][dq_col]);
       to[0] = make_uint4(wf[0], wf[1], wf[2], wf[3]);
       to[1] = make_uint4(wf[4], wf[5], wf[6], wf[7]);
