@@ -20,6 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository travels
+
+from trimode.schedules.measure_attention import reference_rows  # noqa: E402 (numpy only)
+
 N_HEADS, N_KV_HEADS, HEAD_DIM = 32, 8, 128
 COPY_BANDWIDTH = 3000e9  # bytes/s, the H100's measured copy bandwidth (issue 7)
 # (entry, T, causal); each runs at every cache fill. `_fma`: the CUDA-core kernel the tensor-core
@@ -71,23 +75,6 @@ class Device:
         self._sync(self.dev, 0)  # the default stream (this tvm_ffi refuses None)
 
 
-def reference_rows(q, kv, pos, k_new, v_new, causal, rows):
-    """float64 attention output for the query rows `rows` (kv holds one layer)."""
-    n_t = q.shape[0]
-    group = N_HEADS // N_KV_HEADS
-    out = np.zeros((len(rows), N_HEADS, HEAD_DIM))
-    for g in range(N_KV_HEADS):
-        keys = np.concatenate([kv[0, 0, g, :pos], k_new[:, g]]).astype(np.float64)
-        values = np.concatenate([kv[0, 1, g, :pos], v_new[:, g]]).astype(np.float64)
-        for r, t in enumerate(rows):
-            seen = pos + (t + 1 if causal else n_t)
-            for h in range(g * group, (g + 1) * group):
-                scores = keys[:seen] @ q[t, h].astype(np.float64) / np.sqrt(HEAD_DIM)
-                weights = np.exp(scores - scores.max())
-                out[r, h] = weights @ values[:seen] / weights.sum()
-    return out
-
-
 def run_case(ffi, module, device, rng, entry, n_t, causal, pos):
     ctx = pos + n_t
     half = np.float16
@@ -105,7 +92,7 @@ def run_case(ffi, module, device, rng, entry, n_t, causal, pos):
     module[entry](*args)
     got = device.download(out, q.shape, half).astype(np.float64)
     rows = sorted({0, n_t - 1, *rng.integers(0, n_t, SAMPLED_ROWS).tolist()})
-    want = reference_rows(q, kv, pos, k_new, v_new, causal, rows)
+    want = reference_rows(q, kv, 0, pos, k_new, v_new, rows, causal)
     unwritten = int(np.isnan(got).sum())
     rel_err = float(np.linalg.norm(got[rows] - want) / np.linalg.norm(want))
 

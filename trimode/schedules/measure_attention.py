@@ -15,9 +15,10 @@ ROTATION_BYTES = 256 << 20
 SAMPLED_ROWS = 6
 
 
-def reference_rows(q, kv, layer, pos, k_new, v_new, rows) -> np.ndarray:
-    """float64 causal attention output of query rows `rows`."""
-    _, n_heads, d = q.shape
+def reference_rows(q, kv, layer, pos, k_new, v_new, rows, causal: bool = True) -> np.ndarray:
+    """float64 attention output of query rows `rows`: row t sees cache[0:pos] and block keys
+    0..t (causal) or all of them."""
+    n_t, n_heads, d = q.shape
     n_kv_heads = k_new.shape[1]
     group = n_heads // n_kv_heads
     out = np.zeros((len(rows), n_heads, d))
@@ -25,7 +26,7 @@ def reference_rows(q, kv, layer, pos, k_new, v_new, rows) -> np.ndarray:
         keys = np.concatenate([kv[layer, 0, g, :pos], k_new[:, g]]).astype(np.float64)
         values = np.concatenate([kv[layer, 1, g, :pos], v_new[:, g]]).astype(np.float64)
         for r, t in enumerate(rows):
-            seen = pos + t + 1
+            seen = pos + (t + 1 if causal else n_t)
             for h in range(g * group, (g + 1) * group):
                 scores = keys[:seen] @ q[t, h].astype(np.float64) / np.sqrt(d)
                 weights = np.exp(scores - scores.max())

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import math
 
-from trimode.compiler.kernels.attention_cuda import AttentionPlan, splits_for
+from trimode.compiler.kernels.attention_cuda import LOG2E, NEG, AttentionPlan, splits_for
 from trimode.compiler.kernels.cuda_ptx import ptx_helpers
 from trimode.model.config import ModelError
 
-LOG2E = math.log2(math.e)
-NEG = -1e30          # running max before any key; finite so exp2(NEG - NEG) is 1, not NaN
 KEYS_PER_TILE = 32   # keys per shared-memory stage (two stages of K and V fit 48 KB at d = 128)
 
 

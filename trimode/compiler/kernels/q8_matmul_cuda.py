@@ -67,7 +67,8 @@ class SplitKPlan:
     def split_k(self, k: int) -> int:
         """k per split: whole groups, so no 64-k chunk straddles two splits."""
         group = MMA_K_CHUNK * self.k_group
-        return -(-(-(-k // self.splits)) // group) * group
+        per_split = -(-k // self.splits)
+        return -(-per_split // group) * group
 
     def shared_bytes(self) -> int:
         return 2 * MMA_MAX_M * (MMA_K_CHUNK * self.k_group + 8) * 2  # two stages of x, fp16
@@ -86,7 +87,7 @@ class SplitKPlan:
 def default_splits(n: int, k: int, n_tiles: int, warps: int, k_group: int) -> int:
     """Splits of K that bring the grid to about SPLITK_TARGET_BLOCKS blocks, none shorter
     than two stages of x."""
-    column_tiles = -(-n // (MMA_COLS * n_tiles * warps))
+    column_tiles = SplitKPlan(n_tiles, warps, k_group, 1).column_tiles(n)
     most = max(1, k // (2 * MMA_K_CHUNK * k_group))
     return max(1, min(-(-SPLITK_TARGET_BLOCKS // column_tiles), most))
 
@@ -120,8 +121,7 @@ def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: 
     m: an int (1 for decode), "block" (rows <= 64 at run time) or "dynamic" (prefill; any
     rows). A "gemm" schedule runs prompts of <= 64 rows with `block_schedule` when that is an
     mma_splitk schedule (else the block class's default), where 128-row tiles would leave most
-    of the GPU idle. target is
-    accepted for the factory interface; the code is sm_80+ CUDA C++.
+    of the GPU idle. target is accepted for the factory interface; the code is sm_80+ CUDA C++.
     """
     _check_shape(n, k, m, dtype)
     schedule = dict(schedule or default_schedule(n, k, m))
