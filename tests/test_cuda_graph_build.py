@@ -61,7 +61,7 @@ def test_each_block_entry_is_one_graph(graph_mod, entry):
     assert len(attention) == CFG.n_layers
     assert "embedding" in captured and any(k.startswith("q8_matmul_head") for k in captured)
     if entry != "draft":  # causal passes write the cache inside the graph
-        assert sum(k.startswith("kv_append") for k in captured) == CFG.n_layers
+        assert sum(k.startswith("rope_split_append") for k in captured) == CFG.n_layers
 
 
 def test_prefill_stays_eager_but_its_head_is_captured(graph_mod):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from trimode.compiler.kernels import attention, embedding, kv_cache, logits, norm, q8_matmul, rope
+from trimode.compiler.kernels import attention, embedding, logits, norm, q8_matmul, rope
 from trimode.model.config import ModelConfig
 from trimode.runtime.forward import MAX_BLOCK
 from trimode.schedules import entry_key
@@ -49,13 +49,17 @@ class Kernels:
     def rms_norm(self, hidden: int, eps: float):
         return _cached(norm.rms_norm, hidden, eps, self.dtype)
 
+    def add_rms_norm(self, hidden: int, eps: float):
+        return _cached(norm.add_rms_norm, hidden, eps, self.dtype)
+
     def rope_split(self):
         c = self.cfg
         return _cached(rope.rope_split, c.n_heads, c.n_kv_heads, c.head_dim, self.dtype)
 
-    def kv_append(self):
+    def rope_split_append(self):
         c = self.cfg
-        return _cached(kv_cache.kv_append, c.n_layers, c.n_kv_heads, c.head_dim, self.dtype)
+        return _cached(rope.rope_split_append, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,
+                       self.dtype)
 
     def attention(self, causal: bool, rows: str):
         c = self.cfg

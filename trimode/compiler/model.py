@@ -75,10 +75,15 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float, kernels: Kernels):
         self.weight = nn.Parameter((hidden,), "float32")
         self.kernel = kernels.rms_norm(hidden, eps)
+        self.add_kernel = kernels.add_rms_norm(hidden, eps)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return op.tensor_ir_op(self.kernel, "rms_norm", [x, self.weight],
-                               Tensor.placeholder(x.shape, x.dtype))
+    def forward(self, x: Tensor, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(the residual stream, its norm). The stream is x + delta when a sublayer's output
+        is pending: the add happens in the norm's kernel (one launch, not two)."""
+        out = lambda: Tensor.placeholder(x.shape, x.dtype)  # noqa: E731
+        if delta is None:
+            return x, op.tensor_ir_op(self.kernel, "rms_norm", [x, self.weight], out())
+        return op.tensor_ir_op(self.add_kernel, "add_rms_norm", [x, delta, self.weight], [out(), out()])
 
 
 class RopeTables:
@@ -98,28 +103,33 @@ class DecoderLayer(nn.Module):
         self.gate_up = linear(quantized, 2 * cfg.ffn, cfg.hidden, kernels, "gate_up")
         self.down = linear(quantized, cfg.hidden, cfg.ffn, kernels, "down")
 
-    def forward(self, x: Tensor, kv: Tensor, rope: RopeTables, pos: Tensor, causal: bool,
-                rows: str) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, delta: Tensor | None, kv: Tensor, rope: RopeTables, pos: Tensor,
+                causal: bool, rows: str) -> tuple[Tensor, Tensor, Tensor]:
+        """x + delta is the residual stream coming in (delta: the previous layer's FFN output,
+        None before the first layer); returns the stream and this layer's FFN output, which
+        the next norm adds."""
         cfg, kernels = self.cfg, self.kernels
         t = x.shape[0]
         layer = tirx.IntImm("int64", self.index)
-        qkv = self.qkv(self.attn_norm(x), rows)                     # [T, q_dim + 2 kv_dim]
+        x, h = self.attn_norm(x, delta)
+        qkv = self.qkv(h, rows)                                      # [T, q_dim + 2 kv_dim]
         head_shape = lambda heads: Tensor.placeholder([t, heads, cfg.head_dim], x.dtype)
-        q, k, v = op.tensor_ir_op(
-            kernels.rope_split(), "rope_split", [qkv, rope.cos, rope.sin, rope.q_scale, pos],
-            [head_shape(cfg.n_heads), head_shape(cfg.n_kv_heads), head_shape(cfg.n_kv_heads)])
+        qkv_heads = [head_shape(cfg.n_heads), head_shape(cfg.n_kv_heads), head_shape(cfg.n_kv_heads)]
+        rope_args = [qkv, rope.cos, rope.sin, rope.q_scale, pos]
         if causal:  # only causal passes keep their K/V: the cache holds committed tokens only
-            kv = op.tensor_ir_inplace_op(kernels.kv_append(), "kv_append", [kv, k, v, layer, pos],
-                                         [0], Tensor.placeholder(kv.shape, kv.dtype))
+            kv, q, k, v = op.tensor_ir_inplace_op(
+                kernels.rope_split_append(), "rope_split_append", rope_args + [kv, layer],
+                [5, -1, -1, -1], [Tensor.placeholder(kv.shape, kv.dtype)] + qkv_heads)
+        else:
+            q, k, v = op.tensor_ir_op(kernels.rope_split(), "rope_split", rope_args, qkv_heads)
         scratch = [Tensor.placeholder(shape, "float32") for shape in kernels.attention_scratch(rows, t)]
         attn = op.tensor_ir_op(kernels.attention(causal, rows), "attention_causal" if causal
                                else "attention_bidirectional", [q, kv, layer, pos, k, v],
                                [head_shape(cfg.n_heads)] + scratch)
         attn = attn[0] if scratch else attn                         # [T, heads, d]
-        x = x + self.o(op.reshape(attn, [t, cfg.q_dim]), rows)
-        gate, up = op.split(self.gate_up(self.ffn_norm(x), rows), 2, axis=-1)
-        x = x + self.down(op.silu(gate) * up, rows)
-        return x, kv
+        x, h = self.ffn_norm(x, self.o(op.reshape(attn, [t, cfg.q_dim]), rows))
+        gate, up = op.split(self.gate_up(h, rows), 2, axis=-1)
+        return x, self.down(op.silu(gate) * up, rows), kv
 
 
 class NLDModel(nn.Module):
@@ -134,14 +144,15 @@ class NLDModel(nn.Module):
     def _forward(self, tokens: Tensor, t, pos: Tensor, kv: Tensor, cos: Tensor, sin: Tensor,
                  q_scale: Tensor, causal: bool, rows: str, last_only: bool):
         rope = RopeTables(cos, sin, q_scale)
-        x = self.embed(tokens, t)                                    # [T, H]
+        x, delta = self.embed(tokens, t), None                       # [T, H]
         for layer in self.layers:
-            x, kv = layer(x, kv, rope, pos, causal, rows)
+            x, delta, kv = layer(x, delta, kv, rope, pos, causal, rows)
+        _, h = self.output_norm(x, delta)
         if last_only:  # a prefill needs only its last row's logits
-            x = op.tensor_ir_op(self.kernels.last_row(self.cfg.hidden), "last_row", [x],
-                                Tensor.placeholder([1, self.cfg.hidden], x.dtype))
+            h = op.tensor_ir_op(self.kernels.last_row(self.cfg.hidden), "last_row", [h],
+                                Tensor.placeholder([1, self.cfg.hidden], h.dtype))
             rows = "one"
-        logits = self.head(self.output_norm(x), rows)                # [rows, V]
+        logits = self.head(h, rows)                                  # [rows, V]
         if logits.dtype != "float32":
             logits = op.astype(logits, "float32")
         n_rows = logits.shape[0]
