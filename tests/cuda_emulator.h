@@ -81,6 +81,7 @@ inline half __float2half(float v) { return __float2half_rn(v); }
 inline half2 __halves2half2(half a, half b) { return {a, b}; }
 inline half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
 inline half2 __float2half2_rn(float a) { return {__float2half_rn(a), __float2half_rn(a)}; }
+inline float __expf(float v) { return std::exp(v); }
 inline float2 __half22float2(half2 v) { return {__half2float(v.x), __half2float(v.y)}; }
 inline float __low2float(half2 v) { return __half2float(v.x); }
 inline float __high2float(half2 v) { return __half2float(v.y); }

@@ -75,3 +75,15 @@ def test_eager_build_has_no_graphs():
     assert not [gv for gv in mod.functions if "cuda_graph" in gv.name_hint]
     for entry in ("decode", "verify", "draft", "prefill"):
         assert calls(mod, entry)[1] == []
+
+
+def test_a_decode_layer_is_eight_kernel_calls(graph_mod):
+    # each graph node costs its launch latency on the GPU: the residual adds run inside the
+    # norms, rope/split/append is one kernel, silu(gate) * up is gate_up's epilogue
+    _, launches = calls(graph_mod, "decode")
+    captured, _ = calls(graph_mod, launches[0].name_hint)
+    layer = [name.rstrip("0123456789") for name in captured[2:10]]
+    assert layer == ["q8_matmul_qkv", "rope_split_append", "attention_causal", "q8_matmul_o",
+                     "add_rms_norm", "q8_matmul_gate_up", "q8_matmul_down", "add_rms_norm"]
+    assert captured[:2] == ["embedding", "rms_norm"]
+    assert len(captured) == 2 + 8 * CFG.n_layers + 1  # + the head

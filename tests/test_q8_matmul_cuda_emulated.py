@@ -29,15 +29,23 @@ def _problem(rng, n, k, m):
     return x, q, scale, x.astype(np.float64) @ w.T
 
 
+def _gated(ref):
+    """silu(gate) * up of a matmul whose weight rows alternate gate, up."""
+    gate, up = ref[:, 0::2], ref[:, 1::2]
+    return gate / (1 + np.exp(-gate)) * up
+
+
 def _check(y, ref):
     assert not np.isnan(y).any(), f"{np.isnan(y).sum()} outputs never written"
     err = np.linalg.norm(y.astype(np.float64) - ref) / np.linalg.norm(ref)
     assert err < 2e-3, err  # fp16 output rounding is ~3e-4
 
 
-def _run_rows_kernel(name, source, grid, threads, n, k, m, order=ORDERS[0], launches=1, seed=0):
+def _run_rows_kernel(name, source, grid, threads, n, k, m, order=ORDERS[0], launches=1, seed=0,
+                     gated=False):
     x, q, scale, ref = _problem(np.random.default_rng(seed), n, k, m)
-    y = np.full((m, n), np.nan, np.float16)
+    ref = _gated(ref) if gated else ref
+    y = np.full(ref.shape, np.nan, np.float16)
     reverse, greedy, early = order
     EmulatedFunction(source, name, ROWS_PARAMS)(grid, (threads,), x, q, scale, y, m, reverse=reverse,
                                                 greedy=greedy, early_copies=early, launches=launches)
@@ -56,6 +64,24 @@ def test_gemv_matches_float64(n, k, m, rows_per_warp, k_warps):
     _check(y, ref)
 
 
+@pytest.mark.parametrize("n, k, m, rows_per_warp, k_warps", [(100, 160, 1, 2, 4), (64, 1024, 3, 4, 2)])
+def test_gated_gemv_writes_silu_gate_times_up(n, k, m, rows_per_warp, k_warps):
+    name = "gemv"
+    source = q8._gemv_source(name, n, k, m, rows_per_warp, k_warps, gated=True)
+    x, q, scale, ref = _problem(np.random.default_rng(1), n, k, m)
+    y = np.full((m, n // 2), np.nan, np.float16)
+    EmulatedFunction(source, name, GEMV_PARAMS)((-(-n // rows_per_warp),), (32 * k_warps,), x, q, scale, y)
+    _check(y, _gated(ref))
+
+
+def test_a_gated_gemv_needs_row_pairs():
+    with pytest.raises(q8.ModelError, match="even"):
+        q8._gemv_source("gemv", 100, 160, 1, 1, 4, gated=True)
+    assert q8.gated_schedule({"kind": "gemv", "rows_per_warp": 1, "k_warps": 4})["rows_per_warp"] == 2
+    with pytest.raises(q8.ModelError, match="even"):
+        q8.q8_matmul(99, 160, 1, gated=True)
+
+
 @pytest.mark.parametrize("n, k, m, n_tiles, k_warps", [
     (100, 160, 5, 2, 4), (64, 512, 33, 4, 2), (96, 96, 64, 1, 8), (40, 256, 100, 2, 2), (72, 320, 17, 8, 2),
 ])
@@ -68,28 +94,38 @@ def test_slab_mma_matches_float64(n, k, m, n_tiles, k_warps):
     _check(y, ref)
 
 
+def test_gated_slab_mma_writes_silu_gate_times_up():
+    name = "mma"
+    n, k, m, n_tiles, k_warps = 72, 320, 17, 2, 2
+    source = q8._mma_source(name, n, k, q8._m_tiles("dynamic"), n_tiles, k_warps, gated=True)
+    grid = (-(-n // (8 * n_tiles)), -(-m // 64))
+    _check(*_run_rows_kernel(name, source, grid, 32 * k_warps, n, k, m, gated=True))
+
+
 @pytest.mark.parametrize("order", ORDERS, ids=["forward", "reverse-greedy-early"])
-@pytest.mark.parametrize("n, k, m", [(200, 256, 130), (128, 96, 257), (72, 64, 65), (100, 160, 128)])
-def test_prefill_gemm_matches_float64(n, k, m, order):
-    # row and column tiles of 128, the last ones partly empty; odd N (no paired stores)
+@pytest.mark.parametrize("n, k, m, gated", [(200, 256, 130, False), (128, 96, 257, False), (75, 64, 65, False),
+                                     (100, 160, 128, False), (200, 96, 130, True)])
+def test_prefill_gemm_matches_float64(n, k, m, gated, order):
+    # row and column tiles of 128, the last ones partly empty; odd N (a pair's second half
+    # past the edge, unaligned pairs stored one by one)
     name = "gemm"
     grid = (-(-m // q8.GEMM_ROWS), -(-n // q8.GEMM_COLS))
-    y, ref = _run_rows_kernel(name, q8._gemm_source(name, n, k), grid, q8.GEMM_THREADS, n, k, m, order=order)
-    _check(y, ref)
+    source = q8._gemm_source(name, n, k, gated)
+    _check(*_run_rows_kernel(name, source, grid, q8.GEMM_THREADS, n, k, m, order=order, gated=gated))
 
 
-def _run_splitk(n, k, m, schedule, order=ORDERS[0], launches=1, edit=None):
+def _run_splitk(n, k, m, schedule, order=ORDERS[0], launches=1, edit=None, gated=False):
     """The split-K kernel of `schedule` (its splits reduced to those holding work), its
     source passed through `edit` first (the tests that break it on purpose)."""
     plan = q8.SplitKPlan.of(n, k, schedule)
     name = "splitk"
-    source = q8._splitk_source(name, n, k, plan)
+    source = q8._splitk_source(name, n, k, plan, gated)
     if edit is not None:
         edited = edit(source)
         assert edited != source
         source = edited
     return _run_rows_kernel(name, source, (plan.column_tiles(n), plan.splits), 32 * plan.warps, n, k, m,
-                            order=order, launches=launches)
+                            order=order, launches=launches, gated=gated)
 
 
 SPLITK_CASES = [
@@ -109,6 +145,14 @@ def test_splitk_matches_float64_in_every_order_and_launch(n, k, m, n_tiles, warp
     # the second launch proves the last block reset the tickets the first one used
     schedule = {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": splits}
     _check(*_run_splitk(n, k, m, schedule, order=order, launches=2))
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=["forward", "reverse-greedy-early"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gated_splitk_writes_silu_gate_times_up(splits, order):
+    # one split: the fragments' epilogue; three: the last block's reduction of the partials
+    schedule = {"n_tiles": 2, "warps": 4, "k_group": 1, "splits": splits}
+    _check(*_run_splitk(200, 1024, 33, schedule, order=order, launches=2, gated=True))
 
 
 def test_the_default_block_tilings_of_the_14b_are_right_at_small_k():

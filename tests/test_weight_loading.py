@@ -48,10 +48,14 @@ def test_parameters_in_small_chunks_equal_the_stacked_matrices(tiny_gguf, monkey
             params.update({name: array.copy() for name, array in group.items()})
             previous = group
     layer = weights.layers[1]
-    for name, mats in (("qkv", [layer.wq, layer.wk, layer.wv]), ("gate_up", [layer.w_gate, layer.w_up]),
-                       ("down", [layer.w_down])):
+    for name, mats in (("qkv", [layer.wq, layer.wk, layer.wv]), ("down", [layer.w_down])):
         assert np.array_equal(params[f"layers.1.{name}.q"], np.concatenate([m.q for m in mats]))
         assert np.array_equal(params[f"layers.1.{name}.scale"], np.concatenate([m.scale for m in mats]))
+    # gate_up interleaves its rows (gate 0, up 0, gate 1, ...): the gated matmul's pairs
+    gate, up = layer.w_gate, layer.w_up
+    interleaved = lambda a, b: np.stack([a, b], axis=1).reshape(-1, a.shape[1])  # noqa: E731
+    assert np.array_equal(params["layers.1.gate_up.q"], interleaved(gate.q, up.q))
+    assert np.array_equal(params["layers.1.gate_up.scale"], interleaved(gate.scale, up.scale))
     assert np.array_equal(params["head.q"], weights.output.q)
     assert params["layers.0.attn_norm.weight"].dtype == np.float32
 

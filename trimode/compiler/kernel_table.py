@@ -30,15 +30,21 @@ class Kernels:
     def is_gpu(self) -> bool:
         return self.target_kind == "cuda"
 
-    def q8_matmul(self, n: int, k: int, rows: str):
+    def q8_matmul(self, n: int, k: int, rows: str, gated: bool = False):
+        """gated (CUDA only): the kernel ends with silu(gate) * up of row pairs (model.swiglu)."""
         if not self.is_gpu:
+            assert not gated, "CPU matmuls are not gated: the model applies swiglu after them"
             return _cached(q8_matmul.q8_matmul_cpu, n, k, rows)
         from trimode.compiler.kernels import q8_matmul_cuda
 
         m = Q8_ROWS[rows]
-        tuned = lambda m: self.schedules.get(entry_key("q8_matmul", (n, k), m))  # noqa: E731
+
+        def tuned(m):  # tuning measures the plain kernel: gated_schedule fits it to the gated one
+            schedule = self.schedules.get(entry_key("q8_matmul", (n, k), m))
+            return q8_matmul_cuda.gated_schedule(schedule) if gated else schedule
+
         return opaque(q8_matmul_cuda.q8_matmul(n, k, m, self.dtype, schedule=tuned(m),
-                                               block_schedule=tuned("block")))
+                                               block_schedule=tuned("block"), gated=gated))
 
     def q8_embedding(self, vocab: int, hidden: int):
         return embedding.q8_embedding(vocab, hidden, self.dtype)

@@ -20,28 +20,41 @@ from trimode.compiler.kernel_table import MAX_BLOCK, Kernels
 from trimode.model.config import ModelConfig
 
 
-class Q8Linear(nn.Module):
-    """y = x W^T with W held as Q8_0: int8 [N, K] + fp16 scale [N, K/32]."""
+def swiglu(y: Tensor) -> Tensor:
+    """silu(gate) * up of a gated projection whose output columns alternate gate, up."""
+    t, n = y.shape
+    gate, up = op.split(op.reshape(y, [t, n // 2, 2]), 2, axis=2)
+    return op.reshape(op.silu(gate) * up, [t, n // 2])
 
-    def __init__(self, n: int, k: int, kernels: Kernels, role: str):
+
+class Q8Linear(nn.Module):
+    """y = x W^T with W held as Q8_0: int8 [N, K] + fp16 scale [N, K/32]. gated: W's rows
+    alternate gate, up (engine.py lays gate_up out so) and y = silu(gate) * up [T, N/2], on
+    CUDA in the matmul kernel's epilogue (one launch and no [T, N] intermediate)."""
+
+    def __init__(self, n: int, k: int, kernels: Kernels, role: str, gated: bool = False):
         self.q = nn.Parameter((n, k), "int8")
         self.scale = nn.Parameter((n, k // 32), "float16")
-        self.n, self.k, self.kernels, self.role = n, k, kernels, role
+        self.n, self.k, self.kernels, self.role, self.gated = n, k, kernels, role, gated
 
     def forward(self, x: Tensor, rows: str) -> Tensor:
-        kernel = self.kernels.q8_matmul(self.n, self.k, rows)
-        out = Tensor.placeholder([x.shape[0], self.n], x.dtype)
-        return op.tensor_ir_op(kernel, f"q8_matmul_{self.role}", [x, self.q, self.scale], out)
+        fused = self.gated and self.kernels.is_gpu
+        kernel = self.kernels.q8_matmul(self.n, self.k, rows, gated=fused)
+        out = Tensor.placeholder([x.shape[0], self.n // 2 if fused else self.n], x.dtype)
+        y = op.tensor_ir_op(kernel, f"q8_matmul_{self.role}", [x, self.q, self.scale], out)
+        return swiglu(y) if self.gated and not fused else y
 
 
 class FloatLinear(nn.Module):
     """y = x W^T with W in the activation dtype (files whose matrices are F32/F16/BF16)."""
 
-    def __init__(self, n: int, k: int, kernels: Kernels, role: str):
+    def __init__(self, n: int, k: int, kernels: Kernels, role: str, gated: bool = False):
         self.weight = nn.Parameter((n, k), kernels.dtype)
+        self.gated = gated
 
     def forward(self, x: Tensor, rows: str) -> Tensor:
-        return op.matmul(x, op.permute_dims(self.weight))
+        y = op.matmul(x, op.permute_dims(self.weight))
+        return swiglu(y) if self.gated else y
 
 
 class Q8Embedding(nn.Module):
@@ -67,8 +80,8 @@ class FloatEmbedding(nn.Module):
         return op.tensor_ir_op(self.kernel, "embedding", [tokens, self.table], out)
 
 
-def linear(quantized: bool, n: int, k: int, kernels: Kernels, role: str) -> nn.Module:
-    return (Q8Linear if quantized else FloatLinear)(n, k, kernels, role)
+def linear(quantized: bool, n: int, k: int, kernels: Kernels, role: str, gated: bool = False) -> nn.Module:
+    return (Q8Linear if quantized else FloatLinear)(n, k, kernels, role, gated)
 
 
 class RMSNorm(nn.Module):
@@ -100,7 +113,7 @@ class DecoderLayer(nn.Module):
         self.qkv = linear(quantized, cfg.q_dim + 2 * cfg.kv_dim, cfg.hidden, kernels, "qkv")
         self.o = linear(quantized, cfg.hidden, cfg.q_dim, kernels, "o")
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.rms_eps, kernels)
-        self.gate_up = linear(quantized, 2 * cfg.ffn, cfg.hidden, kernels, "gate_up")
+        self.gate_up = linear(quantized, 2 * cfg.ffn, cfg.hidden, kernels, "gate_up", gated=True)
         self.down = linear(quantized, cfg.hidden, cfg.ffn, kernels, "down")
 
     def forward(self, x: Tensor, delta: Tensor | None, kv: Tensor, rope: RopeTables, pos: Tensor,
@@ -128,8 +141,7 @@ class DecoderLayer(nn.Module):
                                [head_shape(cfg.n_heads)] + scratch)
         attn = attn[0] if scratch else attn                         # [T, heads, d]
         x, h = self.ffn_norm(x, self.o(op.reshape(attn, [t, cfg.q_dim]), rows))
-        gate, up = op.split(self.gate_up(h, rows), 2, axis=-1)
-        return x, self.down(op.silu(gate) * up, rows), kv
+        return x, self.down(self.gate_up(h, rows), rows), kv
 
 
 class NLDModel(nn.Module):

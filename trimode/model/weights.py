@@ -56,7 +56,12 @@ class Q8Matrix:
             q[...], scale[...] = self.q[rows], self.scale[rows]
             return
         blocks = self._blocks[rows]
-        q.reshape(len(blocks), -1, Q8_BLOCK)[...] = blocks["qs"]
+        # q may be a strided view (interleaved rows); splitting its contiguous last axis keeps
+        # it a view, so the writes land in q
+        blocks_of_q = q.reshape(len(blocks), -1, Q8_BLOCK)
+        if not np.shares_memory(blocks_of_q, q):
+            raise ValueError("unpack_into: q's rows must each be contiguous")
+        blocks_of_q[...] = blocks["qs"]
         scale[...] = blocks["d"]
 
     def to_blocks(self) -> np.ndarray:

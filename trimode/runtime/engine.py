@@ -75,24 +75,33 @@ class HostBuffers:
 
 
 def _stacked(prefix: str, mats: list, as_q8: bool, dtype: str, pool: ThreadPoolExecutor,
-             buffers: HostBuffers, float_name: str = "weight") -> dict[str, np.ndarray]:
+             buffers: HostBuffers, float_name: str = "weight",
+             interleaved: bool = False) -> dict[str, np.ndarray]:
     """One parameter (a Q8_0 q/scale pair, or one float matrix) made of `mats` stacked along
-    the output dimension (q|k|v -> qkv, gate|up -> gate_up), unpacked in one pass over the
-    file's blocks."""
+    the output dimension (q|k|v -> qkv), unpacked in one pass over the file's blocks.
+    interleaved: row i of every matrix in turn (gate, up -> gate_up with rows gate 0, up 0,
+    gate 1, ...: the CUDA matmul's epilogue finds each pair side by side for silu(gate) * up)."""
     if not as_q8:
         dense = [m.dequantize() if isinstance(m, Q8Matrix) else np.asarray(m) for m in mats]
-        return {f"{prefix}.{float_name}": np.asarray(np.concatenate(dense), dtype)}
+        stacked = np.stack(dense, axis=1).reshape(-1, dense[0].shape[1]) if interleaved else np.concatenate(dense)
+        return {f"{prefix}.{float_name}": np.asarray(stacked, dtype)}
     k = mats[0].shape[1]
     n = sum(m.shape[0] for m in mats)
     q, scale = buffers.arrays(((n, k), np.int8), ((n, k // Q8_BLOCK), np.float16))
+    if interleaved:  # matrix i's rows are every len(mats)-th row from i: strided views
+        rows = mats[0].shape[0]
+        q_parts = [q.reshape(rows, len(mats), k)[:, i] for i in range(len(mats))]
+        scale_parts = [scale.reshape(rows, len(mats), -1)[:, i] for i in range(len(mats))]
+    else:
+        bounds = np.cumsum([0] + [m.shape[0] for m in mats])
+        q_parts = [q[a:b] for a, b in zip(bounds, bounds[1:])]
+        scale_parts = [scale[a:b] for a, b in zip(bounds, bounds[1:])]
     step = max(1, UNPACK_CHUNK_BYTES // k)
-    jobs, top = [], 0
-    for m in mats:
-        rows = m.shape[0]
-        for a in range(0, rows, step):
-            b = min(rows, a + step)
-            jobs.append(pool.submit(m.unpack_into, q[top + a:top + b], scale[top + a:top + b], slice(a, b)))
-        top += rows
+    jobs = []
+    for m, q_part, scale_part in zip(mats, q_parts, scale_parts):
+        for a in range(0, m.shape[0], step):
+            b = min(m.shape[0], a + step)
+            jobs.append(pool.submit(m.unpack_into, q_part[a:b], scale_part[a:b], slice(a, b)))
     for job in jobs:
         job.result()
     return {f"{prefix}.q": q, f"{prefix}.scale": scale}
@@ -112,7 +121,8 @@ def parameter_groups(weights: ModelWeights, quantized: dict[str, bool], dtype: s
                f"{p}.ffn_norm.weight": np.asarray(layer.ffn_norm, np.float32)}
         yield _stacked(f"{p}.qkv", [layer.wq, layer.wk, layer.wv], q8, dtype, pool, buffers)
         yield _stacked(f"{p}.o", [layer.wo], q8, dtype, pool, buffers)
-        yield _stacked(f"{p}.gate_up", [layer.w_gate, layer.w_up], q8, dtype, pool, buffers)
+        yield _stacked(f"{p}.gate_up", [layer.w_gate, layer.w_up], q8, dtype, pool, buffers,
+                       interleaved=True)
         yield _stacked(f"{p}.down", [layer.w_down], q8, dtype, pool, buffers)
     yield {"output_norm.weight": np.asarray(weights.output_norm, np.float32)}
     yield _stacked("head", [weights.output], quantized["output"], dtype, pool, buffers)

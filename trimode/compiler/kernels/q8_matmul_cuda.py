@@ -25,6 +25,10 @@ runs the same source on the CPU, which is how the tests check them without a GPU
 - `gemm` (prefill): 128 x 128 output tiles, x and the dequantized weights staged in shared
   memory, ldmatrix + mma.sync; prompts of <= 64 rows go to an mma_splitk kernel instead.
 
+Gated (gate_up): weight rows alternate gate, up, and every kernel's epilogue writes
+silu(gate) * up of each row pair into y [m, n / 2] (`_store_pair`): the FFN activation costs
+no launch and no [m, n] intermediate.
+
 Row classes (`m`): an int (a static row count: 1 for decode), "block" (any m <= 64, given at
 run time: one kernel serves every verify/draft T) or "dynamic" (any m: prefill).
 Tiling is chosen in plain Python below (`default_schedule`); `trimode tune` measures other
@@ -115,8 +119,10 @@ def default_schedule(n: int, k: int, m) -> dict:
 
 
 def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: dict | None = None,
-              block_schedule: dict | None = None):
-    """PrimFunc (no global symbol) computing y[m, n] from x [m, k], q [n, k], scale [n, k/32].
+              block_schedule: dict | None = None, gated: bool = False):
+    """PrimFunc (no global symbol) computing y[m, n] from x [m, k], q [n, k], scale [n, k/32];
+    gated: y[m, n / 2] = silu(gate) * up of weight rows alternating gate, up (gated_schedule
+    makes a tuned schedule fit).
 
     m: an int (1 for decode), "block" (rows <= 64 at run time) or "dynamic" (prefill; any
     rows). A "gemm" schedule runs prompts of <= 64 rows with `block_schedule` when that is an
@@ -124,26 +130,37 @@ def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: 
     of the GPU idle. target is accepted for the factory interface; the code is sm_80+ CUDA C++.
     """
     _check_shape(n, k, m, dtype)
+    if gated and n % 2:
+        raise ModelError(f"a gated matmul pairs gate and up rows: n must be even, not {n}")
     schedule = dict(schedule or default_schedule(n, k, m))
     kind = schedule.get("kind")
     if kind == "gemv":
         if m in ROW_CLASSES or m > GEMV_MAX_M:
             raise ModelError(f"the gemv kernel handles m <= {GEMV_MAX_M}, not m={m}")
-        return _q8_gemv(n, k, m, schedule["rows_per_warp"], schedule["k_warps"])
+        return _q8_gemv(n, k, m, schedule["rows_per_warp"], schedule["k_warps"], gated)
     if kind == "mma":
-        return _q8_mma(n, k, m, schedule["n_tiles"], schedule["k_warps"])
+        return _q8_mma(n, k, m, schedule["n_tiles"], schedule["k_warps"], gated)
     if kind == "mma_splitk":
         if m == "dynamic":
             raise ModelError(f"the mma_splitk kernel handles m <= {MMA_MAX_M} rows, not any m")
-        return _q8_mma_splitk(n, k, m, SplitKPlan.of(n, k, schedule))
+        return _q8_mma_splitk(n, k, m, SplitKPlan.of(n, k, schedule), gated)
     if kind == "gemm":
         if m != "dynamic":
             raise ModelError(f"the gemm kernel serves prefill (m='dynamic'), not m={m!r}")
         # a block class tuned to another kernel leaves short prompts the split-K default
         small = block_schedule if (block_schedule or {}).get("kind") == "mma_splitk" else \
             default_schedule(n, k, "block")
-        return _q8_gemm(n, k, SplitKPlan.of(n, k, small))
+        return _q8_gemm(n, k, SplitKPlan.of(n, k, small), gated)
     raise ModelError(f"unknown q8 matmul schedule kind {kind!r} (expected one of {KINDS})")
+
+
+def gated_schedule(schedule: dict | None) -> dict | None:
+    """A schedule measured on the plain kernel, made to fit the gated one: a gemv pairs gate
+    and up rows in a block, so an odd rows_per_warp takes one more row (tuning measures the
+    plain kernels: the epilogue is a rounding error of their time)."""
+    if schedule and schedule.get("kind") == "gemv" and schedule["rows_per_warp"] % 2:
+        return {**schedule, "rows_per_warp": schedule["rows_per_warp"] + 1}
+    return schedule
 
 
 def schedule_candidates(n: int, k: int, m) -> list[dict]:
@@ -203,6 +220,24 @@ def _mma_shared_bytes(m_tiles, n_tiles, k_warps) -> int:
     return max(k_warps - 1, 0) * m_tiles * n_tiles * 4 * 32 * 4
 
 
+def _store_pair(name, n, gated):
+    """The device function that writes outputs of weight rows col, col + 1 (col even) of one
+    row of y. Gated (gate_up, rows alternating gate, up): silu(gate) * up, one output at
+    col / 2 of a y [m, n / 2] -- the FFN activation happens in the matmul's epilogue."""
+    if gated:
+        body = (f"if (col < {n}) y[(size_t)row * {n // 2} + col / 2] = "
+                "__float2half_rn(a / (1.f + __expf(-a)) * b);")
+    else:  # an even N keeps every pair 4-byte aligned
+        body = (f"if ({n} % 2 == 0 && col + 1 < {n}) {{ *reinterpret_cast<half2*>(y + (size_t)row * {n} + col) = "
+                f"__floats2half2_rn(a, b); }} else {{ if (col < {n}) y[(size_t)row * {n} + col] = __float2half_rn(a); "
+                f"if (col + 1 < {n}) y[(size_t)row * {n} + col + 1] = __float2half_rn(b); }}")
+    return rf"""
+__device__ __forceinline__ void {name}_store_pair(half* __restrict__ y, int row, int col, float a, float b) {{
+  {body}
+}}
+"""
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA C++ sources. Each device function is fully specialized (its name carries every constant)
 # so several shapes can share one module without clashing definitions.
@@ -238,8 +273,28 @@ __device__ __forceinline__ void trimode_q8_dequant16(uint4 raw, half scale, unsi
 
 
 
-def _gemv_source(name, n, k, m, rows_per_warp, k_warps):
-    return _COMMON.replace("trimode_q8_", f"{name}_") + rf"""
+def _gemv_source(name, n, k, m, rows_per_warp, k_warps, gated=False):
+    if gated and rows_per_warp % 2:
+        raise ModelError(f"a gated gemv pairs its rows: rows_per_warp must be even, not {rows_per_warp}")
+    store = rf"""
+  if (threadIdx.x < M * R / 2) {{  // a (gate, up) pair of rows per thread
+    const int i = threadIdx.x / (R / 2), r = 2 * (threadIdx.x % (R / 2));
+    float gate = 0.f, up = 0.f;
+#pragma unroll
+    for (int v = 0; v < KW; ++v) {{
+      gate += parts[v][i * R + r];
+      up += parts[v][i * R + r + 1];
+    }}
+    if (n0 + r < N) {name}_store_pair(y, i, n0 + r, gate, up);
+  }}""" if gated else r"""
+  if (threadIdx.x < M * R) {
+    const int i = threadIdx.x / R, r = threadIdx.x % R;
+    float total = 0.f;
+#pragma unroll
+    for (int v = 0; v < KW; ++v) total += parts[v][threadIdx.x];
+    if (n0 + r < N) y[(size_t)i * N + n0 + r] = __float2half_rn(total);
+  }"""
+    return _COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + rf"""
 __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
                                        const half* __restrict__ s, half* __restrict__ y) {{
   constexpr int N = {n}, K = {k}, M = {m}, R = {rows_per_warp}, KW = {k_warps};
@@ -306,21 +361,14 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
 #pragma unroll
       for (int r = 0; r < R; ++r) parts[warp][i * R + r] = acc[i][r];
   }}
-  __syncthreads();
-  if (threadIdx.x < M * R) {{
-    const int i = threadIdx.x / R, r = threadIdx.x % R;
-    float total = 0.f;
-#pragma unroll
-    for (int v = 0; v < KW; ++v) total += parts[v][threadIdx.x];
-    if (n0 + r < N) y[(size_t)i * N + n0 + r] = __float2half_rn(total);
-  }}
+  __syncthreads();{store}
 }}
 """
 
 
-def _mma_source(name, n, k, m_tiles, n_tiles, k_warps):
+def _mma_source(name, n, k, m_tiles, n_tiles, k_warps, gated=False):
     shared_floats = max(_mma_shared_bytes(m_tiles, n_tiles, k_warps) // 4, 1)
-    return _COMMON.replace("trimode_q8_", f"{name}_") + ptx_helpers(name) + rf"""
+    return _COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name) + rf"""
 // Rows [blockIdx.y * 16 * MT, +16 * MT) of x and y; weight rows [blockIdx.x * 8 * NT, +8 * NT).
 // mma fragment layout (PTX ISA, m16n8k16 f16): lane = 4 * g + t. A holds (row g | g + 8,
 // k 2t, 2t+1 | 2t+8, 2t+9), B holds (k 2t, 2t+1 | 2t+8, 2t+9, col g), C holds (row g | g + 8,
@@ -420,18 +468,13 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
     for (int h = 0; h < 2; ++h) {{
       if (!xok[i][h]) continue;
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {{
-          const int col = n0 + 8 * j + 2 * t + e;
-          if (col < N) y[(size_t)xrow[i][h] * N + col] = __float2half_rn(c[i][j][2 * h + e]);
-        }}
+      for (int j = 0; j < NT; ++j) {name}_store_pair(y, xrow[i][h], n0 + 8 * j + 2 * t, c[i][j][2 * h], c[i][j][2 * h + 1]);
     }}
 }}
 """
 
 
-def _splitk_source(name, n, k, plan: "SplitKPlan"):
+def _splitk_source(name, n, k, plan: "SplitKPlan", gated=False):
     """Blocks of m <= 64 rows (verify, draft): warps split N and share x through shared memory,
     blocks split K; the last block of each column tile to finish sums the tile's partials."""
     mt, nt, warps, groups_k = MMA_MAX_M // MMA_ROWS, plan.n_tiles, plan.warps, plan.k_group
@@ -442,7 +485,8 @@ def _splitk_source(name, n, k, plan: "SplitKPlan"):
 __device__ float {name}_partial[{plan.splits * MMA_MAX_M * n}];
 __device__ unsigned {name}_tickets[{plan.column_tiles(n)}];
 """
-    return _COMMON.replace("trimode_q8_", f"{name}_") + ptx_helpers(name) + scratch + rf"""
+    return _COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name) \
+        + scratch + rf"""
 // Block (bx, split): weight rows [bx * NB, +NB) -- warp w owns n-tiles w * NT .. w * NT + NT - 1
 // -- over k in [split * KS, +KS), walked in groups of KG = 64 * U. Each group's x rows are
 // copied to shared memory with cp.async one group ahead, and each thread's weights for the
@@ -552,10 +596,10 @@ def _splitk_store_direct(name):
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = 16 * i + 8 * (e / 2) + g, col = n0 + 8 * (warp * NT + j) + 2 * t + e % 2;
-        if (row < m && col < N) y[(size_t)row * N + col] = __float2half_rn(c[i][j][e]);
-      }"""
+      for (int h = 0; h < 2; ++h) {
+        const int row = 16 * i + 8 * h + g, col = n0 + 8 * (warp * NT + j) + 2 * t;
+        if (row < m) NAME_store_pair(y, row, col, c[i][j][2 * h], c[i][j][2 * h + 1]);
+      }""".replace("NAME", name)
 
 
 def _splitk_store_partials(name, n, plan):
@@ -580,13 +624,17 @@ def _splitk_store_partials(name, n, plan):
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  for (int e = threadIdx.x; e < m * NB; e += THREADS) {{
-    const int row = e / NB, col = n0 + e % NB;
+  for (int e = threadIdx.x; e < m * NB / 2; e += THREADS) {{  // a pair of weight rows per step
+    const int row = e / (NB / 2), col = n0 + 2 * (e % (NB / 2));
     if (col >= N) continue;
-    float total = 0.f;
+    float a = 0.f, b = 0.f;
 #pragma unroll 4
-    for (int v = 0; v < S; ++v) total += __ldcg({name}_partial + ((size_t)v * {MMA_MAX_M} + row) * N + col);
-    y[(size_t)row * N + col] = __float2half_rn(total);
+    for (int v = 0; v < S; ++v) {{
+      const float* partial = {name}_partial + ((size_t)v * {MMA_MAX_M} + row) * N + col;
+      a += __ldcg(partial);
+      if (col + 1 < N) b += __ldcg(partial + 1);
+    }}
+    {name}_store_pair(y, row, col, a, b);
   }}
   if (threadIdx.x == 0) {name}_tickets[blockIdx.x] = 0u;"""
 
@@ -597,14 +645,14 @@ GEMM_K = Q8_BLOCK   # k per stage: one Q8_0 block, one scale per weight row
 GEMM_THREADS = 256  # 8 warps, 2 (rows) x 4 (weight rows), each 64 x 32 of the output
 
 
-def _gemm_source(name, n, k):
+def _gemm_source(name, n, k, gated=False):
     """Prefill: a tiled GEMM. Per k-stage of 32 (one Q8_0 block), x [128, 32] and the int8
     weights [128, 32] go to shared memory by cp.async one stage ahead; the block's threads
     dequantize the stage once into an fp16 tile; every warp takes its A (x) and B (weight)
     fragments by ldmatrix and runs 4 x 4 mma.sync tiles. Blocks along m vary fastest, so the
     blocks running at once share a weight tile through L2 and DRAM sees each weight about
     once."""
-    return _COMMON.replace("trimode_q8_", f"{name}_") + ptx_helpers(name) + rf"""
+    return _COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name) + rf"""
 __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
                                        const half* __restrict__ s, half* __restrict__ y, int m) {{
   constexpr int N = {n}, K = {k}, BM = {GEMM_ROWS}, BN = {GEMM_COLS}, BK = {GEMM_K}, THREADS = {GEMM_THREADS};
@@ -683,14 +731,7 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
       const int row = m0 + 64 * wm + 16 * i + 8 * h + g;
       if (row >= m) continue;
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {{
-        const int col = n0 + 32 * wn + 8 * j + 2 * t;
-        if (N % 2 == 0 && col + 1 < N) {{  // an even N keeps every pair 4-byte aligned
-          *reinterpret_cast<half2*>(y + (size_t)row * N + col) = __floats2half2_rn(c[i][j][2 * h], c[i][j][2 * h + 1]);
-        }} else if (col < N) {{
-          y[(size_t)row * N + col] = __float2half_rn(c[i][j][2 * h]);
-        }}
-      }}
+      for (int j = 0; j < NT; ++j) {name}_store_pair(y, row, n0 + 32 * wn + 8 * j + 2 * t, c[i][j][2 * h], c[i][j][2 * h + 1]);
     }}
 }}
 """
@@ -699,11 +740,12 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
 # ---------------------------------------------------------------------------------------------
 # TIR wrappers: launch the grid, hand the buffers to the device function.
 
-def _q8_gemv(n, k, m, rows_per_warp, k_warps):
+def _q8_gemv(n, k, m, rows_per_warp, k_warps, gated):
     from tvm.script import tirx as T
 
-    name = f"trimode_q8_gemv_n{n}_k{k}_m{m}_r{rows_per_warp}_kw{k_warps}"
-    source = _gemv_source(name, n, k, m, rows_per_warp, k_warps)
+    name = f"trimode_q8_gemv_n{n}_k{k}_m{m}_r{rows_per_warp}_kw{k_warps}{_GATED_TAG[gated]}"
+    source = _gemv_source(name, n, k, m, rows_per_warp, k_warps, gated)
+    n_out = n // 2 if gated else n
     blocks = -(-n // rows_per_warp)
     threads = 32 * k_warps
 
@@ -711,7 +753,7 @@ def _q8_gemv(n, k, m, rows_per_warp, k_warps):
     def q8_gemv(x: T.Buffer((T.int64(m), T.int64(k)), "float16"),
                 q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
                 s: T.Buffer((T.int64(n), T.int64(k // 32)), "float16"),
-                y: T.Buffer((T.int64(m), T.int64(n)), "float16")):
+                y: T.Buffer((T.int64(m), T.int64(n_out)), "float16")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})  # dlight: hands off
         bx = T.launch_thread("blockIdx.x", blocks)
         tx = T.launch_thread("threadIdx.x", threads)
@@ -720,39 +762,44 @@ def _q8_gemv(n, k, m, rows_per_warp, k_warps):
     return q8_gemv
 
 
-def _q8_mma(n, k, m, n_tiles, k_warps):
+def _q8_mma(n, k, m, n_tiles, k_warps, gated):
     m_tiles = _m_tiles(m)
     if _mma_shared_bytes(m_tiles, n_tiles, k_warps) > STATIC_SHARED_BYTES:
         raise ModelError(f"mma schedule n_tiles={n_tiles} k_warps={k_warps} needs more than 48 KB "
                          "of shared memory")
-    name = f"trimode_q8_mma_n{n}_k{k}_m{_rows_tag(m)}_nt{n_tiles}_kw{k_warps}"
+    name = f"trimode_q8_mma_n{n}_k{k}_m{_rows_tag(m)}_nt{n_tiles}_kw{k_warps}{_GATED_TAG[gated]}"
     slab = MMA_ROWS * m_tiles
-    return _rows_launch(name, _mma_source(name, n, k, m_tiles, n_tiles, k_warps), n, k, m,
-                        -(-n // (MMA_COLS * n_tiles)), lambda rows: (rows + slab - 1) // slab, 32 * k_warps)
+    return _rows_launch(name, _mma_source(name, n, k, m_tiles, n_tiles, k_warps, gated), n, k, m,
+                        -(-n // (MMA_COLS * n_tiles)), lambda rows: (rows + slab - 1) // slab, 32 * k_warps,
+                        gated)
 
 
-def _splitk_name(n, k, rows_tag, plan: SplitKPlan) -> str:
+_GATED_TAG = {False: "", True: "_glu"}  # gated kernels' names: plain and gated may share a module
+
+
+def _splitk_name(n, k, rows_tag, plan: SplitKPlan, gated) -> str:
     # rows_tag too: each kernel owns its module-scope scratch and tickets
     return (f"trimode_q8_splitk_n{n}_k{k}_m{rows_tag}_nt{plan.n_tiles}_w{plan.warps}"
-            f"_g{plan.k_group}_s{plan.splits}")
+            f"_g{plan.k_group}_s{plan.splits}{_GATED_TAG[gated]}")
 
 
-def _q8_mma_splitk(n, k, m, plan: SplitKPlan):
-    name = _splitk_name(n, k, _rows_tag(m), plan)
-    return _rows_launch(name, _splitk_source(name, n, k, plan), n, k, m, plan.column_tiles(n),
-                        lambda rows: plan.splits, 32 * plan.warps)
+def _q8_mma_splitk(n, k, m, plan: SplitKPlan, gated):
+    name = _splitk_name(n, k, _rows_tag(m), plan, gated)
+    return _rows_launch(name, _splitk_source(name, n, k, plan, gated), n, k, m, plan.column_tiles(n),
+                        lambda rows: plan.splits, 32 * plan.warps, gated)
 
 
-def _q8_gemm(n, k, small: SplitKPlan):
+def _q8_gemm(n, k, small: SplitKPlan, gated):
     """Prefill: rows <= 64 through the split-K kernel (its own copy: module-scope scratch is
     per kernel), more through the tiled GEMM."""
     from tvm.script import tirx as T
 
-    name = f"trimode_q8_gemm_n{n}_k{k}"
-    source = _gemm_source(name, n, k)
-    small_name = _splitk_name(n, k, "prefill", small)
-    small_source = _splitk_source(small_name, n, k, small)
+    name = f"trimode_q8_gemm_n{n}_k{k}{_GATED_TAG[gated]}"
+    source = _gemm_source(name, n, k, gated)
+    small_name = _splitk_name(n, k, "prefill", small, gated)
+    small_source = _splitk_source(small_name, n, k, small, gated)
     column_tiles = -(-n // GEMM_COLS)
+    n_out = n // 2 if gated else n
 
     @T.prim_func(private=True)
     def q8_gemm(x_handle: T.handle, q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
@@ -760,7 +807,7 @@ def _q8_gemm(n, k, small: SplitKPlan):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})  # dlight: hands off
         rows = T.int64()
         x = T.match_buffer(x_handle, (rows, T.int64(k)), "float16")
-        y = T.match_buffer(y_handle, (rows, T.int64(n)), "float16")
+        y = T.match_buffer(y_handle, (rows, T.int64(n_out)), "float16")
         if rows <= T.int64(MMA_MAX_M):
             with T.launch_thread("blockIdx.x", small.column_tiles(n)):
                 with T.launch_thread("blockIdx.y", small.splits):
@@ -781,10 +828,12 @@ def _rows_tag(m) -> str:
     return {"dynamic": "dyn", "block": "blk"}.get(m, str(m))
 
 
-def _rows_launch(name, source, n, k, m, blocks_x, blocks_y, threads):
+def _rows_launch(name, source, n, k, m, blocks_x, blocks_y, threads, gated):
     """TIR launching `name(x, q, s, y, rows)` on a (blocks_x, blocks_y(rows)) grid; rows are
     static (m an int) or read off x's shape (a row class)."""
     from tvm.script import tirx as T
+
+    n_out = n // 2 if gated else n
 
     if m in ROW_CLASSES:
         @T.prim_func(private=True)
@@ -793,7 +842,7 @@ def _rows_launch(name, source, n, k, m, blocks_x, blocks_y, threads):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})  # dlight: hands off
             rows = T.int64()
             x = T.match_buffer(x_handle, (rows, T.int64(k)), "float16")
-            y = T.match_buffer(y_handle, (rows, T.int64(n)), "float16")
+            y = T.match_buffer(y_handle, (rows, T.int64(n_out)), "float16")
             bx = T.launch_thread("blockIdx.x", blocks_x)
             by = T.launch_thread("blockIdx.y", T.Cast("int32", blocks_y(rows)))
             tx = T.launch_thread("threadIdx.x", threads)
@@ -806,7 +855,7 @@ def _rows_launch(name, source, n, k, m, blocks_x, blocks_y, threads):
     def q8_matmul_static(x: T.Buffer((T.int64(m), T.int64(k)), "float16"),
                          q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
                          s: T.Buffer((T.int64(n), T.int64(k // 32)), "float16"),
-                         y: T.Buffer((T.int64(m), T.int64(n)), "float16")):
+                         y: T.Buffer((T.int64(m), T.int64(n_out)), "float16")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})  # dlight: hands off
         bx = T.launch_thread("blockIdx.x", blocks_x)
         by = T.launch_thread("blockIdx.y", blocks_y(m))
