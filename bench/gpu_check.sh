@@ -5,6 +5,7 @@
 #   there: bash bench/gpu_check.sh                    (device tool, carry [".carry", ".whl"];
 #                                                      KERNEL_BENCHES=1: also every kernel
 #                                                      candidate and the attention kernels)
+#          EAGER=0 skips the 14B without CUDA graphs (timed at fill 512 beside the graph build)
 #          FROM_DISK=1 bash bench/gpu_check.sh        (also: write a 14B GGUF there and load
 #                                                      the bench's weights from it, timed)
 # It checks the CUDA build against the float64 reference on a tiny model (fp16 tolerance
@@ -40,6 +41,10 @@ if [ "${KERNEL_BENCHES:-0}" = 1 ]; then  # the per-kernel benches of bench/NOTES
   timeout 120 python3 bench/gpu_attention.py .carry/attention "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -18
   # every Q8_0 candidate: $OUT/q8_results.json is what `trimode tune --results` files here
   timeout 300 python3 bench/gpu_kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -22
+fi
+if [ "${EAGER:-1}" = 1 ] && [ -d .carry/artifacts/14b-eager ]; then  # the same steps without CUDA graphs
+  timeout 120 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b-eager \
+    --geometry 14b --fills 512 --prefill 16 --repeat 5 --json-out "$OUT/gpu_check_eager.json" 2>&1 | tail -16
 fi
 if [ "${BLOCK16:-1}" = 1 ]; then  # the default draft block (draft length 15 + 1) beside the T = 32 above
   timeout 150 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b \

@@ -117,6 +117,10 @@ class Kernels:
         return _cached(logits.last_row, hidden, self.dtype)
 
     def argmax_prob(self, vocab: int):
+        if self.is_gpu:  # one pass, 16-byte loads (dlight's schedule of the TIR: three scalar passes)
+            from trimode.compiler.kernels import argmax_cuda
+
+            return opaque(argmax_cuda.argmax_prob_cuda(vocab))
         return _cached(logits.argmax_prob, vocab)
 
 
