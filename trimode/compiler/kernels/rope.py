@@ -27,11 +27,30 @@ def rotated(qkv, cos, sin, pos, row, col, d, half):
                              T.Cast("float32", qkv[row, col + d - half])) * sin[at(pos, row), d % half])
 
 
+def _split_heads(n_heads: int, n_kv_heads: int, head_dim: int, dtype: str):
+    """The body both kernels share: element vd of head slot vh of row vi into q, k or v."""
+    half = head_dim // 2
+    D, HQ, HKV = T.int64(head_dim), T.int64(n_heads), T.int64(n_kv_heads)
+
+    @T.macro
+    def split_heads(qkv, cos, sin, qscale, pos, q, k, v, vi, vh, vd):
+        if vh < HQ:
+            q[vi, vh, vd] = T.Cast(dtype, qscale[at(pos, vi)]
+                                   * rotated(qkv, cos, sin, pos, vi, vh * D, vd, half))
+        elif vh < HQ + HKV:
+            k[vi, vh - HQ, vd] = T.Cast(dtype, rotated(qkv, cos, sin, pos, vi, vh * D, vd, half))
+        else:
+            v[vi, vh - HQ - HKV, vd] = qkv[vi, vh * D + vd]
+
+    return split_heads
+
+
 def rope_split(n_heads: int, n_kv_heads: int, head_dim: int, dtype: str) -> "T.PrimFunc":
     """q, k, v of a block that leaves the cache alone (bidirectional draft)."""
     half = head_dim // 2
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
     D, HQ, HKV = T.int64(head_dim), T.int64(n_heads), T.int64(n_kv_heads)
+    split_heads = _split_heads(n_heads, n_kv_heads, head_dim, dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def rope_split(var_qkv: T.handle, var_cos: T.handle, var_sin: T.handle, var_qscale: T.handle,
@@ -51,13 +70,7 @@ def rope_split(n_heads: int, n_kv_heads: int, head_dim: int, dtype: str) -> "T.P
                 T.reads(qkv[vi, 0:q_dim + 2 * kv_dim], cos[at(pos, vi), 0:half],
                         sin[at(pos, vi), 0:half], qscale[at(pos, vi)], pos[0])
                 T.writes(q[vi, 0:HQ, vd], k[vi, 0:HKV, vd], v[vi, 0:HKV, vd])
-                if vh < HQ:
-                    q[vi, vh, vd] = T.Cast(dtype, qscale[at(pos, vi)]
-                                           * rotated(qkv, cos, sin, pos, vi, vh * D, vd, half))
-                elif vh < HQ + HKV:
-                    k[vi, vh - HQ, vd] = T.Cast(dtype, rotated(qkv, cos, sin, pos, vi, vh * D, vd, half))
-                else:
-                    v[vi, vh - HQ - HKV, vd] = qkv[vi, vh * D + vd]
+                split_heads(qkv, cos, sin, qscale, pos, q, k, v, vi, vh, vd)
 
     return rope_split
 
@@ -69,6 +82,7 @@ def rope_split_append(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: in
     half = head_dim // 2
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
     L, D, HQ, HKV = T.int64(n_layers), T.int64(head_dim), T.int64(n_heads), T.int64(n_kv_heads)
+    split_heads = _split_heads(n_heads, n_kv_heads, head_dim, dtype)
 
     @T.prim_func(private=True, s_tir=True)
     def rope_split_append(var_qkv: T.handle, var_cos: T.handle, var_sin: T.handle,
@@ -91,14 +105,10 @@ def rope_split_append(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: in
                         sin[at(pos, vi), 0:half], qscale[at(pos, vi)], pos[0])
                 T.writes(q[vi, 0:HQ, vd], k[vi, 0:HKV, vd], v[vi, 0:HKV, vd],
                          kv[layer, 0:2, 0:HKV, at(pos, vi), vd])
-                if vh < HQ:
-                    q[vi, vh, vd] = T.Cast(dtype, qscale[at(pos, vi)]
-                                           * rotated(qkv, cos, sin, pos, vi, vh * D, vd, half))
-                elif vh < HQ + HKV:
-                    k[vi, vh - HQ, vd] = T.Cast(dtype, rotated(qkv, cos, sin, pos, vi, vh * D, vd, half))
+                split_heads(qkv, cos, sin, qscale, pos, q, k, v, vi, vh, vd)
+                if vh >= HQ + HKV:
+                    kv[layer, T.int64(1), vh - HQ - HKV, at(pos, vi), vd] = v[vi, vh - HQ - HKV, vd]
+                elif vh >= HQ:
                     kv[layer, T.int64(0), vh - HQ, at(pos, vi), vd] = k[vi, vh - HQ, vd]
-                else:
-                    v[vi, vh - HQ - HKV, vd] = qkv[vi, vh * D + vd]
-                    kv[layer, T.int64(1), vh - HQ - HKV, at(pos, vi), vd] = qkv[vi, vh * D + vd]
 
     return rope_split_append
