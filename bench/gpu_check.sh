@@ -50,4 +50,7 @@ if [ "${BLOCK16:-1}" = 1 ]; then  # the default draft block (draft length 15 + 1
   timeout 150 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b \
     --geometry 14b --block 16 --json-out "$OUT/gpu_check_block16.json" 2>&1 | tail -16
 fi
+if [ -f "$OUT/q8_results.json" ]; then  # each step against its matmuls timed alone (KERNEL_BENCHES=1)
+  python3 bench/step_breakdown.py "$OUT" 2>&1 | tee "$OUT/step_breakdown.md"
+fi
 exit "$status"
