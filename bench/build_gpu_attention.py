@@ -38,7 +38,7 @@ def build(out_dir: Path) -> Path:
     funcs = {}
     for name, (causal, rows) in ENTRIES.items():
         fma = attention_cuda(N_HEADS, N_KV_HEADS, HEAD_DIM, causal, DTYPE, 1 if rows == "one" else "dynamic",
-                             plan=default_plan(N_HEADS, N_KV_HEADS, rows))
+                             plan=default_plan(N_HEADS, N_KV_HEADS, rows, HEAD_DIM))
         if rows == "one":
             funcs[name] = fma.with_attr("global_symbol", name)
             continue

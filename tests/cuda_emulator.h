@@ -59,6 +59,19 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 // ---- half precision (IEEE binary16 storage; arithmetic rounds once per operation) ------------
 struct __half {
   unsigned short bits;
+  __half() = default;
+  // C-style casts, as TVM's generated CUDA writes them ((float)h, (half)f): explicit, so
+  // hand-written kernels still convert only through the intrinsics. Not an aggregate any
+  // more: half{bits} would convert the number, so bits are set by name.
+  explicit __half(float v) {
+    _Float16 f = static_cast<_Float16>(v);
+    std::memcpy(&bits, &f, 2);
+  }
+  explicit operator float() const {
+    _Float16 f;
+    std::memcpy(&f, &bits, 2);
+    return static_cast<float>(f);
+  }
 };
 struct alignas(4) __half2 {
   __half x, y;
@@ -82,6 +95,19 @@ inline half2 __halves2half2(half a, half b) { return {a, b}; }
 inline half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
 inline half2 __float2half2_rn(float a) { return {__float2half_rn(a), __float2half_rn(a)}; }
 inline float __expf(float v) { return std::exp(v); }
+inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
+// half arithmetic as cuda_fp16.h's operators: exact in double, one rounding to fp16
+#define TRIMODE_EMU_HALF_OP(op)                                                            \
+  inline half operator op(half a, half b) {                                               \
+    return half(static_cast<float>(static_cast<double>(static_cast<float>(a)) op           \
+                                   static_cast<double>(static_cast<float>(b))));           \
+  }
+TRIMODE_EMU_HALF_OP(+)
+TRIMODE_EMU_HALF_OP(-)
+TRIMODE_EMU_HALF_OP(*)
+#undef TRIMODE_EMU_HALF_OP
+// TVM's generated CUDA packs two halves into a word with this (its preamble defines it)
+inline unsigned __pack_half2(half x, half y) { return (static_cast<unsigned>(y.bits) << 16) | x.bits; }
 inline float2 __half22float2(half2 v) { return {__half2float(v.x), __half2float(v.y)}; }
 inline float __low2float(half2 v) { return __half2float(v.x); }
 inline float __high2float(half2 v) { return __half2float(v.y); }
@@ -300,7 +326,8 @@ inline T shuffle(unsigned mask, T value, int source_lane) {
 }
 
 inline float half_of(unsigned word, int upper) {
-  half h{static_cast<unsigned short>(upper ? word >> 16 : word & 0xffff)};
+  half h;
+  h.bits = static_cast<unsigned short>(upper ? word >> 16 : word & 0xffff);
   return __half2float(h);
 }
 
@@ -390,6 +417,11 @@ inline void cp_async_wait(int pending_allowed) {
 
 inline void __syncthreads() { emu::arrive(emu::block_barrier); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
+// The lanes of this warp still running (a shuffle with fewer than 32 is refused anyway).
+inline unsigned __activemask() {
+  const int live = emu::my_warp().barrier.expected;
+  return live >= 32 ? 0xffffffffu : (1u << live) - 1u;
+}
 template <class T> inline T __shfl_sync(unsigned mask, T v, int lane, int = 32) {
   return emu::shuffle(mask, v, lane);
 }

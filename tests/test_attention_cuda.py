@@ -86,22 +86,22 @@ def test_decode_plan_and_gqa_head_mapping():
     lib = _build_llvm(attention_cuda_unscheduled(HQ, 2, D, True, "float32", 1))
     rng = np.random.default_rng(9)
     for pos in (0, 5, 200):
-        _check(lib, rng, 1, pos, True, default_plan(HQ, 2, "one"), n_kv_heads=2)
+        _check(lib, rng, 1, pos, True, default_plan(HQ, 2, "one", D), n_kv_heads=2)
 
 
 def test_block_plan_bidirectional():
     lib = _build_llvm(attention_cuda_unscheduled(HQ, HKV, D, False, "float32", "dynamic",
-                                                 plan=default_plan(HQ, HKV, "block")))
+                                                 plan=default_plan(HQ, HKV, "block", D)))
     rng = np.random.default_rng(10)
     for n_t, pos in ((3, 5), (16, 200)):
-        _check(lib, rng, n_t, pos, False, default_plan(HQ, HKV, "block"))
+        _check(lib, rng, n_t, pos, False, default_plan(HQ, HKV, "block", D))
 
 
 def test_bad_geometry_is_a_model_error():
     with pytest.raises(ModelError, match="share"):
         attention_cuda(6, 4, 32, True, "float16", 1)
     with pytest.raises(ModelError, match="row class"):
-        default_plan(32, 8, "huge")
+        default_plan(32, 8, "huge", 128)
 
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
@@ -114,7 +114,7 @@ H100 = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
 def test_cuda_variant_builds_to_gpu_code(tmp_path, t, causal, rows):
     from trimode.compiler.cuda_env import cuda_build_context, library_has_gpu_binary
 
-    func = attention_cuda(HQ, HKV, D, causal, "float16", t, plan=default_plan(HQ, HKV, rows))
+    func = attention_cuda(HQ, HKV, D, causal, "float16", t, plan=default_plan(HQ, HKV, rows, D))
     with cuda_build_context(H100):
         lib = tvm.compile(tvm.IRModule({"attention": func.with_attr("global_symbol", "attention")}),
                           target=H100)

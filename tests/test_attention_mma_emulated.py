@@ -88,7 +88,7 @@ def test_gqa_groups_and_head_dims(n_heads, n_kv_heads, head_dim):
 def test_shipped_plans_in_a_racing_thread_order(rows):
     # the default plans (64 rows per CTA), threads in reverse, the first warp running ahead,
     # copies landing as soon as they are issued
-    plan = attention_mma.default_plan(4, 1, rows)
+    plan = attention_mma.default_plan(4, 1, rows, 32)
     _check(*run_attention(4, 1, 32, True, plan, 33, 60, seed=5, order=(True, True, True)))
     _check(*run_attention(4, 1, 32, False, plan, 20, 90, seed=6, order=(False, False, False)))
 

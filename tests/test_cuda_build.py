@@ -252,3 +252,17 @@ def test_default_decode_warps_split_k_evenly(n, k, k_warps):
     schedule = q8_matmul_cuda.default_schedule(n, k, 1)
     assert schedule["k_warps"] == k_warps
     assert -(-k // q8_matmul_cuda.GEMV_K_CHUNK) % schedule["k_warps"] == 0
+
+
+def test_the_shipped_default_model_compiles_for_cuda(tmp_path):
+    # its decode attention (3 query heads a kv head, head_dim 48) once had no thread tiling
+    # and then tripped TVM's vectoriser: a user with a GPU could not run the README's command
+    from trimode.compiler.build import compile_model
+    from trimode.model.default_model import model_or_default
+    from trimode.model.gguf_file import load_model
+    from trimode.runtime.engine import quantized_parts
+
+    model = load_model(model_or_default(None))
+    out = compile_model(model.config, quantized_parts(model.weights), "cuda", "sm_90a", root=tmp_path,
+                        log=lambda msg: None)
+    assert library_has_gpu_binary(out / "model.so")

@@ -149,7 +149,7 @@ def test_attention_plans_are_filed_and_reach_the_kernel_table(tmp_path, monkeypa
     from trimode.model.config import GEOMETRIES
 
     cfg = GEOMETRIES["tiny"]
-    default, *others = attention_mma.plan_candidates(cfg.n_heads, cfg.n_kv_heads, "block")
+    default, *others = attention_mma.plan_candidates(cfg.n_heads, cfg.n_kv_heads, "block", cfg.head_dim)
     wide = next(p for p in others if p.rows_per_cta == 128)
     measured = [_attention_result("attention_mma/block", dataclasses.asdict(default), 9.0, default=True),
                 _attention_result("attention_mma/block", dataclasses.asdict(wide), 7.0),

@@ -111,7 +111,7 @@ class Kernels:
         tuned = self.schedules.get(f"{cuda_attention_kernel(rows, c.head_dim)}/{rows}")
         if tuned:
             return attention_cuda.AttentionPlan(**tuned)
-        return kernel.default_plan(c.n_heads, c.n_kv_heads, rows)
+        return kernel.default_plan(c.n_heads, c.n_kv_heads, rows, c.head_dim)
 
     def last_row(self, hidden: int):
         return _cached(logits.last_row, hidden, self.dtype)

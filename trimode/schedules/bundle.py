@@ -64,8 +64,8 @@ def attention_specs(n_heads: int, n_kv_heads: int, head_dim: int, candidates: st
     for rows, (t, fill) in ATTENTION_CASES.items():
         kernel = cuda_attention_kernel(rows, head_dim)  # the model's choice
         module = attention_mma if kernel == "attention_mma" else attention_cuda
-        default = module.default_plan(n_heads, n_kv_heads, rows)
-        plans = module.plan_candidates(n_heads, n_kv_heads, rows) if candidates == "all" else [default]
+        default = module.default_plan(n_heads, n_kv_heads, rows, head_dim)
+        plans = module.plan_candidates(n_heads, n_kv_heads, rows, head_dim) if candidates == "all" else [default]
         for plan in plans:
             schedule = dataclasses.asdict(plan)
             specs.append({"kernel": kernel, "key": f"{kernel}/{rows}", "shape_name": f"attention_{rows}",

@@ -18,6 +18,7 @@ masks and the LSE merge are tested on a machine without a GPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -43,36 +44,53 @@ class AttentionPlan:
     vector: int         # elements per vectorised load (16 bytes of fp16 = 8)
 
 
-def default_plan(n_heads: int, n_kv_heads: int, rows: str) -> AttentionPlan:
+def default_plan(n_heads: int, n_kv_heads: int, rows: str, head_dim: int) -> AttentionPlan:
     """rows: "one" (decode), "block" (verify/draft, T <= 64), "many" (prefill)."""
     group = n_heads // n_kv_heads
     if rows == "one":
         # G rows per kv head, nothing to tile: the cache splits are the parallelism.
-        return AttentionPlan(rows_per_cta=max(group, 4), keys_per_tile=64, threads=128,
-                             target_ctas=132 * 4, max_splits=128, min_tiles_per_split=2,
-                             vector=8)
+        return fitted(AttentionPlan(rows_per_cta=max(group, 4), keys_per_tile=64, threads=128,
+                                    target_ctas=132 * 4, max_splits=128, min_tiles_per_split=2,
+                                    vector=8), head_dim)
     # 64 rows x 32 keys keeps q, k, v and the score tile under 48 KB of static shared memory.
     if rows == "block":
-        return AttentionPlan(rows_per_cta=64, keys_per_tile=32, threads=256,
-                             target_ctas=132 * 2, max_splits=64, min_tiles_per_split=2,
-                             vector=8)
+        return fitted(AttentionPlan(rows_per_cta=64, keys_per_tile=32, threads=256,
+                                    target_ctas=132 * 2, max_splits=64, min_tiles_per_split=2,
+                                    vector=8), head_dim)
     if rows == "many":
-        return AttentionPlan(rows_per_cta=64, keys_per_tile=32, threads=256,
-                             target_ctas=132 * 2, max_splits=16, min_tiles_per_split=4,
-                             vector=8)
+        return fitted(AttentionPlan(rows_per_cta=64, keys_per_tile=32, threads=256,
+                                    target_ctas=132 * 2, max_splits=16, min_tiles_per_split=4,
+                                    vector=8), head_dim)
     raise ModelError(f"unknown row class {rows!r}: expected 'one', 'block' or 'many'")
 
 
-def plan_candidates(n_heads: int, n_kv_heads: int, rows: str) -> list[AttentionPlan]:
+def fitted(plan: AttentionPlan, head_dim: int) -> AttentionPlan:
+    """The plan with each register grid (rows x head_dim of the output, rows x keys of the
+    scores) dividing evenly over its threads: a few more rows per block first (rows past the
+    query's are masked), else fewer threads. The default model's decode (3 rows of a kv head,
+    head_dim 48) takes 8 rows: 4 x 48 does not divide over 128 threads."""
+    def divides(rows: int, threads: int) -> bool:
+        return (rows * head_dim) % threads == 0 and (rows * plan.keys_per_tile) % threads == 0
+
+    for rows in range(plan.rows_per_cta, 2 * plan.rows_per_cta + 1):
+        if divides(rows, plan.threads):
+            return dataclasses.replace(plan, rows_per_cta=rows)
+    for threads in range(plan.threads - 32, 0, -32):
+        if divides(plan.rows_per_cta, threads):
+            return dataclasses.replace(plan, threads=threads)
+    raise ModelError(f"no thread count divides a {plan.rows_per_cta}-row tile of head_dim {head_dim}")
+
+
+def plan_candidates(n_heads: int, n_kv_heads: int, rows: str, head_dim: int) -> list[AttentionPlan]:
     """The decode plans `trimode tune` measures (blocks and prefill run attention_mma where
     head_dim allows): keys per tile, the CTAs the splits aim at, the most splits."""
-    default = default_plan(n_heads, n_kv_heads, rows)
+    default = default_plan(n_heads, n_kv_heads, rows, head_dim)
     plans = [default]
     for keys_per_tile in (32, 64, 128):
         for target_ctas in (264, 528, 1056):
             for max_splits in (128, 256):
-                plan = AttentionPlan(default.rows_per_cta, keys_per_tile, default.threads, target_ctas,
-                                     max_splits, default.min_tiles_per_split, default.vector)
+                plan = fitted(AttentionPlan(default.rows_per_cta, keys_per_tile, 128, target_ctas,
+                                            max_splits, default.min_tiles_per_split, default.vector), head_dim)
                 if plan not in plans:
                     plans.append(plan)
     return plans
@@ -332,7 +350,7 @@ def attention_cuda_unscheduled(n_heads: int, n_kv_heads: int, head_dim: int, cau
                                dtype: str, t, max_ctx="symbolic",
                                plan: AttentionPlan | None = None):
     """The CUDA kernel's algorithm and tiling with no thread bindings, for llvm (tests)."""
-    plan = plan or default_plan(n_heads, n_kv_heads, _rows_class(t))
+    plan = plan or default_plan(n_heads, n_kv_heads, _rows_class(t), head_dim)
     return _attention_tir(n_heads, n_kv_heads, head_dim, causal, dtype, t, max_ctx, plan,
                           on_gpu=False)
 
@@ -346,10 +364,10 @@ def attention_cuda(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, d
     k_new / v_new [T, Hkv, D], out [T, Hq, D], then the split scratch part_out [R, Hq, D] and
     part_lse [R, Hq] fp32 with R >= scratch_rows(...) (or scratch_rows_at(..., T)). `t` is an int
     (static T) or "dynamic"; `max_ctx` an int or "symbolic" (C). The plan defaults by T: 1 -> decode,
-    static T <= 64 -> block, otherwise prefill; pass default_plan(..., "block") for a verify or
+    static T <= 64 -> block, otherwise prefill; pass default_plan(..., "block", head_dim) for a verify or
     draft entry whose T is dynamic.
     """
-    plan = plan or default_plan(n_heads, n_kv_heads, _rows_class(t))
+    plan = plan or default_plan(n_heads, n_kv_heads, _rows_class(t), head_dim)
     func = _attention_tir(n_heads, n_kv_heads, head_dim, causal, dtype, t, max_ctx, plan,
                           on_gpu=True)
     sch = s_tir.Schedule(func)
@@ -392,9 +410,12 @@ def _schedule_cta(sch: s_tir.Schedule, plan: AttentionPlan, head_dim: int):
         sch.bind(tx, "threadIdx.x")
 
     def copy(block):
-        # 16-byte vector loads, consecutive threads on consecutive vectors (coalesced).
-        fused = sch.fuse(*sch.get_loops(block)[-2:])
-        outer, thread, vec = sch.split(fused, [None, plan.threads, plan.vector])
+        # 16-byte vector loads, consecutive threads on consecutive vectors (coalesced). Each
+        # vector stays inside one row: its row-dependent lets are then the same for every lane
+        # (fusing rows and d first left them per lane, which TVM cannot vectorise at d = 48).
+        i, d = sch.get_loops(block)[-2:]
+        d_outer, vec = sch.split(d, [None, plan.vector])
+        _, thread = sch.split(sch.fuse(i, d_outer), [None, plan.threads])
         bind_threads(thread)
         sch.vectorize(vec)
 

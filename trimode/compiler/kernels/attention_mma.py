@@ -33,8 +33,10 @@ from trimode.model.config import ModelError
 KEYS_PER_TILE = 32   # keys per shared-memory stage (two stages of K and V fit 48 KB at d = 128)
 
 
-def default_plan(n_heads: int, n_kv_heads: int, rows: str) -> AttentionPlan:
+def default_plan(n_heads: int, n_kv_heads: int, rows: str, head_dim: int) -> AttentionPlan:
     """rows: "block" (verify/draft, T <= 64) or "many" (prefill)."""
+    if not supports(head_dim):
+        raise ModelError(f"tensor-core attention needs head_dim a multiple of 16, not {head_dim}")
     if rows == "block":
         return AttentionPlan(rows_per_cta=64, keys_per_tile=KEYS_PER_TILE, threads=128,
                              target_ctas=132 * 2, max_splits=64, min_tiles_per_split=2, vector=8)
@@ -44,10 +46,10 @@ def default_plan(n_heads: int, n_kv_heads: int, rows: str) -> AttentionPlan:
     raise ModelError(f"tensor-core attention serves 'block' and 'many' rows, not {rows!r}")
 
 
-def plan_candidates(n_heads: int, n_kv_heads: int, rows: str) -> list[AttentionPlan]:
+def plan_candidates(n_heads: int, n_kv_heads: int, rows: str, head_dim: int) -> list[AttentionPlan]:
     """The plans `trimode tune` measures: rows per CTA (warps of 16 rows), how many CTAs the
     splits aim at, and the most splits."""
-    default = default_plan(n_heads, n_kv_heads, rows)
+    default = default_plan(n_heads, n_kv_heads, rows, head_dim)
     most_splits = (32, 64, 128) if rows == "block" else (1, 4, 16)
     plans = [default]
     for rows_per_cta in (32, 64, 128):
@@ -294,7 +296,7 @@ def attention_mma(n_heads: int, n_kv_heads: int, head_dim: int, causal: bool, dt
 
     if dtype != "float16":
         raise ModelError(f"tensor-core attention takes float16, not {dtype}")
-    plan = plan or default_plan(n_heads, n_kv_heads, rows)
+    plan = plan or default_plan(n_heads, n_kv_heads, rows, head_dim)
     group = n_heads // n_kv_heads
     name = (f"trimode_attention_mma_h{n_heads}_kv{n_kv_heads}_d{head_dim}_{'causal' if causal else 'bidir'}"
             f"_r{plan.rows_per_cta}_s{plan.target_ctas}x{plan.max_splits}x{plan.min_tiles_per_split}")

@@ -1,0 +1,115 @@
+"""The TIR kernels' CUDA, as TVM generates it for the GPU, run on the CPU (tvm_cuda_emulation.py)
+against float64: the decode attention with its own schedule (split kernel, then merge), and
+the norms and the rope kernels under the pipeline's dlight schedules. Their llvm twins test
+the algorithms; these test the thread bindings, shared memory and reductions of the GPU
+build, which otherwise first run on a GPU."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+if shutil.which("g++") is None or shutil.which("nvcc") is None:
+    pytest.skip("needs g++ (the emulator) and nvcc (TVM's CUDA build)", allow_module_level=True)
+
+from test_attention_cuda import attention_reference  # noqa: E402
+from tvm_cuda_emulation import run_primfunc  # noqa: E402
+
+from trimode.artifacts import resolve_target  # noqa: E402
+from trimode.compiler.kernels import norm, rope  # noqa: E402
+from trimode.compiler.kernels.attention_cuda import attention_cuda, default_plan, scratch_rows  # noqa: E402
+from trimode.compiler.pipeline import schedule_unscheduled_kernels  # noqa: E402
+from trimode.model.config import GEOMETRIES  # noqa: E402
+from trimode.model.reference import rmsnorm  # noqa: E402
+from trimode.model.reference import rope as rope_reference  # noqa: E402
+
+CTX, LAYERS, LAYER = 256, 2, 1
+
+
+def scheduled(func):
+    """func as the model pipeline hands it to code generation: dlight's GPU schedule."""
+    target = tvm.target.Target(resolve_target("cuda", "sm_90a"), host="llvm")
+    with target:
+        return schedule_unscheduled_kernels(tvm.IRModule({"main": func}))["main"]
+
+
+def rel_err(got, want) -> float:
+    return float(np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("order", [(False, False), (True, True)], ids=["forward", "reverse-greedy"])
+# the tiny test model's heads; the default model's (3 q heads a kv head, d = 48); the 14B's d
+@pytest.mark.parametrize("heads, pos", [((4, 1, 32), 200), ((4, 1, 32), 0), ((6, 2, 48), 70), ((8, 2, 128), 130)])
+def test_decode_attention_as_built_for_the_gpu(heads, pos, order):
+    n_heads, n_kv_heads, d = heads
+    plan = default_plan(n_heads, n_kv_heads, "one", d)
+    func = attention_cuda(n_heads, n_kv_heads, d, True, "float16", 1, plan=plan)
+    rng = np.random.default_rng(pos)
+    q = rng.standard_normal((1, n_heads, d)).astype(np.float16)
+    kv = rng.standard_normal((LAYERS, 2, n_kv_heads, CTX, d)).astype(np.float16)
+    k_new = rng.standard_normal((1, n_kv_heads, d)).astype(np.float16)
+    v_new = rng.standard_normal((1, n_kv_heads, d)).astype(np.float16)
+    rows = scratch_rows(n_heads, n_kv_heads, plan, 1)
+    # poisoned: splits past the keys at this pos (the grid follows the cache size) must still
+    # write what the merge weighs as nothing
+    buffers = {"q": q, "kv": kv.copy(), "pos_buf": np.array([pos], np.int32), "k_new": k_new, "v_new": v_new,
+               "out": np.full((1, n_heads, d), np.nan, np.float16),
+               "part_out": np.full((rows, n_heads, d), np.nan, np.float32),
+               "part_lse": np.full((rows, n_heads), np.nan, np.float32)}
+    run_primfunc(func, buffers, {"ctx": CTX, "layer": LAYER, "n_layers": LAYERS, "n_part": rows},
+                 reverse=order[0], greedy=order[1])
+    want = attention_reference(q.astype(float), kv.astype(float), LAYER, pos, k_new.astype(float),
+                               v_new.astype(float), causal=True)
+    assert np.isfinite(buffers["out"].astype(np.float32)).all()
+    assert rel_err(buffers["out"], want) < 2e-3  # fp16 inputs and output
+    np.testing.assert_array_equal(buffers["kv"], kv)  # the cache is only read
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_norms_as_built_for_the_gpu(t):
+    hidden, eps = 384, 1e-6
+    rng = np.random.default_rng(t)
+    x = rng.standard_normal((t, hidden)).astype(np.float16)
+    delta = rng.standard_normal((t, hidden)).astype(np.float16)
+    w = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+    s = (x + delta).astype(np.float16)  # the stream, rounded as stored
+
+    buffers = {"x": x, "w": w, "y": np.full((t, hidden), np.nan, np.float16)}
+    run_primfunc(scheduled(norm.rms_norm(hidden, eps, "float16")), buffers, {"t": t})
+    assert rel_err(buffers["y"], rmsnorm(x.astype(float), w, eps)) < 1e-3
+
+    buffers = {"x": x, "delta": delta, "w": w, "s": np.full((t, hidden), np.nan, np.float16),
+               "y": np.full((t, hidden), np.nan, np.float16)}
+    run_primfunc(scheduled(norm.add_rms_norm(hidden, eps, "float16")), buffers, {"t": t})
+    np.testing.assert_array_equal(buffers["s"], s)
+    assert rel_err(buffers["y"], rmsnorm(s.astype(float), w, eps)) < 1e-3
+
+
+@pytest.mark.parametrize("append", [True, False], ids=["causal", "draft"])
+def test_rope_kernels_as_built_for_the_gpu(append):
+    cfg = GEOMETRIES["tiny"]
+    hq, hkv, d, t, pos = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 3, 60
+    rng = np.random.default_rng(3)
+    qkv = rng.standard_normal((t, (hq + 2 * hkv) * d)).astype(np.float16)
+    cos, sin = (np.asarray(a, np.float32) for a in cfg.rope_tables(CTX))
+    q_scale = rng.uniform(1, 1.2, CTX).astype(np.float32)
+    kv = rng.standard_normal((LAYERS, 2, hkv, CTX, d)).astype(np.float16)
+    buffers = {"qkv": qkv, "cos": cos, "sin": sin, "qscale": q_scale, "pos": np.array([pos], np.int32),
+               "kv": kv.copy(), "q": np.full((t, hq, d), np.nan, np.float16),
+               "k": np.full((t, hkv, d), np.nan, np.float16), "v": np.full((t, hkv, d), np.nan, np.float16)}
+    func = rope.rope_split_append(LAYERS, hq, hkv, d, "float16") if append else rope.rope_split(hq, hkv, d, "float16")
+    run_primfunc(scheduled(func), buffers, {"t": t, "ctx": CTX, "layer": LAYER})
+
+    rows = slice(pos, pos + t)
+    heads = qkv.astype(np.float64).reshape(t, hq + 2 * hkv, d)
+    want_q = rope_reference(heads[:, :hq], cos[rows], sin[rows]) * q_scale[rows, None, None]
+    want_k = rope_reference(heads[:, hq:hq + hkv], cos[rows], sin[rows])
+    assert rel_err(buffers["q"], want_q) < 1e-3 and rel_err(buffers["k"], want_k) < 1e-3
+    np.testing.assert_array_equal(buffers["v"], qkv.reshape(t, hq + 2 * hkv, d)[:, hq + hkv:])
+    expected_kv = kv.copy()
+    if append:  # the block's k, v at positions pos.. of this layer; the rest untouched
+        expected_kv[LAYER, 0, :, rows] = buffers["k"].transpose(1, 0, 2)
+        expected_kv[LAYER, 1, :, rows] = buffers["v"].transpose(1, 0, 2)
+    np.testing.assert_array_equal(buffers["kv"], expected_kv)
