@@ -113,3 +113,17 @@ def test_rope_kernels_as_built_for_the_gpu(append):
         expected_kv[LAYER, 0, :, rows] = buffers["k"].transpose(1, 0, 2)
         expected_kv[LAYER, 1, :, rows] = buffers["v"].transpose(1, 0, 2)
     np.testing.assert_array_equal(buffers["kv"], expected_kv)
+
+
+def test_q8_embedding_as_built_for_the_gpu():
+    from trimode.compiler.kernels.embedding import q8_embedding
+
+    vocab, hidden, t = 300, 96, 3
+    rng = np.random.default_rng(4)
+    q = rng.integers(-127, 128, (vocab, hidden)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.1, (vocab, hidden // 32)).astype(np.float16)
+    ids = np.array([299, 0, 17, 5, 5], np.int32)  # a block's token buffer: the first t are used
+    buffers = {"ids": ids, "q": q, "scale": scale, "x": np.full((t, hidden), np.nan, np.float16)}
+    run_primfunc(scheduled(q8_embedding(vocab, hidden, "float16")), buffers, {"t": t, "n_ids": len(ids)})
+    want = q[ids[:t]].astype(np.float64) * np.repeat(scale[ids[:t]].astype(np.float64), 32, axis=1)
+    assert rel_err(buffers["x"], want) < 1e-3
