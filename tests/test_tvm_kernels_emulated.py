@@ -127,3 +127,82 @@ def test_q8_embedding_as_built_for_the_gpu():
     run_primfunc(scheduled(q8_embedding(vocab, hidden, "float16")), buffers, {"t": t, "n_ids": len(ids)})
     want = q[ids[:t]].astype(np.float64) * np.repeat(scale[ids[:t]].astype(np.float64), 32, axis=1)
     assert rel_err(buffers["x"], want) < 1e-3
+
+
+def lowered_for_cuda(cfg):
+    """The model's Relax as the CUDA pipeline hands it to memory planning: fused, scheduled."""
+    from trimode.compiler.kernel_table import Kernels
+    from trimode.compiler.model import NLDModel, mark_static_arguments
+    from trimode.compiler.pipeline import relax_passes
+
+    model = NLDModel(cfg, {"embed": True, "layers": True, "output": True}, Kernels(cfg, "cuda"))
+    mod, params = model.export_tvm(spec=model.entry_specs())
+    target = tvm.target.Target(resolve_target("cuda", "sm_90a"), host="llvm")
+    passes = relax_passes(target)
+    with target:
+        mod = tvm.transform.Sequential(passes[:passes.index(schedule_unscheduled_kernels) + 1])(
+            mark_static_arguments(mod))
+    return mod, [name for name, _ in params]
+
+
+@pytest.fixture(scope="module")
+def tiny_on_the_gpu():
+    """The tiny model lowered for CUDA, its parameters as the loader lays them out (gate_up's
+    rows interleaved), and a float64 reference after a 70-token prompt with that prompt's K/V
+    in an fp16 cache, as a prefill would have left them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trimode.model.random_weights import random_weights
+    from trimode.model.reference import ReferenceForward, ReferenceModel
+    from trimode.runtime.engine import parameter_groups, quantized_parts
+
+    cfg = GEOMETRIES["tiny"]
+    weights = random_weights(cfg, seed=3)
+    mod, names = lowered_for_cuda(cfg)
+    with ThreadPoolExecutor(2) as pool:
+        host = {}
+        for group in parameter_groups(weights, quantized_parts(weights), "float16", pool):
+            host.update({name: array.copy() for name, array in group.items()})
+    ref = ReferenceForward(ReferenceModel(cfg, weights), CTX)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab, 70).tolist()
+    ref.causal(prompt)
+    kv = np.zeros((cfg.n_layers, 2, cfg.n_kv_heads, CTX, cfg.head_dim), np.float16)
+    for layer in range(cfg.n_layers):
+        kv[layer, 0, :, :len(prompt)] = ref._k[layer].transpose(1, 0, 2)
+        kv[layer, 1, :, :len(prompt)] = ref._v[layer].transpose(1, 0, 2)
+    return cfg, mod, tuple(host[name] for name in names), ref, kv
+
+
+@pytest.mark.parametrize("entry, block", [("decode", [7]), ("verify", [7, 3, 99, 5, 0, 12, 8, 1, 2]),
+                                          ("draft", [7] + [2047] * 6)])
+def test_a_whole_step_as_built_for_the_gpu_matches_float64(tiny_on_the_gpu, entry, block):
+    # every kernel of a CUDA entry, in its order: embedding, the fused norms, the matmuls
+    # (gemv for decode, split-K tensor cores for blocks; gate_up gated), rope with the cache
+    # append, attention (split-KV decode; tensor cores for blocks), head, argmax -- the GPU
+    # check's tiny test, run on the CPU
+    from tvm_cuda_emulation import EntryEmulator
+
+    from trimode.compiler.kernel_table import MAX_BLOCK
+
+    cfg, mod, params, ref, kv = tiny_on_the_gpu
+    fill = ref.length
+    tokens = np.zeros(MAX_BLOCK, np.int32)
+    tokens[:len(block)] = block
+    cos, sin = (np.asarray(a, np.float32) for a in cfg.rope_tables(CTX))
+    q_scale = cfg.q_scale(np.arange(CTX)).astype(np.float32)
+    shape = [] if entry == "decode" else [(len(block),)]
+    outputs = EntryEmulator(mod).run(entry, shape + [tokens, np.array([fill], np.int32), kv.copy(), cos, sin,
+                                                     q_scale, params])
+    logits, argmax, prob = outputs[:3]
+    want = (ref.bidirectional(block) if entry == "draft" else ref.causal(block)).logits()
+    assert float(np.abs(logits - want).max() / np.abs(want).max()) < 1e-2  # fp16, as on the GPU
+    np.testing.assert_array_equal(argmax, logits.argmax(axis=1))
+    lse = np.log(np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True)).sum(axis=1))
+    np.testing.assert_allclose(prob, np.exp(-lse), rtol=1e-4)
+    if entry != "draft":  # the block's K/V appended at its positions, the prompt's untouched
+        kv_out = outputs[3]
+        for layer in range(cfg.n_layers):
+            assert rel_err(kv_out[layer, 0, :, fill:fill + len(block)].transpose(1, 0, 2),
+                           ref._k[layer][fill:]) < 1e-2
+            np.testing.assert_array_equal(kv_out[layer, :, :, :fill], kv[layer, :, :, :fill])
+        ref.truncate(fill)

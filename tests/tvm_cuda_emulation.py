@@ -10,6 +10,7 @@ after another in the emulator on numpy arrays, as the GPU would in one stream.
 """
 from __future__ import annotations
 
+import ast
 import re
 
 import numpy as np
@@ -33,6 +34,9 @@ def generated_kernels(func: tvm.tirx.PrimFunc) -> list[tuple[str, str, list[tupl
             tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     source = next(m for m in lib.mod.imports if m.kind == "cuda").inspect_source()
+    # hand-written device functions the kernels call (T.cuda.func_call's source_code)
+    device_code = "".join(dict.fromkeys(
+        ast.literal_eval(literal) for literal in re.findall(r'source_code=("(?:[^"\\]|\\.)*")', func.script())))
     kernels = []
     for match in _KERNEL.finditer(source):
         body = source[match.start():source.index("\n}\n", match.end()) + 3]
@@ -42,7 +46,7 @@ def generated_kernels(func: tvm.tirx.PrimFunc) -> list[tuple[str, str, list[tupl
         for p in match.group(2).split(","):
             c_type, name = p.replace("__restrict__", "").strip().rsplit(None, 1)
             params.append((c_type.strip(), name))
-        kernels.append((match.group(1), body, params))
+        kernels.append((match.group(1), device_code + body, params))
     return kernels
 
 
@@ -87,10 +91,11 @@ def _evaluate(expr, scalars: dict[str, int]) -> int:
 
 
 def run_primfunc(func: tvm.tirx.PrimFunc, buffers: dict[str, np.ndarray], scalars: dict[str, int],
-                 reverse: bool = False, greedy: bool = False) -> None:
+                 reverse: bool = False, greedy: bool = False, kernels=None) -> None:
     """Runs every kernel of `func` on `buffers` (by buffer name; updated in place) with the
-    shape and scalar variables `scalars` (by name)."""
-    kernels, grids = generated_kernels(func), launch_grids(func)
+    shape and scalar variables `scalars` (by name). A function whose launches sit behind a
+    host-side condition (the prefill GEMM's row test) would run all of them: not supported."""
+    kernels, grids = kernels or generated_kernels(func), launch_grids(func)
     assert len(kernels) == len(grids), (len(kernels), len(grids))
     for (name, source, params), grid in zip(kernels, grids):
         dims = [[1, 1, 1], [1, 1, 1]]
@@ -105,3 +110,114 @@ def run_primfunc(func: tvm.tirx.PrimFunc, buffers: dict[str, np.ndarray], scalar
                 args.append(scalars[param])
         EmulatedFunction(source, name, [c for c, _ in params])(
             dims[0], dims[1], *args, reverse=reverse, greedy=greedy)
+
+
+# --- a whole compiled entry: its Relax bindings in order, every kernel emulated ------------
+
+def _split_top(text: str) -> list[str]:
+    """Comma-separated parts of `text`, commas inside brackets left alone."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    if text[start:].strip():
+        parts.append(text[start:].strip())
+    return parts
+
+
+def signature(func: tvm.tirx.PrimFunc) -> list[tuple[str, list[str] | None]]:
+    """(name, dims as printed, or None for a scalar) of each parameter, read off the
+    function's TVMScript (this TVM's Python API does not expose its buffer map)."""
+    text = func.script()
+    head = re.search(r"def \w+\((.*?)\):\n", text, re.S).group(1)
+    params = []
+    for part in _split_top(head):
+        name, annotation = (s.strip() for s in part.split(":", 1))
+        buffer = re.match(r"T\.Buffer\(\((.*?)\),", annotation, re.S)
+        params.append((name, _split_top(buffer.group(1)) if buffer else None))
+    return params
+
+
+class EntryEmulator:
+    """Runs one Relax function of a lowered module (dataflow bindings of call_tir and
+    call_tir_inplace, as after FuseTIR and the GPU schedules) with every PrimFunc's CUDA
+    emulated: what the GPU would compute, without its VM, memory planning or graphs."""
+
+    def __init__(self, mod: tvm.IRModule):
+        self.mod = mod
+        self._compiled = {}
+
+    def run(self, name: str, args: list) -> object:
+        from tvm import relax
+
+        func = self.mod[name]
+        env = {}
+        shape_values = {}
+        for param, value in zip(func.params, args):
+            env[param] = value
+            info = param.ty
+            dims = info.shape.values if isinstance(info, relax.TensorType) and isinstance(value, np.ndarray) \
+                else info.values if isinstance(info, relax.ShapeType) else ()
+            sizes = value.shape if isinstance(value, np.ndarray) else value  # a shape argument: ints
+            for dim, size in zip(dims, sizes):
+                if isinstance(dim, tvm.tirx.Var):
+                    shape_values[dim.name] = size
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                env[binding.var] = self._evaluate(binding.value, env, shape_values)
+        return self._evaluate(func.body.body, env, shape_values)
+
+    def _evaluate(self, expr, env, shape_values):
+        from tvm import relax
+
+        if isinstance(expr, tvm.tirx.IntImm):  # a scalar argument (the layer index)
+            return int(expr.value)
+        if expr in env:  # a parameter or an earlier binding
+            return env[expr]
+        if isinstance(expr, relax.TupleGetItem):
+            return self._evaluate(expr.tuple_value, env, shape_values)[expr.index]
+        if isinstance(expr, relax.Tuple):
+            return tuple(self._evaluate(f, env, shape_values) for f in expr.fields)
+        if isinstance(expr, relax.Call) and expr.op.name in ("relax.call_tir", "relax.call_tir_inplace"):
+            return self._call(expr, env, shape_values)
+        raise NotImplementedError(f"cannot emulate {type(expr).__name__}: {str(expr)[:200]}")
+
+    def _call(self, call, env, shape_values):
+        from tvm import relax
+
+        prim_func = self.mod[call.args[0]]
+        args = [self._evaluate(a, env, shape_values) for a in call.args[1].fields]
+        out_infos = call.ty_args[0]
+        out_infos = list(out_infos.fields) if isinstance(out_infos, relax.TupleType) else [out_infos]
+        inplace = list(call.attrs.inplace_indices) if call.op.name == "relax.call_tir_inplace" else [-1] * len(out_infos)
+        outputs, fresh = [], []
+        for info, alias in zip(out_infos, inplace):
+            if alias >= 0:
+                outputs.append(args[alias])
+                continue
+            shape = [_evaluate(dim, shape_values) if not isinstance(dim, tvm.tirx.IntImm) else int(dim.value)
+                     for dim in info.shape.values]
+            dtype = str(info.dtype)
+            array = np.full(shape, np.nan if dtype.startswith("float") else -1, dtype=dtype)
+            outputs.append(array)
+            fresh.append(array)
+        buffers, scalars = {}, dict(shape_values)
+        for (name, dims), value in zip(signature(prim_func), args + fresh):
+            if dims is None:
+                scalars[name] = value
+                continue
+            buffers[name] = value
+            for dim, size in zip(dims, value.shape):
+                if re.fullmatch(r"\w+", dim):
+                    scalars[dim] = size
+        run_primfunc(prim_func, buffers, scalars, kernels=self._kernels(prim_func))
+        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _kernels(self, prim_func):
+        key = tvm_ffi.structural_hash(prim_func)
+        if key not in self._compiled:
+            self._compiled[key] = generated_kernels(prim_func)
+        return self._compiled[key]
