@@ -145,19 +145,26 @@ def lowered_for_cuda(cfg):
     return mod, [name for name, _ in params]
 
 
-@pytest.fixture(scope="module")
-def tiny_on_the_gpu():
-    """The tiny model lowered for CUDA, its parameters as the loader lays them out (gate_up's
-    rows interleaved), and a float64 reference after a 70-token prompt with that prompt's K/V
-    in an fp16 cache, as a prefill would have left them."""
+@pytest.fixture(scope="module", params=["tiny", "default"])
+def model_on_the_gpu(request):
+    """A model lowered for CUDA (the tiny test geometry with random weights, or the shipped
+    default model: 3 query heads a kv head, head_dim 48), its parameters as the loader lays
+    them out (gate_up's rows interleaved), and a float64 reference after a 70-token prompt
+    with that prompt's K/V in an fp16 cache, as a prefill would have left them."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from trimode.model.default_model import model_or_default
+    from trimode.model.gguf_file import load_model
     from trimode.model.random_weights import random_weights
     from trimode.model.reference import ReferenceForward, ReferenceModel
     from trimode.runtime.engine import parameter_groups, quantized_parts
 
-    cfg = GEOMETRIES["tiny"]
-    weights = random_weights(cfg, seed=3)
+    if request.param == "tiny":
+        cfg = GEOMETRIES["tiny"]
+        weights = random_weights(cfg, seed=3)
+    else:
+        model = load_model(model_or_default(None))
+        cfg, weights = model.config, model.weights
     mod, names = lowered_for_cuda(cfg)
     with ThreadPoolExecutor(2) as pool:
         host = {}
@@ -174,8 +181,8 @@ def tiny_on_the_gpu():
 
 
 @pytest.mark.parametrize("entry, block", [("decode", [7]), ("verify", [7, 3, 99, 5, 0, 12, 8, 1, 2]),
-                                          ("draft", [7] + [2047] * 6)])
-def test_a_whole_step_as_built_for_the_gpu_matches_float64(tiny_on_the_gpu, entry, block):
+                                          ("draft", [7] + [1000] * 6)])
+def test_a_whole_step_as_built_for_the_gpu_matches_float64(model_on_the_gpu, entry, block):
     # every kernel of a CUDA entry, in its order: embedding, the fused norms, the matmuls
     # (gemv for decode, split-K tensor cores for blocks; gate_up gated), rope with the cache
     # append, attention (split-KV decode; tensor cores for blocks), head, argmax -- the GPU
@@ -184,7 +191,7 @@ def test_a_whole_step_as_built_for_the_gpu_matches_float64(tiny_on_the_gpu, entr
 
     from trimode.compiler.kernel_table import MAX_BLOCK
 
-    cfg, mod, params, ref, kv = tiny_on_the_gpu
+    cfg, mod, params, ref, kv = model_on_the_gpu
     fill = ref.length
     tokens = np.zeros(MAX_BLOCK, np.int32)
     tokens[:len(block)] = block
