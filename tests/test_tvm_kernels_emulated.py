@@ -213,3 +213,27 @@ def test_a_whole_step_as_built_for_the_gpu_matches_float64(model_on_the_gpu, ent
                            ref._k[layer][fill:]) < 1e-2
             np.testing.assert_array_equal(kv_out[layer, :, :, :fill], kv[layer, :, :, :fill])
         ref.truncate(fill)
+
+
+def test_a_prefill_as_built_for_the_gpu_matches_float64(model_on_the_gpu):
+    # 70 prompt rows: the tiled GEMM (its kernel chosen on the host by the row count), the
+    # tensor-core attention's prefill plan, the cache written at every position, the last row's
+    # logits
+    from tvm_cuda_emulation import EntryEmulator
+
+    from trimode.model.reference import ReferenceForward
+
+    cfg, mod, params, ref, _ = model_on_the_gpu
+    prompt = np.random.default_rng(1).integers(0, cfg.vocab, 70).astype(np.int32)
+    fresh = ReferenceForward(ref.model, CTX)
+    want = fresh.causal(prompt.tolist(), last_only=True).logits()
+    cos, sin = (np.asarray(a, np.float32) for a in cfg.rope_tables(CTX))
+    q_scale = cfg.q_scale(np.arange(CTX)).astype(np.float32)
+    kv = np.zeros((cfg.n_layers, 2, cfg.n_kv_heads, CTX, cfg.head_dim), np.float16)
+    logits, argmax, _, kv_out = EntryEmulator(mod).run(
+        "prefill", [prompt, np.array([0], np.int32), kv, cos, sin, q_scale, params])
+    assert logits.shape == (1, cfg.vocab)
+    assert float(np.abs(logits - want).max() / np.abs(want).max()) < 1e-2
+    assert argmax[0] == logits[0].argmax()
+    for layer in range(cfg.n_layers):
+        assert rel_err(kv_out[layer, 1, :, :70].transpose(1, 0, 2), fresh._v[layer]) < 1e-2

@@ -50,16 +50,23 @@ def generated_kernels(func: tvm.tirx.PrimFunc) -> list[tuple[str, str, list[tupl
     return kernels
 
 
-def launch_grids(func: tvm.tirx.PrimFunc) -> list[dict[str, tvm.tirx.PrimExpr]]:
-    """Per kernel (a nest of thread-bound loops), the extent of each thread tag."""
-    grids: list[dict] = []
+def launch_grids(func: tvm.tirx.PrimFunc) -> list[tuple[dict[str, tvm.tirx.PrimExpr], tvm.tirx.PrimExpr | None]]:
+    """Per kernel (a nest of thread-bound loops), the extent of each thread tag, and the
+    host-side condition it launches under (the prefill GEMM picks its kernel by the row
+    count), None for always."""
+    grids: list = []
 
-    def walk(node, inside: bool):
+    def walk(node, inside: bool, condition):
         if node is None:
             return
         if isinstance(node, (list, tvm_ffi.Array)):
             for child in node:
-                walk(child, inside)
+                walk(child, inside, condition)
+            return
+        if isinstance(node, tvm.tirx.IfThenElse) and not inside:
+            both = (lambda c: c) if condition is None else (lambda c: tvm.tirx.all(condition, c))
+            walk(node.then_case, inside, both(node.condition))
+            walk(node.else_case, inside, both(tvm.tirx.Not(node.condition)))
             return
         tag = extent = None
         if isinstance(node, tvm.tirx.For) and node.thread_binding is not None:
@@ -68,14 +75,14 @@ def launch_grids(func: tvm.tirx.PrimFunc) -> list[dict[str, tvm.tirx.PrimExpr]]:
             tag, extent = node.node.thread_tag, node.value
         if tag is not None:
             if not inside:
-                grids.append({})
-            grids[-1].setdefault(tag, extent)
+                grids.append(({}, condition))
+            grids[-1][0].setdefault(tag, extent)
             inside = True
         for field in ("body", "seq", "then_case", "else_case", "block", "init"):
             if hasattr(node, field):
-                walk(getattr(node, field), inside)
+                walk(getattr(node, field), inside, condition)
 
-    walk(func.body, False)
+    walk(func.body, False, None)
     return grids
 
 
@@ -85,7 +92,7 @@ def _evaluate(expr, scalars: dict[str, int]) -> int:
     for var in tvm.tirx.analysis.undefined_vars(expr):
         analyzer.bind(var, tvm.tirx.IntImm(str(var.ty), scalars[var.name]))
     folded = analyzer.simplify(expr)
-    if not isinstance(folded, tvm.tirx.IntImm):
+    if not isinstance(folded, tvm.tirx.IntImm):  # a boolean folds to an IntImm too
         raise ValueError(f"launch extent {expr} did not fold to a constant ({folded})")
     return int(folded.value)
 
@@ -93,11 +100,13 @@ def _evaluate(expr, scalars: dict[str, int]) -> int:
 def run_primfunc(func: tvm.tirx.PrimFunc, buffers: dict[str, np.ndarray], scalars: dict[str, int],
                  reverse: bool = False, greedy: bool = False, kernels=None) -> None:
     """Runs every kernel of `func` on `buffers` (by buffer name; updated in place) with the
-    shape and scalar variables `scalars` (by name). A function whose launches sit behind a
-    host-side condition (the prefill GEMM's row test) would run all of them: not supported."""
+    shape and scalar variables `scalars` (by name); a kernel behind a host-side condition
+    runs where the condition holds for them."""
     kernels, grids = kernels or generated_kernels(func), launch_grids(func)
     assert len(kernels) == len(grids), (len(kernels), len(grids))
-    for (name, source, params), grid in zip(kernels, grids):
+    for (name, source, params), (grid, condition) in zip(kernels, grids):
+        if condition is not None and not _evaluate(condition, scalars):
+            continue
         dims = [[1, 1, 1], [1, 1, 1]]
         for tag, extent in grid.items():
             axis, letter = tag.split(".")
