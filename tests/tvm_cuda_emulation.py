@@ -7,6 +7,9 @@ generated it. This builds a PrimFunc for sm_90a with common-subexpression elimin
 kernel from the generated source, reads its launch grid off the scheduled TIR (the extents
 of its thread-bound loops, evaluated at the call's shape values) and runs the kernels one
 after another in the emulator on numpy arrays, as the GPU would in one stream.
+EntryEmulator does that for every call of a lowered Relax entry in order: a whole decode,
+verify, draft or prefill step as built for the GPU, minus the VM's memory planning and the
+CUDA graph capture.
 """
 from __future__ import annotations
 
