@@ -89,8 +89,9 @@ def launch_grids(func: tvm.tirx.PrimFunc) -> list[tuple[dict[str, tvm.tirx.PrimE
     return grids
 
 
-def _evaluate(expr, scalars: dict[str, int]) -> int:
-    """A launch extent at the call's shape values (its variables looked up by name)."""
+def _fold(expr, scalars: dict[str, int]) -> int:
+    """A launch extent, launch condition or output dimension at the call's shape values (its
+    variables looked up by name)."""
     analyzer = Analyzer()
     for var in tvm.tirx.analysis.undefined_vars(expr):
         analyzer.bind(var, tvm.tirx.IntImm(str(var.ty), scalars[var.name]))
@@ -108,12 +109,12 @@ def run_primfunc(func: tvm.tirx.PrimFunc, buffers: dict[str, np.ndarray], scalar
     kernels, grids = kernels or generated_kernels(func), launch_grids(func)
     assert len(kernels) == len(grids), (len(kernels), len(grids))
     for (name, source, params), (grid, condition) in zip(kernels, grids):
-        if condition is not None and not _evaluate(condition, scalars):
+        if condition is not None and not _fold(condition, scalars):
             continue
         dims = [[1, 1, 1], [1, 1, 1]]
         for tag, extent in grid.items():
             axis, letter = tag.split(".")
-            dims[_AXES[axis]]["xyz".index(letter)] = _evaluate(extent, scalars)
+            dims[_AXES[axis]]["xyz".index(letter)] = _fold(extent, scalars)
         args = []
         for c_type, param in params:
             if c_type.endswith("*"):
@@ -210,8 +211,7 @@ class EntryEmulator:
             if alias >= 0:
                 outputs.append(args[alias])
                 continue
-            shape = [_evaluate(dim, shape_values) if not isinstance(dim, tvm.tirx.IntImm) else int(dim.value)
-                     for dim in info.shape.values]
+            shape = [_fold(dim, shape_values) for dim in info.shape.values]
             dtype = str(info.dtype)
             array = np.full(shape, np.nan if dtype.startswith("float") else -1, dtype=dtype)
             outputs.append(array)

@@ -73,7 +73,7 @@ class Kernels:
             return _cached(attention.attention_cpu, c.n_layers, c.n_heads, c.n_kv_heads,
                            c.head_dim, causal)
         plan = self._attention_plan(rows)
-        if self._attention_on_tensor_cores(rows):
+        if cuda_attention_kernel(rows, c.head_dim) == "attention_mma":
             from trimode.compiler.kernels import attention_mma
 
             return opaque(attention_mma.attention_mma(c.n_heads, c.n_kv_heads, c.head_dim, causal,
@@ -83,9 +83,6 @@ class Kernels:
         return opaque(attention_cuda.attention_cuda(c.n_heads, c.n_kv_heads, c.head_dim, causal,
                                                     self.dtype, 1 if rows == "one" else "dynamic",
                                                     plan=plan))
-
-    def _attention_on_tensor_cores(self, rows: str) -> bool:
-        return cuda_attention_kernel(rows, self.cfg.head_dim) == "attention_mma"
 
     def attention_scratch(self, rows: str, t) -> list[list]:
         """Shapes of the fp32 split buffers the attention kernel takes after its output (none
@@ -107,8 +104,9 @@ class Kernels:
         from trimode.compiler.kernels import attention_cuda, attention_mma
 
         c = self.cfg
-        kernel = attention_mma if self._attention_on_tensor_cores(rows) else attention_cuda
-        tuned = self.schedules.get(f"{cuda_attention_kernel(rows, c.head_dim)}/{rows}")
+        name = cuda_attention_kernel(rows, c.head_dim)
+        kernel = attention_mma if name == "attention_mma" else attention_cuda
+        tuned = self.schedules.get(f"{name}/{rows}")
         if tuned:
             return attention_cuda.AttentionPlan(**tuned)
         return kernel.default_plan(c.n_heads, c.n_kv_heads, rows, c.head_dim)
