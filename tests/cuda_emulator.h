@@ -78,6 +78,7 @@ struct alignas(4) __half2 {
 };
 using half = __half;
 using half2 = __half2;
+using uchar = unsigned char;  // TVM's generated CUDA declares dynamic shared memory as uchar
 
 inline float __half2float(half h) {
   _Float16 f;

@@ -124,7 +124,9 @@ def test_prefill_gemm_builds_with_its_short_prompt_kernel(tmp_path):
         source = tvm.tirx.build(tvm.IRModule(funcs), target=H100).imports[0].inspect_source()
     kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", source))
     assert len(kernels) == 2  # one per branch on the row count
-    assert "trimode_q8_gemm_n6144_k5120(" in source
+    assert "trimode_q8_gemm_n6144_k5120_t128_s2(" in source
+    # the GEMM's stages live in dynamic shared memory, which the host sizes at each launch
+    assert re.search(r"extern __shared__ __align__\(\d+\) uchar \w+\[\];", source)
     assert "trimode_q8_splitk_n6144_k5120_mprefill_nt1_w8_g1_s3(" in source
     with cuda_build_context(H100):
         lib = tvm.compile(tvm.IRModule(funcs), target=H100)
@@ -195,7 +197,7 @@ def test_bundle_loads_with_the_runtime_libraries_alone(tmp_path):
 
     specs = q8_specs({"odd": (100, 160)}, [1, "block", "dynamic"], "default")
     names = {(spec["m"], spec["name"]) for spec in specs}
-    assert names == {(1, "gemv_r2_kw1"), ("block", "splitk_nt2_w8_g2_s1"), ("dynamic", "gemm"),
+    assert names == {(1, "gemv_r2_kw1"), ("block", "splitk_nt2_w8_g2_s1"), ("dynamic", "gemm_t128_s2"),
                      (1, "dlight"), ("block", "dlight")}
     specs = [spec for spec in specs if spec["name"] != "dlight"]  # keep the test quick
     specs += attention_specs(4, 1, 32, "default")  # the tiny heads: one plan per row class
@@ -207,7 +209,7 @@ def test_bundle_loads_with_the_runtime_libraries_alone(tmp_path):
     assert {entry["library"] for entry in entries} == {"kernels0.so", "kernels1.so"}
     assert all(library_has_gpu_binary(tmp_path / name) for name in ("kernels0.so", "kernels1.so"))
     q8 = [e for e in entries if e["kernel"] == "q8_matmul"]
-    assert [e["rows"] for e in q8 if e["m"] == "dynamic"] == [[512]]
+    assert [e["rows"] for e in q8 if e["m"] == "dynamic"] == [[512, 2048]]
     assert [e["rows"] for e in q8 if e["m"] == "block"] == [[16, 32]]
     out = subprocess.run([sys.executable, "-c", RUNTIME_ONLY_LOAD, str(tmp_path)],
                          capture_output=True, text=True, timeout=120)

@@ -102,16 +102,38 @@ def test_gated_slab_mma_writes_silu_gate_times_up():
     _check(*_run_rows_kernel(name, source, grid, 32 * k_warps, n, k, m, gated=True))
 
 
+GEMM_PLANS = [q8.GemmPlan(128, 2), q8.GemmPlan(128, 4), q8.GemmPlan(64, 3)]
+
+
 @pytest.mark.parametrize("order", ORDERS, ids=["forward", "reverse-greedy-early"])
+@pytest.mark.parametrize("plan", GEMM_PLANS, ids=lambda p: f"t{p.tile_m}_s{p.stages}")
 @pytest.mark.parametrize("n, k, m, gated", [(200, 256, 130, False), (128, 96, 257, False), (75, 64, 65, False),
                                      (100, 160, 128, False), (200, 96, 130, True)])
-def test_prefill_gemm_matches_float64(n, k, m, gated, order):
-    # row and column tiles of 128, the last ones partly empty; odd N (a pair's second half
-    # past the edge, unaligned pairs stored one by one)
+def test_prefill_gemm_matches_float64(n, k, m, gated, plan, order):
+    # row and column tiles, the last ones partly empty; odd N (a pair's second half past the
+    # edge, unaligned pairs stored one by one); K of 2 to 8 stages, fewer than a deep
+    # pipeline's prologue in some (its empty commits)
     name = "gemm"
-    grid = (-(-m // q8.GEMM_ROWS), -(-n // q8.GEMM_COLS))
-    source = q8._gemm_source(name, n, k, gated)
-    _check(*_run_rows_kernel(name, source, grid, q8.GEMM_THREADS, n, k, m, order=order, gated=gated))
+    x, q, scale, ref = _problem(np.random.default_rng(0), n, k, m)
+    ref = _gated(ref) if gated else ref
+    y = np.full(ref.shape, np.nan, np.float16)
+    smem = np.zeros(plan.shared_bytes(), np.uint8)  # the emulator's guard bytes catch an overrun
+    reverse, greedy, early = order
+    EmulatedFunction(q8._gemm_source(name, n, k, plan, gated), name, ROWS_PARAMS + ["unsigned char*"])(
+        (-(-m // plan.tile_m), -(-n // q8.GEMM_COLS)), (plan.threads(),), x, q, scale, y, m, smem,
+        reverse=reverse, greedy=greedy, early_copies=early)
+    _check(y, ref)
+
+
+def test_gemm_plans_fit_the_shared_memory_a_block_may_take():
+    plans = [q8.GemmPlan.of(c) for c in q8.schedule_candidates(5120, 16384, "dynamic") if c["kind"] == "gemm"]
+    assert {(p.tile_m, p.stages) for p in plans} == {(t, s) for t in (64, 128) for s in (2, 3, 4)}
+    assert all(p.shared_bytes() <= q8.GEMM_MAX_SHARED for p in plans)
+    assert q8.GemmPlan(128, 2).shared_bytes() == 2 * (128 * 40 * 2 + 128 * 32) + 128 * 40 * 2
+    with pytest.raises(q8.ModelError, match="stages 2 to 4"):
+        q8.GemmPlan.of({"kind": "gemm", "tile_m": 128, "stages": 5})
+    with pytest.raises(q8.ModelError, match="tile_m is 64 or 128"):
+        q8.q8_matmul(256, 512, "dynamic", schedule={"kind": "gemm", "tile_m": 96, "stages": 2})
 
 
 def _run_splitk(n, k, m, schedule, order=ORDERS[0], launches=1, edit=None, gated=False):

@@ -25,6 +25,7 @@ from cuda_emulator import EmulatedFunction
 
 _KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\) \{')
 _AXES = {"blockIdx": 0, "threadIdx": 1}
+DYNAMIC_SHARED_BYTES = 227 * 1024  # sm_90's opt-in limit per block
 
 
 def generated_kernels(func: tvm.tirx.PrimFunc) -> list[tuple[str, str, list[tuple[str, str]]]]:
@@ -45,6 +46,9 @@ def generated_kernels(func: tvm.tirx.PrimFunc) -> list[tuple[str, str, list[tupl
         body = source[match.start():source.index("\n}\n", match.end()) + 3]
         # g++ wants an attribute before the storage class `__shared__` stands for
         body = re.sub(r"__shared__ alignas\((\d+)\)", r"alignas(\1) __shared__", body)
+        # dynamic shared memory: one static block-shared array of the most a block may opt into
+        body = re.sub(r"extern __shared__ __align__\((\d+)\) (\w+) (\w+)\[\];",
+                      rf"alignas(\1) __shared__ \2 \3[{DYNAMIC_SHARED_BYTES}];", body)
         params = []
         for p in match.group(2).split(","):
             c_type, name = p.replace("__restrict__", "").strip().rsplit(None, 1)

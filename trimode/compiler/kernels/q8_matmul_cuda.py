@@ -22,8 +22,9 @@ runs the same source on the CPU, which is how the tests check them without a GPU
   ahead), so each x element crosses L2 once per NB = 8 * n_tiles * warps weight rows instead
   of once per 8 * n_tiles; blocks split K to fill the GPU, and the last block of each
   column tile sums the splits' fp32 partials in split order (deterministic).
-- `gemm` (prefill): 128 x 128 output tiles, x and the dequantized weights staged in shared
-  memory, ldmatrix + mma.sync; prompts of <= 64 rows go to an mma_splitk kernel instead.
+- `gemm` (prefill): 128 weight rows by 128 (or 64) rows of x a block, x and the dequantized
+  weights staged in dynamic shared memory (2 to 4 cp.async stages), ldmatrix + mma.sync;
+  prompts of <= 64 rows go to an mma_splitk kernel instead.
 
 Gated (gate_up): weight rows alternate gate, up, and every kernel's epilogue writes
 silu(gate) * up of each row pair into y [m, n / 2] (`_store_pair`): the FFN activation costs
@@ -108,7 +109,7 @@ def default_schedule(n: int, k: int, m) -> dict:
     blocks with the split-K tensor-core kernel, prefill with the tiled GEMM."""
     few_rows = n < 8192  # o, qkv, down at 14B: N/8 warps would not fill 132 SMs deeply
     if m == "dynamic":
-        return {"kind": "gemm"}
+        return {"kind": "gemm", "tile_m": 128, "stages": 2}
     if m != "block" and m <= 1:
         # warps split K by 512-k chunks: a count that divides them leaves no warp idle at the
         # end (qkv at 14B: 10 chunks, so 2 warps, not 4)
@@ -150,7 +151,7 @@ def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: 
         # a block class tuned to another kernel leaves short prompts the split-K default
         small = block_schedule if (block_schedule or {}).get("kind") == "mma_splitk" else \
             default_schedule(n, k, "block")
-        return _q8_gemm(n, k, SplitKPlan.of(n, k, small), gated)
+        return _q8_gemm(n, k, GemmPlan.of(schedule), SplitKPlan.of(n, k, small), gated)
     raise ModelError(f"unknown q8 matmul schedule kind {kind!r} (expected one of {KINDS})")
 
 
@@ -177,7 +178,8 @@ def schedule_candidates(n: int, k: int, m) -> list[dict]:
             if _mma_shared_bytes(m_tiles, n_tiles, k_warps) <= STATIC_SHARED_BYTES:
                 candidates.append({"kind": "mma", "n_tiles": n_tiles, "k_warps": k_warps})
     if m == "dynamic":
-        candidates.insert(0, {"kind": "gemm"})
+        candidates[:0] = [{"kind": "gemm", "tile_m": tile_m, "stages": stages}
+                          for tile_m in (128, 64) for stages in (2, 3, 4)]
     if m == "block" or m not in ROW_CLASSES and m > 1:
         for n_tiles, warps in ((1, 8), (2, 4), (2, 8), (4, 4), (4, 8)):  # 64 to 256 weight rows a block
             for k_group in (1, 2):
@@ -194,7 +196,8 @@ def schedule_name(schedule: dict) -> str:
     if schedule["kind"] == "gemv":
         return f"gemv_r{schedule['rows_per_warp']}_kw{schedule['k_warps']}"
     if schedule["kind"] == "gemm":
-        return "gemm"
+        plan = GemmPlan.of(schedule)
+        return f"gemm_t{plan.tile_m}_s{plan.stages}"
     if schedule["kind"] == "mma_splitk":
         return (f"splitk_nt{schedule['n_tiles']}_w{schedule['warps']}_g{schedule['k_group']}"
                 f"_s{schedule['splits']}")
@@ -639,41 +642,78 @@ def _splitk_store_partials(name, n, plan):
   if (threadIdx.x == 0) {name}_tickets[blockIdx.x] = 0u;"""
 
 
-GEMM_ROWS = 128     # rows of x per block of the prefill GEMM
-GEMM_COLS = 128     # weight rows per block
-GEMM_K = Q8_BLOCK   # k per stage: one Q8_0 block, one scale per weight row
-GEMM_THREADS = 256  # 8 warps, 2 (rows) x 4 (weight rows), each 64 x 32 of the output
+GEMM_COLS = 128      # weight rows per block of the prefill GEMM
+GEMM_K = Q8_BLOCK    # k per stage: one Q8_0 block, one scale per weight row
+GEMM_KP = GEMM_K + 8  # a staged row of halves, 16 bytes of padding: no ldmatrix bank conflicts
+GEMM_MAX_SHARED = 227 * 1024  # dynamic shared memory a block may opt into (sm_90)
 
 
-def _gemm_source(name, n, k, gated=False):
-    """Prefill: a tiled GEMM. Per k-stage of 32 (one Q8_0 block), x [128, 32] and the int8
-    weights [128, 32] go to shared memory by cp.async one stage ahead; the block's threads
-    dequantize the stage once into an fp16 tile; every warp takes its A (x) and B (weight)
-    fragments by ldmatrix and runs 4 x 4 mma.sync tiles. Blocks along m vary fastest, so the
-    blocks running at once share a weight tile through L2 and DRAM sees each weight about
-    once."""
+@dataclass(frozen=True)
+class GemmPlan:
+    """Tiling of the prefill GEMM: 128 weight rows by `tile_m` rows of x a block, warps of
+    64 x 32 outputs (2 x 4 warps at 128 rows, 1 x 4 at 64), `stages` k-stages in flight."""
+    tile_m: int  # 64 or 128
+    stages: int  # cp.async stages of x and weights, 2 to 4
+
+    def warps(self) -> int:
+        return self.tile_m // 64 * 4
+
+    def threads(self) -> int:
+        return 32 * self.warps()
+
+    def shared_bytes(self) -> int:
+        """Dynamic shared memory: the staged x and int8 weight tiles, and one fp16 weight tile."""
+        return self.stages * (self.tile_m * GEMM_KP * 2 + GEMM_COLS * GEMM_K) + GEMM_COLS * GEMM_KP * 2
+
+    @classmethod
+    def of(cls, schedule: dict) -> "GemmPlan":
+        plan = cls(schedule.get("tile_m", 128), schedule.get("stages", 2))
+        if plan.tile_m not in (64, 128) or not 2 <= plan.stages <= 4:
+            raise ModelError(f"gemm schedule {schedule}: tile_m is 64 or 128, stages 2 to 4")
+        return plan
+
+
+def _gemm_source(name, n, k, plan: GemmPlan, gated=False):
+    """Prefill: a tiled GEMM. Per k-stage of 32 (one Q8_0 block), x [BM, 32] and the int8
+    weights [128, 32] go to shared memory by cp.async, `stages - 1` stages ahead; the block's
+    threads dequantize the stage once into an fp16 tile; every warp takes its A (x) and B
+    (weight) fragments by ldmatrix and runs 4 x 4 mma.sync tiles. Blocks along m vary
+    fastest, so the blocks running at once share a weight tile through L2 and DRAM sees each
+    weight about once. Shared memory is dynamic (`smem`, plan.shared_bytes()): three or four
+    stages need more than the 48 KB a static array may hold."""
+    pieces = GEMM_COLS * (GEMM_K // 16) // plan.threads()  # 16-weight pieces a thread dequantizes
     return _COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name) + rf"""
 __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
-                                       const half* __restrict__ s, half* __restrict__ y, int m) {{
-  constexpr int N = {n}, K = {k}, BM = {GEMM_ROWS}, BN = {GEMM_COLS}, BK = {GEMM_K}, THREADS = {GEMM_THREADS};
-  constexpr int MT = 4, NT = 4, KP = BK + 8;  // 16 bytes of padding per row: no ldmatrix bank conflicts
-  __shared__ __align__(16) half xs[2][BM][KP];
-  __shared__ __align__(16) signed char qs[2][BN][BK];
-  __shared__ __align__(16) half ws[BN][KP];
+                                       const half* __restrict__ s, half* __restrict__ y, int m,
+                                       unsigned char* __restrict__ smem) {{
+  constexpr int N = {n}, K = {k}, BM = {plan.tile_m}, BN = {GEMM_COLS}, BK = {GEMM_K}, KP = {GEMM_KP};
+  constexpr int S = {plan.stages}, THREADS = {plan.threads()}, P = {pieces}, MT = 4, NT = 4;
+  half (*xs)[BM][KP] = reinterpret_cast<half (*)[BM][KP]>(smem);
+  signed char (*qs)[BN][BK] = reinterpret_cast<signed char (*)[BN][BK]>(smem + S * BM * KP * 2);
+  half (*ws)[KP] = reinterpret_cast<half (*)[KP]>(smem + S * (BM * KP * 2 + BN * BK));
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int wm = warp >> 2, wn = warp & 3, matrix = lane >> 3;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, steps = K / BK;
-  // the 16 weights this thread dequantizes per stage: row tid / 2, bytes 16 (tid % 2) ..
-  const int dq_row = tid >> 1, dq_col = 16 * (tid & 1), dq_n = min(n0 + dq_row, N - 1);
+  // the 16-weight pieces this thread copies and dequantizes per stage: row piece / 2, bytes 16 (piece % 2) ..
+  int dq_row[P], dq_col[P], dq_n[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {{
+    const int piece = tid + p * THREADS;
+    dq_row[p] = piece >> 1;
+    dq_col[p] = 16 * (piece & 1);
+    dq_n[p] = min(n0 + dq_row[p], N - 1);  // rows past N: row N-1 again
+  }}
 
-  auto issue = [&](int step, int buffer) {{
-    const int k0 = step * BK;
+  auto issue = [&](int step) {{
+    const int k0 = step * BK, buffer = step % S;
     for (int piece = tid; piece < BM * (BK / 8); piece += THREADS) {{
       const int row = piece / (BK / 8), col = piece % (BK / 8) * 8;
       const bool inside = m0 + row < m;
       {name}_copy16(&xs[buffer][row][col], inside ? x + (size_t)(m0 + row) * K + k0 + col : x, inside ? 16 : 0);
     }}
-    {name}_copy16(&qs[buffer][dq_row][dq_col], q + (size_t)dq_n * K + k0 + dq_col, 16);  // rows past N: row N-1
+#pragma unroll
+    for (int p = 0; p < P; ++p)
+      {name}_copy16(&qs[buffer][dq_row[p]][dq_col[p]], q + (size_t)dq_n[p] * K + k0 + dq_col[p], 16);
     {name}_copy_commit();
   }};
 
@@ -684,26 +724,34 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) c[i][j][e] = 0.f;
-  half scale = __ldg(s + (size_t)dq_n * (K / 32));
+  half scale[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) scale[p] = __ldg(s + (size_t)dq_n[p] * (K / 32));
 
-  issue(0, 0);
+  // one commit per stage, empty past the last, so "all but the S - 2 newest" is always this stage
+#pragma unroll
+  for (int step = 0; step < S - 1; ++step) {{
+    if (step < steps) issue(step);
+    else {name}_copy_commit();
+  }}
   for (int step = 0; step < steps; ++step) {{
-    const int buffer = step & 1;
-    {name}_copy_wait_all();
-    __syncthreads();  // this stage has landed; every warp is done with the last one's tiles
-    half next_scale = scale;
-    if (step + 1 < steps) {{
-      issue(step + 1, buffer ^ 1);
-      next_scale = __ldg(s + (size_t)dq_n * (K / 32) + step + 1);
-    }}
-    {{
+    const int buffer = step % S;
+    {name}_copy_wait_pending<S - 2>();
+    __syncthreads();  // this stage has landed; every warp is done with the oldest buffer's tiles
+    if (step + S - 1 < steps) issue(step + S - 1);  // into the buffer step - 1 used
+    else {name}_copy_commit();
+    half next_scale[P];
+#pragma unroll
+    for (int p = 0; p < P; ++p) {{
+      next_scale[p] = step + 1 < steps ? __ldg(s + (size_t)dq_n[p] * (K / 32) + step + 1) : scale[p];
       unsigned wf[8];  // in k order
-      {name}_dequant16(*reinterpret_cast<const uint4*>(&qs[buffer][dq_row][dq_col]), scale, wf);
-      uint4* to = reinterpret_cast<uint4*>(&ws[dq_row][dq_col]);
+      {name}_dequant16(*reinterpret_cast<const uint4*>(&qs[buffer][dq_row[p]][dq_col[p]]), scale[p], wf);
+      uint4* to = reinterpret_cast<uint4*>(&ws[dq_row[p]][dq_col[p]]);
       to[0] = make_uint4(wf[0], wf[1], wf[2], wf[3]);
       to[1] = make_uint4(wf[4], wf[5], wf[6], wf[7]);
     }}
-    scale = next_scale;
+#pragma unroll
+    for (int p = 0; p < P; ++p) scale[p] = next_scale[p];
     __syncthreads();  // the fp16 weight tile is whole
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {{
@@ -789,17 +837,18 @@ def _q8_mma_splitk(n, k, m, plan: SplitKPlan, gated):
                         lambda rows: plan.splits, 32 * plan.warps, gated)
 
 
-def _q8_gemm(n, k, small: SplitKPlan, gated):
+def _q8_gemm(n, k, plan: GemmPlan, small: SplitKPlan, gated):
     """Prefill: rows <= 64 through the split-K kernel (its own copy: module-scope scratch is
     per kernel), more through the tiled GEMM."""
     from tvm.script import tirx as T
 
-    name = f"trimode_q8_gemm_n{n}_k{k}{_GATED_TAG[gated]}"
-    source = _gemm_source(name, n, k, gated)
+    name = f"trimode_q8_gemm_n{n}_k{k}_t{plan.tile_m}_s{plan.stages}{_GATED_TAG[gated]}"
+    source = _gemm_source(name, n, k, plan, gated)
     small_name = _splitk_name(n, k, "prefill", small, gated)
     small_source = _splitk_source(small_name, n, k, small, gated)
     column_tiles = -(-n // GEMM_COLS)
     n_out = n // 2 if gated else n
+    tile_m, threads, shared_bytes = plan.tile_m, plan.threads(), plan.shared_bytes()
 
     @T.prim_func(private=True)
     def q8_gemm(x_handle: T.handle, q: T.Buffer((T.int64(n), T.int64(k)), "int8"),
@@ -815,11 +864,14 @@ def _q8_gemm(n, k, small: SplitKPlan, gated):
                         T.evaluate(T.cuda.func_call(small_name, x.data, q.data, s.data, y.data,
                                                     T.Cast("int32", rows), source_code=small_source))
         else:
-            with T.launch_thread("blockIdx.x", T.Cast("int32", (rows + GEMM_ROWS - 1) // GEMM_ROWS)):
+            with T.launch_thread("blockIdx.x", T.Cast("int32", (rows + tile_m - 1) // tile_m)):
                 with T.launch_thread("blockIdx.y", column_tiles):
-                    with T.launch_thread("threadIdx.x", GEMM_THREADS):
+                    with T.launch_thread("threadIdx.x", threads):
+                        # TVM sizes the launch's dynamic shared memory from this buffer (and opts
+                        # the kernel into more than 48 KB)
+                        smem = T.alloc_buffer((shared_bytes,), "uint8", scope="shared.dyn")
                         T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data,
-                                                    T.Cast("int32", rows), source_code=source))
+                                                    T.Cast("int32", rows), smem.data, source_code=source))
 
     return q8_gemm
 
