@@ -121,12 +121,14 @@ def test_prefill_gemm_builds_with_its_short_prompt_kernel(tmp_path):
     funcs = {"g": q8_matmul_cuda.q8_matmul(6144, 5120, "dynamic", "float16", H100, None, splitk)
              .with_attr("global_symbol", "g")}
     with cuda_build_context(H100):
-        source = tvm.tirx.build(tvm.IRModule(funcs), target=H100).imports[0].inspect_source()
+        built = tvm.tirx.build(tvm.IRModule(funcs), target=H100)
+    source = built.imports[0].inspect_source()
     kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", source))
     assert len(kernels) == 2  # one per branch on the row count
     assert "trimode_q8_gemm_n6144_k5120_t128_s2(" in source
-    # the GEMM's stages live in dynamic shared memory, which the host sizes at each launch
+    # the GEMM's stages live in dynamic shared memory, which the host passes at each launch
     assert re.search(r"extern __shared__ __align__\(\d+\) uchar \w+\[\];", source)
+    assert f"store i64 {q8_matmul_cuda.GemmPlan(128, 2).shared_bytes()}," in built.inspect_source("ll")
     assert "trimode_q8_splitk_n6144_k5120_mprefill_nt1_w8_g1_s3(" in source
     with cuda_build_context(H100):
         lib = tvm.compile(tvm.IRModule(funcs), target=H100)
