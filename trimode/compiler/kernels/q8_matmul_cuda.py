@@ -11,7 +11,7 @@ runs the same source on the CPU, which is how the tests check them without a GPU
 - `gemv` (m <= 4, decode): CUDA cores. Each lane streams 16-byte int8 loads of `rows_per_warp`
   weight rows; the warps of a block split K (split-K inside the block), so small N still fills
   the GPU. int8 -> float by the exponent trick (one byte-permute and one add per element).
-- `mma` (rows in 64-row slabs; a tuning candidate for blocks and prefill): tensor cores,
+- `mma` (rows in 64-row slabs; a tuning candidate for blocks): tensor cores,
   mma.sync m16n8k16 fp16 x fp16 -> fp32. Each thread loads 16 contiguous int8 of one weight
   row and 16 contiguous fp16 of two x rows, and both operands use the same permutation of k
   inside each 64-k chunk, so the fragments come straight from 16-byte loads (no shared
@@ -171,9 +171,12 @@ def schedule_candidates(n: int, k: int, m) -> list[dict]:
         for rows in (1, 2, 4):
             for k_warps in (2, 4, 8):
                 candidates.append({"kind": "gemv", "rows_per_warp": rows, "k_warps": k_warps})
-    # 8 n-tiles halve the x re-reads per weight byte but need 64 more registers: m <= 32 only
+    # 8 n-tiles halve the x re-reads per weight byte but need 64 more registers: m <= 32 only.
+    # Not for prefill (rows > 64 there): the slab kernel reads every weight once per 64 rows,
+    # which made the first GPU run's prefill 4,050 tok/s (BENCHMARKS.md); measuring it at 2048
+    # rows would be most of the tuning time.
     m_tiles = _m_tiles(m)
-    for n_tiles in (() if m == 1 else (1, 2, 4) if m_tiles > 2 else (1, 2, 4, 8)):
+    for n_tiles in (() if m in (1, "dynamic") else (1, 2, 4) if m_tiles > 2 else (1, 2, 4, 8)):
         for k_warps in (2, 4, 8):
             if _mma_shared_bytes(m_tiles, n_tiles, k_warps) <= STATIC_SHARED_BYTES:
                 candidates.append({"kind": "mma", "n_tiles": n_tiles, "k_warps": k_warps})
