@@ -36,20 +36,26 @@ timeout 330 python3 bench/gpu_check.py --tiny-artifact .carry/artifacts/tiny \
   --bench-artifact .carry/artifacts/14b --geometry 14b --json-out "$OUT/gpu_check.json" "${model[@]}" "$@" \
   2>&1 | tee "$OUT/gpu_check.log" | grep -v "^  ok"
 status=${PIPESTATUS[0]}
+stage() { echo "[gpu_check] $1 done at ${SECONDS}s"; }  # what each part costs of the device call
+stage "correctness + bench"
 
 if [ "${EAGER:-1}" = 1 ] && [ -d .carry/artifacts/14b-eager ]; then  # the same steps without CUDA graphs
   timeout 120 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b-eager \
     --geometry 14b --fills 512 --prefill 16 --repeat 5 --json-out "$OUT/gpu_check_eager.json" 2>&1 | tail -16
+  stage "without CUDA graphs"
 fi
 if [ "${BLOCK16:-1}" = 1 ]; then  # the default draft block (draft length 15 + 1) beside the T = 32 above
   timeout 150 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b \
     --geometry 14b --block 16 --prefill 16 --json-out "$OUT/gpu_check_block16.json" 2>&1 | tail -16
+  stage "T = 16"
 fi
 # the kernel benches last: the longest part, and what a device call cut short loses first
 if [ "${KERNEL_BENCHES:-0}" = 1 ]; then  # the per-kernel benches of bench/NOTES-*.md (KERNELS=1 prepare)
   timeout 120 python3 bench/gpu_attention.py .carry/attention "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -18
+  stage "attention kernels"
   # every Q8_0 candidate: $OUT/q8_results.json is what `trimode tune --results` files here
   timeout 300 python3 bench/gpu_kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -22
+  stage "Q8_0 kernels"
 fi
 if [ -f "$OUT/q8_results.json" ]; then  # each step against its matmuls timed alone (KERNEL_BENCHES=1)
   python3 bench/step_breakdown.py "$OUT" 2>&1 | tee "$OUT/step_breakdown.md"
