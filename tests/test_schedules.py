@@ -134,6 +134,24 @@ def test_compile_uses_the_tuned_database_of_the_named_gpu(tmp_path, monkeypatch)
     assert schedules.database_for("NVIDIA Test GPU")[1] != first_id
 
 
+def test_a_tuned_gemm_plan_reaches_the_prefill_kernel(tmp_path, monkeypatch):
+    from trimode.compiler.kernel_table import Kernels
+    from trimode.compiler.kernels import q8_matmul_cuda
+    from trimode.model.config import GEOMETRIES
+
+    cfg = GEOMETRIES["tiny"]
+    n, k = cfg.matmul_shapes()["down"]
+    candidates = [c for c in q8_matmul_cuda.schedule_candidates(n, k, "dynamic") if c["kind"] == "gemm"]
+    tuned = {"kind": "gemm", "tile_m": 64, "stages": 3}
+    assert tuned in candidates and tuned != q8_matmul_cuda.default_schedule(n, k, "dynamic")
+    monkeypatch.setattr(schedules, "DATABASE_DIR", tmp_path)
+    schedules.write_database("NVIDIA Test GPU", [_result((n, k), "dynamic", tuned, 50.0)], "2026-12-02")
+    table, _ = schedules.database_for("NVIDIA Test GPU")
+    script = Kernels(cfg, "cuda", table).q8_matmul(n, k, "many").script()
+    assert f"trimode_q8_gemm_n{n}_k{k}_t64_s3" in script
+    assert f"({q8_matmul_cuda.GemmPlan(64, 3).shared_bytes()},)" in script  # its dynamic shared memory
+
+
 def _attention_result(key, plan, time_us, ok=True, default=False):
     return {"kernel": key.split("/")[0], "key": key, "shape_name": f"attention_{key.split('/')[1]}",
             "heads": [4, 1, 32], "m": key.split("/")[1], "rows": 32, "fill": 4096, "schedule": plan,
