@@ -125,7 +125,7 @@ def test_prefill_gemm_builds_with_its_short_prompt_kernel(tmp_path):
     source = built.imports[0].inspect_source()
     kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", source))
     assert len(kernels) == 2  # one per branch on the row count
-    assert "trimode_q8_gemm_n6144_k5120_t128_s2(" in source
+    assert "trimode_q8_gemm_n6144_k5120_t128_s2_k32(" in source
     # the GEMM's stages live in dynamic shared memory, which the host passes at each launch
     assert re.search(r"extern __shared__ __align__\(\d+\) uchar \w+\[\];", source)
     assert f"store i64 {q8_matmul_cuda.GemmPlan(128, 2).shared_bytes()}," in built.inspect_source("ll")
@@ -199,7 +199,7 @@ def test_bundle_loads_with_the_runtime_libraries_alone(tmp_path):
 
     specs = q8_specs({"odd": (100, 160)}, [1, "block", "dynamic"], "default")
     names = {(spec["m"], spec["name"]) for spec in specs}
-    assert names == {(1, "gemv_r2_kw1"), ("block", "splitk_nt2_w8_g2_s1"), ("dynamic", "gemm_t128_s2"),
+    assert names == {(1, "gemv_r2_kw1"), ("block", "splitk_nt2_w8_g2_s1"), ("dynamic", "gemm_t128_s2_k32"),
                      (1, "dlight"), ("block", "dlight")}
     specs = [spec for spec in specs if spec["name"] != "dlight"]  # keep the test quick
     specs += attention_specs(4, 1, 32, "default")  # the tiny heads: one plan per row class

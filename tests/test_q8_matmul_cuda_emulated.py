@@ -102,16 +102,21 @@ def test_gated_slab_mma_writes_silu_gate_times_up():
     _check(*_run_rows_kernel(name, source, grid, 32 * k_warps, n, k, m, gated=True))
 
 
-GEMM_PLANS = [q8.GemmPlan(128, 2), q8.GemmPlan(128, 4), q8.GemmPlan(64, 3)]
+GEMM_PLANS = [q8.GemmPlan(128, 2), q8.GemmPlan(128, 4), q8.GemmPlan(64, 3), q8.GemmPlan(128, 3, 64),
+              q8.GemmPlan(64, 2, 64)]
+
+
+GEMM_CASES = [(200, 256, 130, False), (128, 96, 257, False), (75, 64, 65, False), (100, 160, 128, False),
+              (200, 96, 130, True), (200, 192, 130, True)]
 
 
 @pytest.mark.parametrize("order", ORDERS, ids=["forward", "reverse-greedy-early"])
-@pytest.mark.parametrize("plan", GEMM_PLANS, ids=lambda p: f"t{p.tile_m}_s{p.stages}")
-@pytest.mark.parametrize("n, k, m, gated", [(200, 256, 130, False), (128, 96, 257, False), (75, 64, 65, False),
-                                     (100, 160, 128, False), (200, 96, 130, True)])
+@pytest.mark.parametrize("n, k, m, gated, plan", [
+    case + (plan,) for case in GEMM_CASES for plan in GEMM_PLANS if case[1] % plan.k_stage == 0],
+    ids=lambda v: f"t{v.tile_m}_s{v.stages}_k{v.k_stage}" if isinstance(v, q8.GemmPlan) else None)
 def test_prefill_gemm_matches_float64(n, k, m, gated, plan, order):
     # row and column tiles, the last ones partly empty; odd N (a pair's second half past the
-    # edge, unaligned pairs stored one by one); K of 2 to 8 stages, fewer than a deep
+    # edge, unaligned pairs stored one by one); K of 1 to 8 stages, fewer than a deep
     # pipeline's prologue in some (its empty commits)
     name = "gemm"
     x, q, scale, ref = _problem(np.random.default_rng(0), n, k, m)
@@ -127,9 +132,15 @@ def test_prefill_gemm_matches_float64(n, k, m, gated, plan, order):
 
 def test_gemm_plans_fit_the_shared_memory_a_block_may_take():
     plans = [q8.GemmPlan.of(c) for c in q8.schedule_candidates(5120, 16384, "dynamic") if c["kind"] == "gemm"]
-    assert {(p.tile_m, p.stages) for p in plans} == {(t, s) for t in (64, 128) for s in (2, 3, 4)}
+    assert {(p.tile_m, p.stages, p.k_stage) for p in plans} == {
+        (t, s, kk) for t in (64, 128) for s in (2, 3, 4) for kk in (32, 64)}
+    # a K that is not a multiple of 64 is offered one-block stages only
+    assert {q8.GemmPlan.of(c).k_stage for c in q8.schedule_candidates(100, 96, "dynamic")} == {32}
+    with pytest.raises(q8.ModelError, match="not a multiple of its k_stage"):
+        q8.q8_matmul(100, 96, "dynamic", schedule={"kind": "gemm", "tile_m": 128, "stages": 2, "k_stage": 64})
     assert all(p.shared_bytes() <= q8.GEMM_MAX_SHARED for p in plans)
     assert q8.GemmPlan(128, 2).shared_bytes() == 2 * (128 * 40 * 2 + 128 * 32) + 128 * 40 * 2
+    assert q8.GemmPlan(128, 3, 64).shared_bytes() == 3 * (128 * 72 * 2 + 128 * 64) + 128 * 72 * 2
     with pytest.raises(q8.ModelError, match="stages 2 to 4"):
         q8.GemmPlan.of({"kind": "gemm", "tile_m": 128, "stages": 5})
     with pytest.raises(q8.ModelError, match="tile_m is 64 or 128"):

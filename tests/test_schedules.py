@@ -142,14 +142,14 @@ def test_a_tuned_gemm_plan_reaches_the_prefill_kernel(tmp_path, monkeypatch):
     cfg = GEOMETRIES["tiny"]
     n, k = cfg.matmul_shapes()["down"]
     candidates = [c for c in q8_matmul_cuda.schedule_candidates(n, k, "dynamic") if c["kind"] == "gemm"]
-    tuned = {"kind": "gemm", "tile_m": 64, "stages": 3}
+    tuned = {"kind": "gemm", "tile_m": 64, "stages": 3, "k_stage": 64}
     assert tuned in candidates and tuned != q8_matmul_cuda.default_schedule(n, k, "dynamic")
     monkeypatch.setattr(schedules, "DATABASE_DIR", tmp_path)
     schedules.write_database("NVIDIA Test GPU", [_result((n, k), "dynamic", tuned, 50.0)], "2026-12-02")
     table, _ = schedules.database_for("NVIDIA Test GPU")
     script = Kernels(cfg, "cuda", table).q8_matmul(n, k, "many").script()
-    assert f"trimode_q8_gemm_n{n}_k{k}_t64_s3" in script
-    assert f"({q8_matmul_cuda.GemmPlan(64, 3).shared_bytes()},)" in script  # its dynamic shared memory
+    assert f"trimode_q8_gemm_n{n}_k{k}_t64_s3_k64" in script
+    assert f"({q8_matmul_cuda.GemmPlan(64, 3, 64).shared_bytes()},)" in script  # its dynamic shared memory
 
 
 def _attention_result(key, plan, time_us, ok=True, default=False):

@@ -23,7 +23,8 @@ runs the same source on the CPU, which is how the tests check them without a GPU
   of once per 8 * n_tiles; blocks split K to fill the GPU, and the last block of each
   column tile sums the splits' fp32 partials in split order (deterministic).
 - `gemm` (prefill): 128 weight rows by 128 (or 64) rows of x a block, x and the dequantized
-  weights staged in dynamic shared memory (2 to 4 cp.async stages), ldmatrix + mma.sync;
+  weights staged in dynamic shared memory (2 to 4 cp.async stages of 32 or 64 k), ldmatrix +
+  mma.sync;
   prompts of <= 64 rows go to an mma_splitk kernel instead.
 
 Gated (gate_up): weight rows alternate gate, up, and every kernel's epilogue writes
@@ -109,7 +110,7 @@ def default_schedule(n: int, k: int, m) -> dict:
     blocks with the split-K tensor-core kernel, prefill with the tiled GEMM."""
     few_rows = n < 8192  # o, qkv, down at 14B: N/8 warps would not fill 132 SMs deeply
     if m == "dynamic":
-        return {"kind": "gemm", "tile_m": 128, "stages": 2}
+        return {"kind": "gemm", "tile_m": 128, "stages": 2, "k_stage": 32}
     if m != "block" and m <= 1:
         # warps split K by 512-k chunks: a count that divides them leaves no warp idle at the
         # end (qkv at 14B: 10 chunks, so 2 warps, not 4)
@@ -151,7 +152,7 @@ def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: 
         # a block class tuned to another kernel leaves short prompts the split-K default
         small = block_schedule if (block_schedule or {}).get("kind") == "mma_splitk" else \
             default_schedule(n, k, "block")
-        return _q8_gemm(n, k, GemmPlan.of(schedule), SplitKPlan.of(n, k, small), gated)
+        return _q8_gemm(n, k, GemmPlan.of(schedule, k), SplitKPlan.of(n, k, small), gated)
     raise ModelError(f"unknown q8 matmul schedule kind {kind!r} (expected one of {KINDS})")
 
 
@@ -181,7 +182,8 @@ def schedule_candidates(n: int, k: int, m) -> list[dict]:
             if _mma_shared_bytes(m_tiles, n_tiles, k_warps) <= STATIC_SHARED_BYTES:
                 candidates.append({"kind": "mma", "n_tiles": n_tiles, "k_warps": k_warps})
     if m == "dynamic":
-        candidates[:0] = [{"kind": "gemm", "tile_m": tile_m, "stages": stages}
+        candidates[:0] = [{"kind": "gemm", "tile_m": tile_m, "stages": stages, "k_stage": k_stage}
+                          for k_stage in (32, 64) if k % k_stage == 0
                           for tile_m in (128, 64) for stages in (2, 3, 4)]
     if m == "block" or m not in ROW_CLASSES and m > 1:
         for n_tiles, warps in ((1, 8), (2, 4), (2, 8), (4, 4), (4, 8)):  # 64 to 256 weight rows a block
@@ -200,7 +202,7 @@ def schedule_name(schedule: dict) -> str:
         return f"gemv_r{schedule['rows_per_warp']}_kw{schedule['k_warps']}"
     if schedule["kind"] == "gemm":
         plan = GemmPlan.of(schedule)
-        return f"gemm_t{plan.tile_m}_s{plan.stages}"
+        return f"gemm_t{plan.tile_m}_s{plan.stages}_k{plan.k_stage}"
     if schedule["kind"] == "mma_splitk":
         return (f"splitk_nt{schedule['n_tiles']}_w{schedule['warps']}_g{schedule['k_group']}"
                 f"_s{schedule['splits']}")
@@ -646,17 +648,17 @@ def _splitk_store_partials(name, n, plan):
 
 
 GEMM_COLS = 128      # weight rows per block of the prefill GEMM
-GEMM_K = Q8_BLOCK    # k per stage: one Q8_0 block, one scale per weight row
-GEMM_KP = GEMM_K + 8  # a staged row of halves, 16 bytes of padding: no ldmatrix bank conflicts
 GEMM_MAX_SHARED = 227 * 1024  # dynamic shared memory a block may opt into (sm_90)
 
 
 @dataclass(frozen=True)
 class GemmPlan:
     """Tiling of the prefill GEMM: 128 weight rows by `tile_m` rows of x a block, warps of
-    64 x 32 outputs (2 x 4 warps at 128 rows, 1 x 4 at 64), `stages` k-stages in flight."""
-    tile_m: int  # 64 or 128
-    stages: int  # cp.async stages of x and weights, 2 to 4
+    64 x 32 outputs (2 x 4 warps at 128 rows, 1 x 4 at 64), `stages` k-stages of `k_stage`
+    in flight."""
+    tile_m: int       # 64 or 128
+    stages: int       # cp.async stages of x and weights, 2 to 4
+    k_stage: int = Q8_BLOCK  # k per stage: one Q8_0 block (32) or two (64: half the barriers per k)
 
     def warps(self) -> int:
         return self.tile_m // 64 * 4
@@ -664,32 +666,40 @@ class GemmPlan:
     def threads(self) -> int:
         return 32 * self.warps()
 
+    def padded_k(self) -> int:
+        """A staged row of halves, 16 bytes of padding: no ldmatrix bank conflicts."""
+        return self.k_stage + 8
+
     def shared_bytes(self) -> int:
         """Dynamic shared memory: the staged x and int8 weight tiles, and one fp16 weight tile."""
-        return self.stages * (self.tile_m * GEMM_KP * 2 + GEMM_COLS * GEMM_K) + GEMM_COLS * GEMM_KP * 2
+        kp = self.padded_k()
+        return self.stages * (self.tile_m * kp * 2 + GEMM_COLS * self.k_stage) + GEMM_COLS * kp * 2
 
     @classmethod
-    def of(cls, schedule: dict) -> "GemmPlan":
-        plan = cls(schedule.get("tile_m", 128), schedule.get("stages", 2))
-        if plan.tile_m not in (64, 128) or not 2 <= plan.stages <= 4:
-            raise ModelError(f"gemm schedule {schedule}: tile_m is 64 or 128, stages 2 to 4")
+    def of(cls, schedule: dict, k: int | None = None) -> "GemmPlan":
+        """The plan a schedule names; with k, also checked to walk that K in whole stages."""
+        plan = cls(schedule.get("tile_m", 128), schedule.get("stages", 2), schedule.get("k_stage", Q8_BLOCK))
+        if plan.tile_m not in (64, 128) or not 2 <= plan.stages <= 4 or plan.k_stage not in (32, 64):
+            raise ModelError(f"gemm schedule {schedule}: tile_m is 64 or 128, stages 2 to 4, k_stage 32 or 64")
+        if k is not None and k % plan.k_stage:
+            raise ModelError(f"gemm schedule {schedule}: K = {k} is not a multiple of its k_stage")
         return plan
 
 
 def _gemm_source(name, n, k, plan: GemmPlan, gated=False):
-    """Prefill: a tiled GEMM. Per k-stage of 32 (one Q8_0 block), x [BM, 32] and the int8
-    weights [128, 32] go to shared memory by cp.async, `stages - 1` stages ahead; the block's
+    """Prefill: a tiled GEMM. Per k-stage (one or two Q8_0 blocks), x [BM, BK] and the int8
+    weights [128, BK] go to shared memory by cp.async, `stages - 1` stages ahead; the block's
     threads dequantize the stage once into an fp16 tile; every warp takes its A (x) and B
     (weight) fragments by ldmatrix and runs 4 x 4 mma.sync tiles. Blocks along m vary
     fastest, so the blocks running at once share a weight tile through L2 and DRAM sees each
     weight about once. Shared memory is dynamic (`smem`, plan.shared_bytes()): three or four
     stages need more than the 48 KB a static array may hold."""
-    pieces = GEMM_COLS * (GEMM_K // 16) // plan.threads()  # 16-weight pieces a thread dequantizes
+    pieces = GEMM_COLS * (plan.k_stage // 16) // plan.threads()  # 16-weight pieces a thread dequantizes
     return _COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name) + rf"""
 __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
                                        const half* __restrict__ s, half* __restrict__ y, int m,
                                        unsigned char* __restrict__ smem) {{
-  constexpr int N = {n}, K = {k}, BM = {plan.tile_m}, BN = {GEMM_COLS}, BK = {GEMM_K}, KP = {GEMM_KP};
+  constexpr int N = {n}, K = {k}, BM = {plan.tile_m}, BN = {GEMM_COLS}, BK = {plan.k_stage}, KP = {plan.padded_k()};
   constexpr int S = {plan.stages}, THREADS = {plan.threads()}, P = {pieces}, MT = 4, NT = 4;
   half (*xs)[BM][KP] = reinterpret_cast<half (*)[BM][KP]>(smem);
   signed char (*qs)[BN][BK] = reinterpret_cast<signed char (*)[BN][BK]>(smem + S * BM * KP * 2);
@@ -697,13 +707,15 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int wm = warp >> 2, wn = warp & 3, matrix = lane >> 3;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, steps = K / BK;
-  // the 16-weight pieces this thread copies and dequantizes per stage: row piece / 2, bytes 16 (piece % 2) ..
-  int dq_row[P], dq_col[P], dq_n[P];
+  // the 16-weight pieces this thread copies and dequantizes per stage: row piece / (BK / 16),
+  // bytes 16 (piece % (BK / 16)) ..
+  int dq_row[P], dq_col[P], dq_block[P], dq_n[P];  // dq_block: its Q8_0 block within the stage
 #pragma unroll
   for (int p = 0; p < P; ++p) {{
-    const int piece = tid + p * THREADS;
-    dq_row[p] = piece >> 1;
-    dq_col[p] = 16 * (piece & 1);
+    const unsigned piece = tid + p * THREADS;
+    dq_row[p] = piece / (BK / 16);
+    dq_col[p] = 16 * (piece % (BK / 16));
+    dq_block[p] = piece % (BK / 16) / 2;
     dq_n[p] = min(n0 + dq_row[p], N - 1);  // rows past N: row N-1 again
   }}
 
@@ -729,7 +741,7 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
       for (int e = 0; e < 4; ++e) c[i][j][e] = 0.f;
   half scale[P];
 #pragma unroll
-  for (int p = 0; p < P; ++p) scale[p] = __ldg(s + (size_t)dq_n[p] * (K / 32));
+  for (int p = 0; p < P; ++p) scale[p] = __ldg(s + (size_t)dq_n[p] * (K / 32) + dq_block[p]);
 
   // one commit per stage, empty past the last, so "all but the S - 2 newest" is always this stage
 #pragma unroll
@@ -746,7 +758,8 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
     half next_scale[P];
 #pragma unroll
     for (int p = 0; p < P; ++p) {{
-      next_scale[p] = step + 1 < steps ? __ldg(s + (size_t)dq_n[p] * (K / 32) + step + 1) : scale[p];
+      next_scale[p] = step + 1 < steps ? __ldg(s + (size_t)dq_n[p] * (K / 32) + (step + 1) * (BK / 32) + dq_block[p])
+                                       : scale[p];
       unsigned wf[8];  // in k order
       {name}_dequant16(*reinterpret_cast<const uint4*>(&qs[buffer][dq_row[p]][dq_col[p]]), scale[p], wf);
       uint4* to = reinterpret_cast<uint4*>(&ws[dq_row[p]][dq_col[p]]);
@@ -845,7 +858,7 @@ def _q8_gemm(n, k, plan: GemmPlan, small: SplitKPlan, gated):
     per kernel), more through the tiled GEMM."""
     from tvm.script import tirx as T
 
-    name = f"trimode_q8_gemm_n{n}_k{k}_t{plan.tile_m}_s{plan.stages}{_GATED_TAG[gated]}"
+    name = f"trimode_q8_gemm_n{n}_k{k}_t{plan.tile_m}_s{plan.stages}_k{plan.k_stage}{_GATED_TAG[gated]}"
     source = _gemm_source(name, n, k, plan, gated)
     small_name = _splitk_name(n, k, "prefill", small, gated)
     small_source = _splitk_source(small_name, n, k, small, gated)
