@@ -213,7 +213,7 @@ def test_the_emulator_catches_a_missing_barrier():
 def test_the_emulator_catches_a_read_before_the_copy_wait_and_a_deadlock():
     schedule = {"n_tiles": 2, "warps": 8, "k_group": 2, "splits": 1}
     with pytest.raises(EmulationError, match="never waited"):
-        _run_splitk(100, 160, 5, schedule, edit=lambda s: s.replace("    splitk_copy_wait_all_but_one();\n", "\n"))
+        _run_splitk(100, 160, 5, schedule, edit=lambda s: s.replace("    splitk_copy_wait_pending<1>();\n", "\n"))
     with pytest.raises(EmulationError, match="deadlock"):
         _run_splitk(100, 160, 5, schedule, edit=lambda s: s.replace(
             "  if (m > 16 * MT) __trap();", "  if (threadIdx.x == 0) __syncthreads();"))

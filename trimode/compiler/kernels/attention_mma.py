@@ -168,7 +168,7 @@ __device__ __forceinline__ void {name}_split(
     const int buffer = step & 1, tile0 = key_begin + step * KT;
     if (step + 1 < n_steps) copy_tile(step + 1, buffer ^ 1);
     else {name}_copy_commit();  // an empty group keeps "all but the newest one" meaning this tile
-    {name}_copy_wait_all_but_one();
+    {name}_copy_wait_pending<1>();
     __syncthreads();  // every thread's share of this tile has landed
 
     // S = Q K^T: 16 rows x KT keys per warp, n-tiles of 8 keys

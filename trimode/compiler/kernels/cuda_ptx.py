@@ -8,8 +8,8 @@ emulator's model of the same instruction instead of inline assembly.
 - `{p}_mma(c, a, b0, b1)`: mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, c += a * b.
 - `{p}_ldmatrix(r, row)` / `{p}_ldmatrix_trans(r, row)`: ldmatrix .x4 (.trans) from shared memory.
 - `{p}_copy16(shared, global, bytes)`: cp.async.cg 16 bytes, of which `bytes` read (the rest zero).
-- `{p}_copy_commit()`, `{p}_copy_wait_all_but_one()`, `{p}_copy_wait_all()`,
-  `{p}_copy_wait_pending<N>()` (all but the N newest groups): cp.async groups.
+- `{p}_copy_commit()`, `{p}_copy_wait_pending<N>()` (until at most the N newest groups are
+  in flight): cp.async groups.
 """
 from __future__ import annotations
 
@@ -58,25 +58,11 @@ __device__ __forceinline__ void NAME_copy_commit() {
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
-__device__ __forceinline__ void NAME_copy_wait_all_but_one() {
-#ifdef TRIMODE_CUDA_EMULATION
-  emu::cp_async_wait(1);
-#else
-  asm volatile("cp.async.wait_group 1;\n" ::);
-#endif
-}
 template <int PENDING> __device__ __forceinline__ void NAME_copy_wait_pending() {
 #ifdef TRIMODE_CUDA_EMULATION
   emu::cp_async_wait(PENDING);
 #else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
-#endif
-}
-__device__ __forceinline__ void NAME_copy_wait_all() {
-#ifdef TRIMODE_CUDA_EMULATION
-  emu::cp_async_wait(0);
-#else
-  asm volatile("cp.async.wait_group 0;\n" ::);
 #endif
 }
 """

@@ -24,8 +24,7 @@ runs the same source on the CPU, which is how the tests check them without a GPU
   column tile sums the splits' fp32 partials in split order (deterministic).
 - `gemm` (prefill): 128 weight rows by 128 (or 64) rows of x a block, x and the dequantized
   weights staged in dynamic shared memory (2 to 4 cp.async stages of 32 or 64 k), ldmatrix +
-  mma.sync;
-  prompts of <= 64 rows go to an mma_splitk kernel instead.
+  mma.sync; prompts of <= 64 rows go to an mma_splitk kernel instead.
 
 Gated (gate_up): weight rows alternate gate, up, and every kernel's epilogue writes
 silu(gate) * up of each row pair into y [m, n / 2] (`_store_pair`): the FFN activation costs
@@ -556,7 +555,7 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
     const int buffer = group & 1;
     if (group + 1 < groups) copy_x(group + 1, buffer ^ 1);
     else {name}_copy_commit();  // an empty group keeps "all but the newest one" meaning this one
-    {name}_copy_wait_all_but_one();
+    {name}_copy_wait_pending<1>();
     __syncthreads();  // every thread's share of this group's x has landed
     if (group + 1 < groups) load_w(group + 1, raw_next, sc_next);
 #pragma unroll
