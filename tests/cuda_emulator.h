@@ -12,6 +12,8 @@
 // kernels use, full-warp shuffles, mma.sync m16n8k16 f16 -> f32 (PTX ISA fragment layouts,
 // fp32 accumulation in k order), ldmatrix x4 (plain and transposed), cp.async 16-byte copies that land only at cp.async.wait_group
 // (a read before the wait sees the old contents), atomics and fences (trivial: one OS thread).
+// griddepcontrol.wait gives the buffers the previous kernel writes their contents (until then
+// they hold poison), launch_dependents does nothing.
 // Kernels reach the emulated instructions through `#ifdef TRIMODE_CUDA_EMULATION`, which
 // this header defines, in place of their inline PTX.
 // Not modelled: shared memory is not poisoned between blocks (a block that reads shared
@@ -409,7 +411,23 @@ inline void cp_async_wait(int pending_allowed) {
   }
 }
 
+// Programmatic dependent launch (trimode/compiler/grid_dependency.py): a kernel may run
+// while the previous one finishes, so until its griddepcontrol.wait the buffers that kernel
+// writes hold poison (all bytes 0xFF: NaN, or -1); the first wait of the launch gives them
+// their contents. A read before the wait sees the poison, a write before it is lost.
+inline std::function<void()> previous_kernel_done;  // set by the launcher when buffers wait
+inline bool waited_for_previous = false;
+
+inline void grid_dependency_wait() {
+  if (!waited_for_previous && previous_kernel_done) previous_kernel_done();
+  waited_for_previous = true;
+}
+
 }  // namespace emu
+
+// What TVM's generated kernels call (its own definitions are inline PTX).
+inline void tvm_builtin_ptx_griddepcontrol_wait() { emu::grid_dependency_wait(); }
+inline void tvm_builtin_ptx_griddepcontrol_launch_dependents() {}
 
 #define threadIdx (emu::current->thread)
 #define blockIdx (emu::block_index)

@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
   for (unsigned i = 0; i < count; ++i) {
     unsigned long long size;
     if (!read_exact(in, &kinds[i], 4) || !read_exact(in, &size, 8)) return 2;
-    if (kinds[i] == 0) {
+    if (kinds[i] != 1) {
       buffers[i].size = size;
       buffers[i].bytes.assign(size + 2 * %(guard)d, %(guard_byte)d);
       if (!read_exact(in, buffers[i].data(), size)) return 2;
@@ -51,14 +51,29 @@ int main(int argc, char** argv) {
   auto scalar = [&](int i) { return scalars[i]; };
   emu::early_copies = dims[7] != 0;
   std::vector<Buffer> initial = buffers;
-  for (unsigned launch = 0; launch < dims[9]; ++launch)  // module-scope state carries over, as on a GPU
-    if ((buffers = initial, false) || emu::launch(dim3{dims[0], dims[1], dims[2]}, dim3{dims[3], dims[4], dims[5]}, dims[6] != 0,
+  const bool pending = std::count(kinds.begin(), kinds.end(), 2u) > 0;
+  // kind 2: written by the previous kernel, poison until this one's griddepcontrol.wait
+  emu::previous_kernel_done = [&] {
+    for (unsigned i = 0; i < count; ++i)
+      if (kinds[i] == 2) std::memcpy(buffers[i].data(), initial[i].data(), buffers[i].size);
+  };
+  for (unsigned launch = 0; launch < dims[9]; ++launch) {  // module-scope state carries over, as on a GPU
+    buffers = initial;
+    for (unsigned i = 0; i < count; ++i)
+      if (kinds[i] == 2) std::memset(buffers[i].data(), 0xFF, buffers[i].size);
+    emu::waited_for_previous = false;
+    if (emu::launch(dim3{dims[0], dims[1], dims[2]}, dim3{dims[3], dims[4], dims[5]}, dims[6] != 0,
                     dims[8] != 0, [&] { %(call)s; })) {
       std::fprintf(stderr, "cuda emulator: %%s\n", emu::error);
       return 3;
     }
+    if (pending && !emu::waited_for_previous) {
+      std::fprintf(stderr, "cuda emulator: the kernel never waited for the previous kernel (griddepcontrol.wait)\n");
+      return 5;
+    }
+  }
   for (unsigned i = 0; i < count; ++i) {
-    if (kinds[i]) continue;
+    if (kinds[i] == 1) continue;
     for (size_t j = 0; j < %(guard)d; ++j)
       if (buffers[i].bytes[j] != %(guard_byte)d || buffers[i].bytes[%(guard)d + buffers[i].size + j] != %(guard_byte)d) {
         std::fprintf(stderr, "cuda emulator: a write outside argument %%u\n", i);
@@ -67,7 +82,7 @@ int main(int argc, char** argv) {
   }
   FILE* out = std::fopen(argv[2], "wb");
   for (unsigned i = 0; i < count; ++i)
-    if (!kinds[i]) std::fwrite(buffers[i].data(), 1, buffers[i].size, out);
+    if (kinds[i] != 1) std::fwrite(buffers[i].data(), 1, buffers[i].size, out);
   std::fclose(out);
   return 0;
 }
@@ -106,24 +121,28 @@ class EmulatedFunction:
             Path(f"{self.binary}.tmp").rename(self.binary)
 
     def __call__(self, grid, block, *args, reverse: bool = False, greedy: bool = False,
-                 early_copies: bool = False, launches: int = 1) -> None:
+                 early_copies: bool = False, launches: int = 1, written_before: tuple = ()) -> None:
         """Runs the grid; arrays are updated in place with what the kernel left in them.
         reverse: blocks and threads in descending order; greedy: the first runnable thread
         runs ahead of the rest; early_copies: cp.async copies land when issued instead of at
         the wait (cuda_emulator.h); launches: run the grid this many times in one process, each
         time on the arguments as given (the kernel's __device__ variables keep their values
-        between launches, as on a GPU)."""
+        between launches, as on a GPU); written_before: indices of the array arguments the
+        previous kernel in the stream writes, poison until this kernel's griddepcontrol.wait
+        (programmatic dependent launch: a read before it sees NaN or -1, a write is lost, and
+        a kernel that never waits fails)."""
         if len(args) != len(self.params):
             raise TypeError(f"{len(self.params)} arguments expected, got {len(args)}")
         grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
         with tempfile.TemporaryDirectory() as work:
             arg_file, out_file = Path(work) / "args", Path(work) / "out"
             parts = [struct.pack("<10I", *grid, *block, int(reverse), int(early_copies), int(greedy), launches), struct.pack("<I", len(args))]
-            for value in args:
+            for index, value in enumerate(args):
                 if isinstance(value, np.ndarray):
                     if not value.flags.c_contiguous:
                         raise ValueError("array arguments must be C-contiguous")
-                    parts += [struct.pack("<IQ", 0, value.nbytes), value.tobytes()]
+                    kind = 2 if index in written_before else 0
+                    parts += [struct.pack("<IQ", kind, value.nbytes), value.tobytes()]
                 else:
                     parts += [struct.pack("<IQq", 1, 8, int(value))]
             arg_file.write_bytes(b"".join(parts))

@@ -75,6 +75,7 @@ def test_loops_load_and_memory(report):
     host = report["decode_host"]
     assert 0 < host["enqueue_seconds"] <= host["synced_seconds"]
     assert report["cuda_graphs"] == {"entries": [], "passes": 0, "used": False}  # llvm: eager
+    assert report["dependent_launch"] is False  # a CUDA-only launch mode
     assert report["load_seconds"] >= 0 and report["load_source"] == "host memory"
     assert report["copy_gb_per_s"] > 0 and "numpy" in report["copy_measured_by"]
     # No GPU: no GPU memory figures, but the host's peak is known.

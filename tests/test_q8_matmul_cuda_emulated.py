@@ -19,6 +19,10 @@ GEMV_PARAMS = ["const half*", "const signed char*", "const half*", "half*"]
 ROWS_PARAMS = GEMV_PARAMS + ["int"]
 # thread orders: (reverse, greedy, early_copies); see EmulatedFunction.__call__
 ORDERS = [(False, False, False), (True, True, True)]
+# x and y: what the previous kernel in the stream writes or reads. The decode and block
+# kernels load weights before their griddepcontrol.wait; until then the emulator poisons
+# these (a read sees NaN, a write is lost).
+X_AND_Y = (0, 3)
 
 
 def _problem(rng, n, k, m):
@@ -42,13 +46,15 @@ def _check(y, ref):
 
 
 def _run_rows_kernel(name, source, grid, threads, n, k, m, order=ORDERS[0], launches=1, seed=0,
-                     gated=False):
+                     gated=False, waits=False):
+    """waits: the kernel issues griddepcontrol.wait itself (x and y poisoned until then)."""
     x, q, scale, ref = _problem(np.random.default_rng(seed), n, k, m)
     ref = _gated(ref) if gated else ref
     y = np.full(ref.shape, np.nan, np.float16)
     reverse, greedy, early = order
     EmulatedFunction(source, name, ROWS_PARAMS)(grid, (threads,), x, q, scale, y, m, reverse=reverse,
-                                                greedy=greedy, early_copies=early, launches=launches)
+                                                greedy=greedy, early_copies=early, launches=launches,
+                                                written_before=X_AND_Y if waits else ())
     return y, ref
 
 
@@ -60,7 +66,8 @@ def test_gemv_matches_float64(n, k, m, rows_per_warp, k_warps):
     source = q8._gemv_source(name, n, k, m, rows_per_warp, k_warps)
     x, q, scale, ref = _problem(np.random.default_rng(1), n, k, m)
     y = np.full((m, n), np.nan, np.float16)
-    EmulatedFunction(source, name, GEMV_PARAMS)((-(-n // rows_per_warp),), (32 * k_warps,), x, q, scale, y)
+    EmulatedFunction(source, name, GEMV_PARAMS)((-(-n // rows_per_warp),), (32 * k_warps,), x, q, scale, y,
+                                                written_before=X_AND_Y)
     _check(y, ref)
 
 
@@ -70,7 +77,8 @@ def test_gated_gemv_writes_silu_gate_times_up(n, k, m, rows_per_warp, k_warps):
     source = q8._gemv_source(name, n, k, m, rows_per_warp, k_warps, gated=True)
     x, q, scale, ref = _problem(np.random.default_rng(1), n, k, m)
     y = np.full((m, n // 2), np.nan, np.float16)
-    EmulatedFunction(source, name, GEMV_PARAMS)((-(-n // rows_per_warp),), (32 * k_warps,), x, q, scale, y)
+    EmulatedFunction(source, name, GEMV_PARAMS)((-(-n // rows_per_warp),), (32 * k_warps,), x, q, scale, y,
+                                                written_before=X_AND_Y)
     _check(y, _gated(ref))
 
 
@@ -158,7 +166,7 @@ def _run_splitk(n, k, m, schedule, order=ORDERS[0], launches=1, edit=None, gated
         assert edited != source
         source = edited
     return _run_rows_kernel(name, source, (plan.column_tiles(n), plan.splits), 32 * plan.warps, n, k, m,
-                            order=order, launches=launches, gated=gated)
+                            order=order, launches=launches, gated=gated, waits=True)
 
 
 SPLITK_CASES = [
@@ -217,3 +225,20 @@ def test_the_emulator_catches_a_read_before_the_copy_wait_and_a_deadlock():
     with pytest.raises(EmulationError, match="deadlock"):
         _run_splitk(100, 160, 5, schedule, edit=lambda s: s.replace(
             "  if (m > 16 * MT) __trap();", "  if (threadIdx.x == 0) __syncthreads();"))
+
+
+def test_the_emulator_catches_x_read_before_the_previous_kernel_is_done():
+    # the block kernel's x copy moved above its griddepcontrol.wait: the copy reads poison
+    schedule = {"n_tiles": 2, "warps": 4, "k_group": 1, "splits": 3}
+    early_x = lambda s: s.replace(  # noqa: E731
+        "  splitk_wait_previous_kernels();\n  copy_x(0, 0);\n", "  copy_x(0, 0);\n  splitk_wait_previous_kernels();\n")
+    _check(*_run_splitk(200, 1024, 33, schedule))
+    with pytest.raises(AssertionError, match="never written|nan"):
+        _check(*_run_splitk(200, 1024, 33, schedule, order=ORDERS[1], edit=early_x))
+    # a decode kernel that never waits: its grid would race the kernel before it
+    name, (n, k, m) = "gemv", (100, 160, 1)
+    source = q8._gemv_source(name, n, k, m, 2, 4).replace("  gemv_wait_previous_kernels();\n", "")
+    x, q, scale, _ = _problem(np.random.default_rng(1), n, k, m)
+    with pytest.raises(EmulationError, match="never waited for the previous kernel"):
+        EmulatedFunction(source, name, GEMV_PARAMS)((50,), (128,), x, q, scale, np.zeros((m, n), np.float16),
+                                                    written_before=X_AND_Y)

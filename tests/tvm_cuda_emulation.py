@@ -9,7 +9,9 @@ of its thread-bound loops, evaluated at the call's shape values) and runs the ke
 after another in the emulator on numpy arrays, as the GPU would in one stream.
 EntryEmulator does that for every call of a lowered Relax entry in order: a whole decode,
 verify, draft or prefill step as built for the GPU, minus the VM's memory planning and the
-CUDA graph capture.
+CUDA graph capture. Each kernel is built with the model's TIR pipeline (grid_dependency.py)
+and sees every buffer but the weights as poison until its griddepcontrol.wait, as if the
+kernel before it were still running.
 """
 from __future__ import annotations
 
@@ -33,10 +35,13 @@ def generated_kernels(func: tvm.tirx.PrimFunc) -> list[tuple[str, str, list[tupl
     from trimode.artifacts import resolve_target
     from trimode.compiler.cuda_env import cuda_build_context
 
+    from trimode.compiler.grid_dependency import TIR_PIPELINE
+
     target = tvm.target.Target(resolve_target("cuda", "sm_90a"), host="llvm")
     with target, cuda_build_context(target), \
             tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target,
+                          tir_pipeline=TIR_PIPELINE)  # as the model builds them: each kernel waits
     source = next(m for m in lib.mod.imports if m.kind == "cuda").inspect_source()
     # hand-written device functions the kernels call (T.cuda.func_call's source_code)
     device_code = "".join(dict.fromkeys(
@@ -106,10 +111,12 @@ def _fold(expr, scalars: dict[str, int]) -> int:
 
 
 def run_primfunc(func: tvm.tirx.PrimFunc, buffers: dict[str, np.ndarray], scalars: dict[str, int],
-                 reverse: bool = False, greedy: bool = False, kernels=None) -> None:
+                 reverse: bool = False, greedy: bool = False, kernels=None,
+                 written_before: frozenset = frozenset()) -> None:
     """Runs every kernel of `func` on `buffers` (by buffer name; updated in place) with the
     shape and scalar variables `scalars` (by name); a kernel behind a host-side condition
-    runs where the condition holds for them."""
+    runs where the condition holds for them. written_before: the buffers (by name) that
+    earlier kernels write, poison in each kernel until its griddepcontrol.wait."""
     kernels, grids = kernels or generated_kernels(func), launch_grids(func)
     assert len(kernels) == len(grids), (len(kernels), len(grids))
     for (name, source, params), (grid, condition) in zip(kernels, grids):
@@ -119,14 +126,16 @@ def run_primfunc(func: tvm.tirx.PrimFunc, buffers: dict[str, np.ndarray], scalar
         for tag, extent in grid.items():
             axis, letter = tag.split(".")
             dims[_AXES[axis]]["xyz".index(letter)] = _fold(extent, scalars)
-        args = []
-        for c_type, param in params:
+        args, pending = [], []
+        for index, (c_type, param) in enumerate(params):
             if c_type.endswith("*"):
                 args.append(buffers[param.removesuffix("_ptr")])
+                if param.removesuffix("_ptr") in written_before:
+                    pending.append(index)
             else:
                 args.append(scalars[param])
         EmulatedFunction(source, name, [c for c, _ in params])(
-            dims[0], dims[1], *args, reverse=reverse, greedy=greedy)
+            dims[0], dims[1], *args, reverse=reverse, greedy=greedy, written_before=tuple(pending))
 
 
 # --- a whole compiled entry: its Relax bindings in order, every kernel emulated ------------
@@ -166,6 +175,7 @@ class EntryEmulator:
     def __init__(self, mod: tvm.IRModule):
         self.mod = mod
         self._compiled = {}
+        self._weights: set[int] = set()  # ids of the weight arrays (the packed parameters)
 
     def run(self, name: str, args: list) -> object:
         from tvm import relax
@@ -175,6 +185,8 @@ class EntryEmulator:
         shape_values = {}
         for param, value in zip(func.params, args):
             env[param] = value
+            if isinstance(value, (list, tuple)):
+                self._weights |= {id(array) for array in value}
             info = param.ty
             dims = info.shape.values if isinstance(info, relax.TensorType) and isinstance(value, np.ndarray) \
                 else info.values if isinstance(info, relax.ShapeType) else ()
@@ -220,16 +232,19 @@ class EntryEmulator:
             array = np.full(shape, np.nan if dtype.startswith("float") else -1, dtype=dtype)
             outputs.append(array)
             fresh.append(array)
-        buffers, scalars = {}, dict(shape_values)
+        buffers, scalars, written_before = {}, dict(shape_values), set()
         for (name, dims), value in zip(signature(prim_func), args + fresh):
             if dims is None:
                 scalars[name] = value
                 continue
             buffers[name] = value
+            if id(value) not in self._weights:  # the weights alone may be read before the wait
+                written_before.add(name)
             for dim, size in zip(dims, value.shape):
                 if re.fullmatch(r"\w+", dim):
                     scalars[dim] = size
-        run_primfunc(prim_func, buffers, scalars, kernels=self._kernels(prim_func))
+        run_primfunc(prim_func, buffers, scalars, kernels=self._kernels(prim_func),
+                     written_before=frozenset(written_before))
         return tuple(outputs) if len(outputs) > 1 else outputs[0]
 
     def _kernels(self, prim_func):

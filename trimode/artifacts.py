@@ -67,6 +67,12 @@ def cuda_graphs_enabled(target: dict) -> bool:
     return target["kind"] == "cuda" and os.environ.get("TRIMODE_CUDA_GRAPHS", "1") != "0"
 
 
+def dependent_launch_enabled(target: dict) -> bool:
+    """CUDA kernels start while the previous one drains (compiler/grid_dependency.py) unless
+    TRIMODE_PDL=0 (the plain-launch build, kept for comparison)."""
+    return target["kind"] == "cuda" and os.environ.get("TRIMODE_PDL", "1") != "0"
+
+
 def cpu_fingerprint() -> str:
     """This processor's model and feature flags (a CPU build targets them: -mcpu=native)."""
     try:
@@ -81,6 +87,7 @@ def cpu_fingerprint() -> str:
 def build_key(cfg: ModelConfig, quantized: dict[str, bool], target: dict, schedules_id: str) -> str:
     parts = {
         "cuda_graphs": cuda_graphs_enabled(target),
+        "dependent_launch": dependent_launch_enabled(target),
         "layout": layout_key(cfg, quantized),
         "target": target,
         "tvm": metadata.version("apache-tvm"),

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from trimode import __version__
-from trimode.artifacts import (MANIFEST, artifact_dir, build_key, cuda_graphs_enabled, layout_key,
-                               resolve_target, schedules_for)
+from trimode.artifacts import (MANIFEST, artifact_dir, build_key, cuda_graphs_enabled,
+                               dependent_launch_enabled, layout_key, resolve_target, schedules_for)
 from trimode.model.config import ModelConfig
 
 
@@ -53,7 +53,8 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
         graph_entries = build_library(mod, target, str(tmp / "model.so"), log,
-                                      cuda_graphs=cuda_graphs_enabled(target))
+                                      cuda_graphs=cuda_graphs_enabled(target),
+                                      dependent_launch=dependent_launch_enabled(target))
         manifest = {
             "key": key,
             "target": target_name,
@@ -63,6 +64,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
             "config": cfg.geometry_key(),
             "entries": list(model.entry_specs()),
             "cuda_graph_entries": graph_entries,
+            "dependent_launch": dependent_launch_enabled(target),
             "params": [{"name": name, "shape": [int(s) for s in p.shape], "dtype": p.dtype}
                        for name, p in named_params],
             "tvm": tvm.__version__,

@@ -71,10 +71,11 @@ def relax_passes(target: tvm.target.Target) -> list:
 
 
 def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
-                  cuda_graphs: bool = False) -> list[str]:
+                  cuda_graphs: bool = False, dependent_launch: bool = False) -> list[str]:
     """Compiles and exports the VM library; returns the entries that run CUDA graphs. CUDA
     builds run inside cuda_build_context, so the library embeds GPU machine code even on a
-    machine without a GPU (TVM.md)."""
+    machine without a GPU (TVM.md). dependent_launch: every kernel may start while the one
+    before it drains (grid_dependency.py)."""
     if target_spec["kind"] == "cuda":
         target = tvm.target.Target(target_spec, host="llvm")
     else:  # this CPU's instruction set (AVX2/AVX-512): 1.5-2x on the Q8_0 matmuls
@@ -87,12 +88,17 @@ def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
         log(f"  lowered Relax in {time.time() - started:.1f}s; generating code...")
         graph_entries = sorted({gvar.name_hint.split("_cuda_graph_capture")[0]
                                 for gvar in mod.functions if "_cuda_graph_capture" in gvar.name_hint})
+        tir_pipeline = "default"
         if target_spec["kind"] == "cuda":
             from trimode.compiler.cuda_env import cuda_build_context
 
             codegen_scope = cuda_build_context(target)
+            if dependent_launch:
+                from trimode.compiler.grid_dependency import TIR_PIPELINE
+
+                tir_pipeline = TIR_PIPELINE
         else:
             codegen_scope = contextlib.nullcontext()
         with codegen_scope:
-            tvm.compile(mod, target, relax_pipeline=None).export_library(library)
+            tvm.compile(mod, target, relax_pipeline=None, tir_pipeline=tir_pipeline).export_library(library)
     return graph_entries

@@ -313,7 +313,8 @@ def bench_engine(loaded: Loaded, plan: BenchPlan, memory: MemoryWatch) -> dict:
     enqueue = time_decode_enqueue(fwd, plan.repeat)
     memory.sample()
     return {"rows": rows, "ar": ar, "spec_cycle_seconds": spec, "decode_host": enqueue,
-            "n_ctx": plan.n_ctx, "dtype": engine.dtype, "cuda_graphs": engine.cuda_graph_report()}
+            "n_ctx": plan.n_ctx, "dtype": engine.dtype, "cuda_graphs": engine.cuda_graph_report(),
+            "dependent_launch": bool(engine.manifest.get("dependent_launch", False))}
 
 
 def bench_torch(cfg: ModelConfig, plan: BenchPlan, target: str) -> dict:
@@ -437,7 +438,8 @@ def render_table(report: dict) -> str:
         f"spec cycle (draft + verify T={report['plan']['block']}, host logic) "
         f"{1e3 * report['spec_cycle_seconds']:.2f} ms = {report['spec_cycle_x_decode']:.2f}x decode",
         f"decode host enqueue {1e3 * host['enqueue_seconds']:.3f} ms, until done "
-        f"{1e3 * host['synced_seconds']:.3f} ms; CUDA graphs: {graph_use}",
+        f"{1e3 * host['synced_seconds']:.3f} ms; CUDA graphs: {graph_use}; dependent launch: "
+        f"{'on' if report['dependent_launch'] else 'off'}",
         f"prefill {report['prefill_tok_per_s']:.0f} tok/s",
         f"model load {report['load_seconds']:.2f} s (from {report['load_source']}); peak GPU memory "
         f"{mib(report['gpu_mem_peak_mib'])} (engine {mib(report['gpu_mem_engine_mib'])}); "

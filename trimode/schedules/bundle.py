@@ -164,6 +164,16 @@ def build_bundle(specs: list[dict], out_dir: Path, arch: str = "sm_90a", jobs: i
     return manifest_path
 
 
+def _tir_pipeline() -> str:
+    from trimode.artifacts import dependent_launch_enabled
+
+    if not dependent_launch_enabled({"kind": "cuda"}):
+        return "default"
+    from trimode.compiler.grid_dependency import TIR_PIPELINE
+
+    return TIR_PIPELINE
+
+
 def _build_library(specs: list[dict], library_path: Path, arch: str) -> list[dict]:
     import tvm
 
@@ -180,8 +190,8 @@ def _build_library(specs: list[dict], library_path: Path, arch: str) -> list[dic
             print(f"skipped {spec['shape_name']} m={spec['m']} {spec['name']}: {err}".splitlines()[0])
             continue
         entries.append({**spec, "library": library_path.name})
-    with cuda_build_context(target):
-        library = tvm.compile(tvm.IRModule(funcs), target=target)
+    with cuda_build_context(target):  # launched as the model launches them
+        library = tvm.compile(tvm.IRModule(funcs), target=target, tir_pipeline=_tir_pipeline())
     library.export_library(str(library_path))
     if not library_has_gpu_binary(library_path):
         raise RuntimeError(f"{library_path} carries CUDA source, not machine code")

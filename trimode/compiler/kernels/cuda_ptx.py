@@ -10,8 +10,18 @@ emulator's model of the same instruction instead of inline assembly.
 - `{p}_copy16(shared, global, bytes)`: cp.async.cg 16 bytes, of which `bytes` read (the rest zero).
 - `{p}_copy_commit()`, `{p}_copy_wait_pending<N>()` (until at most the N newest groups are
   in flight): cp.async groups.
+- `{p}_prefetch_l2(global)`: prefetch.global.L2, the line holding `global` into L2 (no register
+  holds it; nothing is read in the emulator).
+- `{p}_wait_previous_kernels()`: griddepcontrol.wait (the kernels before this one in the
+  stream have finished and their writes are visible), then launch_dependents (the next kernel
+  may start launching). For kernels whose TIR is marked grid_dependency.WAITS_IN_KERNEL: only
+  weights may be read before it.
 """
 from __future__ import annotations
+
+# The TIR attribute key that wraps the call of a kernel whose source calls
+# wait_previous_kernels: grid_dependency.py then leaves the kernel's entry alone.
+WAITS_IN_KERNEL = "trimode.waits_in_kernel"
 
 _HELPERS = r"""
 __device__ __forceinline__ void NAME_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
@@ -63,6 +73,19 @@ template <int PENDING> __device__ __forceinline__ void NAME_copy_wait_pending() 
   emu::cp_async_wait(PENDING);
 #else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+#endif
+}
+__device__ __forceinline__ void NAME_prefetch_l2(const void* global) {
+#ifndef TRIMODE_CUDA_EMULATION
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(global));
+#endif
+}
+__device__ __forceinline__ void NAME_wait_previous_kernels() {
+#ifdef TRIMODE_CUDA_EMULATION
+  emu::grid_dependency_wait();
+#else
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 """

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trimode.compiler.kernels.cuda_ptx import ptx_helpers
+from trimode.compiler.kernels.cuda_ptx import WAITS_IN_KERNEL, ptx_helpers
 from trimode.model.config import ModelError
 from trimode.model.weights import Q8_BLOCK
 
@@ -301,7 +301,7 @@ def _gemv_source(name, n, k, m, rows_per_warp, k_warps, gated=False):
     for (int v = 0; v < KW; ++v) total += parts[v][threadIdx.x];
     if (n0 + r < N) y[(size_t)i * N + n0 + r] = __float2half_rn(total);
   }"""
-    return _COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + rf"""
+    return _COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name) + rf"""
 __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
                                        const half* __restrict__ s, half* __restrict__ y) {{
   constexpr int N = {n}, K = {k}, M = {m}, R = {rows_per_warp}, KW = {k_warps};
@@ -315,6 +315,15 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
   int rows[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) rows[r] = min(n0 + r, N - 1);  // tail rows recompute row N-1
+
+  // This thread's weights are requested into L2 before waiting for x (the previous kernel's
+  // output): the weight stream starts while that kernel drains (grid_dependency.py), at no
+  // cost in registers.
+#pragma unroll 1
+  for (int kk = (warp * 32 + lane) * 16; kk < K; kk += KW * 32 * 16)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {name}_prefetch_l2(q + (size_t)rows[r] * K + kk);
+  {name}_wait_previous_kernels();
 
 #pragma unroll 2
   for (int kk = (warp * 32 + lane) * 16; kk < K; kk += KW * 32 * 16) {{
@@ -549,8 +558,9 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
 #pragma unroll
       for (int e = 0; e < 4; ++e) c[i][j][e] = 0.f;
 
+  load_w(0, raw, sc);  // weights before x: the weight stream starts while the previous kernel drains
+  {name}_wait_previous_kernels();
   copy_x(0, 0);
-  load_w(0, raw, sc);
   for (int group = 0; group < groups; ++group) {{
     const int buffer = group & 1;
     if (group + 1 < groups) copy_x(group + 1, buffer ^ 1);
@@ -820,7 +830,8 @@ def _q8_gemv(n, k, m, rows_per_warp, k_warps, gated):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})  # dlight: hands off
         bx = T.launch_thread("blockIdx.x", blocks)
         tx = T.launch_thread("threadIdx.x", threads)
-        T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, source_code=source))
+        with T.attr(0, WAITS_IN_KERNEL, 1):
+            T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, source_code=source))
 
     return q8_gemv
 
@@ -876,8 +887,9 @@ def _q8_gemm(n, k, plan: GemmPlan, small: SplitKPlan, gated):
             with T.launch_thread("blockIdx.x", small.column_tiles(n)):
                 with T.launch_thread("blockIdx.y", small.splits):
                     with T.launch_thread("threadIdx.x", 32 * small.warps):
-                        T.evaluate(T.cuda.func_call(small_name, x.data, q.data, s.data, y.data,
-                                                    T.Cast("int32", rows), source_code=small_source))
+                        with T.attr(0, WAITS_IN_KERNEL, 1):
+                            T.evaluate(T.cuda.func_call(small_name, x.data, q.data, s.data, y.data,
+                                                        T.Cast("int32", rows), source_code=small_source))
         else:
             with T.launch_thread("blockIdx.x", T.Cast("int32", (rows + tile_m - 1) // tile_m)):
                 with T.launch_thread("blockIdx.y", column_tiles):
@@ -901,6 +913,7 @@ def _rows_launch(name, source, n, k, m, blocks_x, blocks_y, threads, gated):
     from tvm.script import tirx as T
 
     n_out = n // 2 if gated else n
+    waits = f"{name}_wait_previous_kernels();" in source  # else the pass puts the wait first
 
     if m in ROW_CLASSES:
         @T.prim_func(private=True)
@@ -913,8 +926,13 @@ def _rows_launch(name, source, n, k, m, blocks_x, blocks_y, threads, gated):
             bx = T.launch_thread("blockIdx.x", blocks_x)
             by = T.launch_thread("blockIdx.y", T.Cast("int32", blocks_y(rows)))
             tx = T.launch_thread("threadIdx.x", threads)
-            T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, T.Cast("int32", rows),
-                                        source_code=source))
+            if waits:
+                with T.attr(0, WAITS_IN_KERNEL, 1):
+                    T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data,
+                                                T.Cast("int32", rows), source_code=source))
+            else:
+                T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, T.Cast("int32", rows),
+                                            source_code=source))
 
         return q8_matmul_rows
 
@@ -927,6 +945,10 @@ def _rows_launch(name, source, n, k, m, blocks_x, blocks_y, threads, gated):
         bx = T.launch_thread("blockIdx.x", blocks_x)
         by = T.launch_thread("blockIdx.y", blocks_y(m))
         tx = T.launch_thread("threadIdx.x", threads)
-        T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, m, source_code=source))
+        if waits:
+            with T.attr(0, WAITS_IN_KERNEL, 1):
+                T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, m, source_code=source))
+        else:
+            T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, m, source_code=source))
 
     return q8_matmul_static
