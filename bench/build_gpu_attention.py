@@ -20,6 +20,7 @@ from pathlib import Path
 import tvm
 
 from trimode.compiler.cuda_env import cuda_build_context, library_has_gpu_binary
+from trimode.compiler.grid_dependency import TIR_PIPELINE
 from trimode.compiler.kernels import attention_mma
 from trimode.compiler.kernels.attention_cuda import attention_cuda, default_plan
 
@@ -47,7 +48,7 @@ def build(out_dir: Path) -> Path:
                                                   rows).with_attr("global_symbol", name)
     out_dir.mkdir(parents=True, exist_ok=True)
     with cuda_build_context(TARGET):
-        lib = tvm.compile(tvm.IRModule(funcs), target=TARGET)
+        lib = tvm.compile(tvm.IRModule(funcs), target=TARGET, tir_pipeline=TIR_PIPELINE)  # as the model
     path = out_dir / "attention.so"
     lib.export_library(str(path))
     if not library_has_gpu_binary(path):

@@ -5,7 +5,8 @@
 #   there: bash bench/gpu_check.sh                    (device tool, carry [".carry", ".whl"];
 #                                                      KERNEL_BENCHES=1: also every kernel
 #                                                      candidate and the attention kernels)
-#          EAGER=0 skips the 14B without CUDA graphs (timed at fill 512 beside the graph build)
+#          EAGER=0 skips the 14B without CUDA graphs (timed at fill 512 beside the graph build),
+#          PLAIN=0 the 14B with graphs but without programmatic dependent launch (likewise)
 #          FROM_DISK=1 bash bench/gpu_check.sh        (also: write a 14B GGUF there and load
 #                                                      the bench's weights from it, timed)
 # It checks the CUDA build against the float64 reference on a tiny model (fp16 tolerance
@@ -43,6 +44,11 @@ if [ "${EAGER:-1}" = 1 ] && [ -d .carry/artifacts/14b-eager ]; then  # the same 
   timeout 120 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b-eager \
     --geometry 14b --fills 512 --prefill 16 --repeat 5 --json-out "$OUT/gpu_check_eager.json" 2>&1 | tail -16
   stage "without CUDA graphs"
+fi
+if [ "${PLAIN:-1}" = 1 ] && [ -d .carry/artifacts/14b-plain ]; then  # CUDA graphs, no dependent launch
+  timeout 120 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b-plain \
+    --geometry 14b --fills 512 --prefill 16 --repeat 5 --json-out "$OUT/gpu_check_plain.json" 2>&1 | tail -16
+  stage "without dependent launch"
 fi
 if [ "${BLOCK16:-1}" = 1 ]; then  # the default draft block (draft length 15 + 1) beside the T = 32 above
   timeout 150 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b \

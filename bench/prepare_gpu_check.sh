@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds what bench/gpu_check.sh needs on the GPU box, here (no GPU needed): the CUDA
-# artifacts of the tiny and 14B geometries (the 14B also without CUDA graphs), the TVM runtime libraries, the tvm_ffi wheel and
+# artifacts of the tiny and 14B geometries (the 14B also without CUDA graphs, and without
+# dependent launch), the TVM runtime libraries, the tvm_ffi wheel and
 # the gguf wheel (pure Python; FROM_DISK=1 writes and reads a 14B file there).
 # KERNELS=1 also builds the per-kernel bundles that KERNEL_BENCHES=1 measures there: every
 # Q8_0 matmul tuning candidate at the 14B shapes (.carry/q8, for `trimode tune --results`)
@@ -24,6 +25,9 @@ done
 # the 14B without CUDA graphs: gpu_check.sh times it beside the graph build (what the graphs save)
 dir=$(TRIMODE_CUDA_GRAPHS=0 $PY -m trimode.cli compile --geometry 14b --target cuda --arch "$ARCH" | tail -1)
 rm -rf .carry/artifacts/14b-eager && cp -r "$dir" .carry/artifacts/14b-eager
+# and with graphs but plain launches: what programmatic dependent launch saves
+dir=$(TRIMODE_PDL=0 $PY -m trimode.cli compile --geometry 14b --target cuda --arch "$ARCH" | tail -1)
+rm -rf .carry/artifacts/14b-plain && cp -r "$dir" .carry/artifacts/14b-plain
 if [ "${KERNELS:-0}" = 1 ]; then
   # both read the runtime libraries from .carry/tvmlib, as the model does
   $PY bench/build_gpu_kernels.py --arch "$ARCH" --out .carry/q8
