@@ -65,7 +65,36 @@ def build_tiny(tmp_path, monkeypatch, pdl: str):
     return compile_model(CFG, quantized, "cuda", "sm_90a", root=tmp_path, log=lambda msg: None)
 
 
+RUNTIME_LOOKUP = """
+import ctypes, sys
+from trimode.compiler.cuda_env import driver_stub_path
+from trimode.schedules.measure import default_lib_dir
+try:
+    ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
+except OSError:
+    ctypes.CDLL(str(driver_stub_path()), mode=ctypes.RTLD_GLOBAL)
+import tvm_ffi
+for name in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
+    ctypes.CDLL(str(default_lib_dir() / name), mode=ctypes.RTLD_GLOBAL)
+
+def modules(module):
+    yield module
+    for imported in module.imports:
+        yield from modules(imported)
+
+library = tvm_ffi.load_module(sys.argv[1])
+cuda = next(m for m in modules(library) if m.kind == "cuda")
+for name in sys.argv[2:]:  # the runtime parses each kernel's launch tags here
+    assert cuda.get_function(name) is not None, name
+assert "tvm" not in sys.modules
+print("looked up", len(sys.argv) - 2)
+"""
+
+
 def test_every_kernel_of_the_library_launches_dependent_and_the_switch_turns_it_off(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
     on = build_tiny(tmp_path, monkeypatch, "1")
     table = kernel_launch_tags((on / "model.so").read_bytes())
     assert len(table) > 20  # every kernel of four entries
@@ -74,6 +103,10 @@ def test_every_kernel_of_the_library_launches_dependent_and_the_switch_turns_it_
         if DYNAMIC_SHARED in tags:  # the runtime reads the shared-memory size off the last tag
             assert tags[-1] == DYNAMIC_SHARED, (name, tags)
     assert any(DYNAMIC_SHARED in tags for tags in table.values())  # the prefill GEMM
+    # the GPU box's runtime (libtvm_runtime_cuda) accepts every kernel's tags
+    looked_up = subprocess.run([sys.executable, "-c", RUNTIME_LOOKUP, str(on / "model.so"), *table],
+                               capture_output=True, text=True)
+    assert looked_up.returncode == 0 and f"looked up {len(table)}" in looked_up.stdout, looked_up.stderr[-2000:]
 
     off = build_tiny(tmp_path, monkeypatch, "0")
     assert off != on  # its own artifact key
