@@ -12,6 +12,7 @@ if shutil.which("nvcc") is None:
 
 from tvm.script import tirx as T  # noqa: E402
 
+from runtime_only import PREAMBLE  # noqa: E402
 from trimode.compiler.cuda_env import cuda_build_context, library_has_gpu_binary  # noqa: E402
 
 H100 = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
@@ -168,19 +169,9 @@ def test_bad_requests_raise_one_sentence(n, k, m, dtype, schedule, message):
         q8_matmul_cuda.q8_matmul(n, k, m, dtype, H100, schedule)
 
 
-RUNTIME_ONLY_LOAD = """
-import ctypes, json, sys
+RUNTIME_ONLY_LOAD = PREAMBLE + """
+import json
 from pathlib import Path
-from trimode.compiler.cuda_env import driver_stub_path
-from trimode.schedules.measure import default_lib_dir
-real = True
-try:
-    ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
-except OSError:
-    ctypes.CDLL(str(driver_stub_path()), mode=ctypes.RTLD_GLOBAL)
-import tvm_ffi
-for name in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
-    ctypes.CDLL(str(default_lib_dir() / name), mode=ctypes.RTLD_GLOBAL)
 bundle = Path(sys.argv[1])
 for entry in json.loads((bundle / "manifest.json").read_text())["kernels"]:
     module = tvm_ffi.load_module(str(bundle / entry["library"]))

@@ -17,6 +17,7 @@ tvm = pytest.importorskip("tvm")
 if shutil.which("nvcc") is None:
     pytest.skip("nvcc is not installed", allow_module_level=True)
 
+from runtime_only import PREAMBLE  # noqa: E402
 from trimode.compiler.grid_dependency import LAUNCH_TAG, TIR_PIPELINE  # noqa: E402
 from trimode.model.config import GEOMETRIES  # noqa: E402
 
@@ -65,18 +66,7 @@ def build_tiny(tmp_path, monkeypatch, pdl: str):
     return compile_model(CFG, quantized, "cuda", "sm_90a", root=tmp_path, log=lambda msg: None)
 
 
-RUNTIME_LOOKUP = """
-import ctypes, sys
-from trimode.compiler.cuda_env import driver_stub_path
-from trimode.schedules.measure import default_lib_dir
-try:
-    ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
-except OSError:
-    ctypes.CDLL(str(driver_stub_path()), mode=ctypes.RTLD_GLOBAL)
-import tvm_ffi
-for name in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
-    ctypes.CDLL(str(default_lib_dir() / name), mode=ctypes.RTLD_GLOBAL)
-
+RUNTIME_LOOKUP = PREAMBLE + """
 def modules(module):
     yield module
     for imported in module.imports:
