@@ -25,9 +25,12 @@ done
 # the 14B without CUDA graphs: gpu_check.sh times it beside the graph build (what the graphs save)
 dir=$(TRIMODE_CUDA_GRAPHS=0 $PY -m trimode.cli compile --geometry 14b --target cuda --arch "$ARCH" | tail -1)
 rm -rf .carry/artifacts/14b-eager && cp -r "$dir" .carry/artifacts/14b-eager
-# and with graphs but plain launches: what programmatic dependent launch saves
-dir=$(TRIMODE_PDL=0 $PY -m trimode.cli compile --geometry 14b --target cuda --arch "$ARCH" | tail -1)
-rm -rf .carry/artifacts/14b-plain && cp -r "$dir" .carry/artifacts/14b-plain
+# and with graphs but plain launches: what programmatic dependent launch saves (the tiny one
+# too: its float64 check beside the default build's tells a launch-order race from the rest)
+for geometry in tiny 14b; do
+  dir=$(TRIMODE_PDL=0 $PY -m trimode.cli compile --geometry $geometry --target cuda --arch "$ARCH" | tail -1)
+  rm -rf ".carry/artifacts/$geometry-plain" && cp -r "$dir" ".carry/artifacts/$geometry-plain"
+done
 if [ "${KERNELS:-0}" = 1 ]; then
   # both read the runtime libraries from .carry/tvmlib, as the model does
   $PY bench/build_gpu_kernels.py --arch "$ARCH" --out .carry/q8
