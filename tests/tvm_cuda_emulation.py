@@ -34,7 +34,6 @@ def generated_kernels(func: tvm.tirx.PrimFunc) -> list[tuple[str, str, list[tupl
     """(name, source, [(C type, parameter name)]) of each kernel, in launch order."""
     from trimode.artifacts import resolve_target
     from trimode.compiler.cuda_env import cuda_build_context
-
     from trimode.compiler.grid_dependency import TIR_PIPELINE
 
     target = tvm.target.Target(resolve_target("cuda", "sm_90a"), host="llvm")

@@ -14,7 +14,7 @@ emulator's model of the same instruction instead of inline assembly.
   holds it; nothing is read in the emulator).
 - `{p}_wait_previous_kernels()`: griddepcontrol.wait (the kernels before this one in the
   stream have finished and their writes are visible), then launch_dependents (the next kernel
-  may start launching). For kernels whose TIR is marked grid_dependency.WAITS_IN_KERNEL: only
+  may start launching). For kernels whose TIR is marked WAITS_IN_KERNEL (below): only
   weights may be read before it.
 """
 from __future__ import annotations
