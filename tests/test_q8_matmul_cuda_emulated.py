@@ -58,12 +58,13 @@ def _run_rows_kernel(name, source, grid, threads, n, k, m, order=ORDERS[0], laun
     return y, ref
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "wait-first"])
 @pytest.mark.parametrize("n, k, m, rows_per_warp, k_warps", [
     (100, 160, 1, 2, 4), (100, 160, 3, 4, 2), (96, 96, 1, 1, 8), (64, 1024, 4, 2, 2), (257, 512, 1, 4, 4),
 ])
-def test_gemv_matches_float64(n, k, m, rows_per_warp, k_warps):
+def test_gemv_matches_float64(n, k, m, rows_per_warp, k_warps, prefetch):
     name = "gemv"
-    source = q8._gemv_source(name, n, k, m, rows_per_warp, k_warps)
+    source = q8._gemv_source(name, n, k, m, rows_per_warp, k_warps, prefetch=prefetch)
     x, q, scale, ref = _problem(np.random.default_rng(1), n, k, m)
     y = np.full((m, n), np.nan, np.float16)
     EmulatedFunction(source, name, GEMV_PARAMS)((-(-n // rows_per_warp),), (32 * k_warps,), x, q, scale, y,

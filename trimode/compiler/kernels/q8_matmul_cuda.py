@@ -11,6 +11,9 @@ runs the same source on the CPU, which is how the tests check them without a GPU
 - `gemv` (m <= 4, decode): CUDA cores. Each lane streams 16-byte int8 loads of `rows_per_warp`
   weight rows; the warps of a block split K (split-K inside the block), so small N still fills
   the GPU. int8 -> float by the exponent trick (one byte-permute and one add per element).
+  By default each thread prefetches its weight lines into L2 before it waits for the previous
+  kernel (grid_dependency.py); `"prefetch": False` waits first (a tuning choice: 8 fewer
+  registers).
 - `mma` (rows in 64-row slabs; a tuning candidate for blocks): tensor cores,
   mma.sync m16n8k16 fp16 x fp16 -> fp32. Each thread loads 16 contiguous int8 of one weight
   row and 16 contiguous fp16 of two x rows, and both operands use the same permutation of k
@@ -138,7 +141,8 @@ def q8_matmul(n: int, k: int, m, dtype: str = "float16", target=None, schedule: 
     if kind == "gemv":
         if m in ROW_CLASSES or m > GEMV_MAX_M:
             raise ModelError(f"the gemv kernel handles m <= {GEMV_MAX_M}, not m={m}")
-        return _q8_gemv(n, k, m, schedule["rows_per_warp"], schedule["k_warps"], gated)
+        return _q8_gemv(n, k, m, schedule["rows_per_warp"], schedule["k_warps"], gated,
+                        schedule.get("prefetch", True))
     if kind == "mma":
         return _q8_mma(n, k, m, schedule["n_tiles"], schedule["k_warps"], gated)
     if kind == "mma_splitk":
@@ -170,7 +174,9 @@ def schedule_candidates(n: int, k: int, m) -> list[dict]:
     if m not in ROW_CLASSES and m <= GEMV_MAX_M:
         for rows in (1, 2, 4):
             for k_warps in (2, 4, 8):
-                candidates.append({"kind": "gemv", "rows_per_warp": rows, "k_warps": k_warps})
+                gemv = {"kind": "gemv", "rows_per_warp": rows, "k_warps": k_warps}
+                # weights prefetched before the wait (the default), or 8 registers fewer
+                candidates += [gemv, {**gemv, "prefetch": False}]
     # 8 n-tiles halve the x re-reads per weight byte but need 64 more registers: m <= 32 only.
     # Not for prefill (rows > 64 there): the slab kernel reads every weight once per 64 rows,
     # which made the first GPU run's prefill 4,050 tok/s (BENCHMARKS.md); measuring it at 2048
@@ -198,7 +204,8 @@ def schedule_candidates(n: int, k: int, m) -> list[dict]:
 def schedule_name(schedule: dict) -> str:
     """A short stable name for a schedule, e.g. 'mma_nt4_kw4'."""
     if schedule["kind"] == "gemv":
-        return f"gemv_r{schedule['rows_per_warp']}_kw{schedule['k_warps']}"
+        return (f"gemv_r{schedule['rows_per_warp']}_kw{schedule['k_warps']}"
+                f"{'' if schedule.get('prefetch', True) else '_waitfirst'}")
     if schedule["kind"] == "gemm":
         plan = GemmPlan.of(schedule)
         return f"gemm_t{plan.tile_m}_s{plan.stages}_k{plan.k_stage}"
@@ -280,7 +287,9 @@ __device__ __forceinline__ void trimode_q8_dequant16(uint4 raw, half scale, unsi
 
 
 
-def _gemv_source(name, n, k, m, rows_per_warp, k_warps, gated=False):
+def _gemv_source(name, n, k, m, rows_per_warp, k_warps, gated=False, prefetch=True):
+    """prefetch: ask for this thread's weight lines in L2 before waiting for the previous
+    kernel (grid_dependency.py); else wait first (8 fewer registers at the 14B shapes: 40)."""
     if gated and rows_per_warp % 2:
         raise ModelError(f"a gated gemv pairs its rows: rows_per_warp must be even, not {rows_per_warp}")
     store = rf"""
@@ -301,11 +310,21 @@ def _gemv_source(name, n, k, m, rows_per_warp, k_warps, gated=False):
     for (int v = 0; v < KW; ++v) total += parts[v][threadIdx.x];
     if (n0 + r < N) y[(size_t)i * N + n0 + r] = __float2half_rn(total);
   }"""
+    wait_first, prefetch_then_wait = f"  {name}_wait_previous_kernels();\n", ""
+    if prefetch:  # the weight stream starts while the previous kernel drains; no register holds it
+        wait_first, prefetch_then_wait = "", rf"""
+  // This thread's weight lines into L2 before waiting for x (the previous kernel's output).
+#pragma unroll 1
+  for (int kk = (warp * 32 + lane) * 16; kk < K; kk += KW * 32 * 16)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {name}_prefetch_l2(q + (size_t)rows[r] * K + kk);
+  {name}_wait_previous_kernels();
+"""
     return _COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name) + rf"""
 __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
                                        const half* __restrict__ s, half* __restrict__ y) {{
   constexpr int N = {n}, K = {k}, M = {m}, R = {rows_per_warp}, KW = {k_warps};
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+{wait_first}  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n0 = blockIdx.x * R;
   float acc[M][R];
 #pragma unroll
@@ -315,16 +334,7 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
   int rows[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) rows[r] = min(n0 + r, N - 1);  // tail rows recompute row N-1
-
-  // This thread's weights are requested into L2 before waiting for x (the previous kernel's
-  // output): the weight stream starts while that kernel drains (grid_dependency.py), at no
-  // cost in registers.
-#pragma unroll 1
-  for (int kk = (warp * 32 + lane) * 16; kk < K; kk += KW * 32 * 16)
-#pragma unroll
-    for (int r = 0; r < R; ++r) {name}_prefetch_l2(q + (size_t)rows[r] * K + kk);
-  {name}_wait_previous_kernels();
-
+{prefetch_then_wait}
 #pragma unroll 2
   for (int kk = (warp * 32 + lane) * 16; kk < K; kk += KW * 32 * 16) {{
     uint4 w[R];
@@ -813,11 +823,12 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
 # ---------------------------------------------------------------------------------------------
 # TIR wrappers: launch the grid, hand the buffers to the device function.
 
-def _q8_gemv(n, k, m, rows_per_warp, k_warps, gated):
+def _q8_gemv(n, k, m, rows_per_warp, k_warps, gated, prefetch):
     from tvm.script import tirx as T
 
-    name = f"trimode_q8_gemv_n{n}_k{k}_m{m}_r{rows_per_warp}_kw{k_warps}{_GATED_TAG[gated]}"
-    source = _gemv_source(name, n, k, m, rows_per_warp, k_warps, gated)
+    name = (f"trimode_q8_gemv_n{n}_k{k}_m{m}_r{rows_per_warp}_kw{k_warps}{_GATED_TAG[gated]}"
+            f"{'' if prefetch else '_waitfirst'}")
+    source = _gemv_source(name, n, k, m, rows_per_warp, k_warps, gated, prefetch)
     n_out = n // 2 if gated else n
     blocks = -(-n // rows_per_warp)
     threads = 32 * k_warps
