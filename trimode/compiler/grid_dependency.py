@@ -16,9 +16,9 @@ capture the edge becomes a programmatic one), and the kernel keeps the stream's 
   block of this one has issued it (they then sit at their own wait).
 
 Every kernel gets both at its start, unless its TIR marks it with WAITS_IN_KERNEL: its
-hand-written source issues them itself (cuda_ptx's wait_previous_kernels), after loading its
-first weights, so the weight stream is already running when the previous kernel's results
-become visible (the decode and block Q8_0 kernels).
+hand-written source issues them itself (cuda_ptx's wait_previous_kernels), after asking for
+its first weights, so the weight stream is already running when the previous kernel's results
+become visible (the block split-K kernel; the decode gemv unless tuned to wait first).
 A kernel launched this way after a non-kernel operation, or launched without the tag, keeps
 plain stream order, so mixing is safe. TRIMODE_PDL=0 builds without it (artifacts.py).
 """
