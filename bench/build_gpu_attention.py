@@ -19,8 +19,9 @@ from pathlib import Path
 
 import tvm
 
+from trimode.artifacts import dependent_launch_enabled
 from trimode.compiler.cuda_env import cuda_build_context, library_has_gpu_binary
-from trimode.compiler.grid_dependency import TIR_PIPELINE
+from trimode.compiler.grid_dependency import tir_pipeline
 from trimode.compiler.kernels import attention_mma
 from trimode.compiler.kernels.attention_cuda import attention_cuda, default_plan
 
@@ -48,7 +49,8 @@ def build(out_dir: Path) -> Path:
                                                   rows).with_attr("global_symbol", name)
     out_dir.mkdir(parents=True, exist_ok=True)
     with cuda_build_context(TARGET):
-        lib = tvm.compile(tvm.IRModule(funcs), target=TARGET, tir_pipeline=TIR_PIPELINE)  # as the model
+        lib = tvm.compile(tvm.IRModule(funcs), target=TARGET,  # launched as the model launches them
+                          tir_pipeline=tir_pipeline(dependent_launch_enabled({"kind": "cuda"})))
     path = out_dir / "attention.so"
     lib.export_library(str(path))
     if not library_has_gpu_binary(path):

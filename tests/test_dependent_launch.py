@@ -2,7 +2,7 @@
 without a GPU: every kernel of the exported library is launched with the tag (read off the
 library's own kernel table, what libtvm_runtime_cuda reads), and every kernel's code waits for
 the previous kernel before touching anything but weights: TVM's kernels first thing, the
-hand-written Q8_0 decode and block kernels after loading their first weights. The emulator
+hand-written Q8_0 kernels in their own source (decode and block after asking for weights). The emulator
 tests (test_q8_matmul_cuda_emulated.py, test_tvm_kernels_emulated.py) run the kernels with
 everything but the weights poisoned until that wait."""
 from __future__ import annotations
@@ -136,12 +136,14 @@ def test_every_kernel_waits_before_touching_what_earlier_kernels_wrote():
         if body.startswith("  tvm_builtin_ptx_griddepcontrol_wait();\n"
                            "  tvm_builtin_ptx_griddepcontrol_launch_dependents();\n"):
             continue
-        # a hand-written kernel: its device function issues the wait after its first weights
-        called = re.findall(r"\b(trimode_q8_(?:gemv|splitk)_\w+)\(", body)
+        # a hand-written kernel: its device function issues the wait (the decode and block
+        # ones after asking for their first weights)
+        called = re.findall(r"\b(trimode_q8_(?:gemv|splitk|mma|gemm)_\w+)\(", body)
         assert called, f"{match.group(1)} neither waits at entry nor calls a kernel that waits"
         device = source[source.index(f"void {called[0]}(const half*"):]
         device = device[:device.index("\n}\n")]
         assert f"  {called[0]}_wait_previous_kernels();\n" in device, called[0]
         waiting_itself.add(called[0].split("_n")[0])
-    # decode's gemv, the blocks' split-K kernel and the short prompts' copy of it
-    assert waiting_itself == {"trimode_q8_gemv", "trimode_q8_splitk"}
+    # decode's gemv, the blocks' split-K kernel and the short prompts' copy of it, the
+    # prefill GEMM
+    assert waiting_itself == {"trimode_q8_gemv", "trimode_q8_splitk", "trimode_q8_gemm"}

@@ -19,9 +19,9 @@ GEMV_PARAMS = ["const half*", "const signed char*", "const half*", "half*"]
 ROWS_PARAMS = GEMV_PARAMS + ["int"]
 # thread orders: (reverse, greedy, early_copies); see EmulatedFunction.__call__
 ORDERS = [(False, False, False), (True, True, True)]
-# x and y: what the previous kernel in the stream writes or reads. The decode and block
-# kernels load weights before their griddepcontrol.wait; until then the emulator poisons
-# these (a read sees NaN, a write is lost).
+# x and y: what the previous kernel in the stream writes or reads. Every kernel here issues
+# its own griddepcontrol.wait (the decode and block ones after asking for weights); until then
+# the emulator poisons these (a read sees NaN, a write is lost).
 X_AND_Y = (0, 3)
 
 
@@ -46,15 +46,14 @@ def _check(y, ref):
 
 
 def _run_rows_kernel(name, source, grid, threads, n, k, m, order=ORDERS[0], launches=1, seed=0,
-                     gated=False, waits=False):
-    """waits: the kernel issues griddepcontrol.wait itself (x and y poisoned until then)."""
+                     gated=False):
     x, q, scale, ref = _problem(np.random.default_rng(seed), n, k, m)
     ref = _gated(ref) if gated else ref
     y = np.full(ref.shape, np.nan, np.float16)
     reverse, greedy, early = order
     EmulatedFunction(source, name, ROWS_PARAMS)(grid, (threads,), x, q, scale, y, m, reverse=reverse,
                                                 greedy=greedy, early_copies=early, launches=launches,
-                                                written_before=X_AND_Y if waits else ())
+                                                written_before=X_AND_Y)
     return y, ref
 
 
@@ -135,7 +134,7 @@ def test_prefill_gemm_matches_float64(n, k, m, gated, plan, order):
     reverse, greedy, early = order
     EmulatedFunction(q8._gemm_source(name, n, k, plan, gated), name, ROWS_PARAMS + ["unsigned char*"])(
         (-(-m // plan.tile_m), -(-n // q8.GEMM_COLS)), (plan.threads(),), x, q, scale, y, m, smem,
-        reverse=reverse, greedy=greedy, early_copies=early)
+        reverse=reverse, greedy=greedy, early_copies=early, written_before=X_AND_Y)
     _check(y, ref)
 
 
@@ -167,7 +166,7 @@ def _run_splitk(n, k, m, schedule, order=ORDERS[0], launches=1, edit=None, gated
         assert edited != source
         source = edited
     return _run_rows_kernel(name, source, (plan.column_tiles(n), plan.splits), 32 * plan.warps, n, k, m,
-                            order=order, launches=launches, gated=gated, waits=True)
+                            order=order, launches=launches, gated=gated)
 
 
 SPLITK_CASES = [

@@ -16,9 +16,10 @@ capture the edge becomes a programmatic one), and the kernel keeps the stream's 
   block of this one has issued it (they then sit at their own wait).
 
 Every kernel gets both at its start, unless its TIR marks it with WAITS_IN_KERNEL: its
-hand-written source issues them itself (cuda_ptx's wait_previous_kernels), after asking for
-its first weights, so the weight stream is already running when the previous kernel's results
-become visible (the block split-K kernel; the decode gemv unless tuned to wait first).
+hand-written source issues them itself (cuda_ptx's wait_previous_kernels; every Q8_0 kernel).
+The block split-K kernel and the decode gemv (unless tuned to wait first) ask for their first
+weights before it, so the weight stream is already running when the previous kernel's results
+become visible.
 A kernel launched this way after a non-kernel operation, or launched without the tag, keeps
 plain stream order, so mixing is safe. TRIMODE_PDL=0 builds without it (artifacts.py).
 """
@@ -74,6 +75,11 @@ def insert_grid_dependency_waits(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
                              tirx.Evaluate(T.ptx.griddepcontrol.launch_dependents()), func.body])
         mod[gvar] = func.with_body(body)
     return mod
+
+
+def tir_pipeline(dependent_launch: bool) -> str:
+    """The TIR pipeline `tvm.compile` takes for a CUDA build: ours, or TVM's plain one."""
+    return TIR_PIPELINE if dependent_launch else "default"
 
 
 def _pipeline():

@@ -90,13 +90,11 @@ def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
                                 for gvar in mod.functions if "_cuda_graph_capture" in gvar.name_hint})
         tir_pipeline = "default"
         if target_spec["kind"] == "cuda":
+            from trimode.compiler import grid_dependency
             from trimode.compiler.cuda_env import cuda_build_context
 
             codegen_scope = cuda_build_context(target)
-            if dependent_launch:
-                from trimode.compiler.grid_dependency import TIR_PIPELINE
-
-                tir_pipeline = TIR_PIPELINE
+            tir_pipeline = grid_dependency.tir_pipeline(dependent_launch)
         else:
             codegen_scope = contextlib.nullcontext()
         with codegen_scope:

@@ -164,20 +164,12 @@ def build_bundle(specs: list[dict], out_dir: Path, arch: str = "sm_90a", jobs: i
     return manifest_path
 
 
-def _tir_pipeline() -> str:
-    from trimode.artifacts import dependent_launch_enabled
-
-    if not dependent_launch_enabled({"kind": "cuda"}):
-        return "default"
-    from trimode.compiler.grid_dependency import TIR_PIPELINE
-
-    return TIR_PIPELINE
-
-
 def _build_library(specs: list[dict], library_path: Path, arch: str) -> list[dict]:
     import tvm
 
+    from trimode.artifacts import dependent_launch_enabled
     from trimode.compiler.cuda_env import cuda_build_context, library_has_gpu_binary
+    from trimode.compiler.grid_dependency import tir_pipeline
 
     # the static limit: kernels here use no dynamic shared memory
     target = tvm.target.Target({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
@@ -191,7 +183,8 @@ def _build_library(specs: list[dict], library_path: Path, arch: str) -> list[dic
             continue
         entries.append({**spec, "library": library_path.name})
     with cuda_build_context(target):  # launched as the model launches them
-        library = tvm.compile(tvm.IRModule(funcs), target=target, tir_pipeline=_tir_pipeline())
+        library = tvm.compile(tvm.IRModule(funcs), target=target,
+                              tir_pipeline=tir_pipeline(dependent_launch_enabled({"kind": "cuda"})))
     library.export_library(str(library_path))
     if not library_has_gpu_binary(library_path):
         raise RuntimeError(f"{library_path} carries CUDA source, not machine code")

@@ -404,6 +404,8 @@ def _mma_source(name, n, k, m_tiles, n_tiles, k_warps, gated=False):
 __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
                                        const half* __restrict__ s, half* __restrict__ y, int m) {{
   constexpr int N = {n}, K = {k}, MT = {m_tiles}, NT = {n_tiles}, KW = {k_warps};
+  // x and weights load together: nothing to start before the previous kernel is done
+  {name}_wait_previous_kernels();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 8 * NT;
@@ -720,6 +722,8 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
                                        unsigned char* __restrict__ smem) {{
   constexpr int N = {n}, K = {k}, BM = {plan.tile_m}, BN = {GEMM_COLS}, BK = {plan.k_stage}, KP = {plan.padded_k()};
   constexpr int S = {plan.stages}, THREADS = {plan.threads()}, P = {pieces}, MT = 4, NT = 4;
+  // a stage's copies carry x and weights together: nothing to start before the previous kernel is done
+  {name}_wait_previous_kernels();
   half (*xs)[BM][KP] = reinterpret_cast<half (*)[BM][KP]>(smem);
   signed char (*qs)[BN][BK] = reinterpret_cast<signed char (*)[BN][BK]>(smem + S * BM * KP * 2);
   half (*ws)[KP] = reinterpret_cast<half (*)[KP]>(smem + S * (BM * KP * 2 + BN * BK));
@@ -908,8 +912,9 @@ def _q8_gemm(n, k, plan: GemmPlan, small: SplitKPlan, gated):
                         # TVM sizes the launch's dynamic shared memory from this buffer (and opts
                         # the kernel into more than 48 KB)
                         smem = T.alloc_buffer((shared_bytes,), "uint8", scope="shared.dyn")
-                        T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data,
-                                                    T.Cast("int32", rows), smem.data, source_code=source))
+                        with T.attr(0, WAITS_IN_KERNEL, 1):
+                            T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data,
+                                                        T.Cast("int32", rows), smem.data, source_code=source))
 
     return q8_gemm
 
@@ -924,7 +929,6 @@ def _rows_launch(name, source, n, k, m, blocks_x, blocks_y, threads, gated):
     from tvm.script import tirx as T
 
     n_out = n // 2 if gated else n
-    waits = f"{name}_wait_previous_kernels();" in source  # else the pass puts the wait first
 
     if m in ROW_CLASSES:
         @T.prim_func(private=True)
@@ -937,11 +941,7 @@ def _rows_launch(name, source, n, k, m, blocks_x, blocks_y, threads, gated):
             bx = T.launch_thread("blockIdx.x", blocks_x)
             by = T.launch_thread("blockIdx.y", T.Cast("int32", blocks_y(rows)))
             tx = T.launch_thread("threadIdx.x", threads)
-            if waits:
-                with T.attr(0, WAITS_IN_KERNEL, 1):
-                    T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data,
-                                                T.Cast("int32", rows), source_code=source))
-            else:
+            with T.attr(0, WAITS_IN_KERNEL, 1):
                 T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, T.Cast("int32", rows),
                                             source_code=source))
 
@@ -956,10 +956,7 @@ def _rows_launch(name, source, n, k, m, blocks_x, blocks_y, threads, gated):
         bx = T.launch_thread("blockIdx.x", blocks_x)
         by = T.launch_thread("blockIdx.y", blocks_y(m))
         tx = T.launch_thread("threadIdx.x", threads)
-        if waits:
-            with T.attr(0, WAITS_IN_KERNEL, 1):
-                T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, m, source_code=source))
-        else:
+        with T.attr(0, WAITS_IN_KERNEL, 1):
             T.evaluate(T.cuda.func_call(name, x.data, q.data, s.data, y.data, m, source_code=source))
 
     return q8_matmul_static
