@@ -59,12 +59,12 @@ def main(geometry, candidates, arch, jobs, out_dir):
         raise click.BadParameter(f"unknown geometry {geometry!r} (one of {', '.join(GEOMETRIES)})")
     shapes = GEOMETRIES[geometry].matmul_shapes()
     cfg = GEOMETRIES[geometry]
-    specs = q8_specs(shapes, MS, candidates) + attention_specs(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+    specs = q8_specs(shapes, MS, candidates, arch) + attention_specs(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                                                                candidates)
     # the tiny geometry: odd sizes (K = 96 is not a multiple of 64) must be right too
     tiny = {f"tiny_{name}": shape for name, shape in GEOMETRIES["tiny"].matmul_shapes().items()}
     specs += q8_specs(tiny, MS, "default")
-    specs += q8_specs({"tiny_odd": (100, 160)}, [1, 5, 64, "block"], candidates)
+    specs += q8_specs({"tiny_odd": (100, 160)}, [1, 5, 64, "block", "dynamic"], candidates, arch)
     started = time.time()
     manifest = build_bundle(specs, out_dir, arch, jobs)
     click.echo(f"built {len(specs)} kernels into {manifest.parent} in {time.time() - started:.0f} s")

@@ -11,7 +11,9 @@
 // Emulated: __shared__ (block-shared, one block at a time), the half types and intrinsics our
 // kernels use, full-warp shuffles, mma.sync m16n8k16 f16 -> f32 (PTX ISA fragment layouts,
 // fp32 accumulation in k order), ldmatrix x4 (plain and transposed), cp.async 16-byte copies that land only at cp.async.wait_group
-// (a read before the wait sees the old contents), atomics and fences (trivial: one OS thread).
+// (a read before the wait sees the old contents), wgmma m64nNk16 from shared memory (products
+// land at wgmma.wait_group; shared memory changed under one in flight is an error), atomics
+// and fences (trivial: one OS thread; fence.proxy.async is not modelled).
 // griddepcontrol.wait gives the buffers the previous kernel writes their contents (until then
 // they hold poison), launch_dependents does nothing.
 // Kernels reach the emulated instructions through `#ifdef TRIMODE_CUDA_EMULATION`, which
@@ -179,6 +181,16 @@ struct PendingCopy {
   int bytes;  // of 16; the rest is zero-filled (cp.async's src-size operand)
 };
 
+// One wgmma.mma_async of this thread: its products, computed when issued, land in d at the
+// wait_group that retires its group.
+struct PendingProduct {
+  float* d;
+  int n;
+  const unsigned char* smem;
+  unsigned long long a, b;
+  std::vector<float> product;
+};
+
 struct Fiber {
   ucontext_t context;
   dim3 thread;
@@ -187,6 +199,9 @@ struct Fiber {
   Barrier* waiting = nullptr;
   std::vector<PendingCopy> open_copies;                // issued, not yet committed
   std::vector<std::vector<PendingCopy>> copy_groups;   // committed, not yet waited for
+  std::vector<PendingProduct> open_products;                 // wgmma issued, not yet committed
+  std::vector<std::vector<PendingProduct>> product_groups;   // committed, not yet waited for
+  bool wgmma_fenced = false;  // a wgmma.fence since this thread's last wgmma.wait_group
 };
 
 struct Warp {
@@ -242,6 +257,8 @@ inline void trampoline() {
   bool copies_pending = !current->open_copies.empty();
   for (const auto& group : current->copy_groups) copies_pending |= !group.empty();
   if (copies_pending) fail("thread exited with cp.async copies never waited for");
+  if (!current->open_products.empty() || !current->product_groups.empty())
+    fail("thread exited with wgmma products never waited for");
   current->done = true;
   leave(block_barrier);
   leave(warps[current->warp].barrier);
@@ -409,6 +426,66 @@ inline void cp_async_wait(int pending_allowed) {
     for (const PendingCopy& copy : groups.front()) land(copy);
     groups.erase(groups.begin());
   }
+}
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.f16.f16 with both operands K-major in shared
+// memory, no swizzle: the descriptor's start address, leading byte offset (between core
+// matrices along k) and stride byte offset (between 8-row groups), each stored >> 4, name
+// element (row, k) at start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+// `smem` stands for shared address 0. Thread t of the warpgroup (warp w = t / 32, group
+// g = t % 32 / 4, q = t % 4) holds d[4j + e] = D(16w + g + 8(e / 2), 8j + 2q + e % 2).
+// Asynchrony as the PTX ISA states it: the products are computed from shared memory at issue
+// and again at the wait_group that retires them, and differ if shared memory changed while
+// they were in flight; they land in d only at that wait. A wgmma without a wgmma.fence since
+// the thread's last wait_group (when it may have touched d) is refused.
+inline half half_at(const unsigned char* smem, unsigned long long desc, int row, int k) {
+  const unsigned start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4,
+                 sbo = ((desc >> 32) & 0x3FFF) << 4;
+  half h;
+  std::memcpy(&h, smem + start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2, 2);
+  return h;
+}
+
+inline std::vector<float> wgmma_product(const PendingProduct& op) {
+  const int warp = current->warp % 4, g = current->lane / 4, q = current->lane % 4;
+  std::vector<float> out(op.n / 2);
+  for (int j = 0; j < op.n / 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * warp + g + 8 * (e / 2), col = 8 * j + 2 * q + e % 2;
+      float acc = 0.f;
+      for (int k = 0; k < 16; ++k)
+        acc += __half2float(half_at(op.smem, op.a, row, k)) * __half2float(half_at(op.smem, op.b, col, k));
+      out[4 * j + e] = acc;
+    }
+  return out;
+}
+
+inline void wgmma_m64k16_f32_f16(float* d, int n, const unsigned char* smem, unsigned long long a,
+                                 unsigned long long b) {
+  if (thread_count() % 128) fail("wgmma in a block that is not whole warpgroups");
+  if (!current->wgmma_fenced) fail("wgmma.mma_async without a wgmma.fence since the last wgmma.wait_group");
+  PendingProduct op{d, n, smem, a, b, {}};
+  op.product = wgmma_product(op);
+  current->open_products.push_back(std::move(op));
+}
+
+inline void wgmma_fence() { current->wgmma_fenced = true; }
+
+inline void wgmma_commit() {
+  current->product_groups.push_back(std::move(current->open_products));
+  current->open_products.clear();
+}
+
+inline void wgmma_wait(int pending_allowed) {
+  auto& groups = current->product_groups;
+  while (static_cast<int>(groups.size()) > pending_allowed) {
+    for (const PendingProduct& op : groups.front()) {
+      if (wgmma_product(op) != op.product) fail("shared memory read by a wgmma changed before its wait_group");
+      for (int i = 0; i < op.n / 2; ++i) op.d[i] += op.product[i];
+    }
+    groups.erase(groups.begin());
+  }
+  current->wgmma_fenced = false;
 }
 
 // Programmatic dependent launch (trimode/compiler/grid_dependency.py): a kernel may run

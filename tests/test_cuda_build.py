@@ -94,6 +94,11 @@ def test_tuning_candidates_build(tmp_path):
     assert len(splitk) == 10
     specs += [(6144, 5120, "block", c) for c in splitk.values()]
     specs.append((100, 160, 64, {"kind": "mma", "n_tiles": 4, "k_warps": 2}))  # most registers
+    # Hopper's wgmma prefill GEMM: the narrow tile at odd N, the wide one (most registers)
+    wgmma = [c for c in q8_matmul_cuda.schedule_candidates(6144, 5120, "dynamic") if c.get("mma") == "wgmma"]
+    assert {(c["tile_n"], c["k_stage"], c["stages"]) for c in wgmma} == set(q8_matmul_cuda.WGMMA_GEMM_PLANS)
+    assert not any(c.get("mma") == "wgmma" for c in q8_matmul_cuda.schedule_candidates(6144, 5120, "dynamic", "sm_80"))
+    specs += [(100, 160, "dynamic", wgmma[0]), (6144, 5120, "dynamic", wgmma[-1])]
     assert library_has_gpu_binary(_build_matmuls(tmp_path, specs, "candidates"))
 
 
@@ -220,7 +225,7 @@ def test_tune_without_a_gpu_leaves_a_bundle_to_measure_elsewhere(tmp_path, monke
 
     monkeypatch.setattr(tvm_runtime, "cuda_device_count", lambda: 0)
     few = bundle.q8_specs({"odd": (100, 160)}, [1], "default")[:1]
-    monkeypatch.setattr(bundle, "q8_specs", lambda shapes, ms, candidates: few)
+    monkeypatch.setattr(bundle, "q8_specs", lambda shapes, ms, candidates, arch: few)
     out = CliRunner().invoke(tune, ["--geometry", "tiny", "--bundle", str(tmp_path), "--jobs", "1"])
     assert out.exit_code == 0, out.output
     assert "no GPU here" in out.output and "trimode tune --results" in out.output

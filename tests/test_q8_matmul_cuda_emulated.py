@@ -111,7 +111,13 @@ def test_gated_slab_mma_writes_silu_gate_times_up():
 
 
 GEMM_PLANS = [q8.GemmPlan(128, 2), q8.GemmPlan(128, 4), q8.GemmPlan(64, 3), q8.GemmPlan(128, 3, 64),
-              q8.GemmPlan(64, 2, 64)]
+              q8.GemmPlan(64, 2, 64),
+              # Hopper's wgmma: two stages (the shallowest ring), both tile widths, both stage depths
+              q8.GemmPlan(128, 2, 32, True), q8.GemmPlan(128, 3, 64, True), q8.GemmPlan(128, 4, 32, True, 256)]
+
+
+def _plan_id(plan: q8.GemmPlan) -> str:
+    return f"t{plan.tile_m}_s{plan.stages}_k{plan.k_stage}" + (f"_wg{plan.tile_n}" if plan.wgmma else "")
 
 
 GEMM_CASES = [(200, 256, 130, False), (128, 96, 257, False), (75, 64, 65, False), (100, 160, 128, False),
@@ -121,21 +127,30 @@ GEMM_CASES = [(200, 256, 130, False), (128, 96, 257, False), (75, 64, 65, False)
 @pytest.mark.parametrize("order", ORDERS, ids=["forward", "reverse-greedy-early"])
 @pytest.mark.parametrize("n, k, m, gated, plan", [
     case + (plan,) for case in GEMM_CASES for plan in GEMM_PLANS if case[1] % plan.k_stage == 0],
-    ids=lambda v: f"t{v.tile_m}_s{v.stages}_k{v.k_stage}" if isinstance(v, q8.GemmPlan) else None)
+    ids=lambda v: _plan_id(v) if isinstance(v, q8.GemmPlan) else None)
 def test_prefill_gemm_matches_float64(n, k, m, gated, plan, order):
     # row and column tiles, the last ones partly empty; odd N (a pair's second half past the
     # edge, unaligned pairs stored one by one); K of 1 to 8 stages, fewer than a deep
     # pipeline's prologue in some (its empty commits)
+    _check(*_run_gemm(n, k, m, gated, plan, order))
+
+
+def _run_gemm(n, k, m, gated, plan, order=ORDERS[0], edit=None):
     name = "gemm"
     x, q, scale, ref = _problem(np.random.default_rng(0), n, k, m)
     ref = _gated(ref) if gated else ref
     y = np.full(ref.shape, np.nan, np.float16)
     smem = np.zeros(plan.shared_bytes(), np.uint8)  # the emulator's guard bytes catch an overrun
     reverse, greedy, early = order
-    EmulatedFunction(q8._gemm_source(name, n, k, plan, gated), name, ROWS_PARAMS + ["unsigned char*"])(
-        (-(-m // plan.tile_m), -(-n // q8.GEMM_COLS)), (plan.threads(),), x, q, scale, y, m, smem,
+    source = (q8._wgmma_gemm_source if plan.wgmma else q8._gemm_source)(name, n, k, plan, gated)
+    if edit:
+        old, new = edit
+        assert old in source
+        source = source.replace(old, new)
+    EmulatedFunction(source, name, ROWS_PARAMS + ["unsigned char*"])(
+        (-(-m // plan.tile_m), -(-n // plan.tile_n)), (plan.threads(),), x, q, scale, y, m, smem,
         reverse=reverse, greedy=greedy, early_copies=early, written_before=X_AND_Y)
-    _check(y, ref)
+    return y, ref
 
 
 def test_gemm_plans_fit_the_shared_memory_a_block_may_take():
@@ -242,3 +257,19 @@ def test_the_emulator_catches_x_read_before_the_previous_kernel_is_done():
     with pytest.raises(EmulationError, match="never waited for the previous kernel"):
         EmulatedFunction(source, name, GEMV_PARAMS)((50,), (128,), x, q, scale, np.zeros((m, n), np.float16),
                                                     written_before=X_AND_Y)
+
+
+def test_the_emulator_holds_wgmma_to_its_asynchrony():
+    plan = q8.GemmPlan(128, 3, 32, True)
+    # refilling x while the previous stage's products may still read it
+    with pytest.raises(EmulationError, match="changed before its wait_group"):
+        _run_gemm(200, 256, 257, False, plan, edit=("gemm_wgmma_wait<0>();       // the previous", "// "))
+    # accumulators touched by other instructions (the previous wait handed them back) unfenced
+    with pytest.raises(EmulationError, match="without a wgmma.fence"):
+        _run_gemm(200, 256, 257, False, plan, edit=("gemm_wgmma_fence();\n", "\n"))
+    # the epilogue reading accumulators whose products never landed
+    with pytest.raises(EmulationError, match="never waited for"):
+        _run_gemm(200, 256, 257, False, plan, edit=("  gemm_wgmma_wait<0>();\n\n", "\n"))
+    # the descriptors' two strides exchanged: the operands are read in the wrong order
+    with pytest.raises(AssertionError):
+        _check(*_run_gemm(200, 256, 257, False, plan, edit=("2 * ks * 128, LBO, SBO)", "2 * ks * 128, SBO, LBO)")))

@@ -129,13 +129,15 @@ def test_q8_embedding_as_built_for_the_gpu():
     assert rel_err(buffers["x"], want) < 1e-3
 
 
-def lowered_for_cuda(cfg):
-    """The model's Relax as the CUDA pipeline hands it to memory planning: fused, scheduled."""
+def lowered_for_cuda(cfg, schedules=None):
+    """The model's Relax as the CUDA pipeline hands it to memory planning: fused, scheduled
+    (the matmuls by `schedules`, a tuning database's entries, where given)."""
     from trimode.compiler.kernel_table import Kernels
     from trimode.compiler.model import NLDModel, mark_static_arguments
     from trimode.compiler.pipeline import relax_passes
 
-    model = NLDModel(cfg, {"embed": True, "layers": True, "output": True}, Kernels(cfg, "cuda"))
+    model = NLDModel(cfg, {"embed": True, "layers": True, "output": True},
+                     Kernels(cfg, "cuda", schedules or {}))
     mod, params = model.export_tvm(spec=model.entry_specs())
     target = tvm.target.Target(resolve_target("cuda", "sm_90a"), host="llvm")
     passes = relax_passes(target)
@@ -215,15 +217,23 @@ def test_a_whole_step_as_built_for_the_gpu_matches_float64(model_on_the_gpu, ent
         ref.truncate(fill)
 
 
-def test_a_prefill_as_built_for_the_gpu_matches_float64(model_on_the_gpu):
-    # 70 prompt rows: the tiled GEMM (its kernel chosen on the host by the row count), the
-    # tensor-core attention's prefill plan, the cache written at every position, the last row's
-    # logits
+@pytest.mark.parametrize("gemm", ["mma.sync", "wgmma"])
+def test_a_prefill_as_built_for_the_gpu_matches_float64(model_on_the_gpu, gemm):
+    # 70 prompt rows: the tiled GEMM (its kernel chosen on the host by the row count; mma.sync
+    # by default, or Hopper's wgmma as a tuning database may choose it), the tensor-core
+    # attention's prefill plan, the cache written at every position, the last row's logits
     from tvm_cuda_emulation import EntryEmulator
 
+    from trimode.compiler.kernels.q8_matmul_cuda import GemmPlan
     from trimode.model.reference import ReferenceForward
+    from trimode.schedules import entry_key
 
     cfg, mod, params, ref, _ = model_on_the_gpu
+    if gemm == "wgmma":
+        wgmma = GemmPlan(128, 3, 32, wgmma=True).schedule()
+        mod, _ = lowered_for_cuda(cfg, {entry_key("q8_matmul", shape, "dynamic"): wgmma
+                                        for shape in cfg.matmul_shapes().values()})
+        assert "_wg128" in mod.script()  # the prefill's layer matmuls took the database's plan
     prompt = np.random.default_rng(1).integers(0, cfg.vocab, 70).astype(np.int32)
     fresh = ReferenceForward(ref.model, CTX)
     want = fresh.causal(prompt.tolist(), last_only=True).logits()

@@ -52,7 +52,7 @@ def tune(target, geometry, arch, bundle_dir, results_file, jobs, database_dir):
     has_gpu = cuda_device_count() > 0
     arch = arch or (cuda_arch() if has_gpu else "sm_90a")
     cfg = GEOMETRIES[geometry]
-    specs = (q8_specs(cfg.matmul_shapes(), ROW_CLASSES, "all")
+    specs = (q8_specs(cfg.matmul_shapes(), ROW_CLASSES, "all", arch)
              + attention_specs(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, "all"))
     click.echo(f"building {len(specs)} candidates for {arch} into {bundle_dir} ...")
     manifest = build_bundle(specs, bundle_dir, arch, jobs)

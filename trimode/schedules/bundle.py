@@ -23,10 +23,10 @@ def measured_rows(m) -> list[int]:
     return MEASURED_ROWS.get(m, [m])
 
 
-def q8_specs(shapes: dict[str, tuple[int, int]], ms, candidates: str) -> list[dict]:
-    """What to build: every (shape, m) with the default schedule, all tuning candidates
-    (candidates="all") or the default alone ("default"); plus the dlight baseline (TVM's
-    default schedules, what the issue measured first) for decode and blocks."""
+def q8_specs(shapes: dict[str, tuple[int, int]], ms, candidates: str, arch: str = "sm_90a") -> list[dict]:
+    """What to build for a GPU of `arch`: every (shape, m) with the default schedule, all
+    tuning candidates (candidates="all") or the default alone ("default"); plus the dlight
+    baseline (TVM's default schedules, what the issue measured first) for decode and blocks."""
     from trimode.compiler.kernels import q8_matmul_cuda as q8
 
     specs = []
@@ -37,7 +37,7 @@ def q8_specs(shapes: dict[str, tuple[int, int]], ms, candidates: str) -> list[di
             default = q8.default_schedule(n, k, m)
             schedules = [default]
             if candidates == "all":
-                schedules += [c for c in q8.schedule_candidates(n, k, m) if c != default]
+                schedules += [c for c in q8.schedule_candidates(n, k, m, arch) if c != default]
             for schedule in schedules:
                 specs.append({"kernel": "q8_matmul", "shape_name": shape_name, "shape": [n, k],
                               "m": m, "rows": measured_rows(m), "schedule": schedule,

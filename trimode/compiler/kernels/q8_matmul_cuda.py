@@ -3,7 +3,7 @@
 x float16 [m, k], q int8 [n, k] (row n = output feature, k contiguous), scale float16
 [n, k // 32], fp32 accumulation, y float16 [m, n].
 
-Four hand-written kernels, each a CUDA C++ device function that TVM launches through
+Four hand-written kernels (the last in two forms), each a CUDA C++ device function that TVM launches through
 `T.cuda.func_call` (TVM owns the launch, the argument passing and the packaging; the library
 carries the compiled fatbin and loads with the runtime libraries alone). tests/cuda_emulator.h
 runs the same source on the CPU, which is how the tests check them without a GPU.
@@ -27,7 +27,9 @@ runs the same source on the CPU, which is how the tests check them without a GPU
   column tile sums the splits' fp32 partials in split order (deterministic).
 - `gemm` (prefill): 128 weight rows by 128 (or 64) rows of x a block, x and the dequantized
   weights staged in dynamic shared memory (2 to 4 cp.async stages of 32 or 64 k), ldmatrix +
-  mma.sync; prompts of <= 64 rows go to an mma_splitk kernel instead.
+  mma.sync; prompts of <= 64 rows go to an mma_splitk kernel instead. On Hopper (sm_90a) a
+  tuning candidate: the same staging feeding wgmma (two warpgroups, 128 or 256 weight rows,
+  both operands read from shared memory by the tensor cores).
 
 Gated (gate_up): weight rows alternate gate, up, and every kernel's epilogue writes
 silu(gate) * up of each row pair into y [m, n / 2] (`_store_pair`): the FFN activation costs
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trimode.compiler.kernels.cuda_ptx import WAITS_IN_KERNEL, ptx_helpers
+from trimode.compiler.kernels.cuda_ptx import WAITS_IN_KERNEL, WGMMA_WIDTHS, ptx_helpers, wgmma_helpers
 from trimode.model.config import ModelError
 from trimode.model.weights import Q8_BLOCK
 
@@ -168,8 +170,15 @@ def gated_schedule(schedule: dict | None) -> dict | None:
     return schedule
 
 
-def schedule_candidates(n: int, k: int, m) -> list[dict]:
-    """The schedules `trimode tune` measures for one shape and m."""
+# wgmma prefill plans (tile_n, k_stage, stages): 52-104 KB of shared memory; ptxas (sm_90a, 14B
+# shapes): 96-97 registers at tile_n 128, k_stage 32 (two blocks an SM), 120-122 at k_stage 64,
+# 172-176 at tile_n 256 (one block an SM); no spills
+WGMMA_GEMM_PLANS = ((128, 32, 3), (128, 32, 4), (128, 64, 3), (256, 32, 3), (256, 32, 4))
+
+
+def schedule_candidates(n: int, k: int, m, arch: str = "sm_90a") -> list[dict]:
+    """The schedules `trimode tune` measures for one shape and m on a GPU of `arch` (wgmma
+    plans only where it is sm_90a)."""
     candidates = []
     if m not in ROW_CLASSES and m <= GEMV_MAX_M:
         for rows in (1, 2, 4):
@@ -190,6 +199,7 @@ def schedule_candidates(n: int, k: int, m) -> list[dict]:
         candidates[:0] = [{"kind": "gemm", "tile_m": tile_m, "stages": stages, "k_stage": k_stage}
                           for k_stage in (32, 64) if k % k_stage == 0
                           for tile_m in (128, 64) for stages in (2, 3, 4)]
+
     if m == "block" or m not in ROW_CLASSES and m > 1:
         for n_tiles, warps in ((1, 8), (2, 4), (2, 8), (4, 4), (4, 8)):  # 64 to 256 weight rows a block
             for k_group in (1, 2):
@@ -198,6 +208,11 @@ def schedule_candidates(n: int, k: int, m) -> list[dict]:
                     schedule = _splitk_schedule(n, k, n_tiles, warps, k_group, splits)
                     if schedule not in candidates:
                         candidates.append(schedule)
+    if m == "dynamic" and arch == "sm_90a":
+        # last: a kernel that faults on the GPU ends its measuring process (gpu_kernels.py runs
+        # one per shape), and these have run on no GPU yet
+        candidates += [GemmPlan(128, stages, k_stage, True, tile_n).schedule()
+                       for tile_n, k_stage, stages in WGMMA_GEMM_PLANS if k % k_stage == 0]
     return candidates
 
 
@@ -208,7 +223,7 @@ def schedule_name(schedule: dict) -> str:
                 f"{'' if schedule.get('prefetch', True) else '_waitfirst'}")
     if schedule["kind"] == "gemm":
         plan = GemmPlan.of(schedule)
-        return f"gemm_t{plan.tile_m}_s{plan.stages}_k{plan.k_stage}"
+        return f"gemm_t{plan.tile_m}_s{plan.stages}_k{plan.k_stage}{f'_wg{plan.tile_n}' if plan.wgmma else ''}"
     if schedule["kind"] == "mma_splitk":
         return (f"splitk_nt{schedule['n_tiles']}_w{schedule['warps']}_g{schedule['k_group']}"
                 f"_s{schedule['splits']}")
@@ -674,12 +689,16 @@ GEMM_MAX_SHARED = 227 * 1024  # dynamic shared memory a block may opt into (sm_9
 
 @dataclass(frozen=True)
 class GemmPlan:
-    """Tiling of the prefill GEMM: 128 weight rows by `tile_m` rows of x a block, warps of
-    64 x 32 outputs (2 x 4 warps at 128 rows, 1 x 4 at 64), `stages` k-stages of `k_stage`
-    in flight."""
-    tile_m: int       # 64 or 128
+    """Tiling of the prefill GEMM: `tile_n` weight rows by `tile_m` rows of x a block,
+    `stages` k-stages of `k_stage` in flight. mma.sync (the default): warps of 64 x 32 outputs
+    (2 x 4 warps at 128 rows, 1 x 4 at 64), fragments by ldmatrix. wgmma (Hopper, sm_90a):
+    two warpgroups of 64 rows x tile_n, both operands read from shared memory by the tensor
+    cores."""
+    tile_m: int       # 64 or 128 (wgmma: 128)
     stages: int       # cp.async stages of x and weights, 2 to 4
     k_stage: int = Q8_BLOCK  # k per stage: one Q8_0 block (32) or two (64: half the barriers per k)
+    wgmma: bool = False
+    tile_n: int = GEMM_COLS  # 128 (wgmma: or 256)
 
     def warps(self) -> int:
         return self.tile_m // 64 * 4
@@ -692,16 +711,36 @@ class GemmPlan:
         return self.k_stage + 8
 
     def shared_bytes(self) -> int:
-        """Dynamic shared memory: the staged x and int8 weight tiles, and one fp16 weight tile."""
+        """Dynamic shared memory: the staged x and int8 weight tiles, and the fp16 weight tile
+        (wgmma: two, one being read by the tensor cores while the next is dequantized)."""
+        if self.wgmma:  # core-matrix layout, no padding
+            return (self.stages * (self.tile_m * self.k_stage * 2 + self.tile_n * self.k_stage)
+                    + 2 * self.tile_n * self.k_stage * 2)
         kp = self.padded_k()
         return self.stages * (self.tile_m * kp * 2 + GEMM_COLS * self.k_stage) + GEMM_COLS * kp * 2
+
+    def schedule(self) -> dict:
+        schedule = {"kind": "gemm", "tile_m": self.tile_m, "stages": self.stages, "k_stage": self.k_stage}
+        return {**schedule, "mma": "wgmma", "tile_n": self.tile_n} if self.wgmma else schedule
 
     @classmethod
     def of(cls, schedule: dict, k: int | None = None) -> "GemmPlan":
         """The plan a schedule names; with k, also checked to walk that K in whole stages."""
-        plan = cls(schedule.get("tile_m", 128), schedule.get("stages", 2), schedule.get("k_stage", Q8_BLOCK))
+        mma = schedule.get("mma", "mma.sync")
+        plan = cls(schedule.get("tile_m", 128), schedule.get("stages", 2), schedule.get("k_stage", Q8_BLOCK),
+                   mma == "wgmma", schedule.get("tile_n", GEMM_COLS))
         if plan.tile_m not in (64, 128) or not 2 <= plan.stages <= 4 or plan.k_stage not in (32, 64):
             raise ModelError(f"gemm schedule {schedule}: tile_m is 64 or 128, stages 2 to 4, k_stage 32 or 64")
+        if mma not in ("mma.sync", "wgmma"):
+            raise ModelError(f"gemm schedule {schedule}: mma is 'mma.sync' or 'wgmma'")
+        if plan.wgmma and (plan.tile_m != 128 or plan.tile_n not in WGMMA_WIDTHS):
+            raise ModelError(f"gemm schedule {schedule}: wgmma tiles are 128 rows by "
+                             f"{' or '.join(map(str, WGMMA_WIDTHS))} weight rows")
+        if not plan.wgmma and plan.tile_n != GEMM_COLS:
+            raise ModelError(f"gemm schedule {schedule}: the mma.sync GEMM tiles {GEMM_COLS} weight rows")
+        if plan.shared_bytes() > GEMM_MAX_SHARED:
+            raise ModelError(f"gemm schedule {schedule} needs {plan.shared_bytes()} bytes of shared memory, "
+                             f"more than the {GEMM_MAX_SHARED} a block may take")
         if k is not None and k % plan.k_stage:
             raise ModelError(f"gemm schedule {schedule}: K = {k} is not a multiple of its k_stage")
         return plan
@@ -824,6 +863,112 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
 """
 
 
+def _wgmma_gemm_source(name, n, k, plan: GemmPlan, gated=False):
+    """Prefill on Hopper's warpgroup MMA: 128 rows of x by `tile_n` weight rows a block, two
+    warpgroups of 64 rows, every operand read by the tensor cores from shared memory. Per
+    k-stage, x [128, BK] and the int8 weights go to shared memory by cp.async, `stages - 1`
+    stages ahead, laid out as the wgmma descriptors want them (K-major 8 x 16-byte core
+    matrices, no swizzle); each thread dequantizes the weights it copied itself (so no barrier
+    stands between its copy and its dequantization) into one of two fp16 tiles, while the
+    tensor cores still multiply the previous stage out of the other. One barrier a stage."""
+    bn, bk, threads = plan.tile_n, plan.k_stage, plan.threads()
+    cores = bk // 8                          # core matrices along k in a stage's row
+    x_pieces = plan.tile_m * cores // threads  # 16-byte x copies per thread per stage
+    w_chunks = bn * (bk // 16) // threads      # 16-weight chunks per thread per stage
+    return (_COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name)
+            + wgmma_helpers(name, bn) + rf"""
+__device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
+                                       const half* __restrict__ s, half* __restrict__ y, int m,
+                                       unsigned char* __restrict__ smem) {{
+  constexpr int N = {n}, K = {k}, BM = {plan.tile_m}, BN = {bn}, BK = {bk}, S = {plan.stages}, THREADS = {threads};
+  constexpr int CORES = {cores}, XP = {x_pieces}, WP = {w_chunks};
+  // a core matrix is 8 rows of 16 bytes (8 halves of k); along k they lie LBO apart, 8-row groups SBO
+  constexpr unsigned LBO = 128, SBO = CORES * 128;
+  constexpr unsigned X_TILE = BM * BK * 2, Q_TILE = BN * BK, B_TILE = BN * BK * 2;
+  constexpr unsigned Q_BASE = S * X_TILE, B_BASE = S * (X_TILE + Q_TILE);
+  // a stage's copies carry x and weights together: nothing to start before the previous kernel is done
+  {name}_wait_previous_kernels();
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, steps = K / BK;
+  // this thread's weight chunks: 8 threads in a row take the 8 rows of one core-matrix pair,
+  // so their dequantized stores fill two whole core matrices (no bank conflicts)
+  int w_n[WP], w_k[WP];
+  unsigned w_to[WP];  // offset of the chunk's first row in the fp16 tile
+#pragma unroll
+  for (int p = 0; p < WP; ++p) {{
+    const int c = tid + p * THREADS, r8 = c % 8, kp = c / 8 % (BK / 16), group = c / (8 * (BK / 16));
+    w_n[p] = min(n0 + 8 * group + r8, N - 1);  // rows past N: row N-1 again
+    w_k[p] = 16 * kp;
+    w_to[p] = group * SBO + 2 * kp * 128 + r8 * 16;
+  }}
+
+  auto issue = [&](int step) {{
+    const int k0 = step * BK;
+    const unsigned slot = step % S;
+#pragma unroll
+    for (int p = 0; p < XP; ++p) {{
+      const int piece = tid + p * THREADS, r8 = piece % 8, c = piece / 8 % CORES, group = piece / (8 * CORES);
+      const int row = 8 * group + r8;
+      const bool inside = m0 + row < m;
+      {name}_copy16(smem + slot * X_TILE + group * SBO + c * 128 + r8 * 16,
+                    inside ? x + (size_t)(m0 + row) * K + k0 + 8 * c : x, inside ? 16 : 0);
+    }}
+#pragma unroll
+    for (int p = 0; p < WP; ++p)
+      {name}_copy16(smem + Q_BASE + slot * Q_TILE + (tid + p * THREADS) * 16, q + (size_t)w_n[p] * K + k0 + w_k[p], 16);
+    {name}_copy_commit();
+  }};
+
+  float d[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) d[i] = 0.f;
+  half scale[WP];
+#pragma unroll
+  for (int p = 0; p < WP; ++p) scale[p] = __ldg(s + (size_t)w_n[p] * (K / 32) + w_k[p] / 32);
+
+  // one commit per stage, empty past the last, so "all but the S - 2 newest" is always this stage
+#pragma unroll
+  for (int step = 0; step < S - 1; ++step) {{
+    if (step < steps) issue(step);
+    else {name}_copy_commit();
+  }}
+  for (int step = 0; step < steps; ++step) {{
+    const unsigned slot = step % S, tile = B_BASE + (step & 1) * B_TILE;
+    {name}_copy_wait_pending<S - 2>();  // this thread's copies of this stage have landed
+#pragma unroll
+    for (int p = 0; p < WP; ++p) {{  // into the fp16 tile the products of two stages ago read
+      const half next = step + 1 < steps ? __ldg(s + (size_t)w_n[p] * (K / 32) + ((step + 1) * BK + w_k[p]) / 32) : scale[p];
+      unsigned wf[8];  // in k order: the chunk's two core-matrix rows
+      {name}_dequant16(*reinterpret_cast<const uint4*>(smem + Q_BASE + slot * Q_TILE + (tid + p * THREADS) * 16),
+                       scale[p], wf);
+      *reinterpret_cast<uint4*>(smem + tile + w_to[p]) = make_uint4(wf[0], wf[1], wf[2], wf[3]);
+      *reinterpret_cast<uint4*>(smem + tile + w_to[p] + LBO) = make_uint4(wf[4], wf[5], wf[6], wf[7]);
+      scale[p] = next;
+    }}
+    {name}_wgmma_wait<0>();       // the previous stage's products are done with its x slot
+    {name}_fence_async_shared();  // this thread's copies and weights, visible to the tensor cores
+    __syncthreads();
+    if (step + S - 1 < steps) issue(step + S - 1);  // into the x slot of the previous stage
+    else {name}_copy_commit();
+    {name}_wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks)  // this warpgroup's 64 rows: 8 row groups from 8 wg
+      {name}_wgmma_n{bn}(d, smem, slot * X_TILE + 8 * wg * SBO + 2 * ks * 128, tile + 2 * ks * 128, LBO, SBO);
+    {name}_wgmma_commit();
+  }}
+  {name}_wgmma_wait<0>();
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {{
+    const int row = m0 + 64 * wg + 16 * (warp & 3) + 8 * h + g;
+    if (row >= m) continue;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {name}_store_pair(y, row, n0 + 8 * j + 2 * t, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+  }}
+}}
+""")
+
+
 # ---------------------------------------------------------------------------------------------
 # TIR wrappers: launch the grid, hand the buffers to the device function.
 
@@ -883,11 +1028,12 @@ def _q8_gemm(n, k, plan: GemmPlan, small: SplitKPlan, gated):
     per kernel), more through the tiled GEMM."""
     from tvm.script import tirx as T
 
-    name = f"trimode_q8_gemm_n{n}_k{k}_t{plan.tile_m}_s{plan.stages}_k{plan.k_stage}{_GATED_TAG[gated]}"
-    source = _gemm_source(name, n, k, plan, gated)
+    name = (f"trimode_q8_gemm_n{n}_k{k}_t{plan.tile_m}_s{plan.stages}_k{plan.k_stage}"
+            f"{f'_wg{plan.tile_n}' if plan.wgmma else ''}{_GATED_TAG[gated]}")
+    source = (_wgmma_gemm_source if plan.wgmma else _gemm_source)(name, n, k, plan, gated)
     small_name = _splitk_name(n, k, "prefill", small, gated)
     small_source = _splitk_source(small_name, n, k, small, gated)
-    column_tiles = -(-n // GEMM_COLS)
+    column_tiles = -(-n // plan.tile_n)
     n_out = n // 2 if gated else n
     tile_m, threads, shared_bytes = plan.tile_m, plan.threads(), plan.shared_bytes()
 
