@@ -488,6 +488,22 @@ inline void wgmma_wait(int pending_allowed) {
   current->wgmma_fenced = false;
 }
 
+// prefetch.global.L2 fetches nothing here; it must still name memory the kernel was given
+// (where the launcher says which: an empty list checks nothing).
+struct Span {
+  const unsigned char* data;
+  size_t size;
+};
+inline std::vector<Span> argument_buffers;
+
+inline void prefetch_l2(const void* address) {
+  const auto* p = static_cast<const unsigned char*>(address);
+  if (argument_buffers.empty()) return;
+  for (const Span& span : argument_buffers)
+    if (p >= span.data && p < span.data + span.size) return;
+  fail("prefetch.global.L2 of an address outside every argument buffer");
+}
+
 // Programmatic dependent launch (trimode/compiler/grid_dependency.py): a kernel may run
 // while the previous one finishes, so until its griddepcontrol.wait the buffers that kernel
 // writes hold poison (all bytes 0xFF: NaN, or -1); the first wait of the launch gives them

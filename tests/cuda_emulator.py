@@ -62,6 +62,9 @@ int main(int argc, char** argv) {
     for (unsigned i = 0; i < count; ++i)
       if (kinds[i] == 2) std::memset(buffers[i].data(), 0xFF, buffers[i].size);
     emu::waited_for_previous = false;
+    emu::argument_buffers.clear();
+    for (unsigned i = 0; i < count; ++i)
+      if (kinds[i] != 1) emu::argument_buffers.push_back({buffers[i].data(), buffers[i].size});
     if (emu::launch(dim3{dims[0], dims[1], dims[2]}, dim3{dims[3], dims[4], dims[5]}, dims[6] != 0,
                     dims[8] != 0, [&] { %(call)s; })) {
       std::fprintf(stderr, "cuda emulator: %%s\n", emu::error);

@@ -203,6 +203,24 @@ def test_splitk_matches_float64_in_every_order_and_launch(n, k, m, n_tiles, warp
     _check(*_run_splitk(n, k, m, schedule, order=order, launches=2))
 
 
+@pytest.mark.parametrize("prefetch_groups", [2, 4])
+@pytest.mark.parametrize("n, k, m, n_tiles, warps, k_group, splits", [SPLITK_CASES[i] for i in (1, 2, 4)])
+def test_splitk_prefetching_weights_into_l2_matches_float64(n, k, m, n_tiles, warps, k_group, splits,
+                                                            prefetch_groups):
+    # prefetches past a split's last group or past K would name memory outside the weights
+    # (the emulator refuses those); the results are those of the plain kernel
+    schedule = {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": splits,
+                "prefetch_groups": prefetch_groups}
+    _check(*_run_splitk(n, k, m, schedule, order=ORDERS[1], launches=2))
+
+
+def test_the_emulator_refuses_a_prefetch_outside_the_weights():
+    schedule = {"n_tiles": 2, "warps": 4, "k_group": 1, "splits": 3, "prefetch_groups": 2}
+    unguarded = lambda s: s.replace("if (group < groups && kk < k_end) splitk_prefetch_l2", "splitk_prefetch_l2")  # noqa: E731
+    with pytest.raises(EmulationError, match="outside every argument buffer"):
+        _run_splitk(200, 1024, 33, schedule, edit=unguarded)
+
+
 @pytest.mark.parametrize("order", ORDERS, ids=["forward", "reverse-greedy-early"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_gated_splitk_writes_silu_gate_times_up(splits, order):

@@ -11,7 +11,7 @@ emulator's model of the same instruction instead of inline assembly.
 - `{p}_copy_commit()`, `{p}_copy_wait_pending<N>()` (until at most the N newest groups are
   in flight): cp.async groups.
 - `{p}_prefetch_l2(global)`: prefetch.global.L2, the line holding `global` into L2 (no register
-  holds it; nothing is read in the emulator).
+  holds it; the emulator reads nothing, but refuses an address outside the kernel's buffers).
 - `{p}_wait_previous_kernels()`: griddepcontrol.wait (the kernels before this one in the
   stream have finished and their writes are visible), then launch_dependents (the next kernel
   may start launching). For kernels whose TIR is marked WAITS_IN_KERNEL (below): only
@@ -85,7 +85,9 @@ template <int PENDING> __device__ __forceinline__ void NAME_copy_wait_pending() 
 #endif
 }
 __device__ __forceinline__ void NAME_prefetch_l2(const void* global) {
-#ifndef TRIMODE_CUDA_EMULATION
+#ifdef TRIMODE_CUDA_EMULATION
+  emu::prefetch_l2(global);
+#else
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(global));
 #endif
 }

@@ -24,7 +24,9 @@ runs the same source on the CPU, which is how the tests check them without a GPU
   the warps of a block split N and read x from shared memory (cp.async, one group of k
   ahead), so each x element crosses L2 once per NB = 8 * n_tiles * warps weight rows instead
   of once per 8 * n_tiles; blocks split K to fill the GPU, and the last block of each
-  column tile sums the splits' fp32 partials in split order (deterministic).
+  column tile sums the splits' fp32 partials in split order (deterministic). A tuning choice
+  (`prefetch_groups`): each thread also asks L2 for its weights 2 or 4 groups ahead of its
+  register loads (more bytes in flight than two groups of registers hold; 2 registers more).
 - `gemm` (prefill): 128 weight rows by 128 (or 64) rows of x a block, x and the dequantized
   weights staged in dynamic shared memory (2 to 4 cp.async stages of 32 or 64 k), ldmatrix +
   mma.sync; prompts of <= 64 rows go to an mma_splitk kernel instead. On Hopper (sm_90a) a
@@ -67,6 +69,7 @@ class SplitKPlan:
     warps: int    # warps per block; they split N and share x
     k_group: int  # 64-k chunks per shared-memory stage of x (1 or 2: two stages fit 48 KB)
     splits: int   # blocks along K
+    prefetch_groups: int = 0  # groups of weights asked into L2 ahead of the register loads
 
     def rows_per_block(self) -> int:
         return MMA_COLS * self.n_tiles * self.warps
@@ -86,12 +89,13 @@ class SplitKPlan:
     @classmethod
     def of(cls, n: int, k: int, schedule: dict) -> "SplitKPlan":
         """The plan a schedule names, its split count reduced to the splits that hold work."""
-        plan = cls(schedule["n_tiles"], schedule["warps"], schedule["k_group"], max(1, schedule["splits"]))
-        if plan.n_tiles < 1 or plan.warps < 1 or plan.warps * 32 > 1024 or plan.k_group < 1:
+        plan = cls(schedule["n_tiles"], schedule["warps"], schedule["k_group"], max(1, schedule["splits"]),
+                   schedule.get("prefetch_groups", 0))
+        if plan.n_tiles < 1 or plan.warps < 1 or plan.warps * 32 > 1024 or plan.k_group < 1 or plan.prefetch_groups < 0:
             raise ModelError(f"mma_splitk schedule {schedule} is not a valid tiling")
         if plan.shared_bytes() > STATIC_SHARED_BYTES:
             raise ModelError(f"mma_splitk k_group={plan.k_group} needs more than 48 KB of shared memory")
-        return cls(plan.n_tiles, plan.warps, plan.k_group, -(-k // plan.split_k(k)))
+        return cls(plan.n_tiles, plan.warps, plan.k_group, -(-k // plan.split_k(k)), plan.prefetch_groups)
 
 
 def default_splits(n: int, k: int, n_tiles: int, warps: int, k_group: int) -> int:
@@ -102,11 +106,12 @@ def default_splits(n: int, k: int, n_tiles: int, warps: int, k_group: int) -> in
     return max(1, min(-(-SPLITK_TARGET_BLOCKS // column_tiles), most))
 
 
-def _splitk_schedule(n, k, n_tiles, warps, k_group, splits=None) -> dict:
+def _splitk_schedule(n, k, n_tiles, warps, k_group, splits=None, prefetch_groups=0) -> dict:
     splits = default_splits(n, k, n_tiles, warps, k_group) if splits is None else splits
     plan = SplitKPlan.of(n, k, {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": splits})
-    return {"kind": "mma_splitk", "n_tiles": n_tiles, "warps": warps, "k_group": k_group,
-            "splits": plan.splits}
+    schedule = {"kind": "mma_splitk", "n_tiles": n_tiles, "warps": warps, "k_group": k_group,
+                "splits": plan.splits}
+    return {**schedule, "prefetch_groups": prefetch_groups} if prefetch_groups else schedule
 
 
 def default_schedule(n: int, k: int, m) -> dict:
@@ -208,6 +213,8 @@ def schedule_candidates(n: int, k: int, m, arch: str = "sm_90a") -> list[dict]:
                     schedule = _splitk_schedule(n, k, n_tiles, warps, k_group, splits)
                     if schedule not in candidates:
                         candidates.append(schedule)
+                # the default split count with weights asked into L2 2 or 4 groups ahead
+                candidates += [_splitk_schedule(n, k, n_tiles, warps, k_group, base, ahead) for ahead in (2, 4)]
     if m == "dynamic" and arch == "sm_90a":
         # last: a kernel that faults on the GPU ends its measuring process (gpu_kernels.py runs
         # one per shape), and these have run on no GPU yet
@@ -226,7 +233,7 @@ def schedule_name(schedule: dict) -> str:
         return f"gemm_t{plan.tile_m}_s{plan.stages}_k{plan.k_stage}{f'_wg{plan.tile_n}' if plan.wgmma else ''}"
     if schedule["kind"] == "mma_splitk":
         return (f"splitk_nt{schedule['n_tiles']}_w{schedule['warps']}_g{schedule['k_group']}"
-                f"_s{schedule['splits']}")
+                f"_s{schedule['splits']}{_prefetch_tag(schedule.get('prefetch_groups', 0))}")
     return f"mma_nt{schedule['n_tiles']}_kw{schedule['k_warps']}"
 
 
@@ -537,7 +544,7 @@ __device__ unsigned {name}_tickets[{plan.column_tiles(n)}];
 // mma kernel above: logical k (2t + e | 2t + 8 + e) of step j is k chunk + 16t + 4j + (e | 2 + e).
 __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
                                        const half* __restrict__ s, half* __restrict__ y, int m) {{
-  constexpr int N = {n}, K = {k}, MT = {mt}, NT = {nt}, W = {warps}, U = {groups_k};
+  constexpr int N = {n}, K = {k}, MT = {mt}, NT = {nt}, W = {warps}, U = {groups_k}, PF = {plan.prefetch_groups};
   constexpr int NB = 8 * NT * W, KG = 64 * U, KS = {plan.split_k(k)}, THREADS = 32 * W;
   constexpr int XROW = KG + 8;  // halves; 16 bytes of padding per row: no bank conflicts
   __shared__ __align__(16) half xs[2][16 * MT][XROW];
@@ -585,11 +592,26 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
 #pragma unroll
       for (int e = 0; e < 4; ++e) c[i][j][e] = 0.f;
 
+  // PF > 0: each thread asks L2 for its weights PF groups ahead of its register loads, so
+  // more of the weight stream is in flight than two groups of registers hold
+  auto prefetch_w = [&](int group) {{
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {{
+        const int kk = k_begin + group * KG + 64 * u + 16 * t;
+        if (group < groups && kk < k_end) {name}_prefetch_l2(q + (size_t)wrow[j] * K + kk);
+      }}
+  }};
+
   load_w(0, raw, sc);  // weights before x: the weight stream starts while the previous kernel drains
+#pragma unroll
+  for (int ahead = 1; ahead <= PF; ++ahead) prefetch_w(ahead);
   {name}_wait_previous_kernels();
   copy_x(0, 0);
   for (int group = 0; group < groups; ++group) {{
     const int buffer = group & 1;
+    if (PF > 0) prefetch_w(group + PF + 1);
     if (group + 1 < groups) copy_x(group + 1, buffer ^ 1);
     else {name}_copy_commit();  // an empty group keeps "all but the newest one" meaning this one
     {name}_copy_wait_pending<1>();
@@ -1011,10 +1033,14 @@ def _q8_mma(n, k, m, n_tiles, k_warps, gated):
 _GATED_TAG = {False: "", True: "_glu"}  # gated kernels' names: plain and gated may share a module
 
 
+def _prefetch_tag(groups: int) -> str:
+    return f"_pf{groups}" if groups else ""
+
+
 def _splitk_name(n, k, rows_tag, plan: SplitKPlan, gated) -> str:
     # rows_tag too: each kernel owns its module-scope scratch and tickets
     return (f"trimode_q8_splitk_n{n}_k{k}_m{rows_tag}_nt{plan.n_tiles}_w{plan.warps}"
-            f"_g{plan.k_group}_s{plan.splits}{_GATED_TAG[gated]}")
+            f"_g{plan.k_group}_s{plan.splits}{_prefetch_tag(plan.prefetch_groups)}{_GATED_TAG[gated]}")
 
 
 def _q8_mma_splitk(n, k, m, plan: SplitKPlan, gated):
