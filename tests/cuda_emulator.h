@@ -187,8 +187,12 @@ struct PendingProduct {
   float* d;
   int n;
   const unsigned char* smem;
-  unsigned long long a, b;
+  unsigned long long a, b;   // descriptors (a unused when A comes from registers)
   std::vector<float> product;
+  const unsigned* a_registers = nullptr;  // this thread's A fragment (register form)
+  unsigned a_copy[4] = {};
+  std::vector<float> a_matrix;  // the warpgroup's A at issue, 64 x 16 (register form)
+  std::vector<float> b_matrix;  // B when the warpgroup's first thread issued it, n x 16 (register form)
 };
 
 struct Fiber {
@@ -202,6 +206,7 @@ struct Fiber {
   std::vector<PendingProduct> open_products;                 // wgmma issued, not yet committed
   std::vector<std::vector<PendingProduct>> product_groups;   // committed, not yet waited for
   bool wgmma_fenced = false;  // a wgmma.fence since this thread's last wgmma.wait_group
+  int wgmma_issued = 0;       // register-form wgmmas this thread has issued
 };
 
 struct Warp {
@@ -210,9 +215,21 @@ struct Warp {
   unsigned mma[32][6];
 };
 
+// Four consecutive warps: where a wgmma with A in registers gathers the 64 x 16 A.
+struct WarpGroup {
+  Barrier barrier;
+  unsigned a[128][4];
+  // B of the warpgroup's latest register-form wgmma, read from shared memory when its first
+  // thread issued it (a thread still writing B for it would be racing: the hardware may read
+  // B as soon as the instruction issues)
+  std::vector<float> b;
+  int b_issue = 0;  // which of the warpgroup's wgmmas `b` belongs to, counted from 1
+};
+
 inline ucontext_t scheduler;
 inline std::vector<Fiber> fibers;
 inline std::vector<Warp> warps;
+inline std::vector<WarpGroup> warpgroups;
 inline Barrier block_barrier;
 inline Fiber* current = nullptr;
 inline dim3 block_index, block_dim, grid_dim;
@@ -262,6 +279,7 @@ inline void trampoline() {
   current->done = true;
   leave(block_barrier);
   leave(warps[current->warp].barrier);
+  leave(warpgroups[current->warp / 4].barrier);
 }  // returns to the scheduler through uc_link
 
 inline int thread_count() { return static_cast<int>(block_dim.x * block_dim.y * block_dim.z); }
@@ -290,6 +308,9 @@ inline int launch(dim3 grid, dim3 block, bool reverse, bool greedy, std::functio
                    static_cast<unsigned>(linear / grid.x / grid.y)};
     fibers.assign(n, Fiber{});
     warps.assign((n + 31) / 32, Warp{});
+    warpgroups.assign((n + 127) / 128, WarpGroup{});
+    for (size_t w = 0; w < warpgroups.size(); ++w)
+      warpgroups[w].barrier.expected = std::min(128, n - 128 * static_cast<int>(w));
     block_barrier = {n, 0};
     for (int i = 0; i < n; ++i) {
       Fiber& fiber = fibers[i];
@@ -435,8 +456,9 @@ inline void cp_async_wait(int pending_allowed) {
 // `smem` stands for shared address 0. Thread t of the warpgroup (warp w = t / 32, group
 // g = t % 32 / 4, q = t % 4) holds d[4j + e] = D(16w + g + 8(e / 2), 8j + 2q + e % 2).
 // Asynchrony as the PTX ISA states it: the products are computed from shared memory at issue
-// and again at the wait_group that retires them, and differ if shared memory changed while
-// they were in flight; they land in d only at that wait. A wgmma without a wgmma.fence since
+// (the register form: when the warpgroup's first thread issues it) and again at the
+// wait_group that retires them, and differ if shared memory changed while they were in
+// flight; they land in d only at that wait. A wgmma without a wgmma.fence since
 // the thread's last wait_group (when it may have touched d) is refused.
 inline half half_at(const unsigned char* smem, unsigned long long desc, int row, int k) {
   const unsigned start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4,
@@ -446,7 +468,12 @@ inline half half_at(const unsigned char* smem, unsigned long long desc, int row,
   return h;
 }
 
-inline std::vector<float> wgmma_product(const PendingProduct& op) {
+inline float a_at(const PendingProduct& op, int row, int k) {
+  return op.a_matrix.empty() ? __half2float(half_at(op.smem, op.a, row, k)) : op.a_matrix[row * 16 + k];
+}
+
+// use_b_matrix: B as captured at issue (register form); else shared memory as it is now.
+inline std::vector<float> wgmma_product(const PendingProduct& op, bool use_b_matrix = true) {
   const int warp = current->warp % 4, g = current->lane / 4, q = current->lane % 4;
   std::vector<float> out(op.n / 2);
   for (int j = 0; j < op.n / 8; ++j)
@@ -454,7 +481,8 @@ inline std::vector<float> wgmma_product(const PendingProduct& op) {
       const int row = 16 * warp + g + 8 * (e / 2), col = 8 * j + 2 * q + e % 2;
       float acc = 0.f;
       for (int k = 0; k < 16; ++k)
-        acc += __half2float(half_at(op.smem, op.a, row, k)) * __half2float(half_at(op.smem, op.b, col, k));
+        acc += a_at(op, row, k) * (use_b_matrix && !op.b_matrix.empty() ? op.b_matrix[col * 16 + k]
+                                                                          : __half2float(half_at(op.smem, op.b, col, k)));
       out[4 * j + e] = acc;
     }
   return out;
@@ -465,6 +493,40 @@ inline void wgmma_m64k16_f32_f16(float* d, int n, const unsigned char* smem, uns
   if (thread_count() % 128) fail("wgmma in a block that is not whole warpgroups");
   if (!current->wgmma_fenced) fail("wgmma.mma_async without a wgmma.fence since the last wgmma.wait_group");
   PendingProduct op{d, n, smem, a, b, {}};
+  op.product = wgmma_product(op);
+  current->open_products.push_back(std::move(op));
+}
+
+// The register form: A's 64 x 16 fp16 comes from the warpgroup's registers, laid out as
+// mma.sync m16n8k16's A fragment per warp (warp w: rows 16w..16w+15; a[0] = (g, k 2q..2q+1),
+// a[1] = (g + 8, same k), a[2] = (g, k 2q+8..2q+9), a[3] = (g + 8, those k)). The PTX ISA
+// forbids changing those registers before the wgmma's wait_group: the thread's own are checked
+// there against their value at issue.
+inline void wgmma_rs_m64k16_f32_f16(float* d, int n, const unsigned* a, const unsigned char* smem,
+                                    unsigned long long b) {
+  if (thread_count() % 128) fail("wgmma in a block that is not whole warpgroups");
+  if (!current->wgmma_fenced) fail("wgmma.mma_async without a wgmma.fence since the last wgmma.wait_group");
+  WarpGroup& group = warpgroups[current->warp / 4];
+  const int me = current->warp % 4 * 32 + current->lane;
+  for (int i = 0; i < 4; ++i) group.a[me][i] = a[i];
+  if (group.b_issue < ++current->wgmma_issued) {  // the first of the warpgroup to issue it
+    group.b_issue = current->wgmma_issued;
+    group.b.resize(n * 16);
+    for (int col = 0; col < n; ++col)
+      for (int k = 0; k < 16; ++k) group.b[col * 16 + k] = __half2float(half_at(smem, b, col, k));
+  }
+  arrive(group.barrier);
+  PendingProduct op{d, n, smem, 0, b, {}};
+  op.b_matrix = group.b;
+  op.a_registers = a;
+  std::memcpy(op.a_copy, a, sizeof op.a_copy);
+  op.a_matrix.resize(64 * 16);
+  for (int row = 0; row < 64; ++row)
+    for (int k = 0; k < 16; ++k) {
+      const int thread = row / 16 * 32 + (row % 8) * 4 + (k % 8) / 2, reg = (row % 16) / 8 + 2 * (k / 8);
+      op.a_matrix[row * 16 + k] = half_of(group.a[thread][reg], k % 2);
+    }
+  arrive(group.barrier);  // nobody overwrites the gathered fragments before all have read them
   op.product = wgmma_product(op);
   current->open_products.push_back(std::move(op));
 }
@@ -480,7 +542,9 @@ inline void wgmma_wait(int pending_allowed) {
   auto& groups = current->product_groups;
   while (static_cast<int>(groups.size()) > pending_allowed) {
     for (const PendingProduct& op : groups.front()) {
-      if (wgmma_product(op) != op.product) fail("shared memory read by a wgmma changed before its wait_group");
+      if (op.a_registers && std::memcmp(op.a_registers, op.a_copy, sizeof op.a_copy))
+        fail("A registers of a wgmma changed before its wait_group");
+      if (wgmma_product(op, false) != op.product) fail("shared memory read by a wgmma changed between its issue and its wait_group");
       for (int i = 0; i < op.n / 2; ++i) op.d[i] += op.product[i];
     }
     groups.erase(groups.begin());

@@ -175,7 +175,7 @@ def _run_splitk(n, k, m, schedule, order=ORDERS[0], launches=1, edit=None, gated
     source passed through `edit` first (the tests that break it on purpose)."""
     plan = q8.SplitKPlan.of(n, k, schedule)
     name = "splitk"
-    source = q8._splitk_source(name, n, k, plan, gated)
+    source = (q8._splitk_wgmma_source if plan.wgmma else q8._splitk_source)(name, n, k, plan, gated)
     if edit is not None:
         edited = edit(source)
         assert edited != source
@@ -212,6 +212,51 @@ def test_splitk_prefetching_weights_into_l2_matches_float64(n, k, m, n_tiles, wa
     schedule = {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": splits,
                 "prefetch_groups": prefetch_groups}
     _check(*_run_splitk(n, k, m, schedule, order=ORDERS[1], launches=2))
+
+
+WGMMA_SPLITK_CASES = [
+    # n, k, m, warps, k_group, splits, prefetch_groups: each of m's three MMA widths (16, 32,
+    # 64), one split (direct stores) and several (partials), K not a multiple of the group, odd N
+    (100, 160, 5, 4, 1, 1, 0),
+    (100, 160, 17, 8, 2, 3, 2),
+    (200, 1024, 33, 4, 2, 3, 0),
+    (256, 1024, 64, 8, 1, 4, 4),
+    (136, 2048, 16, 8, 1, 16, 0),
+    (96, 96, 1, 4, 2, 2, 0),
+]
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=["forward", "reverse-greedy-early"])
+@pytest.mark.parametrize("n, k, m, warps, k_group, splits, prefetch_groups", WGMMA_SPLITK_CASES)
+def test_wgmma_splitk_matches_float64(n, k, m, warps, k_group, splits, prefetch_groups, order):
+    schedule = {"n_tiles": 2, "warps": warps, "k_group": k_group, "splits": splits,
+                "prefetch_groups": prefetch_groups, "mma": "wgmma"}
+    _check(*_run_splitk(n, k, m, schedule, order=order, launches=2))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gated_wgmma_splitk_writes_silu_gate_times_up(splits):
+    schedule = {"n_tiles": 2, "warps": 8, "k_group": 2, "splits": splits, "mma": "wgmma"}
+    _check(*_run_splitk(200, 1024, 33, schedule, order=ORDERS[1], gated=True))
+
+
+def test_the_emulator_holds_register_wgmma_to_its_asynchrony():
+    schedule = {"n_tiles": 2, "warps": 4, "k_group": 1, "splits": 3, "mma": "wgmma"}
+
+    def edited(old, new):
+        return lambda s: s.replace(old, new)
+    # a fragment register touched while the tensor cores may still read it
+    with pytest.raises(EmulationError, match="A registers of a wgmma changed"):
+        _run_splitk(200, 1024, 33, schedule, edit=edited(
+            "    splitk_wgmma_commit();\n", "    splitk_wgmma_commit();\n    a[0][0][0] ^= 1u;\n"))
+    # the next group's x stored before the products reading the other buffer are waited for
+    with pytest.raises(EmulationError, match="changed between its issue and its wait_group"):
+        _run_splitk(200, 1024, 33, schedule, edit=edited(
+            "    splitk_wgmma_wait<0>();\n    if (group + 1 < groups) store_x(buffer ^ 1);",
+            "    if (group + 1 < groups) store_x(buffer);\n    splitk_wgmma_wait<0>();"))
+    # no barrier between the group's x stores and the next wgmma: one warpgroup is no barrier
+    with pytest.raises(EmulationError, match="changed between its issue and its wait_group"):
+        _run_splitk(200, 1024, 33, schedule, edit=edited("    __syncthreads();  // this group's x is read by all", "    //"))
 
 
 def test_the_emulator_refuses_a_prefetch_outside_the_weights():
@@ -280,7 +325,7 @@ def test_the_emulator_catches_x_read_before_the_previous_kernel_is_done():
 def test_the_emulator_holds_wgmma_to_its_asynchrony():
     plan = q8.GemmPlan(128, 3, 32, True)
     # refilling x while the previous stage's products may still read it
-    with pytest.raises(EmulationError, match="changed before its wait_group"):
+    with pytest.raises(EmulationError, match="changed between its issue and its wait_group"):
         _run_gemm(200, 256, 257, False, plan, edit=("gemm_wgmma_wait<0>();       // the previous", "// "))
     # accumulators touched by other instructions (the previous wait handed them back) unfenced
     with pytest.raises(EmulationError, match="without a wgmma.fence"):

@@ -182,18 +182,28 @@ def model_on_the_gpu(request):
     return cfg, mod, tuple(host[name] for name in names), ref, kv
 
 
-@pytest.mark.parametrize("entry, block", [("decode", [7]), ("verify", [7, 3, 99, 5, 0, 12, 8, 1, 2]),
-                                          ("draft", [7] + [1000] * 6)])
-def test_a_whole_step_as_built_for_the_gpu_matches_float64(model_on_the_gpu, entry, block):
+@pytest.mark.parametrize("entry, block, mma", [("decode", [7], "mma.sync"),
+                                               ("verify", [7, 3, 99, 5, 0, 12, 8, 1, 2], "mma.sync"),
+                                               ("draft", [7] + [1000] * 6, "mma.sync"),
+                                               ("verify", [7, 3, 99, 5, 0, 12, 8, 1, 2] * 2, "wgmma"),
+                                               ("draft", [7] + [1000] * 6, "wgmma")])
+def test_a_whole_step_as_built_for_the_gpu_matches_float64(model_on_the_gpu, entry, block, mma):
     # every kernel of a CUDA entry, in its order: embedding, the fused norms, the matmuls
-    # (gemv for decode, split-K tensor cores for blocks; gate_up gated), rope with the cache
-    # append, attention (split-KV decode; tensor cores for blocks), head, argmax -- the GPU
-    # check's tiny test, run on the CPU
+    # (gemv for decode, split-K tensor cores for blocks -- mma.sync by default, or Hopper's
+    # wgmma as a tuning database may choose it; gate_up gated), rope with the cache append,
+    # attention (split-KV decode; tensor cores for blocks), head, argmax -- the GPU check's
+    # tiny test, run on the CPU
     from tvm_cuda_emulation import EntryEmulator
 
     from trimode.compiler.kernel_table import MAX_BLOCK
+    from trimode.compiler.kernels.q8_matmul_cuda import _splitk_schedule
+    from trimode.schedules import entry_key
 
     cfg, mod, params, ref, kv = model_on_the_gpu
+    if mma == "wgmma":
+        mod, _ = lowered_for_cuda(cfg, {entry_key("q8_matmul", (n, k), "block"): _splitk_schedule(
+            n, k, 2, 8, 1, None, 2, wgmma=True) for n, k in cfg.matmul_shapes().values()})
+        assert "_wg" in mod.script()
     fill = ref.length
     tokens = np.zeros(MAX_BLOCK, np.int32)
     tokens[:len(block)] = block

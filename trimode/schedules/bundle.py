@@ -31,6 +31,7 @@ def q8_specs(shapes: dict[str, tuple[int, int]], ms, candidates: str, arch: str 
 
     specs = []
     for shape_name, (n, k) in shapes.items():
+        shape_specs = []
         for m in ms:
             if m == "dynamic" and shape_name.endswith("head"):
                 continue  # a prefill's logits are its last row's: the head runs at m = 1
@@ -39,14 +40,18 @@ def q8_specs(shapes: dict[str, tuple[int, int]], ms, candidates: str, arch: str 
             if candidates == "all":
                 schedules += [c for c in q8.schedule_candidates(n, k, m, arch) if c != default]
             for schedule in schedules:
-                specs.append({"kernel": "q8_matmul", "shape_name": shape_name, "shape": [n, k],
-                              "m": m, "rows": measured_rows(m), "schedule": schedule,
-                              "name": q8.schedule_name(schedule), "default": schedule == default})
+                shape_specs.append({"kernel": "q8_matmul", "shape_name": shape_name, "shape": [n, k],
+                                    "m": m, "rows": measured_rows(m), "schedule": schedule,
+                                    "name": q8.schedule_name(schedule), "default": schedule == default})
             if m != "dynamic":
                 rows = BASELINE_ROWS.get(m, m)
-                specs.append({"kernel": "q8_matmul", "shape_name": shape_name, "shape": [n, k],
-                              "m": m, "rows": [rows], "schedule": None, "name": "dlight",
-                              "default": False})
+                shape_specs.append({"kernel": "q8_matmul", "shape_name": shape_name, "shape": [n, k],
+                                    "m": m, "rows": [rows], "schedule": None, "name": "dlight",
+                                    "default": False})
+        # wgmma kernels last in their shape: gpu_kernels.py measures a shape in one process, and
+        # one of these faulting on a GPU (none has run on one yet) would lose only what follows
+        on_wgmma = [spec for spec in shape_specs if (spec["schedule"] or {}).get("mma") == "wgmma"]
+        specs += [spec for spec in shape_specs if spec not in on_wgmma] + on_wgmma
     return specs
 
 

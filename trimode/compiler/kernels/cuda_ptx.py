@@ -17,11 +17,14 @@ emulator's model of the same instruction instead of inline assembly.
   may start launching). For kernels whose TIR is marked WAITS_IN_KERNEL (below): only
   weights may be read before it.
 
-`wgmma_helpers(prefix, n)`, Hopper only (sm_90a), apart so that no other kernel carries them:
+`wgmma_helpers(prefix, *widths)`, Hopper only (sm_90a), apart so that no other kernel carries them:
 - `{p}_wgmma_n{n}(d, smem, a_offset, b_offset, lbo, sbo)`: wgmma.mma_async m64n{n}k16
   f32 += f16 x f16, both operands K-major in shared memory without swizzle (8 x 16-byte core
   matrices; lbo: bytes between core matrices along k, sbo: between 8-row groups), at byte
   offsets from `smem`; d: this thread's n / 2 accumulators.
+- `{p}_wgmma_rs_n{n}(d, a, smem, b_offset, lbo, sbo)`: the same with A from registers (`a`:
+  four words, mma.sync m16n8k16's A fragment of the thread's warp's 16 rows), which must keep
+  their values until the wgmma's wait_group.
 - `{p}_wgmma_fence()`, `{p}_wgmma_commit()`, `{p}_wgmma_wait<N>()` (until at most the N newest
   groups are in flight), `{p}_fence_async_shared()` (fence.proxy.async: this thread's ordinary
   shared-memory writes, cp.async ones included, become visible to the tensor cores' reads).
@@ -106,29 +109,13 @@ def ptx_helpers(prefix: str) -> str:
     return _HELPERS.replace("NAME", prefix)
 
 
-_WGMMA_HELPERS = r"""
+_WGMMA_COMMON = r"""
 // PTX ISA "matrix descriptor": start address, leading and stride byte offsets (each in
 // 16-byte units, 14 bits), base offset 0 and no swizzle.
 __device__ __forceinline__ unsigned long long NAME_wgmma_descriptor(unsigned address, unsigned lbo, unsigned sbo) {
   return static_cast<unsigned long long>((address & 0x3FFFF) >> 4) |
          static_cast<unsigned long long>((lbo & 0x3FFFF) >> 4) << 16 |
          static_cast<unsigned long long>((sbo & 0x3FFFF) >> 4) << 32;
-}
-__device__ __forceinline__ void NAME_wgmma_nWIDTH(float* d, const unsigned char* smem, unsigned a_offset,
-                                                  unsigned b_offset, unsigned lbo, unsigned sbo) {
-#ifdef TRIMODE_CUDA_EMULATION
-  emu::wgmma_m64k16_f32_f16(d, WIDTH, smem, NAME_wgmma_descriptor(a_offset, lbo, sbo),
-                            NAME_wgmma_descriptor(b_offset, lbo, sbo));
-#else
-  const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const unsigned long long a = NAME_wgmma_descriptor(base + a_offset, lbo, sbo);
-  const unsigned long long b = NAME_wgmma_descriptor(base + b_offset, lbo, sbo);
-  asm volatile(
-      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64nWIDTHk16.f32.f16.f16 {REGISTERS}, %A, %B, accumulate, 1, 1, 0, 0;\n}\n"
-      : OUTPUTS
-      : "l"(a), "l"(b));
-#endif
 }
 __device__ __forceinline__ void NAME_wgmma_fence() {
 #ifdef TRIMODE_CUDA_EMULATION
@@ -158,14 +145,54 @@ __device__ __forceinline__ void NAME_fence_async_shared() {
 }
 """
 
-WGMMA_WIDTHS = (128, 256)  # the n of the m64nNk16 shapes our kernels use
+_WGMMA_WIDTH = r"""
+__device__ __forceinline__ void NAME_wgmma_nWIDTH(float* d, const unsigned char* smem, unsigned a_offset,
+                                                  unsigned b_offset, unsigned lbo, unsigned sbo) {
+#ifdef TRIMODE_CUDA_EMULATION
+  emu::wgmma_m64k16_f32_f16(d, WIDTH, smem, NAME_wgmma_descriptor(a_offset, lbo, sbo),
+                            NAME_wgmma_descriptor(b_offset, lbo, sbo));
+#else
+  const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const unsigned long long a = NAME_wgmma_descriptor(base + a_offset, lbo, sbo);
+  const unsigned long long b = NAME_wgmma_descriptor(base + b_offset, lbo, sbo);
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64nWIDTHk16.f32.f16.f16 {REGISTERS}, %A, %B, accumulate, 1, 1, 0, 0;\n}\n"
+      : OUTPUTS
+      : "l"(a), "l"(b));
+#endif
+}
+__device__ __forceinline__ void NAME_wgmma_rs_nWIDTH(float* d, const unsigned* a, const unsigned char* smem,
+                                                     unsigned b_offset, unsigned lbo, unsigned sbo) {
+#ifdef TRIMODE_CUDA_EMULATION
+  emu::wgmma_rs_m64k16_f32_f16(d, WIDTH, a, smem, NAME_wgmma_descriptor(b_offset, lbo, sbo));
+#else
+  const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const unsigned long long b = NAME_wgmma_descriptor(base + b_offset, lbo, sbo);
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64nWIDTHk16.f32.f16.f16 {REGISTERS}, {%RA0, %RA1, %RA2, %RA3}, %RB, accumulate, 1, 1, 0;\n}\n"
+      : OUTPUTS
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#endif
+}
+"""
+
+WGMMA_WIDTHS = (16, 32, 64, 128, 256)  # the n of the m64nNk16 shapes our kernels use
 
 
-def wgmma_helpers(prefix: str, n: int) -> str:
+def wgmma_helpers(prefix: str, *widths: int) -> str:
+    """The wgmma helpers, with the MMA functions of each of `widths`."""
+    return _WGMMA_COMMON.replace("NAME", prefix) + "".join(_wgmma_width(prefix, n) for n in widths)
+
+
+def _wgmma_width(prefix: str, n: int) -> str:
     if n not in WGMMA_WIDTHS:
         raise ValueError(f"wgmma width {n} is not one of {WGMMA_WIDTHS}")
     count = n // 2  # fp32 accumulators per thread
-    return (_WGMMA_HELPERS.replace("NAME", prefix).replace("WIDTH", str(n))
+    return (_WGMMA_WIDTH.replace("NAME", prefix).replace("WIDTH", str(n))
             .replace("REGISTERS", ", ".join(f"%{i}" for i in range(count)))
-            .replace("%A", f"%{count}").replace("%B", f"%{count + 1}")
+            .replace("%A,", f"%{count},").replace("%B,", f"%{count + 1},")
+            .replace("%RA0", f"%{count}").replace("%RA1", f"%{count + 1}").replace("%RA2", f"%{count + 2}")
+            .replace("%RA3", f"%{count + 3}").replace("%RB,", f"%{count + 4},")
             .replace("OUTPUTS", ", ".join(f'"+f"(d[{i}])' for i in range(count))))

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trimode.compiler.kernels.cuda_ptx import WAITS_IN_KERNEL, WGMMA_WIDTHS, ptx_helpers, wgmma_helpers
+from trimode.compiler.kernels.cuda_ptx import WAITS_IN_KERNEL, ptx_helpers, wgmma_helpers
 from trimode.model.config import ModelError
 from trimode.model.weights import Q8_BLOCK
 
@@ -70,6 +70,7 @@ class SplitKPlan:
     k_group: int  # 64-k chunks per shared-memory stage of x (1 or 2: two stages fit 48 KB)
     splits: int   # blocks along K
     prefetch_groups: int = 0  # groups of weights asked into L2 ahead of the register loads
+    wgmma: bool = False  # Hopper: warpgroups of 64 weight rows on wgmma, A (weights) from registers
 
     def rows_per_block(self) -> int:
         return MMA_COLS * self.n_tiles * self.warps
@@ -84,18 +85,26 @@ class SplitKPlan:
         return -(-per_split // group) * group
 
     def shared_bytes(self) -> int:
+        if self.wgmma:  # two stages of x as core matrices, no padding
+            return 2 * MMA_MAX_M * MMA_K_CHUNK * self.k_group * 2
         return 2 * MMA_MAX_M * (MMA_K_CHUNK * self.k_group + 8) * 2  # two stages of x, fp16
 
     @classmethod
     def of(cls, n: int, k: int, schedule: dict) -> "SplitKPlan":
         """The plan a schedule names, its split count reduced to the splits that hold work."""
+        mma = schedule.get("mma", "mma.sync")
         plan = cls(schedule["n_tiles"], schedule["warps"], schedule["k_group"], max(1, schedule["splits"]),
-                   schedule.get("prefetch_groups", 0))
+                   schedule.get("prefetch_groups", 0), mma == "wgmma")
         if plan.n_tiles < 1 or plan.warps < 1 or plan.warps * 32 > 1024 or plan.k_group < 1 or plan.prefetch_groups < 0:
             raise ModelError(f"mma_splitk schedule {schedule} is not a valid tiling")
+        if mma not in ("mma.sync", "wgmma"):
+            raise ModelError(f"mma_splitk schedule {schedule}: mma is 'mma.sync' or 'wgmma'")
+        if plan.wgmma and (plan.n_tiles != 2 or plan.warps not in (4, 8) or plan.k_group > 2):
+            raise ModelError(f"mma_splitk schedule {schedule}: wgmma takes warpgroups of 64 weight rows "
+                             "(n_tiles 2, warps 4 or 8) and k_group 1 or 2")
         if plan.shared_bytes() > STATIC_SHARED_BYTES:
             raise ModelError(f"mma_splitk k_group={plan.k_group} needs more than 48 KB of shared memory")
-        return cls(plan.n_tiles, plan.warps, plan.k_group, -(-k // plan.split_k(k)), plan.prefetch_groups)
+        return cls(plan.n_tiles, plan.warps, plan.k_group, -(-k // plan.split_k(k)), plan.prefetch_groups, plan.wgmma)
 
 
 def default_splits(n: int, k: int, n_tiles: int, warps: int, k_group: int) -> int:
@@ -106,12 +115,14 @@ def default_splits(n: int, k: int, n_tiles: int, warps: int, k_group: int) -> in
     return max(1, min(-(-SPLITK_TARGET_BLOCKS // column_tiles), most))
 
 
-def _splitk_schedule(n, k, n_tiles, warps, k_group, splits=None, prefetch_groups=0) -> dict:
+def _splitk_schedule(n, k, n_tiles, warps, k_group, splits=None, prefetch_groups=0, wgmma=False) -> dict:
     splits = default_splits(n, k, n_tiles, warps, k_group) if splits is None else splits
     plan = SplitKPlan.of(n, k, {"n_tiles": n_tiles, "warps": warps, "k_group": k_group, "splits": splits})
     schedule = {"kind": "mma_splitk", "n_tiles": n_tiles, "warps": warps, "k_group": k_group,
                 "splits": plan.splits}
-    return {**schedule, "prefetch_groups": prefetch_groups} if prefetch_groups else schedule
+    if prefetch_groups:
+        schedule["prefetch_groups"] = prefetch_groups
+    return {**schedule, "mma": "wgmma"} if wgmma else schedule
 
 
 def default_schedule(n: int, k: int, m) -> dict:
@@ -215,9 +226,10 @@ def schedule_candidates(n: int, k: int, m, arch: str = "sm_90a") -> list[dict]:
                         candidates.append(schedule)
                 # the default split count with weights asked into L2 2 or 4 groups ahead
                 candidates += [_splitk_schedule(n, k, n_tiles, warps, k_group, base, ahead) for ahead in (2, 4)]
+        if arch == "sm_90a":  # one or two warpgroups of 64 weight rows on wgmma
+            candidates += [_splitk_schedule(n, k, 2, warps, k_group, None, ahead, wgmma=True)
+                           for warps in (4, 8) for k_group in (1, 2) for ahead in (0, 2)]
     if m == "dynamic" and arch == "sm_90a":
-        # last: a kernel that faults on the GPU ends its measuring process (gpu_kernels.py runs
-        # one per shape), and these have run on no GPU yet
         candidates += [GemmPlan(128, stages, k_stage, True, tile_n).schedule()
                        for tile_n, k_stage, stages in WGMMA_GEMM_PLANS if k % k_stage == 0]
     return candidates
@@ -233,7 +245,8 @@ def schedule_name(schedule: dict) -> str:
         return f"gemm_t{plan.tile_m}_s{plan.stages}_k{plan.k_stage}{f'_wg{plan.tile_n}' if plan.wgmma else ''}"
     if schedule["kind"] == "mma_splitk":
         return (f"splitk_nt{schedule['n_tiles']}_w{schedule['warps']}_g{schedule['k_group']}"
-                f"_s{schedule['splits']}{_prefetch_tag(schedule.get('prefetch_groups', 0))}")
+                f"_s{schedule['splits']}{_prefetch_tag(schedule.get('prefetch_groups', 0))}"
+                f"{'_wg' if schedule.get('mma') == 'wgmma' else ''}")
     return f"mma_nt{schedule['n_tiles']}_kw{schedule['k_warps']}"
 
 
@@ -655,6 +668,183 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
 """
 
 
+def _splitk_wgmma_source(name, n, k, plan: "SplitKPlan", gated=False):
+    """Blocks of m <= 64 rows on Hopper's wgmma, the split-K kernel's contract and grid: each
+    warpgroup multiplies 64 weight rows (A, dequantized into registers from the same 16-byte
+    loads) by x (B: the block's rows, staged in shared memory a group ahead as K-major core
+    matrices), asynchronously of its own instruction stream; m is rounded up to 16, 32 or 64
+    columns of the MMA. The weights' k order within each 64-k chunk is the mma kernels'
+    (thread t of a quad holds k 16t .. 16t + 15), so x is stored permuted to match: logical
+    k (step j: 2t + e | 8 + 2t + e) is physical k 16t + 4j + (e | 2 + e). A thread's A rows
+    g and g + 8 are weight rows 2g and 2g + 1, so every gate/up pair ends in one thread."""
+    warps, groups_k = plan.warps, plan.k_group
+    tail = _splitk_wgmma_store_direct(name) if plan.splits == 1 else _splitk_wgmma_store_partials(name, plan)
+    scratch = "" if plan.splits == 1 else rf"""
+__device__ float {name}_partial[{plan.splits * MMA_MAX_M * n}];
+__device__ unsigned {name}_tickets[{plan.column_tiles(n)}];
+"""
+    widths = (16, 32, 64)
+    return (_COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name)
+            + wgmma_helpers(name, *widths) + scratch + rf"""
+template <int NX>
+__device__ __forceinline__ void {name}_wgmma_rs(float* d, const unsigned* a, const unsigned char* smem,
+                                                unsigned b_offset, unsigned lbo, unsigned sbo) {{
+  if constexpr (NX == 16) {name}_wgmma_rs_n16(d, a, smem, b_offset, lbo, sbo);
+  else if constexpr (NX == 32) {name}_wgmma_rs_n32(d, a, smem, b_offset, lbo, sbo);
+  else {name}_wgmma_rs_n64(d, a, smem, b_offset, lbo, sbo);
+}}
+
+template <int NX>
+__device__ __forceinline__ void {name}_columns(const half* __restrict__ x, const signed char* __restrict__ q,
+                                               const half* __restrict__ s, half* __restrict__ y, int m,
+                                               unsigned char* __restrict__ xs) {{
+  constexpr int N = {n}, K = {k}, W = {warps}, U = {groups_k}, PF = {plan.prefetch_groups};
+  constexpr int NB = 16 * W, KG = 64 * U, KS = {plan.split_k(k)}, THREADS = 32 * W;
+  constexpr unsigned LBO = 128, SBO = KG / 8 * 128, X_TILE = {MMA_MAX_M} * KG * 2;
+  constexpr int PIECES = NX * (KG / 8), XP = (PIECES + THREADS - 1) / THREADS;  // 16-byte pieces of x
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * NB, split = blockIdx.y;
+  const int k_begin = split * KS, k_end = min(k_begin + KS, K);
+  const int groups = (k_end - k_begin + KG - 1) / KG;
+  const int row0 = n0 + 16 * warp + 2 * g;  // this thread's A rows g, g + 8: weight rows row0, row0 + 1
+  const int wrow[2] = {{min(row0, N - 1), min(row0 + 1, N - 1)}};  // tail: row N-1 again
+
+  uint4 raw[U][2], raw_next[U][2];
+  half sc[U][2], sc_next[U][2];
+  auto load_w = [&](int group, uint4 (&into)[U][2], half (&scale_into)[U][2]) {{
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {{
+        const int kk = k_begin + group * KG + 64 * u + 16 * t;
+        const bool inside = kk < k_end;
+        into[u][r] = inside ? __ldg(reinterpret_cast<const uint4*>(q + (size_t)wrow[r] * K + kk))
+                            : make_uint4(0x80808080u, 0x80808080u, 0x80808080u, 0x80808080u);
+        scale_into[u][r] = inside ? __ldg(s + (size_t)wrow[r] * (K / 32) + kk / 32) : __float2half_rn(0.f);
+      }}
+  }};
+  auto prefetch_w = [&](int group) {{
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {{
+        const int kk = k_begin + group * KG + 64 * u + 16 * t;
+        if (group < groups && kk < k_end) {name}_prefetch_l2(q + (size_t)wrow[r] * K + kk);
+      }}
+  }};
+  // x: each piece is 8 halves of one row (physical k 16t' + 8h' .. + 7 of a 64-k chunk); rows
+  // past m and k past the split are zeros
+  uint4 xr[XP];
+  auto load_x = [&](int group) {{
+#pragma unroll
+    for (int i = 0; i < XP; ++i) {{
+      const int piece = threadIdx.x + i * THREADS, row = piece / (KG / 8), k0 = k_begin + group * KG + 8 * (piece % (KG / 8));
+      const bool inside = piece < PIECES && row < m && k0 < k_end;
+      xr[i] = inside ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)row * K + k0)) : make_uint4(0u, 0u, 0u, 0u);
+    }}
+  }};
+  auto store_x = [&](int buffer) {{  // word w of a piece: physical k 16t' + 8h' + 2w -> step 2h' + w / 2, high w % 2
+#pragma unroll
+    for (int i = 0; i < XP; ++i) {{
+      const int piece = threadIdx.x + i * THREADS;
+      if (piece >= PIECES) continue;
+      const int row = piece / (KG / 8), p = piece % (KG / 8), u = p / 8, tq = p % 8 / 2, h = p % 2;
+      unsigned char* to = xs + buffer * X_TILE + (row / 8) * SBO + (row % 8) * 16 + tq * 4;
+      const unsigned words[4] = {{xr[i].x, xr[i].y, xr[i].z, xr[i].w}};
+#pragma unroll
+      for (int w = 0; w < 4; ++w)
+        *reinterpret_cast<unsigned*>(to + (8 * u + 2 * (2 * h + w / 2) + w % 2) * 128) = words[w];
+    }}
+  }};
+
+  float d[NX / 2];
+#pragma unroll
+  for (int i = 0; i < NX / 2; ++i) d[i] = 0.f;
+
+  load_w(0, raw, sc);  // weights before x: the weight stream starts while the previous kernel drains
+#pragma unroll
+  for (int ahead = 1; ahead <= PF; ++ahead) prefetch_w(ahead);
+  {name}_wait_previous_kernels();
+  load_x(0);
+  store_x(0);
+  {name}_fence_async_shared();
+  __syncthreads();
+  for (int group = 0; group < groups; ++group) {{
+    const int buffer = group & 1;
+    if (PF > 0) prefetch_w(group + PF + 1);
+    if (group + 1 < groups) {{
+      load_w(group + 1, raw_next, sc_next);
+      load_x(group + 1);
+    }}
+    unsigned a[U][4][4];  // read by the tensor cores until the wait below: one set per step
+#pragma unroll
+    for (int u = 0; u < U; ++u) {{
+      unsigned w0[8], w1[8];
+      {name}_dequant16(raw[u][0], sc[u][0], w0);
+      {name}_dequant16(raw[u][1], sc[u][1], w1);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {{
+        a[u][j][0] = w0[2 * j]; a[u][j][1] = w1[2 * j]; a[u][j][2] = w0[2 * j + 1]; a[u][j][3] = w1[2 * j + 1];
+      }}
+    }}
+    {name}_wgmma_fence();
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        {name}_wgmma_rs<NX>(d, a[u][j], xs, buffer * X_TILE + (8 * u + 2 * j) * 128, LBO, SBO);
+    {name}_wgmma_commit();
+    {name}_wgmma_wait<0>();
+    if (group + 1 < groups) store_x(buffer ^ 1);  // its last readers finished before the last barrier
+    {name}_fence_async_shared();
+    __syncthreads();  // this group's x is read by all; the next group's is in place for all
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {{
+        raw[u][r] = raw_next[u][r];
+        sc[u][r] = sc_next[u][r];
+      }}
+  }}
+{tail}
+}}
+
+__device__ __forceinline__ void {name}(const half* __restrict__ x, const signed char* __restrict__ q,
+                                       const half* __restrict__ s, half* __restrict__ y, int m) {{
+  __shared__ __align__(128) unsigned char xs[{plan.shared_bytes()}];
+  if (m > {MMA_MAX_M}) __trap();  // the row class promises m <= 64
+  if (m <= 16) {name}_columns<16>(x, q, s, y, m, xs);
+  else if (m <= 32) {name}_columns<32>(x, q, s, y, m, xs);
+  else {name}_columns<64>(x, q, s, y, m, xs);
+}}
+""")
+
+
+def _splitk_wgmma_store_direct(name):
+    # d[4j + e]: weight row row0 + e / 2, x row 8j + 2t + e % 2
+    return r"""
+#pragma unroll
+  for (int j = 0; j < NX / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int row = 8 * j + 2 * t + e;
+      if (row < m) NAME_store_pair(y, row, row0, d[4 * j + e], d[4 * j + 2 + e]);
+    }""".replace("NAME", name)
+
+
+def _splitk_wgmma_store_partials(name, plan):
+    return rf"""
+  float* partial = {name}_partial + (size_t)split * {MMA_MAX_M} * N;
+#pragma unroll
+  for (int j = 0; j < NX / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {{
+      const int row = 8 * j + 2 * t + e % 2, col = row0 + e / 2;
+      if (row < m && col < N) __stcg(partial + (size_t)row * N + col, d[4 * j + e]);
+    }}""" + _splitk_last_block_sums(name, plan)
+
+
 def _splitk_store_direct(name):
     return r"""
 #pragma unroll
@@ -670,7 +860,6 @@ def _splitk_store_direct(name):
 
 def _splitk_store_partials(name, n, plan):
     return rf"""
-  constexpr int S = {plan.splits};
   float* partial = {name}_partial + (size_t)split * {MMA_MAX_M} * N;
 #pragma unroll
   for (int i = 0; i < MT; ++i)
@@ -680,7 +869,14 @@ def _splitk_store_partials(name, n, plan):
       for (int e = 0; e < 4; ++e) {{
         const int row = 16 * i + 8 * (e / 2) + g, col = n0 + 8 * (warp * NT + j) + 2 * t + e % 2;
         if (row < m && col < N) __stcg(partial + (size_t)row * N + col, c[i][j][e]);
-      }}
+      }}""" + _splitk_last_block_sums(name, plan)
+
+
+def _splitk_last_block_sums(name, plan):
+    """After each thread stored its fp32 partials at `partial` ([row][column] of this split):
+    the last block of the column tile to finish writes y."""
+    return rf"""
+  constexpr int S = {plan.splits};
   // The classic last-block reduction: publish the partial, take a ticket; the block holding the
   // last ticket sums every split's partial in split order (the same sum whichever finishes last).
   __threadfence();
@@ -755,9 +951,8 @@ class GemmPlan:
             raise ModelError(f"gemm schedule {schedule}: tile_m is 64 or 128, stages 2 to 4, k_stage 32 or 64")
         if mma not in ("mma.sync", "wgmma"):
             raise ModelError(f"gemm schedule {schedule}: mma is 'mma.sync' or 'wgmma'")
-        if plan.wgmma and (plan.tile_m != 128 or plan.tile_n not in WGMMA_WIDTHS):
-            raise ModelError(f"gemm schedule {schedule}: wgmma tiles are 128 rows by "
-                             f"{' or '.join(map(str, WGMMA_WIDTHS))} weight rows")
+        if plan.wgmma and (plan.tile_m != 128 or plan.tile_n not in (128, 256)):
+            raise ModelError(f"gemm schedule {schedule}: wgmma tiles are 128 rows by 128 or 256 weight rows")
         if not plan.wgmma and plan.tile_n != GEMM_COLS:
             raise ModelError(f"gemm schedule {schedule}: the mma.sync GEMM tiles {GEMM_COLS} weight rows")
         if plan.shared_bytes() > GEMM_MAX_SHARED:
@@ -1040,12 +1235,14 @@ def _prefetch_tag(groups: int) -> str:
 def _splitk_name(n, k, rows_tag, plan: SplitKPlan, gated) -> str:
     # rows_tag too: each kernel owns its module-scope scratch and tickets
     return (f"trimode_q8_splitk_n{n}_k{k}_m{rows_tag}_nt{plan.n_tiles}_w{plan.warps}"
-            f"_g{plan.k_group}_s{plan.splits}{_prefetch_tag(plan.prefetch_groups)}{_GATED_TAG[gated]}")
+            f"_g{plan.k_group}_s{plan.splits}{_prefetch_tag(plan.prefetch_groups)}{'_wg' if plan.wgmma else ''}"
+            f"{_GATED_TAG[gated]}")
 
 
 def _q8_mma_splitk(n, k, m, plan: SplitKPlan, gated):
     name = _splitk_name(n, k, _rows_tag(m), plan, gated)
-    return _rows_launch(name, _splitk_source(name, n, k, plan, gated), n, k, m, plan.column_tiles(n),
+    source = (_splitk_wgmma_source if plan.wgmma else _splitk_source)(name, n, k, plan, gated)
+    return _rows_launch(name, source, n, k, m, plan.column_tiles(n),
                         lambda rows: plan.splits, 32 * plan.warps, gated)
 
 
@@ -1058,7 +1255,7 @@ def _q8_gemm(n, k, plan: GemmPlan, small: SplitKPlan, gated):
             f"{f'_wg{plan.tile_n}' if plan.wgmma else ''}{_GATED_TAG[gated]}")
     source = (_wgmma_gemm_source if plan.wgmma else _gemm_source)(name, n, k, plan, gated)
     small_name = _splitk_name(n, k, "prefill", small, gated)
-    small_source = _splitk_source(small_name, n, k, small, gated)
+    small_source = (_splitk_wgmma_source if small.wgmma else _splitk_source)(small_name, n, k, small, gated)
     column_tiles = -(-n // plan.tile_n)
     n_out = n // 2 if gated else n
     tile_m, threads, shared_bytes = plan.tile_m, plan.threads(), plan.shared_bytes()
