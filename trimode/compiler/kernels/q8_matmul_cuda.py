@@ -27,6 +27,8 @@ runs the same source on the CPU, which is how the tests check them without a GPU
   column tile sums the splits' fp32 partials in split order (deterministic). A tuning choice
   (`prefetch_groups`): each thread also asks L2 for its weights 2 or 4 groups ahead of its
   register loads (more bytes in flight than two groups of registers hold; 2 registers more).
+  On Hopper (sm_90a) a tuning candidate in a second form: warpgroups of 64 weight rows on
+  wgmma, the dequantized weights as its register operand, x from shared memory.
 - `gemm` (prefill): 128 weight rows by 128 (or 64) rows of x a block, x and the dequantized
   weights staged in dynamic shared memory (2 to 4 cp.async stages of 32 or 64 k), ldmatrix +
   mma.sync; prompts of <= 64 rows go to an mma_splitk kernel instead. On Hopper (sm_90a) a
