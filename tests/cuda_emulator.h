@@ -195,16 +195,39 @@ struct PendingProduct {
   std::vector<float> b_matrix;  // B when the warpgroup's first thread issued it, n x 16 (register form)
 };
 
+// A thread's asynchronous operations of one kind (cp.async copies, wgmmas), as PTX groups
+// them: issued into the open group, committed, retired oldest first by a wait_group.
+template <class Op>
+struct AsyncGroups {
+  std::vector<Op> open;
+  std::vector<std::vector<Op>> committed;
+
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+  bool pending() const {
+    bool any = !open.empty();
+    for (const auto& group : committed) any |= !group.empty();
+    return any;
+  }
+  template <class Complete>
+  void wait(int pending_allowed, Complete complete) {
+    while (static_cast<int>(committed.size()) > pending_allowed) {
+      for (const Op& op : committed.front()) complete(op);
+      committed.erase(committed.begin());
+    }
+  }
+};
+
 struct Fiber {
   ucontext_t context;
   dim3 thread;
   int warp = 0, lane = 0;
   bool done = false;
   Barrier* waiting = nullptr;
-  std::vector<PendingCopy> open_copies;                // issued, not yet committed
-  std::vector<std::vector<PendingCopy>> copy_groups;   // committed, not yet waited for
-  std::vector<PendingProduct> open_products;                 // wgmma issued, not yet committed
-  std::vector<std::vector<PendingProduct>> product_groups;   // committed, not yet waited for
+  AsyncGroups<PendingCopy> copies;
+  AsyncGroups<PendingProduct> products;
   bool wgmma_fenced = false;  // a wgmma.fence since this thread's last wgmma.wait_group
   int wgmma_issued = 0;       // register-form wgmmas this thread has issued
 };
@@ -271,11 +294,8 @@ inline void leave(Barrier& barrier) {
 
 inline void trampoline() {
   body();
-  bool copies_pending = !current->open_copies.empty();
-  for (const auto& group : current->copy_groups) copies_pending |= !group.empty();
-  if (copies_pending) fail("thread exited with cp.async copies never waited for");
-  if (!current->open_products.empty() || !current->product_groups.empty())
-    fail("thread exited with wgmma products never waited for");
+  if (current->copies.pending()) fail("thread exited with cp.async copies never waited for");
+  if (current->products.pending()) fail("thread exited with wgmma products never waited for");
   current->done = true;
   leave(block_barrier);
   leave(warps[current->warp].barrier);
@@ -433,21 +453,12 @@ inline bool early_copies = false;
 inline void cp_async16(void* dst, const void* src, int src_bytes) {
   if (src_bytes < 0 || src_bytes > 16) fail("cp.async source size outside 0..16");
   if (early_copies) land({dst, src, src_bytes});
-  else current->open_copies.push_back({dst, src, src_bytes});
+  else current->copies.open.push_back({dst, src, src_bytes});
 }
 
-inline void cp_async_commit() {
-  current->copy_groups.push_back(std::move(current->open_copies));
-  current->open_copies.clear();
-}
+inline void cp_async_commit() { current->copies.commit(); }
 
-inline void cp_async_wait(int pending_allowed) {
-  auto& groups = current->copy_groups;
-  while (static_cast<int>(groups.size()) > pending_allowed) {
-    for (const PendingCopy& copy : groups.front()) land(copy);
-    groups.erase(groups.begin());
-  }
-}
+inline void cp_async_wait(int pending_allowed) { current->copies.wait(pending_allowed, land); }
 
 // wgmma.mma_async.sync.aligned.m64nNk16.f32.f16.f16 with both operands K-major in shared
 // memory, no swizzle: the descriptor's start address, leading byte offset (between core
@@ -494,7 +505,7 @@ inline void wgmma_m64k16_f32_f16(float* d, int n, const unsigned char* smem, uns
   if (!current->wgmma_fenced) fail("wgmma.mma_async without a wgmma.fence since the last wgmma.wait_group");
   PendingProduct op{d, n, smem, a, b, {}};
   op.product = wgmma_product(op);
-  current->open_products.push_back(std::move(op));
+  current->products.open.push_back(std::move(op));
 }
 
 // The register form: A's 64 x 16 fp16 comes from the warpgroup's registers, laid out as
@@ -528,27 +539,21 @@ inline void wgmma_rs_m64k16_f32_f16(float* d, int n, const unsigned* a, const un
     }
   arrive(group.barrier);  // nobody overwrites the gathered fragments before all have read them
   op.product = wgmma_product(op);
-  current->open_products.push_back(std::move(op));
+  current->products.open.push_back(std::move(op));
 }
 
 inline void wgmma_fence() { current->wgmma_fenced = true; }
 
-inline void wgmma_commit() {
-  current->product_groups.push_back(std::move(current->open_products));
-  current->open_products.clear();
-}
+inline void wgmma_commit() { current->products.commit(); }
 
 inline void wgmma_wait(int pending_allowed) {
-  auto& groups = current->product_groups;
-  while (static_cast<int>(groups.size()) > pending_allowed) {
-    for (const PendingProduct& op : groups.front()) {
-      if (op.a_registers && std::memcmp(op.a_registers, op.a_copy, sizeof op.a_copy))
-        fail("A registers of a wgmma changed before its wait_group");
-      if (wgmma_product(op, false) != op.product) fail("shared memory read by a wgmma changed between its issue and its wait_group");
-      for (int i = 0; i < op.n / 2; ++i) op.d[i] += op.product[i];
-    }
-    groups.erase(groups.begin());
-  }
+  current->products.wait(pending_allowed, [](const PendingProduct& op) {
+    if (op.a_registers && std::memcmp(op.a_registers, op.a_copy, sizeof op.a_copy))
+      fail("A registers of a wgmma changed before its wait_group");
+    if (wgmma_product(op, false) != op.product)
+      fail("shared memory read by a wgmma changed between its issue and its wait_group");
+    for (int i = 0; i < op.n / 2; ++i) op.d[i] += op.product[i];
+  });
   current->wgmma_fenced = false;
 }
 
