@@ -168,6 +168,12 @@ def test_default_block_grids_fill_the_gpu_without_splits_shorter_than_two_stages
                                     "splits": 1}, "not any m"),
     (96, 96, "blocks", "float16", None, "m must be"),
     (96, 96, "block", "float16", {"kind": "gemm"}, "serves prefill"),
+    (96, 96, "block", "float16", {"kind": "mma_splitk", "n_tiles": 4, "warps": 8, "k_group": 1,
+                                  "splits": 1, "mma": "wgmma"}, "warpgroups of 64 weight rows"),
+    (96, 96, "block", "float16", {"kind": "mma_splitk", "n_tiles": 2, "warps": 8, "k_group": 1,
+                                  "splits": 1, "mma": "hmma"}, "mma is"),
+    (96, 96, "dynamic", "float16", {"kind": "gemm", "tile_m": 64, "stages": 3, "mma": "wgmma"}, "wgmma tiles"),
+    (96, 96, "dynamic", "float16", {"kind": "gemm", "tile_m": 128, "stages": 3, "tile_n": 256}, "mma.sync GEMM tiles"),
 ])
 def test_bad_requests_raise_one_sentence(n, k, m, dtype, schedule, message):
     with pytest.raises(ModelError, match=message):
