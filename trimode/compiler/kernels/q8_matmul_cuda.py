@@ -3,10 +3,11 @@
 x float16 [m, k], q int8 [n, k] (row n = output feature, k contiguous), scale float16
 [n, k // 32], fp32 accumulation, y float16 [m, n].
 
-Four hand-written kernels (the last in two forms), each a CUDA C++ device function that TVM launches through
-`T.cuda.func_call` (TVM owns the launch, the argument passing and the packaging; the library
-carries the compiled fatbin and loads with the runtime libraries alone). tests/cuda_emulator.h
-runs the same source on the CPU, which is how the tests check them without a GPU.
+Four hand-written kernels (on Hopper the last two also in a wgmma form), each a CUDA C++
+device function that TVM launches through `T.cuda.func_call` (TVM owns the launch, the
+argument passing and the packaging; the library carries the compiled fatbin and loads with
+the runtime libraries alone). tests/cuda_emulator.h runs the same source on the CPU, which is
+how the tests check them without a GPU.
 
 - `gemv` (m <= 4, decode): CUDA cores. Each lane streams 16-byte int8 loads of `rows_per_warp`
   weight rows; the warps of a block split K (split-K inside the block), so small N still fills
@@ -544,12 +545,7 @@ def _splitk_source(name, n, k, plan: "SplitKPlan", gated=False):
     blocks split K; the last block of each column tile to finish sums the tile's partials."""
     mt, nt, warps, groups_k = MMA_MAX_M // MMA_ROWS, plan.n_tiles, plan.warps, plan.k_group
     tail = _splitk_store_direct(name) if plan.splits == 1 else _splitk_store_partials(name, n, plan)
-    scratch = "" if plan.splits == 1 else rf"""
-// Split partials (fp32, [split][row][column]) and, per column tile, how many splits have
-// finished; the last one resets its count, so every launch finds them zero.
-__device__ float {name}_partial[{plan.splits * MMA_MAX_M * n}];
-__device__ unsigned {name}_tickets[{plan.column_tiles(n)}];
-"""
+    scratch = _splitk_scratch(name, n, plan)
     return _COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name) \
         + scratch + rf"""
 // Block (bx, split): weight rows [bx * NB, +NB) -- warp w owns n-tiles w * NT .. w * NT + NT - 1
@@ -681,10 +677,7 @@ def _splitk_wgmma_source(name, n, k, plan: "SplitKPlan", gated=False):
     g and g + 8 are weight rows 2g and 2g + 1, so every gate/up pair ends in one thread."""
     warps, groups_k = plan.warps, plan.k_group
     tail = _splitk_wgmma_store_direct(name) if plan.splits == 1 else _splitk_wgmma_store_partials(name, plan)
-    scratch = "" if plan.splits == 1 else rf"""
-__device__ float {name}_partial[{plan.splits * MMA_MAX_M * n}];
-__device__ unsigned {name}_tickets[{plan.column_tiles(n)}];
-"""
+    scratch = _splitk_scratch(name, n, plan)
     widths = (16, 32, 64)
     return (_COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name)
             + wgmma_helpers(name, *widths) + scratch + rf"""
@@ -845,6 +838,17 @@ def _splitk_wgmma_store_partials(name, plan):
       const int row = 8 * j + 2 * t + e % 2, col = row0 + e / 2;
       if (row < m && col < N) __stcg(partial + (size_t)row * N + col, d[4 * j + e]);
     }}""" + _splitk_last_block_sums(name, plan)
+
+
+def _splitk_scratch(name, n, plan) -> str:
+    if plan.splits == 1:
+        return ""
+    return rf"""
+// Split partials (fp32, [split][row][column]) and, per column tile, how many splits have
+// finished; the last one resets its count, so every launch finds them zero.
+__device__ float {name}_partial[{plan.splits * MMA_MAX_M * n}];
+__device__ unsigned {name}_tickets[{plan.column_tiles(n)}];
+"""
 
 
 def _splitk_store_direct(name):
