@@ -252,8 +252,8 @@ def test_the_emulator_holds_register_wgmma_to_its_asynchrony():
     # the next group's x stored before the products reading the other buffer are waited for
     with pytest.raises(EmulationError, match="changed between its issue and its wait_group"):
         _run_splitk(200, 1024, 33, schedule, edit=edited(
-            "    splitk_wgmma_wait<0>();\n    if (group + 1 < groups) store_x(buffer ^ 1);",
-            "    if (group + 1 < groups) store_x(buffer);\n    splitk_wgmma_wait<0>();"))
+            "    splitk_wgmma_commit();\n    splitk_wgmma_wait<0>();",
+            "    splitk_wgmma_commit();\n    if (group + 1 < groups) store_x(buffer);\n    splitk_wgmma_wait<0>();"))
     # no barrier between the group's x stores and the next wgmma: one warpgroup is no barrier
     with pytest.raises(EmulationError, match="changed between its issue and its wait_group"):
         _run_splitk(200, 1024, 33, schedule, edit=edited("    __syncthreads();  // this group's x is read by all", "    //"))
@@ -332,7 +332,7 @@ def test_the_emulator_holds_wgmma_to_its_asynchrony():
         _run_gemm(200, 256, 257, False, plan, edit=("gemm_wgmma_fence();\n", "\n"))
     # the epilogue reading accumulators whose products never landed
     with pytest.raises(EmulationError, match="never waited for"):
-        _run_gemm(200, 256, 257, False, plan, edit=("  gemm_wgmma_wait<0>();\n\n", "\n"))
+        _run_gemm(200, 256, 257, False, plan, edit=("  gemm_wgmma_wait<0>();\n  gemm_hold", "  gemm_hold"))
     # the descriptors' two strides exchanged: the operands are read in the wrong order
     with pytest.raises(AssertionError):
         _check(*_run_gemm(200, 256, 257, False, plan, edit=("2 * ks * 128, LBO, SBO)", "2 * ks * 128, SBO, LBO)")))

@@ -27,7 +27,8 @@ emulator's model of the same instruction instead of inline assembly.
   their values until the wgmma's wait_group.
 - `{p}_wgmma_fence()`, `{p}_wgmma_commit()`, `{p}_wgmma_wait<N>()` (until at most the N newest
   groups are in flight), `{p}_fence_async_shared()` (fence.proxy.async: this thread's ordinary
-  shared-memory writes, cp.async ones included, become visible to the tensor cores' reads).
+  shared-memory writes, cp.async ones included, become visible to the tensor cores' reads),
+  `{p}_hold<COUNT>(registers)` (the compiler keeps them as they are across this point).
 """
 from __future__ import annotations
 
@@ -141,6 +142,22 @@ template <int PENDING> __device__ __forceinline__ void NAME_wgmma_wait() {
 __device__ __forceinline__ void NAME_fence_async_shared() {
 #ifndef TRIMODE_CUDA_EMULATION  // one address space in the emulator: nothing to order
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Pins registers to this point of the instruction stream (what CUTLASS calls fencing an
+// operand): the compiler may neither move their reads and writes across it nor reuse them
+// before it. Around a wgmma this keeps the accumulators and A fragments, which the tensor
+// cores read and write asynchronously, untouched between the issue and the wait.
+template <int COUNT> __device__ __forceinline__ void NAME_hold(float* r) {
+#ifndef TRIMODE_CUDA_EMULATION
+#pragma unroll
+  for (int i = 0; i < COUNT; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#endif
+}
+template <int COUNT> __device__ __forceinline__ void NAME_hold(unsigned* r) {
+#ifndef TRIMODE_CUDA_EMULATION
+#pragma unroll
+  for (int i = 0; i < COUNT; ++i) asm volatile("" : "+r"(r[i])::"memory");
 #endif
 }
 """

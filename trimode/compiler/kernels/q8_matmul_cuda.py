@@ -783,6 +783,8 @@ __device__ __forceinline__ void {name}_columns(const half* __restrict__ x, const
         a[u][j][0] = w0[2 * j]; a[u][j][1] = w1[2 * j]; a[u][j][2] = w0[2 * j + 1]; a[u][j][3] = w1[2 * j + 1];
       }}
     }}
+    {name}_hold<NX / 2>(d);
+    {name}_hold<U * 16>(&a[0][0][0]);
     {name}_wgmma_fence();
 #pragma unroll
     for (int u = 0; u < U; ++u)
@@ -791,6 +793,8 @@ __device__ __forceinline__ void {name}_columns(const half* __restrict__ x, const
         {name}_wgmma_rs<NX>(d, a[u][j], xs, buffer * X_TILE + (8 * u + 2 * j) * 128, LBO, SBO);
     {name}_wgmma_commit();
     {name}_wgmma_wait<0>();
+    {name}_hold<NX / 2>(d);
+    {name}_hold<U * 16>(&a[0][0][0]);
     if (group + 1 < groups) store_x(buffer ^ 1);  // its last readers finished before the last barrier
     {name}_fence_async_shared();
     __syncthreads();  // this group's x is read by all; the next group's is in place for all
@@ -1169,10 +1173,12 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
       scale[p] = next;
     }}
     {name}_wgmma_wait<0>();       // the previous stage's products are done with its x slot
+    {name}_hold<BN / 2>(d);
     {name}_fence_async_shared();  // this thread's copies and weights, visible to the tensor cores
     __syncthreads();
     if (step + S - 1 < steps) issue(step + S - 1);  // into the x slot of the previous stage
     else {name}_copy_commit();
+    {name}_hold<BN / 2>(d);
     {name}_wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks)  // this warpgroup's 64 rows: 8 row groups from 8 wg
@@ -1180,6 +1186,7 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
     {name}_wgmma_commit();
   }}
   {name}_wgmma_wait<0>();
+  {name}_hold<BN / 2>(d);
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {{
