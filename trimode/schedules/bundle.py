@@ -50,8 +50,7 @@ def q8_specs(shapes: dict[str, tuple[int, int]], ms, candidates: str, arch: str 
                                     "default": False})
         # wgmma kernels last in their shape: gpu_kernels.py measures a shape in one process, and
         # one of these faulting on a GPU (none has run on one yet) would lose only what follows
-        on_wgmma = [spec for spec in shape_specs if (spec["schedule"] or {}).get("mma") == "wgmma"]
-        specs += [spec for spec in shape_specs if spec not in on_wgmma] + on_wgmma
+        specs += sorted(shape_specs, key=lambda spec: (spec["schedule"] or {}).get("mma") == "wgmma")  # stable
     return specs
 
 

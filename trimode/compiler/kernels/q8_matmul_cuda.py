@@ -540,12 +540,45 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
 """
 
 
+def _splitk_weight_stream(name, rows: str) -> str:
+    """The split-K kernels' weight stream, `rows` (a constant) weight rows `wrow[]` a thread:
+    this group's and the next group's 16-byte loads and scales in registers (indexed by
+    constants only), load_w(group) for them, and prefetch_w(group), which asks L2 for a later
+    group (PF > 0: more of the weight stream in flight than two groups of registers hold)."""
+    return rf"""
+  uint4 raw[U][{rows}], raw_next[U][{rows}];
+  half sc[U][{rows}], sc_next[U][{rows}];
+  auto load_w = [&](int group, uint4 (&into)[U][{rows}], half (&scale_into)[U][{rows}]) {{
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < {rows}; ++r) {{
+        const int kk = k_begin + group * KG + 64 * u + 16 * t;
+        const bool inside = kk < k_end;
+        into[u][r] = inside ? __ldg(reinterpret_cast<const uint4*>(q + (size_t)wrow[r] * K + kk))
+                            : make_uint4(0x80808080u, 0x80808080u, 0x80808080u, 0x80808080u);
+        scale_into[u][r] = inside ? __ldg(s + (size_t)wrow[r] * (K / 32) + kk / 32) : __float2half_rn(0.f);
+      }}
+  }};
+  auto prefetch_w = [&](int group) {{
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < {rows}; ++r) {{
+        const int kk = k_begin + group * KG + 64 * u + 16 * t;
+        if (group < groups && kk < k_end) {name}_prefetch_l2(q + (size_t)wrow[r] * K + kk);
+      }}
+  }};
+"""
+
+
 def _splitk_source(name, n, k, plan: "SplitKPlan", gated=False):
     """Blocks of m <= 64 rows (verify, draft): warps split N and share x through shared memory,
     blocks split K; the last block of each column tile to finish sums the tile's partials."""
     mt, nt, warps, groups_k = MMA_MAX_M // MMA_ROWS, plan.n_tiles, plan.warps, plan.k_group
     tail = _splitk_store_direct(name) if plan.splits == 1 else _splitk_store_partials(name, n, plan)
     scratch = _splitk_scratch(name, n, plan)
+    weights = _splitk_weight_stream(name, "NT")
     return _COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name) \
         + scratch + rf"""
 // Block (bx, split): weight rows [bx * NB, +NB) -- warp w owns n-tiles w * NT .. w * NT + NT - 1
@@ -579,22 +612,7 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
     }}
     {name}_copy_commit();
   }};
-  // This group's weights and the next group's (registers: indexed by constants only).
-  uint4 raw[U][NT], raw_next[U][NT];
-  half sc[U][NT], sc_next[U][NT];
-  auto load_w = [&](int group, uint4 (&into)[U][NT], half (&scale_into)[U][NT]) {{
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {{
-        const int kk = k_begin + group * KG + 64 * u + 16 * t;
-        const bool inside = kk < k_end;
-        into[u][j] = inside ? __ldg(reinterpret_cast<const uint4*>(q + (size_t)wrow[j] * K + kk))
-                            : make_uint4(0x80808080u, 0x80808080u, 0x80808080u, 0x80808080u);
-        scale_into[u][j] = inside ? __ldg(s + (size_t)wrow[j] * (K / 32) + kk / 32) : __float2half_rn(0.f);
-      }}
-  }};
-
+{weights}
   float c[MT][NT][4];
 #pragma unroll
   for (int i = 0; i < MT; ++i)
@@ -602,18 +620,6 @@ __device__ __forceinline__ void {name}(const half* __restrict__ x, const signed 
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) c[i][j][e] = 0.f;
-
-  // PF > 0: each thread asks L2 for its weights PF groups ahead of its register loads, so
-  // more of the weight stream is in flight than two groups of registers hold
-  auto prefetch_w = [&](int group) {{
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {{
-        const int kk = k_begin + group * KG + 64 * u + 16 * t;
-        if (group < groups && kk < k_end) {name}_prefetch_l2(q + (size_t)wrow[j] * K + kk);
-      }}
-  }};
 
   load_w(0, raw, sc);  // weights before x: the weight stream starts while the previous kernel drains
 #pragma unroll
@@ -678,6 +684,7 @@ def _splitk_wgmma_source(name, n, k, plan: "SplitKPlan", gated=False):
     warps, groups_k = plan.warps, plan.k_group
     tail = _splitk_wgmma_store_direct(name) if plan.splits == 1 else _splitk_wgmma_store_partials(name, plan)
     scratch = _splitk_scratch(name, n, plan)
+    weights = _splitk_weight_stream(name, "2")
     widths = (16, 32, 64)
     return (_COMMON.replace("trimode_q8_", f"{name}_") + _store_pair(name, n, gated) + ptx_helpers(name)
             + wgmma_helpers(name, *widths) + scratch + rf"""
@@ -705,30 +712,7 @@ __device__ __forceinline__ void {name}_columns(const half* __restrict__ x, const
   const int row0 = n0 + 16 * warp + 2 * g;  // this thread's A rows g, g + 8: weight rows row0, row0 + 1
   const int wrow[2] = {{min(row0, N - 1), min(row0 + 1, N - 1)}};  // tail: row N-1 again
 
-  uint4 raw[U][2], raw_next[U][2];
-  half sc[U][2], sc_next[U][2];
-  auto load_w = [&](int group, uint4 (&into)[U][2], half (&scale_into)[U][2]) {{
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {{
-        const int kk = k_begin + group * KG + 64 * u + 16 * t;
-        const bool inside = kk < k_end;
-        into[u][r] = inside ? __ldg(reinterpret_cast<const uint4*>(q + (size_t)wrow[r] * K + kk))
-                            : make_uint4(0x80808080u, 0x80808080u, 0x80808080u, 0x80808080u);
-        scale_into[u][r] = inside ? __ldg(s + (size_t)wrow[r] * (K / 32) + kk / 32) : __float2half_rn(0.f);
-      }}
-  }};
-  auto prefetch_w = [&](int group) {{
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {{
-        const int kk = k_begin + group * KG + 64 * u + 16 * t;
-        if (group < groups && kk < k_end) {name}_prefetch_l2(q + (size_t)wrow[r] * K + kk);
-      }}
-  }};
-  // x: each piece is 8 halves of one row (physical k 16t' + 8h' .. + 7 of a 64-k chunk); rows
+{weights}  // x: each piece is 8 halves of one row (physical k 16t' + 8h' .. + 7 of a 64-k chunk); rows
   // past m and k past the split are zeros
   uint4 xr[XP];
   auto load_x = [&](int group) {{
