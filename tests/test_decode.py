@@ -251,18 +251,41 @@ def test_rejection_step_emits_the_verify_distribution():
     emitted must follow p whatever q is. 10000 draws; fails below p-value 1e-3 (a correct
     step fails that with probability 0.001 over seeds; the seed is fixed)."""
     from trimode.runtime.decode import _rejection_sample
-    from trimode.runtime.sampling import Sampler, softmax64
+    from trimode.runtime.sampling import Distribution, Sampler, softmax64
     sampler = Sampler(SamplingParams(temperature=1.0, seed=11))
     verify = np.log(np.array([[0.40, 0.25, 0.15, 0.10, 0.06, 0.04],
                               [0.10, 0.10, 0.20, 0.20, 0.20, 0.20]]))
-    q = [softmax64(np.array([0.0, 2.0, 0.5, 1.0, -1.0, 0.3]))]
+    q = [Distribution(np.arange(6), softmax64(np.array([0.0, 2.0, 0.5, 1.0, -1.0, 0.3])))]
     runs, counts = 10000, {}
+    step = StepResult.from_logits(verify)
     for _ in range(runs):
         draft = sampler.draw(q[0])
-        first = _rejection_sample(sampler, verify, [[], []], [draft], q)[0]
+        first = _rejection_sample(sampler, step, [[], []], [draft], q)[0]
         counts[first] = counts.get(first, 0) + 1
     expected = dict(enumerate(softmax64(verify[0])))
     assert chi2_p(counts, expected, runs) > 1e-3, counts
+
+
+def test_rejection_fetches_verify_rows_up_to_the_first_rejection():
+    """Each verify row is a device-to-host copy: the rows after the first rejected draft are
+    never read, so never fetched."""
+    from trimode.runtime.decode import _rejection_sample
+    from trimode.runtime.sampling import Distribution, Sampler
+    logits = np.log(np.full((4, 6), 1 / 6))
+    logits[0] = np.log([0.9, 0.02, 0.02, 0.02, 0.02, 0.02])  # row 0 keeps draft 0 (p = q)
+    base, fetched = StepResult.from_logits(logits), []
+    step = StepResult(base.argmax, base.prob,
+                      lambda start, stop: fetched.append((start, stop)) or base.logits(start, stop))
+    q = [Distribution(np.arange(6), np.array([0.9, 0.02, 0.02, 0.02, 0.02, 0.02])),
+         Distribution(np.array([3]), np.ones(1)), Distribution(np.array([3]), np.ones(1))]
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=0))
+    # draft 0 (token 0) is kept with probability min(1, p/q) = 1; draft 1 (token 3, q = 1,
+    # p = 1/6) is rejected unless u < 1/6: seeds where it is rejected stop at row 1
+    for seed in range(20):
+        sampler.rng, fetched[:] = np.random.default_rng(seed), []
+        tokens = _rejection_sample(sampler, step, [[]] * 4, [0, 3, 3], q)
+        assert fetched == [(j, j + 1) for j in range(len(fetched))]
+        assert len(fetched) == min(len(tokens), 4) and tokens[0] == 0
 
 
 def test_spec_sampling_matches_ar_distribution():

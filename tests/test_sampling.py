@@ -1,12 +1,13 @@
-"""Sampler: the filters against hand-computed distributions, greedy without logit copies,
-penalties and suppression, seeded reproducibility."""
+"""Sampler: the filters against hand-computed distributions and, on vocabulary-sized rows,
+against the plain float64 definition (softmax, full sort, filters); greedy without logit
+copies, penalties and suppression, seeded reproducibility."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from trimode.runtime.forward import StepResult
-from trimode.runtime.sampling import Sampler, SamplingParams
+from trimode.runtime.sampling import Distribution, Sampler, SamplingParams, _filter_prefix
 
 ROW = np.log(np.array([0.05, 0.40, 0.25, 0.15, 0.10, 0.05]))  # softmax(ROW) = those probs
 
@@ -18,45 +19,49 @@ class CountingStep(StepResult):
         base = StepResult.from_logits(logits)
         self.fetches = 0
 
-        def fetch():
+        def fetch(start, stop):
             self.fetches += 1
-            return base.logits()
+            return base.logits(start, stop)
 
-        super().__init__(argmax=base.argmax, prob=base.prob, fetch_logits=fetch)
+        super().__init__(argmax=base.argmax, prob=base.prob, fetch_rows=fetch)
 
 
 def dist(**params) -> np.ndarray:
-    return Sampler(SamplingParams(**params)).distribution(ROW, [])
+    return Sampler(SamplingParams(**params)).distribution(ROW, []).dense(len(ROW))
+
+
+# the vocabulary is weighed in float32 (the logits' own precision), the filters in float64
+RTOL = 1e-6
 
 
 def test_temperature_one_is_softmax():
-    np.testing.assert_allclose(dist(temperature=1.0), np.exp(ROW), rtol=1e-12)
+    np.testing.assert_allclose(dist(temperature=1.0), np.exp(ROW), rtol=RTOL)
 
 
 def test_temperature_sharpens_and_flattens():
     p = np.exp(ROW)
     for t in (0.5, 2.0):
         expected = p ** (1 / t) / (p ** (1 / t)).sum()
-        np.testing.assert_allclose(dist(temperature=t), expected, rtol=1e-12)
+        np.testing.assert_allclose(dist(temperature=t), expected, rtol=RTOL)
 
 
 def test_top_k():
-    np.testing.assert_allclose(dist(temperature=1.0, top_k=2), [0, 0.4 / 0.65, 0.25 / 0.65, 0, 0, 0])
+    np.testing.assert_allclose(dist(temperature=1.0, top_k=2), [0, 0.4 / 0.65, 0.25 / 0.65, 0, 0, 0], rtol=RTOL)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     # 0.40 + 0.25 = 0.65 < 0.7, so 0.15 joins; 0.80 >= 0.7 stops there.
-    np.testing.assert_allclose(dist(temperature=1.0, top_p=0.7), [0, 0.5, 0.3125, 0.1875, 0, 0])
+    np.testing.assert_allclose(dist(temperature=1.0, top_p=0.7), [0, 0.5, 0.3125, 0.1875, 0, 0], rtol=RTOL)
 
 
 def test_min_p_is_relative_to_the_top():
     # keep p >= 0.3 * 0.40 = 0.12
-    np.testing.assert_allclose(dist(temperature=1.0, min_p=0.3), [0, 0.5, 0.3125, 0.1875, 0, 0])
+    np.testing.assert_allclose(dist(temperature=1.0, min_p=0.3), [0, 0.5, 0.3125, 0.1875, 0, 0], rtol=RTOL)
 
 
 def test_filters_compose():
     np.testing.assert_allclose(dist(temperature=1.0, top_k=3, top_p=0.6),
-                               [0, 0.4 / 0.65, 0.25 / 0.65, 0, 0, 0])
+                               [0, 0.4 / 0.65, 0.25 / 0.65, 0, 0, 0], rtol=RTOL)
 
 
 def test_repetition_penalty_llama_style():
@@ -109,7 +114,7 @@ def test_suppressed_ids_are_never_sampled():
 def test_same_seed_same_draws():
     def draws(seed):
         s = Sampler(SamplingParams(temperature=1.0, seed=seed))
-        return [s.draw(np.exp(ROW)) for _ in range(50)]
+        return [s.draw(Distribution(np.arange(len(ROW)), np.exp(ROW))) for _ in range(50)]
     assert draws(1) == draws(1) and draws(1) != draws(2)
 
 
@@ -119,3 +124,102 @@ def test_same_seed_same_draws():
 def test_bad_params_are_named(bad):
     problem = SamplingParams(**bad).problem()
     assert problem and next(iter(bad)) in problem
+
+
+def definition(row: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """The filters as defined, in float64 over the whole row: softmax(row / T), tokens in
+    falling probability (ties by id), top-k, top-p (mass strictly above a token < p), min-p."""
+    probs = np.exp((row - row.max()) / p.temperature)
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = np.ones(len(order), bool)
+    if p.top_k:
+        keep[p.top_k:] = False
+    if p.top_p < 1:
+        keep &= np.cumsum(probs[order]) - probs[order] < p.top_p
+    if p.min_p > 0:
+        keep &= probs[order] >= p.min_p * probs[order[0]]
+    out = np.zeros_like(probs)
+    out[order[keep]] = probs[order[keep]]
+    return out / out.sum()
+
+
+VOCAB = 131072  # the 14B's
+
+
+def vocab_rows() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    flat = rng.standard_normal(VOCAB).astype(np.float32)  # mass spread over many thousands
+    peaked = flat * 4
+    peaked[[7, 99, 4096]] += 30  # three tokens hold nearly everything
+    ties = np.round(flat * 2).astype(np.float32)  # ~10 distinct values: ties at every cut
+    return {"flat": flat, "peaked": peaked, "ties": ties}
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=1.0), dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
+    dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_p=0.999), dict(temperature=1.3, top_k=1000),
+    dict(temperature=1.0, min_p=0.1), dict(temperature=2.0, top_k=5, min_p=0.01), dict(temperature=1.0, top_k=1),
+    dict(temperature=1.0, top_p=0.5, top_k=VOCAB + 1)])
+def test_vocabulary_rows_follow_the_definition(params):
+    p = SamplingParams(**params)
+    for name, row in vocab_rows().items():
+        got = Sampler(p).distribution(row, [])
+        want = definition(row.astype(np.float64), p)
+        assert np.all(np.diff(got.ids) > 0), name
+        # the same tokens kept; each probability within float32 weighing of the definition
+        # (logit differences of ~40 carry a float32 rounding of ~4e-6 into exp)
+        np.testing.assert_array_equal(got.ids, np.flatnonzero(want), err_msg=name)
+        np.testing.assert_allclose(got.probs, want[got.ids], rtol=1e-5, err_msg=name)
+
+
+def test_filters_sort_a_small_prefix_of_the_vocabulary():
+    """What keeps a row from costing a sort of the vocabulary: the prefix that holds every
+    token top-k / top-p keep is found by thresholds, and only it is sorted."""
+    rows = vocab_rows()
+    weight = np.exp(rows["peaked"] - rows["peaked"].max())
+    total = float(weight.sum())
+    assert len(_filter_prefix(weight, total, 0, 0.95, 0.0)) < 10
+    weight = np.exp(rows["flat"] - rows["flat"].max())
+    total = float(weight.sum())
+    assert len(_filter_prefix(weight, total, 40, 1.0, 0.0)) == 40
+    # a flat row's nucleus is itself most of the vocabulary (~80k tokens hold 0.9 here)
+    held = _filter_prefix(weight, total, 0, 0.9, 0.0)
+    assert weight[held].sum() >= 0.9 * total and len(held) < VOCAB
+
+
+def test_a_sparse_draw_is_the_dense_draw():
+    """Drawing from the kept tokens alone picks what the inverse CDF over the whole
+    vocabulary (zeros elsewhere) picks with the same random numbers."""
+    row = vocab_rows()["flat"]
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=4)
+    sparse, dense = Sampler(p), Sampler(p)
+    dist = sparse.distribution(row, [])
+    whole = Distribution(np.arange(VOCAB), dist.dense(VOCAB))
+    assert [sparse.draw(dist) for _ in range(200)] == [dense.draw(whole) for _ in range(200)]
+
+
+def test_distribution_lookup():
+    d = Distribution(np.array([2, 5, 9]), np.array([0.2, 0.3, 0.5]))
+    np.testing.assert_array_equal(d.of([0, 2, 5, 6, 9, 12]), [0, 0.2, 0.3, 0, 0.5, 0])
+    assert d.prob(9) == 0.5 and d.prob(3) == 0.0
+    whole = Distribution(np.arange(4), np.array([0.1, 0.2, 0.3, 0.4]))
+    np.testing.assert_array_equal(whole.of([3, 0, 4, 2]), [0.4, 0.1, 0, 0.3])
+
+
+def test_block_draws_follow_the_running_sum():
+    """Draws from a vocabulary-sized distribution go by block sums; they land where the plain
+    running sum puts the same random number, and never on a token of probability 0."""
+    from trimode.runtime.sampling import _inverse_cdf
+    rng = np.random.default_rng(8)
+    probs = rng.random(VOCAB) ** 4
+    probs[rng.choice(VOCAB, VOCAB // 2, replace=False)] = 0  # half the tokens impossible
+    probs[-3000:] = 0  # a trailing run of empty blocks
+    probs /= probs.sum()
+    cdf = np.cumsum(probs)
+    for u in np.concatenate([rng.random(2000), [0.0, 1 - 2 ** -53]]):
+        at = _inverse_cdf(probs, u)
+        assert probs[at] > 0
+        want = min(np.searchsorted(cdf, u * cdf[-1], side="right"), VOCAB - 1)
+        # the same token, or (rounding at a boundary) its neighbour among possible tokens
+        assert at == want or abs(cdf[at] - cdf[want]) < 1e-9, (u, at, want)

@@ -73,3 +73,17 @@ def test_block_limit_and_graph_report_on_llvm(engine):
     fwd.causal([1, 2, 3])
     report = engine.cuda_graph_report()
     assert report == {"entries": [], "passes": 0, "used": False}  # llvm runs eagerly
+
+
+def test_row_ranges_of_the_logits_are_the_rows_of_the_whole(engine):
+    # A sampler fetches only the rows it reads (a verify row of the 14B is 512 KB over PCIe):
+    # every range, from any entry's output, is exactly those rows of the full fetch.
+    fwd = engine.new_sequence(CTX)
+    fwd.causal(ids(5, 6), last_only=True)
+    for step in (fwd.bidirectional([CFG.mask_token_id] * 6 + [4]), fwd.causal(ids(9, 7)), fwd.causal([3])):
+        whole, n = step.logits(), len(step.argmax)
+        for start, stop in [(0, n), (n - 1, n), (0, 1), (1, max(2, n - 2))]:
+            if stop <= n:
+                np.testing.assert_array_equal(step.logits(start, stop), whole[start:stop])
+        with pytest.raises(IndexError):
+            step.logits(0, n + 1)

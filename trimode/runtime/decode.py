@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from trimode.runtime.forward import MAX_BLOCK, Forward, StepResult
-from trimode.runtime.sampling import Sampler
+from trimode.runtime.sampling import Distribution, Sampler
 
 MODES = ("ar", "diffusion", "spec")
 # Masked slots per self-speculation cycle. With a per-slot acceptance rate a, a cycle yields
@@ -107,8 +107,8 @@ def spec_cycle(fwd: Forward, sampler: Sampler, history: list[int], k: int,
     if sampler.greedy:
         drafts, _ = sampler.choose(draft, rows, [seen] * k)
     else:
-        logits = draft.logits()
-        q = [sampler.distribution(logits[r], seen) for r in rows]
+        logits = draft.logits(rows[0], rows[-1] + 1)
+        q = [sampler.distribution(row, seen) for row in logits]
         drafts = [sampler.draw(qj) for qj in q]
     block[1:] = drafts
     verify = fwd.causal(block)
@@ -120,28 +120,33 @@ def spec_cycle(fwd: Forward, sampler: Sampler, history: list[int], k: int,
             m += 1
         tokens = drafts[:m] + [target[m]]
     else:
-        tokens = _rejection_sample(sampler, verify.logits(), histories, drafts, q)
+        tokens = _rejection_sample(sampler, verify, histories, drafts, q)
         m = len(tokens) - 1
     fwd.truncate(start + m + 1)
     return Cycle(tokens, forwards=2, drafted=k, accepted=m)
 
 
-def _rejection_sample(sampler: Sampler, verify_logits: np.ndarray, histories: list[list[int]],
-                      drafts: list[int], q: list[np.ndarray]) -> list[int]:
+def _rejection_sample(sampler: Sampler, verify: StepResult, histories: list[list[int]],
+                      drafts: list[int], q: list[Distribution]) -> list[int]:
     """Speculative sampling (Leviathan et al.; Chen et al.): draft d_j ~ q_j is kept with
     probability min(1, p_j(d_j) / q_j(d_j)); the first rejected slot instead draws from
     normalize(max(0, p_j - q_j)); if all are kept the bonus is drawn from p_k. Each emitted
-    token is then distributed exactly as AR sampling from p would give it."""
+    token is then distributed exactly as AR sampling from p would give it. Verify rows are
+    fetched one at a time, up to the first rejection."""
     tokens = []
     for j, d in enumerate(drafts):
-        p = sampler.distribution(verify_logits[j], histories[j])
-        if sampler.rng.random() * q[j][d] < p[d]:  # u < p/q without dividing by q
+        p = sampler.distribution(verify.logits(j, j + 1)[0], histories[j])
+        if sampler.rng.random() * q[j].prob(d) < p.prob(d):  # u < p/q without dividing by q
             tokens.append(d)
             continue
-        residual = np.maximum(p - q[j], 0.0)
+        # max(0, p - q) is zero wherever p is
+        residual = np.maximum(p.probs - q[j].of(p.ids), 0.0)
         # residual is all zero only when p == q, where rejection has probability zero.
-        return tokens + [sampler.draw(residual if residual.sum() > 0 else p)]
-    return tokens + [sampler.draw(sampler.distribution(verify_logits[-1], histories[-1]))]
+        if residual.sum() > 0:
+            p = Distribution(p.ids, residual / residual.sum())
+        return tokens + [sampler.draw(p)]
+    k = len(drafts)
+    return tokens + [sampler.draw(sampler.distribution(verify.logits(k, k + 1)[0], histories[k]))]
 
 
 @dataclass

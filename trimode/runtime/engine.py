@@ -284,7 +284,7 @@ class CompiledForward:
         logits = out[0]
         return StepResult(argmax=dev.download(out[1]).astype(np.int64),
                           prob=dev.download(out[2]),
-                          fetch_logits=lambda: dev.download(logits))
+                          fetch_rows=lambda start, stop: dev.download_rows(logits, start, stop))
 
     def causal(self, tokens: Sequence[int], last_only: bool = False) -> StepResult:
         self._check(tokens)
@@ -307,7 +307,7 @@ class CompiledForward:
             return steps[0]
         return StepResult(argmax=np.concatenate([s.argmax for s in steps]),
                           prob=np.concatenate([s.prob for s in steps]),
-                          fetch_logits=lambda: np.concatenate([s.logits() for s in steps]))
+                          fetch_rows=lambda start, stop: np.concatenate([s.logits() for s in steps])[start:stop])
 
     def bidirectional(self, tokens: Sequence[int]) -> StepResult:
         self._check(tokens)

@@ -29,13 +29,18 @@ class ContextFull(ValueError):
 
 @dataclass
 class StepResult:
-    """Per-row argmax and its softmax probability; full rows fetched only on demand."""
+    """Per-row argmax and its softmax probability; logit rows fetched only on demand (from a
+    GPU, a row of a 131072-token vocabulary is 512 KB over PCIe)."""
     argmax: np.ndarray  # int64 [T]
     prob: np.ndarray    # float32 [T]
-    fetch_logits: Callable[[], np.ndarray]  # -> float32 [T, V]
+    fetch_rows: Callable[[int, int], np.ndarray]  # (start, stop) -> float32 [stop - start, V]
 
-    def logits(self) -> np.ndarray:
-        return self.fetch_logits()
+    def logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start..stop-1 of the logits (all by default)."""
+        stop = len(self.argmax) if stop is None else stop
+        if not 0 <= start < stop <= len(self.argmax):
+            raise IndexError(f"rows {start}..{stop - 1} of a {len(self.argmax)}-row step")
+        return self.fetch_rows(start, stop)
 
     @classmethod
     def from_logits(cls, logits: np.ndarray) -> "StepResult":
@@ -45,7 +50,7 @@ class StepResult:
         prob = 1.0 / np.exp(shifted).sum(axis=-1)
         as_f32 = logits.astype(np.float32)
         return cls(argmax=top.astype(np.int64), prob=prob.astype(np.float32),
-                   fetch_logits=lambda: as_f32)
+                   fetch_rows=lambda start, stop: as_f32[start:stop])
 
 
 class Forward(Protocol):

@@ -97,6 +97,7 @@ class Device:
         self._alloc = get("runtime.TVMTensorAllocWithScope")
         self._copy_from = get("runtime.TVMTensorCopyFromBytes")
         self._copy_to = get("runtime.TVMTensorCopyToBytes")
+        self._view = get("runtime.TVMTensorCreateView")
         self._sync = get("runtime.Device_StreamSync")
 
     def empty(self, shape, dtype: str):
@@ -117,6 +118,14 @@ class Device:
         out = np.empty(tuple(tensor.shape), dtype=str(tensor.dtype))
         self._copy_to(tensor, ctypes.c_void_p(out.ctypes.data), out.nbytes)
         return out
+
+    def download_rows(self, tensor, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 (along the first axis) of a contiguous tensor, and no more."""
+        shape = [int(s) for s in tensor.shape]
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(str(tensor.dtype)).itemsize
+        view = self._view(tensor, self.ffi.Shape([stop - start, *shape[1:]]), tensor.dtype,
+                          start * row_bytes)
+        return self.download(view)
 
     def sync(self) -> None:
         """Waits until the device has finished the work queued so far."""
