@@ -64,6 +64,13 @@ def test_filters_compose():
                                [0, 0.4 / 0.65, 0.25 / 0.65, 0, 0, 0], rtol=RTOL)
 
 
+def test_top_p_measures_what_top_k_kept():
+    # top-3 renormalized is 0.5, 0.3125, 0.1875: 0.5 + 0.3125 >= 0.7 leaves the third out
+    # (measured against the whole distribution, 0.40 + 0.25 = 0.65 < 0.7 would keep it)
+    np.testing.assert_allclose(dist(temperature=1.0, top_k=3, top_p=0.7),
+                               [0, 0.4 / 0.65, 0.25 / 0.65, 0, 0, 0], rtol=RTOL)
+
+
 def test_repetition_penalty_llama_style():
     row = np.array([2.0, -1.0, 1.5, 0.5])
     sampler = Sampler(SamplingParams(repetition_penalty=2.0, penalty_ids=(0,), penalty_last_n=2))
@@ -128,7 +135,8 @@ def test_bad_params_are_named(bad):
 
 def definition(row: np.ndarray, p: SamplingParams) -> np.ndarray:
     """The filters as defined, in float64 over the whole row: softmax(row / T), tokens in
-    falling probability (ties by id), top-k, top-p (mass strictly above a token < p), min-p."""
+    falling probability (ties by id), top-k, top-p over what top-k kept, renormalized (mass
+    strictly above a token < p), min-p (relative to the top token)."""
     probs = np.exp((row - row.max()) / p.temperature)
     probs /= probs.sum()
     order = np.argsort(-probs, kind="stable")
@@ -136,7 +144,8 @@ def definition(row: np.ndarray, p: SamplingParams) -> np.ndarray:
     if p.top_k:
         keep[p.top_k:] = False
     if p.top_p < 1:
-        keep &= np.cumsum(probs[order]) - probs[order] < p.top_p
+        mass = np.where(keep, probs[order], 0) / probs[order][keep].sum()
+        keep &= np.cumsum(mass) - mass < p.top_p
     if p.min_p > 0:
         keep &= probs[order] >= p.min_p * probs[order[0]]
     out = np.zeros_like(probs)

@@ -98,8 +98,8 @@ def _filter_prefix(weight: np.ndarray, total: float, top_k: int, top_p: float,
                    min_p: float) -> np.ndarray:
     """Ascending ids of the tokens at or above a weight threshold (a prefix of the tokens in
     falling probability) that holds every token the filters keep: the k-th largest weight
-    (ties included) for top-k, for top-p the first of falling thresholds whose prefix holds
-    p of the mass, or min-p's own threshold."""
+    (ties included) for top-k, for top-p alone the first of falling thresholds whose prefix
+    holds p of the mass, or min-p's own threshold."""
     # min-p keeps weight >= min_p, the top token's weight being 1
     floor = np.float32(min_p * (1 - _MARGIN))
     if top_k:
@@ -195,8 +195,9 @@ class Sampler:
 
     def distribution(self, row: np.ndarray, history: Sequence[int]) -> Distribution:
         """What a sample is drawn from: adjusted logits / temperature, softmax, then top-k,
-        top-p (smallest set reaching p) and min-p (>= min_p * top prob) filters,
-        renormalized. Temperature 0 gives a one-hot on the adjusted argmax."""
+        top-p (the smallest set reaching p of what top-k kept, renormalized, as vLLM and
+        transformers apply them) and min-p (>= min_p * top prob), renormalized. Temperature
+        0 gives a one-hot on the adjusted argmax."""
         p = self.params
         row = self.adjust(row, history)
         if self.greedy:
@@ -214,8 +215,9 @@ class Sampler:
         falling = np.sort(weight)[::-1]  # a sort of values, not of ids: ~30x cheaper
         probs = falling.astype(np.float64) / total
         n = min(len(probs), top_k or len(probs))
-        if p.top_p < 1.0:  # mass strictly above each token < top_p
-            n = min(n, int(np.searchsorted(np.cumsum(probs) - probs, p.top_p, side="left")))
+        if p.top_p < 1.0:  # mass strictly above each token < top_p, within top-k's tokens
+            mass = probs[:n] / probs[:n].sum() if top_k else probs
+            n = min(n, int(np.searchsorted(np.cumsum(mass) - mass, p.top_p, side="left")))
         if p.min_p > 0:
             n = min(n, int(np.count_nonzero(probs >= p.min_p * probs[0])))
         last = falling[n - 1]
