@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from trimode.runtime.forward import StepResult
-from trimode.runtime.sampling import Distribution, Sampler, SamplingParams, _filter_prefix
+from trimode.runtime.sampling import (Distribution, Sampler, SamplingParams, _top_k_ids,
+                                      _top_p_prefix)
 
 ROW = np.log(np.array([0.05, 0.40, 0.25, 0.15, 0.10, 0.05]))  # softmax(ROW) = those probs
 
@@ -183,18 +184,28 @@ def test_vocabulary_rows_follow_the_definition(params):
 
 
 def test_filters_sort_a_small_prefix_of_the_vocabulary():
-    """What keeps a row from costing a sort of the vocabulary: the prefix that holds every
-    token top-k / top-p keep is found by thresholds, and only it is sorted."""
+    """What keeps a row from costing a sort of the vocabulary: top-k's tokens are selected
+    (among those near the top first), top-p's prefix is found by thresholds, and only those
+    are sorted."""
     rows = vocab_rows()
+    for name in ("flat", "peaked", "ties"):
+        row = rows[name]
+        got = _top_k_ids(row, 40)
+        kth = np.sort(row)[-40]
+        np.testing.assert_array_equal(got, np.flatnonzero(row >= kth), err_msg=name)
+    assert len(_top_k_ids(rows["flat"], 40)) == 40
+    odd = rows["flat"].copy()
+    odd[::16] -= 100  # a sample that sees none of the top: the selection takes the whole row
+    np.testing.assert_array_equal(_top_k_ids(odd, 5), np.flatnonzero(odd >= np.sort(odd)[-5]))
+    for k in (1, 17, 1000):
+        np.testing.assert_array_equal(_top_k_ids(rows["ties"], k),
+                                      np.flatnonzero(rows["ties"] >= np.sort(rows["ties"])[-k]))
     weight = np.exp(rows["peaked"] - rows["peaked"].max())
-    total = float(weight.sum())
-    assert len(_filter_prefix(weight, total, 0, 0.95, 0.0)) < 10
-    weight = np.exp(rows["flat"] - rows["flat"].max())
-    total = float(weight.sum())
-    assert len(_filter_prefix(weight, total, 40, 1.0, 0.0)) == 40
+    assert len(_top_p_prefix(weight, float(weight.sum()), 0.95, 0.0)) < 10
     # a flat row's nucleus is itself most of the vocabulary (~80k tokens hold 0.9 here)
-    held = _filter_prefix(weight, total, 0, 0.9, 0.0)
-    assert weight[held].sum() >= 0.9 * total and len(held) < VOCAB
+    weight = np.exp(rows["flat"] - rows["flat"].max())
+    held = _top_p_prefix(weight, float(weight.sum()), 0.9, 0.0)
+    assert weight[held].sum() >= 0.9 * weight.sum() and len(held) < VOCAB
 
 
 def test_a_sparse_draw_is_the_dense_draw():

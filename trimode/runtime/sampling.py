@@ -92,19 +92,29 @@ _MARGIN = 1e-5
 # Top-p's thresholds, each 16 times under the last (relative to the top token's weight), before
 # taking every token over min-p's: float32 weights under 16^-16 ~ 5e-20 carry no mass.
 _THRESHOLD_STEP, _THRESHOLD_TRIES = 16.0, 16
+# Top-k estimates its threshold from every this-many-th logit.
+_TOP_K_STRIDE = 16
 
 
-def _filter_prefix(weight: np.ndarray, total: float, top_k: int, top_p: float,
-                   min_p: float) -> np.ndarray:
+def _top_k_ids(row: np.ndarray, k: int) -> np.ndarray:
+    """Ascending ids of the logits at or above the k-th largest (ties included). A strided
+    sample of the row puts a threshold a little under the k-th largest, so the selection
+    runs over the few logits above it; a threshold that catches fewer than k takes the row."""
+    sample = row[::_TOP_K_STRIDE]
+    m = min(len(sample), k // _TOP_K_STRIDE + 4)
+    near = np.flatnonzero(row >= np.partition(sample, len(sample) - m)[len(sample) - m])
+    if len(near) < k:
+        near = np.arange(len(row))
+    values = row[near]
+    return near[values >= np.partition(values, len(near) - k)[len(near) - k]]
+
+
+def _top_p_prefix(weight: np.ndarray, total: float, top_p: float, min_p: float) -> np.ndarray:
     """Ascending ids of the tokens at or above a weight threshold (a prefix of the tokens in
-    falling probability) that holds every token the filters keep: the k-th largest weight
-    (ties included) for top-k, for top-p alone the first of falling thresholds whose prefix
-    holds p of the mass, or min-p's own threshold."""
+    falling probability) that holds every token top-p and min-p keep: the first of falling
+    thresholds whose prefix holds p of the mass, or min-p's own threshold."""
     # min-p keeps weight >= min_p, the top token's weight being 1
     floor = np.float32(min_p * (1 - _MARGIN))
-    if top_k:
-        kth = np.partition(weight, len(weight) - top_k)[len(weight) - top_k]
-        return np.flatnonzero(weight >= max(kth, floor))
     threshold = np.float32(1.0)
     for _ in range(_THRESHOLD_TRIES if top_p < 1.0 else 0):
         threshold /= np.float32(_THRESHOLD_STEP)
@@ -203,13 +213,19 @@ class Sampler:
         if self.greedy:
             return Distribution.one_hot(int(row.argmax()))
         top_k = p.top_k if p.top_k < len(row) else 0
-        # weights relative to the top token (which has weight 1); float32 over the vocabulary
-        weight = np.exp((row - row.max()) * np.float32(1.0 / p.temperature))
-        total = float(weight.sum(dtype=np.float64))
-        if not (top_k or p.top_p < 1.0 or p.min_p > 0):
-            return Distribution(_every_id(len(row)), weight.astype(np.float64) / total)
-        candidates = _filter_prefix(weight, total, top_k, p.top_p, p.min_p)
-        weight = weight[candidates]
+        scale = np.float32(1.0 / p.temperature)
+        if top_k:  # top-p and min-p look only at what top-k keeps: no other logit matters
+            candidates = _top_k_ids(row, top_k)
+            weight = np.exp((row[candidates] - row.max()) * scale)
+            total = float(weight.sum(dtype=np.float64))  # ratios within top-k are all that count
+        else:
+            # weights relative to the top token (which has weight 1), over the vocabulary
+            weight = np.exp((row - row.max()) * scale)
+            total = float(weight.sum(dtype=np.float64))
+            if not (p.top_p < 1.0 or p.min_p > 0):
+                return Distribution(_every_id(len(row)), np.multiply(weight, 1 / total, dtype=np.float64))
+            candidates = _top_p_prefix(weight, total, p.top_p, p.min_p)
+            weight = weight[candidates]
         # Each filter keeps a prefix of the tokens in falling probability (ties by id), so
         # together they keep the shortest: its length comes from the sorted weights alone.
         falling = np.sort(weight)[::-1]  # a sort of values, not of ids: ~30x cheaper
