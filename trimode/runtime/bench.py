@@ -249,9 +249,14 @@ def time_entries(fwd, plan: BenchPlan, ids: _Tokens) -> list[dict]:
     return rows
 
 
-def time_ar_loop(fwd, plan: BenchPlan, ids: _Tokens) -> dict:
-    """Greedy AR from the first fill: decode steps with the decode loop's own host logic."""
-    sampler = Sampler(SamplingParams())
+# The sampled loops' settings: llama-server's defaults, the usual non-greedy request.
+SAMPLED = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=0)
+
+
+def time_ar_loop(fwd, plan: BenchPlan, ids: _Tokens, sampling: SamplingParams = SamplingParams()) -> dict:
+    """AR from the first fill (greedy unless `sampling` says): decode steps with the decode
+    loop's own host logic."""
+    sampler = Sampler(sampling)
     fwd.truncate(0)
     prompt = ids(plan.fills[0] + 1)
     if len(prompt) > 1:
@@ -264,10 +269,11 @@ def time_ar_loop(fwd, plan: BenchPlan, ids: _Tokens) -> dict:
     return {"tokens": plan.ar_steps, "seconds": seconds, "tok_per_s": plan.ar_steps / seconds}
 
 
-def time_spec_cycle(fwd, plan: BenchPlan, ids: _Tokens, mask_id: int, shift: bool) -> float:
-    """One greedy self-speculation cycle (draft T = block, verify, accept, truncate) from
-    the first fill, decode.spec_cycle itself with its host logic."""
-    sampler = Sampler(SamplingParams())
+def time_spec_cycle(fwd, plan: BenchPlan, ids: _Tokens, mask_id: int, shift: bool,
+                    sampling: SamplingParams = SamplingParams()) -> float:
+    """One self-speculation cycle (draft T = block, verify, accept, truncate; greedy unless
+    `sampling` says) from the first fill, decode.spec_cycle itself with its host logic."""
+    sampler = Sampler(sampling)
     fill = plan.fills[0]
     history = ids(fill + 1)
     fwd.truncate(0)
@@ -310,9 +316,14 @@ def bench_engine(loaded: Loaded, plan: BenchPlan, memory: MemoryWatch) -> dict:
     memory.sample()
     ar = time_ar_loop(fwd, plan, ids)
     spec = time_spec_cycle(fwd, plan, ids, cfg.mask_token_id, cfg.shift_logits)
+    # sampling is host work on every row (a spec cycle's draft rows, its verify rows up to
+    # the first rejection), fetched from the device
+    sampled = {"ar": time_ar_loop(fwd, plan, ids, SAMPLED),
+               "spec_cycle_seconds": time_spec_cycle(fwd, plan, ids, cfg.mask_token_id,
+                                                     cfg.shift_logits, SAMPLED)}
     enqueue = time_decode_enqueue(fwd, plan.repeat)
     memory.sample()
-    return {"rows": rows, "ar": ar, "spec_cycle_seconds": spec, "decode_host": enqueue,
+    return {"rows": rows, "ar": ar, "spec_cycle_seconds": spec, "sampled": sampled, "decode_host": enqueue,
             "n_ctx": plan.n_ctx, "dtype": engine.dtype, "cuda_graphs": engine.cuda_graph_report(),
             "dependent_launch": bool(engine.manifest.get("dependent_launch", False))}
 
@@ -404,6 +415,7 @@ def _add_derived(report: dict, cfg: ModelConfig, weight_bytes: float, act_bytes:
         r["ours_over_torch"] = r["seconds"] / theirs if theirs else None
     report["weight_bytes_per_step"] = weight_bytes
     report["spec_cycle_x_decode"] = report["spec_cycle_seconds"] / first_decode
+    report["sampled"]["spec_cycle_x_decode"] = report["sampled"]["spec_cycle_seconds"] / first_decode
     report["prefill_tok_per_s"] = next(r["tok_per_s"] for r in rows if r["entry"] == "prefill")
 
 
@@ -429,7 +441,7 @@ def render_table(report: dict) -> str:
         lines.append(f"{r['name']:<16}{r['fill']:>6}{1e3 * r['seconds']:>10.2f}{r['gb_per_s']:>8.1f}"
                      f"{opt(r['roofline_pct'], '.0f', '-'):>7}{r['x_decode']:>9.2f}"
                      f"{torch_ms:>10}{opt(r['ours_over_torch'], '.2f', '-'):>11}")
-    host, graphs = report["decode_host"], report["cuda_graphs"]
+    host, graphs, sampled = report["decode_host"], report["cuda_graphs"], report["sampled"]
     graph_use = (f"{', '.join(graphs['entries'])} ({'used' if graphs['used'] else 'not used'})"
                  if graphs["entries"] else "none")
     lines += [
@@ -437,6 +449,9 @@ def render_table(report: dict) -> str:
         f"{report['plan']['fills'][0]}, host logic included)",
         f"spec cycle (draft + verify T={report['plan']['block']}, host logic) "
         f"{1e3 * report['spec_cycle_seconds']:.2f} ms = {report['spec_cycle_x_decode']:.2f}x decode",
+        f"sampled (T {SAMPLED.temperature}, top-k {SAMPLED.top_k}, top-p {SAMPLED.top_p}, min-p "
+        f"{SAMPLED.min_p}): AR {sampled['ar']['tok_per_s']:.1f} tok/s, spec cycle "
+        f"{1e3 * sampled['spec_cycle_seconds']:.2f} ms = {sampled['spec_cycle_x_decode']:.2f}x decode",
         f"decode host enqueue {1e3 * host['enqueue_seconds']:.3f} ms, until done "
         f"{1e3 * host['synced_seconds']:.3f} ms; CUDA graphs: {graph_use}; dependent launch: "
         f"{'on' if report['dependent_launch'] else 'off'}",
