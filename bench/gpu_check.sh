@@ -51,10 +51,12 @@ if [ "${PLAIN:-1}" = 1 ] && [ -d .carry/artifacts/14b-plain ]; then  # CUDA grap
     --json-out "$OUT/gpu_check_plain.json" 2>&1 | grep -v "^  ok" | tail -20
   stage "without dependent launch"
 fi
-if [ "${BLOCK16:-1}" = 1 ]; then  # the default draft block (draft length 15 + 1) beside the T = 32 above
-  timeout 150 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b \
-    --geometry 14b --block 16 --prefill 16 --json-out "$OUT/gpu_check_block16.json" 2>&1 | tail -16
-  stage "T = 16"
+# the default draft block (draft length 15 + 1) beside the T = 32 above, at 512 and at a 32k
+# cache (issue 7: attention at 32k must not become the bottleneck)
+if [ "${BLOCK16:-1}" = 1 ]; then
+  timeout 180 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b \
+    --geometry 14b --block 16 --prefill 16 --fills 512,32768 --json-out "$OUT/gpu_check_block16.json" 2>&1 | tail -17
+  stage "T = 16, fills 512 and 32768"
 fi
 # the kernel benches last: the longest part, and what a device call cut short loses first
 if [ "${KERNEL_BENCHES:-0}" = 1 ]; then  # the per-kernel benches of bench/NOTES-*.md (KERNELS=1 prepare)

@@ -203,3 +203,25 @@ def test_gpu_check_benches_a_file_with_its_load_timed(tmp_path, tiny_gguf):
     report = json.loads(out.read_text())
     assert report["load_source"] == "file" and report["load_seconds"] > 0
     assert "(from file)" in done.stdout
+
+
+def test_long_fills_are_prefilled_in_chunks(monkeypatch):
+    """A cache is filled by prefills of at most FILL_CHUNK tokens (a 32k fill in one call
+    would hold gigabytes of activations), together the whole fill, ending where it was asked."""
+    from trimode.model.random_weights import random_weights
+    from trimode.runtime import bench
+    from trimode.runtime.engine import Engine
+
+    fwd = Engine(TINY, random_weights(TINY, seed=2), "llvm").new_sequence(128)
+    calls = []
+    causal = fwd.causal
+
+    def recording(tokens, last_only=False):
+        calls.append((len(tokens), last_only))
+        return causal(tokens, last_only)
+
+    monkeypatch.setattr(bench, "FILL_CHUNK", 16)
+    monkeypatch.setattr(fwd, "causal", recording)
+    fwd.causal([5] * 9)
+    bench.fill_cache(fwd, list(range(40, 90)))
+    assert calls[1:] == [(16, True), (16, True), (16, True), (2, True)] and fwd.length == 50

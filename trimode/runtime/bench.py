@@ -222,15 +222,25 @@ class _Tokens:
         return self.rng.integers(min(1000, self.vocab // 2), self.vocab, n).tolist()
 
 
+# A cache is filled by prefills of at most this many tokens: a 32k-token fill in one call
+# would hold ~2 GB of FFN activations at the 14B, and only the entries after it are timed.
+FILL_CHUNK = 2048
+
+
+def fill_cache(fwd, tokens: list[int]) -> None:
+    """The cache emptied, then holding `tokens`' K/V."""
+    fwd.truncate(0)
+    for start in range(0, len(tokens), FILL_CHUNK):
+        fwd.causal(tokens[start:start + FILL_CHUNK], last_only=True)
+
+
 def time_entries(fwd, plan: BenchPlan, ids: _Tokens) -> list[dict]:
     """Median time of each compiled entry at each fill, from a cache truncated to the fill."""
     rows = []
 
     def at_fill(fill: int, entry: Callable, n: int) -> float:
         if fwd.length < fill:  # positions below the fill must hold K/V
-            fwd.truncate(0)
-            if fill:
-                fwd.causal(ids(fill), last_only=True)
+            fill_cache(fwd, ids(fill))
 
         def step():
             fwd.truncate(fill)
@@ -257,10 +267,8 @@ def time_ar_loop(fwd, plan: BenchPlan, ids: _Tokens, sampling: SamplingParams = 
     """AR from the first fill (greedy unless `sampling` says): decode steps with the decode
     loop's own host logic."""
     sampler = Sampler(sampling)
-    fwd.truncate(0)
     prompt = ids(plan.fills[0] + 1)
-    if len(prompt) > 1:
-        fwd.causal(prompt[:-1], last_only=True)
+    fill_cache(fwd, prompt[:-1])
     history = list(prompt)
     started = time.perf_counter()
     for _ in range(plan.ar_steps):
@@ -276,9 +284,7 @@ def time_spec_cycle(fwd, plan: BenchPlan, ids: _Tokens, mask_id: int, shift: boo
     sampler = Sampler(sampling)
     fill = plan.fills[0]
     history = ids(fill + 1)
-    fwd.truncate(0)
-    if fill:
-        fwd.causal(history[:-1], last_only=True)
+    fill_cache(fwd, history[:-1])
 
     def cycle():
         fwd.truncate(fill)
