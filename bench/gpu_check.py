@@ -60,6 +60,23 @@ def check_entries(engine: Engine, ref_model: ReferenceModel, tol: float) -> list
     return results
 
 
+def check_top_candidates(engine: Engine) -> list[dict]:
+    """The sampler's entry (GPU builds): each row's largest logits and their ids, falling,
+    ties by the smaller id, exactly as numpy orders the same logits."""
+    if "top_candidates" not in engine.manifest["entries"]:
+        return []
+    fwd, results = engine.new_sequence(256), []
+    fwd.causal([1, 2, 3, 4], last_only=True)
+    for name, step in (("decode", fwd.causal([7])), ("verify T=9", fwd.causal(list(range(40, 49))))):
+        logits = step.logits()
+        values, ids = step.top()
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :ids.shape[1]]
+        wrong = float(np.mean(ids != order))
+        results.append({"name": f"top candidates of {name}: ids as numpy orders them", "rel_err": wrong,
+                        "ok": wrong == 0 and np.array_equal(values, np.take_along_axis(logits, order, 1))})
+    return results
+
+
 def check_greedy_chain(engine: Engine, ref_model: ReferenceModel, tol: float) -> list[dict]:
     """The compiled greedy chain, teacher-forced through the reference.
 
@@ -99,7 +116,8 @@ def check_tiny(target: str, artifact: str | None, tol: float) -> list[dict]:
     weights = random_weights(cfg, seed=3)
     engine = Engine(cfg, weights, target, artifact=artifact, log=log)
     ref_model = ReferenceModel(cfg, weights)
-    return check_entries(engine, ref_model, tol) + check_greedy_chain(engine, ref_model, tol)
+    return (check_entries(engine, ref_model, tol) + check_greedy_chain(engine, ref_model, tol)
+            + check_top_candidates(engine))
 
 
 def main():

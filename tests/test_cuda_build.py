@@ -1,6 +1,7 @@
 """CUDA builds on a machine without a GPU: the exported libraries must carry machine code."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -272,3 +273,7 @@ def test_the_shipped_default_model_compiles_for_cuda(tmp_path):
     out = compile_model(model.config, quantized_parts(model.weights), "cuda", "sm_90a", root=tmp_path,
                         log=lambda msg: None)
     assert library_has_gpu_binary(out / "model.so")
+    # beside the four entries, the sampler's: each row's largest logits (a CPU build has none:
+    # its rows are in host memory already)
+    assert json.loads((out / "manifest.json").read_text())["entries"] == [
+        "prefill", "decode", "verify", "draft", "top_candidates"]

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import top_candidates
 
 from trimode.model.config import ModelConfig
 from trimode.model.random_weights import random_weights
@@ -505,3 +506,31 @@ def test_loop_detection_stops_a_looping_model(mode):
                           decode=DecodeParams(mode=mode, draft_length=8))
     assert done.finish_reason == "loop" and "loop" in done.message
     assert tokens == free[:first]
+
+
+class WithTop(Recorder):
+    """Steps as a GPU build gives them: each row's largest logits beside the rows (the numpy
+    twin of the top_candidates entry); `fetches` records what the sampler fetched."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.fetches = []
+
+    def causal(self, tokens, last_only=False):
+        return top_candidates.with_top(super().causal(tokens, last_only), self.fetches)
+
+    def bidirectional(self, tokens):
+        return top_candidates.with_top(super().bidirectional(tokens), self.fetches)
+
+
+@pytest.mark.parametrize("mode", ["ar", "spec", "diffusion"])
+def test_top_k_sampling_from_top_candidates_fetches_no_row(mode):
+    """Sampling with top-k from the candidates a GPU build returns gives the tokens sampling
+    from the whole rows gives (same seed), and never copies a row."""
+    def sample(fwd):
+        return run(fwd, prompt_ids=PROMPTS[0], max_tokens=20, loop_detection=False,
+                   sampling=SamplingParams(temperature=0.9, top_k=3, top_p=0.95, seed=5),
+                   decode=DecodeParams(mode=mode, draft_length=4, block_length=6))[0]
+    top = WithTop(fresh(2))
+    assert sample(top) == sample(fresh(2))
+    assert top.fetches and all(f == ("top",) for f in top.fetches)

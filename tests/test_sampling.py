@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import top_candidates
 
 from trimode.runtime.forward import StepResult
 from trimode.runtime.sampling import (Distribution, Sampler, SamplingParams, _top_k_ids,
@@ -243,3 +244,69 @@ def test_block_draws_follow_the_running_sum():
         want = min(np.searchsorted(cdf, u * cdf[-1], side="right"), VOCAB - 1)
         # the same token, or (rounding at a boundary) its neighbour among possible tokens
         assert at == want or abs(cdf[at] - cdf[want]) < 1e-9, (u, at, want)
+
+
+def with_top(logits: np.ndarray, fetches=None) -> StepResult:
+    """A step as a GPU build gives it: the rows and each row's 64 largest logits."""
+    return top_candidates.with_top(StepResult.from_logits(np.asarray(logits, np.float32)), fetches)
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05), dict(temperature=1.0, top_k=1),
+    dict(temperature=1.5, top_k=50), dict(temperature=0.7, top_k=10, top_p=0.5),
+    dict(temperature=1.0, top_k=40, repetition_penalty=1.3, penalty_last_n=8)])
+def test_top_candidates_give_the_rows_distribution(params):
+    """Where the 64 largest logits hold all that top-k keeps, the distribution made from them
+    is the one made from the whole row, penalties and suppression included. (The row of ~10
+    distinct values ties its 64th largest with tokens left out: it gets None, tested below.)"""
+    rows = vocab_rows()
+    del rows["ties"]
+    history = list(np.argsort(-rows["peaked"])[:6])  # penalized: some of the top tokens
+    sampler = Sampler(SamplingParams(**params), suppress_ids=(7, 12345))
+    for name, row in rows.items():
+        step = with_top(row[None])
+        values, ids = step.top()
+        got = sampler.distribution_from_top(values[0], ids[0], history)
+        want = sampler.distribution(row, history)
+        assert got is not None, name
+        np.testing.assert_array_equal(got.ids, want.ids, err_msg=name)
+        np.testing.assert_allclose(got.probs, want.probs, rtol=1e-6, err_msg=name)
+
+
+def test_top_candidates_that_may_miss_a_kept_token_are_not_used():
+    row = vocab_rows()["flat"]
+    values, ids = with_top(row[None]).top()
+    top = list(ids[0])
+
+    def from_top(suppress=(), history=(), **params):
+        s = Sampler(SamplingParams(temperature=1.0, **params), suppress_ids=suppress)
+        return s.distribution_from_top(values[0], ids[0], list(history))
+    assert from_top(top_k=0) is None                       # no top-k: the whole row counts
+    assert from_top(top_k=65) is None                      # more than the candidates
+    assert from_top(top_k=64) is None                      # the 64th may tie the 65th
+    assert from_top(top_k=63) is not None
+    tied, tied_ids = with_top(vocab_rows()["ties"][None]).top()  # the 64th ties tokens left out
+    assert Sampler(SamplingParams(temperature=1.0, top_k=40)).distribution_from_top(tied[0], tied_ids[0], []) is None
+    assert from_top(top_k=40, repetition_penalty=0.8, penalty_last_n=4, history=top[-4:]) is None  # raises some
+    assert from_top(top_k=40, suppress=top[:30]) is None   # 34 left above the 65th: not 40
+    assert from_top(top_k=30, suppress=top[:30]) is not None
+    # a row shorter than the candidates leaves nothing out: always exact
+    short = np.array([[0.5, 2.0, -1.0, 2.0]], np.float32)
+    v, i = with_top(short).top()
+    got = Sampler(SamplingParams(temperature=1.0, top_k=10), suppress_ids=(1,)).distribution_from_top(v[0], i[0], [])
+    want = Sampler(SamplingParams(temperature=1.0, top_k=10), suppress_ids=(1,)).distribution(short[0], [])
+    np.testing.assert_allclose(got.dense(4), want.dense(4), rtol=1e-6)  # want lists id 1 at 0
+
+
+def test_sampling_with_top_candidates_fetches_no_row():
+    logits = np.stack([vocab_rows()["peaked"], vocab_rows()["flat"]])
+    fetches = []
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=9)
+    got = Sampler(params).choose(with_top(logits, fetches), [0, 1], [[], []])
+    want = Sampler(params).choose(StepResult.from_logits(logits), [0, 1], [[], []])
+    assert got[0] == want[0] and np.allclose(got[1], want[1], rtol=1e-6)
+    assert fetches == [("top",)]
+    # without top-k the rows are fetched, once, from the first needed to the last
+    fetches.clear()
+    Sampler(SamplingParams(temperature=0.8, top_p=0.9, seed=9)).choose(with_top(logits, fetches), [1, 0], [[], []])
+    assert fetches == [("rows", 0, 2)]

@@ -87,3 +87,5 @@ def test_row_ranges_of_the_logits_are_the_rows_of_the_whole(engine):
                 np.testing.assert_array_equal(step.logits(start, stop), whole[start:stop])
         with pytest.raises(IndexError):
             step.logits(0, n + 1)
+        assert step.top() is None  # a CPU build has no top candidates: its rows are host memory
+    assert "top_candidates" not in engine.manifest["entries"]

@@ -218,6 +218,11 @@ def test_a_whole_step_as_built_for_the_gpu_matches_float64(model_on_the_gpu, ent
     np.testing.assert_array_equal(argmax, logits.argmax(axis=1))
     lse = np.log(np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True)).sum(axis=1))
     np.testing.assert_allclose(prob, np.exp(-lse), rtol=1e-4)
+    # the sampler's entry on those logits: each row's 64 largest, falling, ties by the smaller id
+    values, ids = EntryEmulator(mod).run("top_candidates", [logits])
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :64]
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_array_equal(values, np.take_along_axis(logits, order, 1))
     if entry != "draft":  # the block's K/V appended at its positions, the prompt's untouched
         kv_out = outputs[3]
         for layer in range(cfg.n_layers):

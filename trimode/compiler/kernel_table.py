@@ -121,6 +121,14 @@ class Kernels:
             return opaque(argmax_cuda.argmax_prob_cuda(vocab))
         return _cached(logits.argmax_prob, vocab)
 
+    def top_candidates(self, vocab: int):
+        """GPU only: each row's largest logits, which the host samples top-k from instead of
+        copying the row over PCIe. On the CPU the row is in host memory already."""
+        assert self.is_gpu, "top candidates are a GPU build's entry"
+        from trimode.compiler.kernels import topk_cuda
+
+        return opaque(topk_cuda.top_candidates_cuda(vocab))
+
 
 def cuda_attention_kernel(rows: str, head_dim: int) -> str:
     """The CUDA attention kernel of a row class (also its schedule database's key prefix).

@@ -1,7 +1,8 @@
 """NLD in Relax (tvm.relax.frontend.nn): one module, four compiled entries over one KV cache.
 
 Entries (docs/DESIGN.md): prefill, decode (causal, write K/V), verify (causal, all rows),
-draft (bidirectional, cache untouched). Every kernel comes from a `Kernels` table chosen per
+draft (bidirectional, cache untouched); on a GPU also top_candidates (each row's largest
+logits of an entry's output, for the host's sampler). Every kernel comes from a `Kernels` table chosen per
 target (kernels.py), so this file holds only the network's math, top to bottom.
 
 Per-step values live in device tensors that the runtime writes before each call: the
@@ -17,6 +18,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op, spec
 
 from trimode.compiler.kernel_table import MAX_BLOCK, Kernels
+from trimode.runtime.forward import TOP_CANDIDATES
 from trimode.model.config import ModelConfig
 
 
@@ -190,6 +192,13 @@ class NLDModel(nn.Module):
                                                 "block", last_only=False)
         return logits, argmax, prob
 
+    def top_candidates(self, logits):
+        n_rows = logits.shape[0]
+        return op.tensor_ir_op(
+            self.kernels.top_candidates(self.cfg.vocab), "top_candidates", [logits],
+            [Tensor.placeholder([n_rows, TOP_CANDIDATES], "float32"),
+             Tensor.placeholder([n_rows, TOP_CANDIDATES], "int32")])
+
     def entry_specs(self) -> dict:
         """The four entries' argument specs, from one helper (STYLE.md: no copies). Per-call
         inputs come first, the sequence's static tensors after them (ENTRY_INPUTS counts the
@@ -209,8 +218,12 @@ class NLDModel(nn.Module):
                 "$": {"param_mode": "packed", "effect_mode": "none"},
             }
 
-        return {"prefill": entry({}, "t"), "decode": entry({}, MAX_BLOCK),
-                "verify": entry({"t": int}, MAX_BLOCK), "draft": entry({"t": int}, MAX_BLOCK)}
+        entries = {"prefill": entry({}, "t"), "decode": entry({}, MAX_BLOCK),
+                   "verify": entry({"t": int}, MAX_BLOCK), "draft": entry({"t": int}, MAX_BLOCK)}
+        if self.kernels.is_gpu:
+            entries["top_candidates"] = {"logits": spec.Tensor(["t", cfg.vocab], "float32"),
+                                         "$": {"param_mode": "none", "effect_mode": "none"}}
+        return entries
 
 
 # Per-call arguments before each entry's static ones (prefill's tokens tensor; verify/draft's T).

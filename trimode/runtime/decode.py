@@ -107,8 +107,7 @@ def spec_cycle(fwd: Forward, sampler: Sampler, history: list[int], k: int,
     if sampler.greedy:
         drafts, _ = sampler.choose(draft, rows, [seen] * k)
     else:
-        logits = draft.logits(rows[0], rows[-1] + 1)
-        q = [sampler.distribution(row, seen) for row in logits]
+        q = sampler.distributions(draft, rows, [seen] * k)
         drafts = [sampler.draw(qj) for qj in q]
     block[1:] = drafts
     verify = fwd.causal(block)
@@ -135,7 +134,7 @@ def _rejection_sample(sampler: Sampler, verify: StepResult, histories: list[list
     fetched one at a time, up to the first rejection."""
     tokens = []
     for j, d in enumerate(drafts):
-        p = sampler.distribution(verify.logits(j, j + 1)[0], histories[j])
+        p = sampler.distributions(verify, [j], [histories[j]])[0]
         if sampler.rng.random() * q[j].prob(d) < p.prob(d):  # u < p/q without dividing by q
             tokens.append(d)
             continue
@@ -146,7 +145,7 @@ def _rejection_sample(sampler: Sampler, verify: StepResult, histories: list[list
             p = Distribution(p.ids, residual / residual.sum())
         return tokens + [sampler.draw(p)]
     k = len(drafts)
-    return tokens + [sampler.draw(sampler.distribution(verify.logits(k, k + 1)[0], histories[k]))]
+    return tokens + [sampler.draw(sampler.distributions(verify, [k], [histories[k]])[0])]
 
 
 @dataclass

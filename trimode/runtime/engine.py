@@ -282,9 +282,11 @@ class CompiledForward:
         dev = self.engine.device
         out = self.launch(entry, tokens)
         logits = out[0]
+        top = self.entries.get("top_candidates")
         return StepResult(argmax=dev.download(out[1]).astype(np.int64),
                           prob=dev.download(out[2]),
-                          fetch_rows=lambda start, stop: dev.download_rows(logits, start, stop))
+                          fetch_rows=lambda start, stop: dev.download_rows(logits, start, stop),
+                          fetch_top=None if top is None else lambda: tuple(map(dev.download, top(logits))))
 
     def causal(self, tokens: Sequence[int], last_only: bool = False) -> StepResult:
         self._check(tokens)

@@ -8,7 +8,7 @@ tests, by the float64 reference (model/reference.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -19,6 +19,9 @@ from trimode.model.config import ModelConfig
 # The most tokens one bidirectional pass (or one compiled causal all-rows pass) takes: the
 # verify/draft entries are compiled for blocks of up to this many rows.
 MAX_BLOCK = 64
+# Each row's largest logits a GPU build hands the sampler (with their ids) in place of the
+# row: top-k sampling below this k needs nothing else of it (the last may tie one left out).
+TOP_CANDIDATES = 64
 # KV tokens a sequence gets when the user does not say (-c), or the model's context if shorter.
 DEFAULT_CTX = 4096
 
@@ -34,6 +37,11 @@ class StepResult:
     argmax: np.ndarray  # int64 [T]
     prob: np.ndarray    # float32 [T]
     fetch_rows: Callable[[int, int], np.ndarray]  # (start, stop) -> float32 [stop - start, V]
+    # () -> (values float32 [T, TOP_CANDIDATES], ids int32 [T, TOP_CANDIDATES]): each row's
+    # largest logits, falling, ties by the smaller id (id -1 past a row shorter than that);
+    # GPU builds only
+    fetch_top: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+    _top: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows start..stop-1 of the logits (all by default)."""
@@ -41,6 +49,12 @@ class StepResult:
         if not 0 <= start < stop <= len(self.argmax):
             raise IndexError(f"rows {start}..{stop - 1} of a {len(self.argmax)}-row step")
         return self.fetch_rows(start, stop)
+
+    def top(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each row's top candidates (fetched once), or None where the step has none."""
+        if self._top is None and self.fetch_top is not None:
+            self._top = self.fetch_top()
+        return self._top
 
     @classmethod
     def from_logits(cls, logits: np.ndarray) -> "StepResult":

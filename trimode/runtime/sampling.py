@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from trimode.runtime.forward import StepResult
+from trimode.runtime.forward import TOP_CANDIDATES, StepResult
 
 
 @dataclass(frozen=True)
@@ -213,19 +213,56 @@ class Sampler:
         if self.greedy:
             return Distribution.one_hot(int(row.argmax()))
         top_k = p.top_k if p.top_k < len(row) else 0
-        scale = np.float32(1.0 / p.temperature)
         if top_k:  # top-p and min-p look only at what top-k keeps: no other logit matters
             candidates = _top_k_ids(row, top_k)
-            weight = np.exp((row[candidates] - row.max()) * scale)
-            total = float(weight.sum(dtype=np.float64))  # ratios within top-k are all that count
-        else:
-            # weights relative to the top token (which has weight 1), over the vocabulary
-            weight = np.exp((row - row.max()) * scale)
+            return self._filtered(candidates, row[candidates], top_k, None)
+        # weights relative to the top token (which has weight 1), over the vocabulary
+        weight = np.exp((row - row.max()) * np.float32(1.0 / p.temperature))
+        total = float(weight.sum(dtype=np.float64))
+        if not (p.top_p < 1.0 or p.min_p > 0):
+            return Distribution(_every_id(len(row)), np.multiply(weight, 1 / total, dtype=np.float64))
+        candidates = _top_p_prefix(weight, total, p.top_p, p.min_p)
+        return self._filtered(candidates, weight[candidates], 0, total)
+
+    def distribution_from_top(self, values: np.ndarray, ids: np.ndarray,
+                              history: Sequence[int]) -> Distribution | None:
+        """distribution() of a row known only by its largest logits (`values` falling, ties
+        by the smaller id, id -1 past a short row), or None where they may not hold all that
+        top-k keeps: fewer than top-k of them above the largest logit left out (which may
+        equal the last of them), after the adjustments; no top-k. (The repetition penalty and suppression
+        only lower logits, unless the penalty is under 1, which could raise one left out.)"""
+        p = self.params
+        if not 0 < p.top_k <= len(values) or p.repetition_penalty < 1:
+            return None
+        known = ids >= 0
+        left_out = values[-1] if known.all() else -np.inf  # a short row has no token left out
+        by_id = np.argsort(ids[known])
+        ids, values = ids[known][by_id].astype(np.int64), values[known][by_id].copy()
+        penalized = self._penalized(history)
+        if len(penalized):
+            hit = np.isin(ids, penalized)
+            values[hit] = np.where(values[hit] > 0, values[hit] / p.repetition_penalty,
+                                   values[hit] * p.repetition_penalty)
+        if len(self.suppress):
+            values[np.isin(ids, self.suppress)] = -np.inf
+        above = values > left_out  # certainly ranked above every token left out
+        if not (np.count_nonzero(above) >= p.top_k or (left_out == -np.inf and above.any())):
+            return None
+        ids, values = ids[above], values[above]
+        top_k = min(p.top_k, len(ids))
+        chosen = _top_k_ids(values, top_k)
+        return self._filtered(ids[chosen], values[chosen], top_k, None)
+
+    def _filtered(self, candidates: np.ndarray, weight: np.ndarray, top_k: int,
+                  total: float | None) -> Distribution:
+        """The filters over `candidates` (ascending ids, a prefix of the tokens in falling
+        probability that holds all they keep). weight: the candidates' weights relative to
+        the whole row's `total`; or, with total None, their logits (top-k: only ratios among
+        what it keeps count)."""
+        p = self.params
+        if total is None:
+            weight = np.exp((weight - weight.max()) * np.float32(1.0 / p.temperature))
             total = float(weight.sum(dtype=np.float64))
-            if not (p.top_p < 1.0 or p.min_p > 0):
-                return Distribution(_every_id(len(row)), np.multiply(weight, 1 / total, dtype=np.float64))
-            candidates = _top_p_prefix(weight, total, p.top_p, p.min_p)
-            weight = weight[candidates]
         # Each filter keeps a prefix of the tokens in falling probability (ties by id), so
         # together they keep the shortest: its length comes from the sorted weights alone.
         falling = np.sort(weight)[::-1]  # a sort of values, not of ids: ~30x cheaper
@@ -242,6 +279,24 @@ class Sampler:
         kept = weight[keep].astype(np.float64)
         return Distribution(candidates[keep], kept / kept.sum())
 
+    def distributions(self, step: StepResult, rows: Sequence[int],
+                      histories: Sequence[Sequence[int]]) -> list[Distribution]:
+        """distribution() of each of the step's `rows`: from its top candidates where they
+        suffice (a GPU build's, a few hundred bytes a row), else from the logit rows, the
+        ones from the first to the last still needed fetched in one copy."""
+        out: list[Distribution | None] = [None] * len(rows)
+        top = step.top() if 0 < self.params.top_k < TOP_CANDIDATES else None
+        if top is not None:
+            values, ids = top
+            out = [self.distribution_from_top(values[r], ids[r], hist) for r, hist in zip(rows, histories)]
+        missing = [i for i, dist in enumerate(out) if dist is None]
+        if missing:
+            first = min(rows[i] for i in missing)
+            logits = step.logits(first, max(rows[i] for i in missing) + 1)
+            for i in missing:
+                out[i] = self.distribution(logits[rows[i] - first], histories[i])
+        return out
+
     def draw(self, dist: Distribution) -> int:
         """One id from `dist` using this request's random stream."""
         return int(dist.ids[_inverse_cdf(dist.probs, self.rng.random())])
@@ -250,14 +305,10 @@ class Sampler:
                histories: Sequence[Sequence[int]]) -> tuple[list[int], list[float]]:
         """A token per row and its confidence (its probability under the distribution it was
         chosen from). Greedy reads argmax/prob; a full row is fetched only where the argmax
-        itself is penalized or suppressed. Sampling fetches the rows from the first to the
-        last of `rows`."""
+        itself is penalized or suppressed. Sampling reads distributions()."""
         if not self.greedy:
-            first = min(rows)
-            logits = step.logits(first, max(rows) + 1)
             ids, conf = [], []
-            for r, hist in zip(rows, histories):
-                dist = self.distribution(logits[r - first], hist)
+            for dist in self.distributions(step, rows, histories):
                 token = self.draw(dist)
                 ids.append(token)
                 conf.append(dist.prob(token))
