@@ -11,6 +11,8 @@ settings (llama-server's defaults; OpenAI's temperature 1; top-p alone), on two 
 
 --baseline times another version of trimode/runtime/sampling.py in the same run, for a side
 by side ratio (e.g. `git show REV:trimode/runtime/sampling.py > /tmp/old_sampling.py`).
+--from-top also times each row drawn from its 64 largest logits, as a GPU build hands them
+over (numpy computes them here, untimed; settings without top-k < 64 take the row anyway).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import time
 
 import numpy as np
 
-from trimode.runtime.forward import StepResult
+from trimode.runtime.forward import TOP_CANDIDATES, StepResult
 from trimode.runtime import sampling
 
 SETTINGS = {
@@ -41,9 +43,10 @@ def rows(kind: str, n: int, vocab: int, rng) -> np.ndarray:
     return logits
 
 
-def ms_per_row(module, params: dict, logits: np.ndarray, repeat: int) -> float:
+def ms_per_row(module, params: dict, logits: np.ndarray, repeat: int, top=None) -> float:
     step = StepResult(argmax=logits.argmax(axis=1), prob=np.zeros(len(logits), np.float32),
-                      fetch_rows=lambda start, stop: logits[start:stop])
+                      fetch_rows=lambda start, stop: logits[start:stop],
+                      fetch_top=None if top is None else lambda: top)
     sampler = module.Sampler(module.SamplingParams(seed=0, **params))
     sampler.choose(step, range(1), [[]])  # warm-up
     best = float("inf")
@@ -52,6 +55,12 @@ def ms_per_row(module, params: dict, logits: np.ndarray, repeat: int) -> float:
         sampler.choose(step, range(len(logits)), [[]] * len(logits))
         best = min(best, time.perf_counter() - started)
     return best / len(logits) * 1e3
+
+
+def top_of(logits: np.ndarray):
+    """What the GPU's top_candidates entry returns for these rows."""
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :TOP_CANDIDATES]
+    return np.take_along_axis(logits, order, 1), order.astype(np.int32)
 
 
 def load(path: str):
@@ -68,18 +77,23 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--baseline", help="another sampling.py to time beside this one")
+    ap.add_argument("--from-top", action="store_true", help="also time draws from the top candidates")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     data = {kind: rows(kind, args.rows, args.vocab, rng) for kind in ("peaked", "flat")}
     baseline = load(args.baseline) if args.baseline else None
     print(f"vocab {args.vocab}, {args.rows} rows, best of {args.repeat}; ms per row")
-    head = "| setting | row | this ms |" + (" baseline ms | baseline / this |" if baseline else "")
+    tops = {kind: top_of(logits) for kind, logits in data.items()} if args.from_top else {}
+    head = ("| setting | row | this ms |" + (" from top ms |" if tops else "")
+            + (" baseline ms | baseline / this |" if baseline else ""))
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for name, params in SETTINGS.items():
         for kind, logits in data.items():
             this = ms_per_row(sampling, params, logits, args.repeat)
             line = f"| {name} | {kind} | {this:.3f} |"
+            if tops:
+                line += f" {ms_per_row(sampling, params, logits, args.repeat, tops[kind]):.3f} |"
             if baseline:
                 old = ms_per_row(baseline, params, logits, args.repeat)
                 line += f" {old:.3f} | {old / this:.1f} |"
