@@ -196,12 +196,14 @@ class Sampler:
             return row
         row = row.copy()
         if len(ids):
-            hit = row[ids]
-            row[ids] = np.where(hit > 0, hit / self.params.repetition_penalty,
-                                hit * self.params.repetition_penalty)
+            row[ids] = self._penalty(row[ids])
         if len(self.suppress):
             row[self.suppress] = -np.inf
         return row
+
+    def _penalty(self, logits: np.ndarray) -> np.ndarray:
+        penalty = self.params.repetition_penalty
+        return np.where(logits > 0, logits / penalty, logits * penalty)
 
     def distribution(self, row: np.ndarray, history: Sequence[int]) -> Distribution:
         """What a sample is drawn from: adjusted logits / temperature, softmax, then top-k,
@@ -228,9 +230,9 @@ class Sampler:
                               history: Sequence[int]) -> Distribution | None:
         """distribution() of a row known only by its largest logits (`values` falling, ties
         by the smaller id, id -1 past a short row), or None where they may not hold all that
-        top-k keeps: fewer than top-k of them above the largest logit left out (which may
-        equal the last of them), after the adjustments; no top-k. (The repetition penalty and suppression
-        only lower logits, unless the penalty is under 1, which could raise one left out.)"""
+        top-k keeps: no top-k, or fewer than top-k of them, after the adjustments, above the
+        largest logit left out (which may equal the last of them). The repetition penalty
+        and suppression only lower logits, unless the penalty is under 1: then None too."""
         p = self.params
         if not 0 < p.top_k <= len(values) or p.repetition_penalty < 1:
             return None
@@ -241,8 +243,7 @@ class Sampler:
         penalized = self._penalized(history)
         if len(penalized):
             hit = np.isin(ids, penalized)
-            values[hit] = np.where(values[hit] > 0, values[hit] / p.repetition_penalty,
-                                   values[hit] * p.repetition_penalty)
+            values[hit] = self._penalty(values[hit])
         if len(self.suppress):
             values[np.isin(ids, self.suppress)] = -np.inf
         above = values > left_out  # certainly ranked above every token left out
