@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-from trimode.runtime.forward import TOP_CANDIDATES, StepResult
+from trimode.model.reference import top_candidates
+from trimode.runtime.forward import StepResult
 from trimode.runtime import sampling
 
 SETTINGS = {
@@ -57,12 +58,6 @@ def ms_per_row(module, params: dict, logits: np.ndarray, repeat: int, top=None) 
     return best / len(logits) * 1e3
 
 
-def top_of(logits: np.ndarray):
-    """What the GPU's top_candidates entry returns for these rows."""
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :TOP_CANDIDATES]
-    return np.take_along_axis(logits, order, 1), order.astype(np.int32)
-
-
 def load(path: str):
     spec = importlib.util.spec_from_file_location("baseline_sampling", path)
     module = importlib.util.module_from_spec(spec)
@@ -83,7 +78,7 @@ def main() -> None:
     data = {kind: rows(kind, args.rows, args.vocab, rng) for kind in ("peaked", "flat")}
     baseline = load(args.baseline) if args.baseline else None
     print(f"vocab {args.vocab}, {args.rows} rows, best of {args.repeat}; ms per row")
-    tops = {kind: top_of(logits) for kind, logits in data.items()} if args.from_top else {}
+    tops = {kind: top_candidates(logits) for kind, logits in data.items()} if args.from_top else {}
     head = ("| setting | row | this ms |" + (" from top ms |" if tops else "")
             + (" baseline ms | baseline / this |" if baseline else ""))
     print(head)

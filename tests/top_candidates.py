@@ -1,21 +1,9 @@
-"""What a GPU build's top_candidates entry gives, in numpy, for steps of the CPU forwards:
-each row's TOP_CANDIDATES largest logits, falling, ties by the smaller id, id -1 past a row
-shorter than that."""
+"""Steps of the CPU forwards as a GPU build gives them: the rows, and each row's largest
+logits beside them (reference.top_candidates, the entry's numpy twin)."""
 from __future__ import annotations
 
-import numpy as np
-
-from trimode.runtime.forward import TOP_CANDIDATES, StepResult
-
-
-def top_of(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    logits = np.asarray(logits, np.float32)
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :TOP_CANDIDATES]
-    values = np.full((len(logits), TOP_CANDIDATES), -3.4e38, np.float32)
-    ids = np.full((len(logits), TOP_CANDIDATES), -1, np.int32)
-    values[:, :order.shape[1]] = np.take_along_axis(logits, order, 1)
-    ids[:, :order.shape[1]] = order
-    return values, ids
+from trimode.model.reference import top_candidates
+from trimode.runtime.forward import StepResult
 
 
 def with_top(step: StepResult, fetches: list | None = None) -> StepResult:
@@ -28,5 +16,5 @@ def with_top(step: StepResult, fetches: list | None = None) -> StepResult:
 
     def top():
         fetches.append(("top",))
-        return top_of(step.logits())
+        return top_candidates(step.logits())
     return StepResult(step.argmax, step.prob, rows, top)

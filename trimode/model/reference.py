@@ -12,7 +12,7 @@ import numpy as np
 
 from trimode.model.config import ModelConfig
 from trimode.model.weights import ModelWeights, as_float
-from trimode.runtime.forward import ContextFull, StepResult
+from trimode.runtime.forward import TOP_CANDIDATES, ContextFull, StepResult
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -30,6 +30,19 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
+
+
+def top_candidates(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What a GPU build's top_candidates entry returns for these logits [T, V]: each row's
+    TOP_CANDIDATES largest (values float32, ids int32), falling, ties by the smaller id;
+    past a row shorter than that, id -1 and the lowest float32."""
+    logits = np.asarray(logits, np.float32)
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :TOP_CANDIDATES]
+    values = np.full((len(logits), TOP_CANDIDATES), np.finfo(np.float32).min, np.float32)
+    ids = np.full((len(logits), TOP_CANDIDATES), -1, np.int32)
+    values[:, :order.shape[1]] = np.take_along_axis(logits, order, 1)
+    ids[:, :order.shape[1]] = order
+    return values, ids
 
 
 class ReferenceModel:
