@@ -2,8 +2,9 @@
 
 Entries (docs/DESIGN.md): prefill, decode (causal, write K/V), verify (causal, all rows),
 draft (bidirectional, cache untouched); on a GPU also top_candidates (each row's largest
-logits of an entry's output, for the host's sampler). Every kernel comes from a `Kernels` table chosen per
-target (kernels.py), so this file holds only the network's math, top to bottom.
+logits of an entry's output, for the host's sampler). Every kernel comes from a `Kernels`
+table chosen per target (kernels.py), so this file holds only the network's math, top to
+bottom.
 
 Per-step values live in device tensors that the runtime writes before each call: the
 position `pos` (int32 [1]) and, for decode/verify/draft, the tokens (int32 [MAX_BLOCK], the
@@ -18,8 +19,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op, spec
 
 from trimode.compiler.kernel_table import MAX_BLOCK, Kernels
-from trimode.runtime.forward import TOP_CANDIDATES
 from trimode.model.config import ModelConfig
+from trimode.runtime.forward import TOP_CANDIDATES
 
 
 def swiglu(y: Tensor) -> Tensor:

@@ -138,7 +138,7 @@ def _rejection_sample(sampler: Sampler, verify: StepResult, histories: list[list
         if sampler.rng.random() * q[j].prob(d) < p.prob(d):  # u < p/q without dividing by q
             tokens.append(d)
             continue
-        # max(0, p - q) is zero wherever p is
+        # max(0, p - q) is zero wherever p is zero: p's tokens hold all of it
         residual = np.maximum(p.probs - q[j].of(p.ids), 0.0)
         # residual is all zero only when p == q, where rejection has probability zero.
         if residual.sum() > 0:

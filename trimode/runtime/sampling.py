@@ -9,6 +9,8 @@ Sampling is host work between two GPU steps, once per row (a spec cycle samples 
 a row costs a few passes over the vocabulary and never a sort of it: a 131072-token row sorted
 took ~12 ms against a ~4 ms 14B decode step. The filters keep a prefix of the tokens in
 falling probability; a threshold finds a prefix that holds theirs, and only it is sorted.
+A GPU build also hands over each row's largest logits (StepResult.top): top-k draws from
+those alone wherever they provably hold every token it keeps.
 """
 from __future__ import annotations
 
