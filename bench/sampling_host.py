@@ -7,25 +7,30 @@ settings (llama-server's defaults; OpenAI's temperature 1; top-p alone), on two 
 "peaked" (a few tokens hold most of the mass, as a trained model's usually do) and "flat"
 (standard-normal logits: mass spread over tens of thousands of tokens).
 
-    python bench/sampling_host.py [--vocab 131072] [--rows 16] [--baseline OLD_sampling.py]
+    python bench/sampling_host.py [--vocab 131072] [--rows 16] [--from-top] [--baseline REV]
 
---baseline times another version of trimode/runtime/sampling.py in the same run, for a side
-by side ratio (e.g. `git show REV:trimode/runtime/sampling.py > /tmp/old_sampling.py`).
 --from-top also times each row drawn from its 64 largest logits, as a GPU build hands them
 over (numpy computes them here, untimed; settings without top-k < 64 take the row anyway).
+Each call samples all --rows rows at once (a spec cycle's draft); --rows 1 is an AR token.
+A second table times whole self-speculation cycles at llama-server's defaults over passes
+that cost nothing (each returns fixed logits): the host work a sampled cycle adds to its two
+GPU passes. --baseline REV times that revision's sampling.py and decode.py (git show) beside
+this tree's in the same run, for side by side ratios.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import subprocess
 import sys
 import time
+import types
+from pathlib import Path
 
 import numpy as np
 
 from trimode.model.reference import top_candidates
 from trimode.runtime.forward import StepResult
-from trimode.runtime import sampling
+from trimode.runtime import decode, sampling
 
 SETTINGS = {
     "llama-server defaults (T 0.8, top-k 40, top-p 0.95, min-p 0.05)":
@@ -58,12 +63,84 @@ def ms_per_row(module, params: dict, logits: np.ndarray, repeat: int, top=None) 
     return best / len(logits) * 1e3
 
 
-def load(path: str):
-    spec = importlib.util.spec_from_file_location("baseline_sampling", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def load_revision(rev: str) -> tuple[types.ModuleType, types.ModuleType]:
+    """sampling.py and decode.py as they were at `rev`, that decode importing that sampling."""
+    modules = {}
+    for name in ("sampling", "decode"):
+        path = f"trimode/runtime/{name}.py"
+        source = subprocess.run(["git", "show", f"{rev}:{path}"], check=True, text=True,
+                                capture_output=True, cwd=Path(__file__).parent).stdout
+        module = types.ModuleType(f"baseline_{name}")
+        sys.modules[module.__name__] = module  # dataclasses look their module up there
+        current = sys.modules["trimode.runtime.sampling"]
+        sys.modules["trimode.runtime.sampling"] = modules.get("sampling", current)
+        try:
+            exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+        finally:
+            sys.modules["trimode.runtime.sampling"] = current
+        modules[name] = module
+    return modules["sampling"], modules["decode"]
+
+
+class FreePasses:
+    """A Forward whose passes cost nothing: the draft pass returns `draft`'s logits and every
+    causal pass `verify`'s, each a fresh StepResult (with top candidates when given)."""
+
+    def __init__(self, draft: np.ndarray, verify: np.ndarray, tops: dict | None):
+        self.rows = {"draft": draft, "verify": verify}
+        self.argmax = {name: logits.argmax(axis=1) for name, logits in self.rows.items()}
+        self.tops = tops
+        self.length = 1000
+
+    def _step(self, name: str) -> StepResult:
+        logits = self.rows[name]
+        top = self.tops[name] if self.tops else None
+        return StepResult(argmax=self.argmax[name], prob=np.zeros(len(logits), np.float32),
+                          fetch_rows=lambda start, stop: logits[start:stop],
+                          fetch_top=None if top is None else lambda: top)
+
+    def bidirectional(self, tokens):
+        return self._step("draft")
+
+    def causal(self, tokens, last_only=False):
+        return self._step("verify")
+
+    def truncate(self, n: int) -> None:
+        pass
+
+
+def cycle_ms(modules, params: dict, fwd: FreePasses, k: int, cycles: int) -> tuple[float, float]:
+    """Mean host ms of a sampled spec cycle, and tokens per cycle."""
+    sampling_module, decode_module = modules
+    sampler = sampling_module.Sampler(sampling_module.SamplingParams(seed=0, **params))
+    decode_module.spec_cycle(fwd, sampler, [1, 2, 3], k, 0, False)  # warm-up
+    tokens = 0
+    started = time.perf_counter()
+    for _ in range(cycles):
+        tokens += len(decode_module.spec_cycle(fwd, sampler, [1, 2, 3], k, 0, False).tokens)
+    return (time.perf_counter() - started) / cycles * 1e3, tokens / cycles
+
+
+def cycle_table(args, baseline, rng) -> None:
+    """Whole sampled cycles: the draft's k rows predict what the verify rows (a little
+    noise on the same rows) then judge, so most drafts are kept, as with a trained model."""
+    k = args.draft_length
+    draft = rows("peaked", k + 1, args.vocab, rng)
+    verify = draft.copy()
+    verify[:k] = draft[1:] + 0.3 * rng.standard_normal((k, args.vocab)).astype(np.float32)
+    params = SETTINGS["llama-server defaults (T 0.8, top-k 40, top-p 0.95, min-p 0.05)"]
+    sources = [("this", (sampling, decode))] + ([("baseline", baseline)] if baseline else [])
+    print(f"\nself-speculation cycle, k = {k}, llama-server defaults, passes free; "
+          f"mean of {args.cycles}")
+    print("| rows from | code | host ms per cycle | tokens per cycle |")
+    print("|---|---|---|---|")
+    for label, tops in (("logit rows", None),
+                        ("top candidates", {"draft": top_candidates(draft), "verify": top_candidates(verify)})):
+        if tops is not None and not args.from_top:
+            continue
+        for name, modules in sources:
+            ms, tokens = cycle_ms(modules, params, FreePasses(draft, verify, tops), k, args.cycles)
+            print(f"| {label} | {name} | {ms:.3f} | {tokens:.2f} |")
 
 
 def main() -> None:
@@ -71,28 +148,38 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=131072)
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--baseline", help="another sampling.py to time beside this one")
+    ap.add_argument("--baseline", metavar="REV", help="a git revision to time beside this tree")
+    ap.add_argument("--draft-length", type=int, default=15, help="k of the spec cycles")
+    ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--from-top", action="store_true", help="also time draws from the top candidates")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     data = {kind: rows(kind, args.rows, args.vocab, rng) for kind in ("peaked", "flat")}
-    baseline = load(args.baseline) if args.baseline else None
+    baseline = load_revision(args.baseline) if args.baseline else None
     print(f"vocab {args.vocab}, {args.rows} rows, best of {args.repeat}; ms per row")
     tops = {kind: top_candidates(logits) for kind, logits in data.items()} if args.from_top else {}
-    head = ("| setting | row | this ms |" + (" from top ms |" if tops else "")
-            + (" baseline ms | baseline / this |" if baseline else ""))
+    sources = [("this", None)] + ([("this from top", "top")] if tops else [])
+    if baseline:
+        sources += [("baseline", None)] + ([("baseline from top", "top")] if tops else [])
+    head = "| setting | row |" + "".join(f" {name} ms |" for name, _ in sources)
+    if baseline:
+        head += "".join(f" {name} / {name.replace('baseline', 'this')} |"
+                        for name, _ in sources if name.startswith("baseline"))
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for name, params in SETTINGS.items():
         for kind, logits in data.items():
-            this = ms_per_row(sampling, params, logits, args.repeat)
-            line = f"| {name} | {kind} | {this:.3f} |"
-            if tops:
-                line += f" {ms_per_row(sampling, params, logits, args.repeat, tops[kind]):.3f} |"
-            if baseline:
-                old = ms_per_row(baseline, params, logits, args.repeat)
-                line += f" {old:.3f} | {old / this:.1f} |"
+            times = {}
+            for source, with_top in sources:
+                module = baseline[0] if source.startswith("baseline") else sampling
+                times[source] = ms_per_row(module, params, logits, args.repeat,
+                                           tops[kind] if with_top else None)
+            line = f"| {name} | {kind} |" + "".join(f" {t:.3f} |" for t in times.values())
+            for source, t in times.items():
+                if source.startswith("baseline"):
+                    line += f" {t / times[source.replace('baseline', 'this')]:.1f} |"
             print(line)
+    cycle_table(args, baseline, rng)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,27 @@ def test_a_sparse_draw_is_the_dense_draw():
     assert [sparse.draw(dist) for _ in range(200)] == [dense.draw(whole) for _ in range(200)]
 
 
+def test_drawing_many_at_once_is_drawing_each_in_turn():
+    """draw_each over short distributions (drawn as one array), with zeros and a single
+    token among them, and over a mix with a whole-vocabulary one, gives what draw() on each
+    in turn gives with the same seed, and each token's probability."""
+    rng = np.random.default_rng(3)
+    short = []
+    for n in (1, 5, 40, 64, 17):
+        probs = rng.random(n) ** 3
+        probs[rng.random(n) < 0.2] = 0
+        probs[0] += 1e-3
+        short.append(Distribution(np.sort(rng.choice(VOCAB, n, replace=False)), probs / probs.sum()))
+    whole = Distribution(np.arange(VOCAB), np.full(VOCAB, 1.0 / VOCAB))
+    for dists in (short * 20, short[:2] + [whole] + short[2:]):
+        each, together = Sampler(SamplingParams(seed=7)), Sampler(SamplingParams(seed=7))
+        for _ in range(5):
+            tokens, probs = together.draw_each(dists)
+            assert tokens == [each.draw(d) for d in dists]
+            assert probs == [d.prob(t) for d, t in zip(dists, tokens)]
+    assert together.draw_each([]) == ([], [])
+
+
 def test_distribution_lookup():
     d = Distribution(np.array([2, 5, 9]), np.array([0.2, 0.3, 0.5]))
     np.testing.assert_array_equal(d.of([0, 2, 5, 6, 9, 12]), [0, 0.2, 0.3, 0, 0.5, 0])
@@ -266,11 +287,43 @@ def test_top_candidates_give_the_rows_distribution(params):
     for name, row in rows.items():
         step = with_top(row[None])
         values, ids = step.top()
-        got = sampler.distribution_from_top(values[0], ids[0], history)
+        got = sampler.distributions_from_top(values, ids, [history])[0]
         want = sampler.distribution(row, history)
         assert got is not None, name
         np.testing.assert_array_equal(got.ids, want.ids, err_msg=name)
         np.testing.assert_allclose(got.probs, want.probs, rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05), dict(temperature=1.0, top_k=63),
+    dict(temperature=0.5, top_k=20, top_p=0.6, repetition_penalty=1.5, penalty_last_n=3)])
+def test_rows_filtered_together_are_each_the_rows_own_distribution(params):
+    """Rows filtered as one array, each with its own history (so its own penalized ids), give
+    each row's distribution() where the candidates suffice and None exactly where one row
+    alone would: a tied row in the batch does not spoil its neighbours."""
+    rng = np.random.default_rng(11)
+    base = vocab_rows()
+    rows = [base["peaked"], base["ties"], base["flat"]]
+    for scale in (0.5, 3.0, 8.0):  # peaked to very peaked, with near ties at the top
+        row = (rng.standard_normal(VOCAB) * scale).astype(np.float32)
+        row[rng.choice(VOCAB, 40, replace=False)] = row.max()
+        rows.append(row)
+    logits = np.stack(rows)
+    histories = [list(np.argsort(-row)[i:i + 3]) for i, row in enumerate(rows)]
+    sampler = Sampler(SamplingParams(**params), suppress_ids=(7, 321))
+    values, ids = with_top(logits).top()
+    together = sampler.distributions_from_top(values, ids, histories)
+    for r, (row, history) in enumerate(zip(rows, histories)):
+        alone = sampler.distributions_from_top(values[r:r + 1], ids[r:r + 1], [history])[0]
+        got = together[r]
+        assert (got is None) == (alone is None), r
+        if got is None:
+            continue
+        want = sampler.distribution(row, history)
+        np.testing.assert_array_equal(got.ids, want.ids, err_msg=str(r))
+        np.testing.assert_allclose(got.probs, want.probs, rtol=1e-6, err_msg=str(r))
+    assert together[1] is None  # the tied row
+    assert sum(d is not None for d in together) >= 4
 
 
 def test_top_candidates_that_may_miss_a_kept_token_are_not_used():
@@ -280,20 +333,20 @@ def test_top_candidates_that_may_miss_a_kept_token_are_not_used():
 
     def from_top(suppress=(), history=(), **params):
         s = Sampler(SamplingParams(temperature=1.0, **params), suppress_ids=suppress)
-        return s.distribution_from_top(values[0], ids[0], list(history))
+        return s.distributions_from_top(values, ids, [list(history)])[0]
     assert from_top(top_k=0) is None                       # no top-k: the whole row counts
     assert from_top(top_k=65) is None                      # more than the candidates
     assert from_top(top_k=64) is None                      # the 64th may tie the 65th
     assert from_top(top_k=63) is not None
     tied, tied_ids = with_top(vocab_rows()["ties"][None]).top()  # the 64th ties tokens left out
-    assert Sampler(SamplingParams(temperature=1.0, top_k=40)).distribution_from_top(tied[0], tied_ids[0], []) is None
+    assert Sampler(SamplingParams(temperature=1.0, top_k=40)).distributions_from_top(tied, tied_ids, [[]])[0] is None
     assert from_top(top_k=40, repetition_penalty=0.8, penalty_last_n=4, history=top[-4:]) is None  # raises some
     assert from_top(top_k=40, suppress=top[:30]) is None   # 34 left above the 65th: not 40
     assert from_top(top_k=30, suppress=top[:30]) is not None
     # a row shorter than the candidates leaves nothing out: always exact
     short = np.array([[0.5, 2.0, -1.0, 2.0]], np.float32)
     v, i = with_top(short).top()
-    got = Sampler(SamplingParams(temperature=1.0, top_k=10), suppress_ids=(1,)).distribution_from_top(v[0], i[0], [])
+    got = Sampler(SamplingParams(temperature=1.0, top_k=10), suppress_ids=(1,)).distributions_from_top(v, i, [[]])[0]
     want = Sampler(SamplingParams(temperature=1.0, top_k=10), suppress_ids=(1,)).distribution(short[0], [])
     np.testing.assert_allclose(got.dense(4), want.dense(4), rtol=1e-6)  # want lists id 1 at 0
 

@@ -108,7 +108,7 @@ def spec_cycle(fwd: Forward, sampler: Sampler, history: list[int], k: int,
         drafts, _ = sampler.choose(draft, rows, [seen] * k)
     else:
         q = sampler.distributions(draft, rows, [seen] * k)
-        drafts = [sampler.draw(qj) for qj in q]
+        drafts, _ = sampler.draw_each(q)
     block[1:] = drafts
     verify = fwd.causal(block)
     histories = [sampler.context(seen, drafts[:i]) for i in range(k + 1)]
@@ -131,10 +131,14 @@ def _rejection_sample(sampler: Sampler, verify: StepResult, histories: list[list
     probability min(1, p_j(d_j) / q_j(d_j)); the first rejected slot instead draws from
     normalize(max(0, p_j - q_j)); if all are kept the bonus is drawn from p_k. Each emitted
     token is then distributed exactly as AR sampling from p would give it. Verify rows are
-    fetched one at a time, up to the first rejection."""
+    fetched one at a time, up to the first rejection, where the top candidates do not suffice."""
+    known = sampler.distributions_known(verify, range(len(drafts) + 1), histories)
+
+    def target(j: int) -> Distribution:
+        return known[j] or sampler.distributions(verify, [j], [histories[j]])[0]
     tokens = []
     for j, d in enumerate(drafts):
-        p = sampler.distributions(verify, [j], [histories[j]])[0]
+        p = target(j)
         if sampler.rng.random() * q[j].prob(d) < p.prob(d):  # u < p/q without dividing by q
             tokens.append(d)
             continue
@@ -144,8 +148,7 @@ def _rejection_sample(sampler: Sampler, verify: StepResult, histories: list[list
         if residual.sum() > 0:
             p = Distribution(p.ids, residual / residual.sum())
         return tokens + [sampler.draw(p)]
-    k = len(drafts)
-    return tokens + [sampler.draw(sampler.distributions(verify, [k], [histories[k]])[0])]
+    return tokens + [sampler.draw(target(len(drafts)))]
 
 
 @dataclass
