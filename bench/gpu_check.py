@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trimode.model.config import GEOMETRIES  # noqa: E402
 from trimode.model.random_weights import random_weights  # noqa: E402
-from trimode.model.reference import ReferenceForward, ReferenceModel, top_candidates  # noqa: E402
+from trimode.model.reference import (ReferenceForward, ReferenceModel, chunk_masses,  # noqa: E402
+                                     top_candidates)
 from trimode.runtime.bench import BenchPlan, bench_loader, render_table, run_bench  # noqa: E402
 from trimode.runtime.engine import Engine  # noqa: E402
 
@@ -61,8 +62,8 @@ def check_entries(engine: Engine, ref_model: ReferenceModel, tol: float) -> list
 
 
 def check_top_candidates(engine: Engine) -> list[dict]:
-    """The sampler's entry (GPU builds): each row's largest logits and their ids, falling,
-    ties by the smaller id, exactly as numpy orders the same logits."""
+    """The sampler's entries (GPU builds): each row's largest logits and their ids, falling,
+    ties by the smaller id, exactly as numpy orders the same logits; each row's chunk masses."""
     if "top_candidates" not in engine.manifest["entries"]:
         return []
     fwd, results = engine.new_sequence(256), []
@@ -72,6 +73,12 @@ def check_top_candidates(engine: Engine) -> list[dict]:
         wrong = float(np.mean(ids != want_ids))
         results.append({"name": f"top candidates of {name}: ids as numpy orders them", "rel_err": wrong,
                         "ok": wrong == 0 and np.array_equal(values, want_values)})
+        # chunk masses at T 0.7 and one chunk span, against numpy on the same logits
+        (top, total), (want_top, want_total) = step.masses(1 / 0.7), chunk_masses(step.logits(), 1 / 0.7)
+        err = float(np.abs(total / want_total - 1).max())
+        span_ok = np.array_equal(step.span(len(step.argmax) - 1, 1024, 2048), step.logits()[-1, 1024:2048])
+        results.append({"name": f"chunk masses of {name} (T 0.7) and a chunk span", "rel_err": err,
+                        "ok": err < 1e-5 and np.array_equal(top, want_top.astype(np.float32)) and span_ok})
     return results
 
 

@@ -12,9 +12,10 @@ settings (llama-server's defaults; OpenAI's temperature 1; top-p alone), on two 
 --from-top also times each row drawn from its 64 largest logits, as a GPU build hands them
 over (numpy computes them here, untimed; settings without top-k < 64 take the row anyway).
 Each call samples all --rows rows at once (a spec cycle's draft); --rows 1 is an AR token.
-A second table times whole self-speculation cycles at llama-server's defaults over passes
-that cost nothing (each returns fixed logits): the host work a sampled cycle adds to its two
-GPU passes. --baseline REV times that revision's sampling.py and decode.py (git show) beside
+A second table times whole self-speculation cycles at llama-server's defaults and at
+temperature 0.7 alone (with --from-top: from the top candidates, and from chunk masses) over
+passes that cost nothing (each returns fixed logits): the host work a sampled cycle adds to
+its two GPU passes. --baseline REV times that revision's sampling.py and decode.py (git show) beside
 this tree's in the same run, for side by side ratios.
 """
 from __future__ import annotations
@@ -28,16 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from trimode.model.reference import top_candidates
+from trimode.model.reference import chunk_masses, top_candidates
 from trimode.runtime.forward import StepResult
 from trimode.runtime import decode, sampling
 
+DEFAULTS = "llama-server defaults (T 0.8, top-k 40, top-p 0.95, min-p 0.05)"
 SETTINGS = {
-    "llama-server defaults (T 0.8, top-k 40, top-p 0.95, min-p 0.05)":
+    DEFAULTS:
         dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
     "OpenAI default (T 1)": dict(temperature=1.0),
     "top-p 0.9 (T 0.7)": dict(temperature=0.7, top_p=0.9),
 }
+TEMPERATURE_ONLY = dict(temperature=0.7)  # the model card's request
 
 
 def rows(kind: str, n: int, vocab: int, rng) -> np.ndarray:
@@ -86,18 +89,22 @@ class FreePasses:
     """A Forward whose passes cost nothing: the draft pass returns `draft`'s logits and every
     causal pass `verify`'s, each a fresh StepResult (with top candidates when given)."""
 
-    def __init__(self, draft: np.ndarray, verify: np.ndarray, tops: dict | None):
+    def __init__(self, draft: np.ndarray, verify: np.ndarray, tops: dict | None,
+                 masses: dict | None = None):
         self.rows = {"draft": draft, "verify": verify}
         self.argmax = {name: logits.argmax(axis=1) for name, logits in self.rows.items()}
-        self.tops = tops
+        self.tops, self.masses = tops, masses
         self.length = 1000
 
     def _step(self, name: str) -> StepResult:
         logits = self.rows[name]
         top = self.tops[name] if self.tops else None
+        mass = self.masses[name] if self.masses else None
         return StepResult(argmax=self.argmax[name], prob=np.zeros(len(logits), np.float32),
                           fetch_rows=lambda start, stop: logits[start:stop],
-                          fetch_top=None if top is None else lambda: top)
+                          fetch_top=None if top is None else lambda: top,
+                          fetch_mass=None if mass is None else lambda inv_t: mass,
+                          fetch_span=lambda row, start, stop: logits[row, start:stop])
 
     def bidirectional(self, tokens):
         return self._step("draft")
@@ -128,19 +135,24 @@ def cycle_table(args, baseline, rng) -> None:
     draft = rows("peaked", k + 1, args.vocab, rng)
     verify = draft.copy()
     verify[:k] = draft[1:] + 0.3 * rng.standard_normal((k, args.vocab)).astype(np.float32)
-    params = SETTINGS["llama-server defaults (T 0.8, top-k 40, top-p 0.95, min-p 0.05)"]
     sources = [("this", (sampling, decode))] + ([("baseline", baseline)] if baseline else [])
-    print(f"\nself-speculation cycle, k = {k}, llama-server defaults, passes free; "
-          f"mean of {args.cycles}")
-    print("| rows from | code | host ms per cycle | tokens per cycle |")
-    print("|---|---|---|---|")
-    for label, tops in (("logit rows", None),
-                        ("top candidates", {"draft": top_candidates(draft), "verify": top_candidates(verify)})):
-        if tops is not None and not args.from_top:
-            continue
+    inv_t = 1 / TEMPERATURE_ONLY["temperature"]
+    masses = {name: tuple(a.astype(np.float32) for a in chunk_masses(logits, inv_t))
+              for name, logits in (("draft", draft), ("verify", verify))}
+    tops = {"draft": top_candidates(draft), "verify": top_candidates(verify)}
+    print(f"\nself-speculation cycles, k = {k}, passes free; mean of {args.cycles}")
+    print("| setting | rows from | code | host ms per cycle | tokens per cycle |")
+    print("|---|---|---|---|---|")
+    cases = [("llama-server defaults", SETTINGS[DEFAULTS], "logit rows", None, None),
+             ("T 0.7 alone", TEMPERATURE_ONLY, "logit rows", None, None)]
+    if args.from_top:
+        cases += [("llama-server defaults", SETTINGS[DEFAULTS], "top candidates", tops, None),
+                  ("T 0.7 alone", TEMPERATURE_ONLY, "chunk masses", None, masses)]
+    for setting, params, label, with_tops, with_masses in cases:
         for name, modules in sources:
-            ms, tokens = cycle_ms(modules, params, FreePasses(draft, verify, tops), k, args.cycles)
-            print(f"| {label} | {name} | {ms:.3f} | {tokens:.2f} |")
+            fwd = FreePasses(draft, verify, with_tops, with_masses)
+            ms, tokens = cycle_ms(modules, params, fwd, k, args.cycles)
+            print(f"| {setting} | {label} | {name} | {ms:.3f} | {tokens:.2f} |")
 
 
 def main() -> None:

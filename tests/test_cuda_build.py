@@ -273,7 +273,7 @@ def test_the_shipped_default_model_compiles_for_cuda(tmp_path):
     out = compile_model(model.config, quantized_parts(model.weights), "cuda", "sm_90a", root=tmp_path,
                         log=lambda msg: None)
     assert library_has_gpu_binary(out / "model.so")
-    # beside the four entries, the sampler's: each row's largest logits (a CPU build has none:
-    # its rows are in host memory already)
+    # beside the four entries, the sampler's: each row's largest logits and its chunk masses
+    # (a CPU build has neither: its rows are in host memory already)
     assert json.loads((out / "manifest.json").read_text())["entries"] == [
-        "prefill", "decode", "verify", "draft", "top_candidates"]
+        "prefill", "decode", "verify", "draft", "top_candidates", "chunk_mass"]

@@ -267,6 +267,36 @@ def test_rejection_step_emits_the_verify_distribution():
     assert chi2_p(counts, expected, runs) > 1e-3, counts
 
 
+@pytest.mark.parametrize("proposals", [64, 1], ids=["proposals", "rows-after-one"])
+def test_rejection_step_from_chunk_masses_emits_the_verify_distribution(monkeypatch, proposals):
+    """The same with temperature alone over a 3000-token vocabulary (three chunks) known by
+    chunk masses, as a GPU build hands them over: the residual is drawn by proposals from p
+    (or, past the proposals, from the whole rows). The first token must follow p: the 8 most
+    likely tokens one by one and the rest together; fails below p-value 1e-3."""
+    from trimode.runtime import decode
+    from trimode.runtime.chunked_row import ChunkedRow
+    from trimode.runtime.sampling import Sampler, softmax64
+    monkeypatch.setattr(decode, "_RESIDUAL_PROPOSALS", proposals)
+    rng = np.random.default_rng(4)
+    verify = rng.standard_normal((2, 3000)).astype(np.float32)
+    verify[0, [10, 1500, 2999, 7]] += [6.0, 5.5, 5.0, 4.0]
+    draft = rng.standard_normal((1, 3000)).astype(np.float32)
+    draft[0, [10, 1500, 2400]] += [4.0, 7.0, 6.0]  # q favours other tokens than p
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=12))
+    verify_step = top_candidates.with_top(StepResult.from_logits(verify))
+    q = sampler.distributions_known(top_candidates.with_top(StepResult.from_logits(draft)), [0], [[]])
+    assert isinstance(q[0], ChunkedRow)
+    p = softmax64(verify[0])
+    bins = list(np.argsort(-p)[:8])
+    runs, counts = 6000, {}
+    for _ in range(runs):
+        first = decode._rejection_sample(sampler, verify_step, [[], []], [sampler.draw(q[0])], q)[0]
+        key = first if first in bins else -1
+        counts[key] = counts.get(key, 0) + 1
+    expected = {int(t): p[t] for t in bins} | {-1: 1 - p[bins].sum()}
+    assert chi2_p(counts, expected, runs) > 1e-3, counts
+
+
 def test_rejection_fetches_verify_rows_up_to_the_first_rejection():
     """Each verify row is a device-to-host copy: the rows after the first rejected draft are
     never read, so never fetched."""
@@ -534,3 +564,21 @@ def test_top_k_sampling_from_top_candidates_fetches_no_row(mode):
     top = WithTop(fresh(2))
     assert sample(top) == sample(fresh(2))
     assert top.fetches and all(f == ("top",) for f in top.fetches)
+
+
+@pytest.mark.parametrize("mode", ["ar", "spec", "diffusion"])
+def test_temperature_sampling_from_chunk_masses_fetches_no_row(mode):
+    """Temperature alone from the chunk masses a GPU build returns: AR and diffusion give the
+    tokens sampling from the whole rows gives (same seed; spec draws its residuals another
+    way, exact too: tested above), and no mode copies a row, only chunks."""
+    def sample(fwd):
+        return run(fwd, prompt_ids=PROMPTS[0], max_tokens=20, loop_detection=False,
+                   sampling=SamplingParams(temperature=0.8, seed=5),
+                   decode=DecodeParams(mode=mode, draft_length=4, block_length=6))[0]
+    chunked = WithTop(fresh(2))
+    tokens = sample(chunked)
+    assert tokens
+    if mode != "spec":
+        assert tokens == sample(fresh(2))
+    assert chunked.fetches and {f[0] for f in chunked.fetches} == {"mass", "span"}
+

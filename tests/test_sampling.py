@@ -363,3 +363,49 @@ def test_sampling_with_top_candidates_fetches_no_row():
     fetches.clear()
     Sampler(SamplingParams(temperature=0.8, top_p=0.9, seed=9)).choose(with_top(logits, fetches), [1, 0], [[], []])
     assert fetches == [("rows", 0, 2)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+def test_chunk_masses_give_the_rows_distribution_and_draws(temperature):
+    """Temperature alone from a GPU build's chunk masses: every token's probability is the
+    whole row's, penalties and suppression included (the max token suppressed on one row),
+    and the same seed draws the same tokens, while only chunks (4 KB), never a row, are
+    copied."""
+    rows = vocab_rows()
+    logits = np.stack([rows["peaked"], rows["flat"], rows["ties"]])
+    history = list(np.argsort(-rows["peaked"])[1:4]) + [5, 70000]
+    params = SamplingParams(temperature=temperature, seed=3, repetition_penalty=1.4, penalty_last_n=8)
+    suppress = (int(rows["peaked"].argmax()), 12345)
+    fetches = []
+    step = with_top(logits, fetches)
+    sampler = Sampler(params, suppress_ids=suppress)
+    known = sampler.distributions_known(step, [0, 1, 2], [history] * 3)
+    for r, dist in enumerate(known):
+        want = sampler.distribution(logits[r], history).dense(VOCAB)
+        got = dist.dense(VOCAB)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12, err_msg=str(r))
+        tokens = np.random.default_rng(r).choice(VOCAB, 50)
+        np.testing.assert_allclose([dist.prob(int(t)) for t in tokens], want[tokens], rtol=1e-5, atol=1e-12)
+    fetches.clear()
+    by_mass = Sampler(params, suppress_ids=suppress)
+    by_row = Sampler(params, suppress_ids=suppress)
+    for _ in range(40):
+        got = by_mass.choose(with_top(logits, fetches), [0, 1, 2], [history] * 3)
+        want = by_row.choose(StepResult.from_logits(logits), [0, 1, 2], [history] * 3)
+        assert got[0] == want[0]
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    assert {f[0] for f in fetches} == {"mass", "span"}
+    assert all(f[3] - f[2] == 1024 for f in fetches if f[0] == "span")
+
+
+def test_chunk_masses_are_not_used_where_they_cannot_serve():
+    logits = vocab_rows()["flat"][None]
+    fetches = []
+    many = list(range(0, VOCAB, 2048))  # 64 penalized ids in 64 chunks: the row is cheaper
+    Sampler(SamplingParams(temperature=1.0, repetition_penalty=1.2, penalty_last_n=64)).choose(
+        with_top(logits, fetches), [0], [many])
+    assert fetches == [("rows", 0, 1)]
+    for params in (dict(top_p=0.9), dict(min_p=0.1), dict(top_k=100)):
+        fetches.clear()
+        Sampler(SamplingParams(temperature=1.0, **params)).choose(with_top(logits, fetches), [0], [[]])
+        assert ("rows", 0, 1) in fetches and ("mass",) not in fetches, params

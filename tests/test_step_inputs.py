@@ -87,5 +87,11 @@ def test_row_ranges_of_the_logits_are_the_rows_of_the_whole(engine):
                 np.testing.assert_array_equal(step.logits(start, stop), whole[start:stop])
         with pytest.raises(IndexError):
             step.logits(0, n + 1)
-        assert step.top() is None  # a CPU build has no top candidates: its rows are host memory
+        # spans of a row (a chunk a draw lands in), the last cut at the row's end
+        vocab = whole.shape[1]
+        for row, start, stop in [(0, 0, 7), (n - 1, vocab - 5, vocab), (n - 1, vocab - 5, vocab + 1019)]:
+            np.testing.assert_array_equal(step.span(row, start, stop), whole[row, start:stop])
+        # a CPU build has no top candidates or chunk masses: its rows are host memory
+        assert step.top() is None and step.masses(1.0) is None
     assert "top_candidates" not in engine.manifest["entries"]
+    assert "chunk_mass" not in engine.manifest["entries"]

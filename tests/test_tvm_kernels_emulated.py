@@ -22,7 +22,7 @@ from trimode.compiler.kernels import norm, rope  # noqa: E402
 from trimode.compiler.kernels.attention_cuda import attention_cuda, default_plan, scratch_rows  # noqa: E402
 from trimode.compiler.pipeline import schedule_unscheduled_kernels  # noqa: E402
 from trimode.model.config import GEOMETRIES  # noqa: E402
-from trimode.model.reference import rmsnorm, top_candidates  # noqa: E402
+from trimode.model.reference import chunk_masses, rmsnorm, top_candidates  # noqa: E402
 from trimode.model.reference import rope as rope_reference  # noqa: E402
 
 CTX, LAYERS, LAYER = 256, 2, 1
@@ -223,6 +223,11 @@ def test_a_whole_step_as_built_for_the_gpu_matches_float64(model_on_the_gpu, ent
     want_values, want_ids = top_candidates(logits)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(values, want_values)
+    # and each row's chunk masses at a temperature
+    top, total = EntryEmulator(mod).run("chunk_mass", [logits, np.array([1 / 0.7], np.float32)])
+    want_top, want_total = chunk_masses(logits, 1 / 0.7)
+    np.testing.assert_array_equal(top, want_top.astype(np.float32))
+    np.testing.assert_allclose(total, want_total, rtol=2e-6)
     if entry != "draft":  # the block's K/V appended at its positions, the prompt's untouched
         kv_out = outputs[3]
         for layer in range(cfg.n_layers):

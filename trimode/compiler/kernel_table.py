@@ -129,6 +129,14 @@ class Kernels:
 
         return opaque(topk_cuda.top_candidates_cuda(vocab))
 
+    def chunk_mass(self, vocab: int):
+        """GPU only: each row's softmax mass by chunks, from which the host draws without top-k
+        and then copies only the chunk the draw lands in."""
+        assert self.is_gpu, "chunk masses are a GPU build's entry"
+        from trimode.compiler.kernels import chunk_mass_cuda
+
+        return opaque(chunk_mass_cuda.chunk_mass_cuda(vocab))
+
 
 def cuda_attention_kernel(rows: str, head_dim: int) -> str:
     """The CUDA attention kernel of a row class (also its schedule database's key prefix).

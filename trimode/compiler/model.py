@@ -2,7 +2,8 @@
 
 Entries (docs/DESIGN.md): prefill, decode (causal, write K/V), verify (causal, all rows),
 draft (bidirectional, cache untouched); on a GPU also top_candidates (each row's largest
-logits of an entry's output, for the host's sampler). Every kernel comes from a `Kernels`
+logits of an entry's output) and chunk_mass (each row's softmax mass by chunks at a given
+temperature), for the host's sampler. Every kernel comes from a `Kernels`
 table chosen per target (kernels.py), so this file holds only the network's math, top to
 bottom.
 
@@ -20,6 +21,7 @@ from tvm.relax.frontend.nn import Tensor, op, spec
 
 from trimode.compiler.kernel_table import MAX_BLOCK, Kernels
 from trimode.model.config import ModelConfig
+from trimode.compiler.kernels.chunk_mass_cuda import chunks as mass_chunks
 from trimode.runtime.forward import TOP_CANDIDATES
 
 
@@ -200,6 +202,13 @@ class NLDModel(nn.Module):
             [Tensor.placeholder([n_rows, TOP_CANDIDATES], "float32"),
              Tensor.placeholder([n_rows, TOP_CANDIDATES], "int32")])
 
+    def chunk_mass(self, logits, inv_temperature):
+        n_rows, n_chunks = logits.shape[0], mass_chunks(self.cfg.vocab)
+        return op.tensor_ir_op(
+            self.kernels.chunk_mass(self.cfg.vocab), "chunk_mass", [logits, inv_temperature],
+            [Tensor.placeholder([n_rows, n_chunks], "float32"),
+             Tensor.placeholder([n_rows, n_chunks], "float32")])
+
     def entry_specs(self) -> dict:
         """The four entries' argument specs, from one helper (STYLE.md: no copies). Per-call
         inputs come first, the sequence's static tensors after them (ENTRY_INPUTS counts the
@@ -224,6 +233,9 @@ class NLDModel(nn.Module):
         if self.kernels.is_gpu:
             entries["top_candidates"] = {"logits": spec.Tensor(["t", cfg.vocab], "float32"),
                                          "$": {"param_mode": "none", "effect_mode": "none"}}
+            entries["chunk_mass"] = {"logits": spec.Tensor(["t", cfg.vocab], "float32"),
+                                     "inv_temperature": spec.Tensor([1], "float32"),
+                                     "$": {"param_mode": "none", "effect_mode": "none"}}
         return entries
 
 

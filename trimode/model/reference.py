@@ -12,7 +12,7 @@ import numpy as np
 
 from trimode.model.config import ModelConfig
 from trimode.model.weights import ModelWeights, as_float
-from trimode.runtime.forward import TOP_CANDIDATES, ContextFull, StepResult
+from trimode.runtime.forward import MASS_CHUNK, TOP_CANDIDATES, ContextFull, StepResult
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -43,6 +43,19 @@ def top_candidates(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     values[:, :order.shape[1]] = np.take_along_axis(logits, order, 1)
     ids[:, :order.shape[1]] = order
     return values, ids
+
+
+def chunk_masses(logits: np.ndarray, inv_temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """What a GPU build's chunk_mass entry returns for these logits [T, V] (float64 here):
+    per chunk of MASS_CHUNK logits its largest m and its sum of exp((l - m) * inv_temperature)."""
+    logits = np.asarray(logits, np.float64)
+    t, vocab = logits.shape
+    n_chunks = -(-vocab // MASS_CHUNK)
+    padded = np.full((t, n_chunks * MASS_CHUNK), -np.inf)
+    padded[:, :vocab] = logits
+    padded = padded.reshape(t, n_chunks, MASS_CHUNK)
+    top = padded.max(axis=2)
+    return top, np.exp((padded - top[:, :, None]) * inv_temperature).sum(axis=2)
 
 
 class ReferenceModel:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from trimode.runtime.chunked_row import ChunkedRow
 from trimode.runtime.forward import MAX_BLOCK, Forward, StepResult
 from trimode.runtime.sampling import Distribution, Sampler
 
@@ -142,13 +143,34 @@ def _rejection_sample(sampler: Sampler, verify: StepResult, histories: list[list
         if sampler.rng.random() * q[j].prob(d) < p.prob(d):  # u < p/q without dividing by q
             tokens.append(d)
             continue
-        # max(0, p - q) is zero wherever p is zero: p's tokens hold all of it
-        residual = np.maximum(p.probs - q[j].of(p.ids), 0.0)
-        # residual is all zero only when p == q, where rejection has probability zero.
-        if residual.sum() > 0:
-            p = Distribution(p.ids, residual / residual.sum())
-        return tokens + [sampler.draw(p)]
+        return tokens + [_draw_residual(sampler, p, q[j])]
     return tokens + [sampler.draw(target(len(drafts)))]
+
+
+# Proposals a residual draw from chunk masses tries before it takes the whole rows.
+_RESIDUAL_PROPOSALS = 64
+
+
+def _draw_residual(sampler: Sampler, p, q) -> int:
+    """A draw from normalize(max(0, p - q)). Known by their chunk masses, neither row is
+    fetched whole: a token t ~ p is kept with probability max(0, p_t - q_t) / p_t, which
+    keeps t with probability max(0, p_t - q_t) in all, the residual exactly; the expected
+    number of proposals is 1 / sum(max(0, p - q)), the inverse of the probability that the
+    slot was rejected at all, so one per verified slot on average. Past _RESIDUAL_PROPOSALS
+    (rare, and exact too: the residual is the same whichever way it is drawn), the rows."""
+    if isinstance(p, ChunkedRow):
+        for _ in range(_RESIDUAL_PROPOSALS):
+            (token,), (p_token,) = sampler.draw_each([p])
+            if sampler.rng.random() * p_token < p_token - q.prob(token):
+                return token
+        dense = p.dense()
+        p = Distribution(np.arange(len(dense)), dense)
+    # max(0, p - q) is zero wherever p is zero: p's tokens hold all of it
+    residual = np.maximum(p.probs - q.of(p.ids), 0.0)
+    # residual is all zero only when p == q, where rejection has probability zero.
+    if residual.sum() > 0:
+        p = Distribution(p.ids, residual / residual.sum())
+    return sampler.draw(p)
 
 
 @dataclass

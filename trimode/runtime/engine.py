@@ -242,6 +242,8 @@ class CompiledForward:
         # so a CUDA graph serves every position); host copies, rewritten before each call.
         self._host_pos, self._host_tokens = np.zeros(1, np.int32), np.zeros(MAX_BLOCK, np.int32)
         self.pos, self.tokens = dev.upload(self._host_pos), dev.upload(self._host_tokens)
+        self._host_inv_t = np.ones(1, np.float32)  # chunk_mass's temperature, written per call
+        self.inv_t = dev.upload(self._host_inv_t)
         self._static = [self.pos, self.kv, *self.rope]
         self._length = 0
 
@@ -282,11 +284,19 @@ class CompiledForward:
         dev = self.engine.device
         out = self.launch(entry, tokens)
         logits = out[0]
-        top = self.entries.get("top_candidates")
+        top, mass = self.entries.get("top_candidates"), self.entries.get("chunk_mass")
+
+        def masses(inv_temperature: float):
+            self._host_inv_t[0] = inv_temperature
+            dev.write(self.inv_t, self._host_inv_t)
+            return tuple(map(dev.download, mass(logits, self.inv_t)))
         return StepResult(argmax=dev.download(out[1]).astype(np.int64),
                           prob=dev.download(out[2]),
                           fetch_rows=lambda start, stop: dev.download_rows(logits, start, stop),
-                          fetch_top=None if top is None else lambda: tuple(map(dev.download, top(logits))))
+                          fetch_top=None if top is None else lambda: tuple(map(dev.download, top(logits))),
+                          fetch_mass=None if mass is None else masses,
+                          fetch_span=lambda row, start, stop: dev.download_span(
+                              logits, row, start, min(stop, int(logits.shape[1]))))
 
     def causal(self, tokens: Sequence[int], last_only: bool = False) -> StepResult:
         self._check(tokens)

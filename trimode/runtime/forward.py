@@ -22,6 +22,9 @@ MAX_BLOCK = 64
 # Each row's largest logits a GPU build hands the sampler (with their ids) in place of the
 # row: top-k sampling below this k needs nothing else of it (the last may tie one left out).
 TOP_CANDIDATES = 64
+# A GPU build hands a sampler without top-k each row's softmax mass per chunk of this many
+# logits (StepResult.masses), and the logits of the chunk a draw lands in.
+MASS_CHUNK = 1024
 # KV tokens a sequence gets when the user does not say (-c), or the model's context if shorter.
 DEFAULT_CTX = 4096
 
@@ -41,7 +44,14 @@ class StepResult:
     # largest logits, falling, ties by the smaller id (id -1 past a row shorter than that);
     # GPU builds only
     fetch_top: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+    # inverse temperature -> (chunk max, chunk sum) float32 [T, chunks]: per MASS_CHUNK logits
+    # of each row their largest m and sum of exp((l - m) * inverse temperature); GPU builds only
+    fetch_mass: Callable[[float], tuple[np.ndarray, np.ndarray]] | None = None
+    # (row, start, stop) -> float32 logits[row, start:stop] (stop clamped to the row's end);
+    # by default cut from fetch_rows
+    fetch_span: Callable[[int, int, int], np.ndarray] | None = None
     _top: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
+    _masses: dict = field(default_factory=dict, init=False, repr=False)
 
     def logits(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows start..stop-1 of the logits (all by default)."""
@@ -55,6 +65,23 @@ class StepResult:
         if self._top is None and self.fetch_top is not None:
             self._top = self.fetch_top()
         return self._top
+
+    def masses(self, inv_temperature: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each row's chunk masses at this inverse temperature (fetched once), or None where
+        the step has none."""
+        if self.fetch_mass is None:
+            return None
+        if inv_temperature not in self._masses:
+            self._masses[inv_temperature] = self.fetch_mass(inv_temperature)
+        return self._masses[inv_temperature]
+
+    def span(self, row: int, start: int, stop: int) -> np.ndarray:
+        """Logits start..stop-1 of one row (fewer where the row ends first)."""
+        if not 0 <= row < len(self.argmax) or not 0 <= start < stop:
+            raise IndexError(f"logits {start}..{stop - 1} of row {row} of a {len(self.argmax)}-row step")
+        if self.fetch_span is None:
+            return self.logits(row, row + 1)[0, start:stop]
+        return self.fetch_span(row, start, stop)
 
     @classmethod
     def from_logits(cls, logits: np.ndarray) -> "StepResult":

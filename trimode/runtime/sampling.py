@@ -21,7 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from trimode.runtime.forward import TOP_CANDIDATES, StepResult
+from trimode.runtime.chunked_row import ChunkedRow
+from trimode.runtime.forward import MASS_CHUNK, TOP_CANDIDATES, StepResult
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,12 @@ def _top_p_prefix(weight: np.ndarray, total: float, top_p: float, min_p: float) 
 
 
 # A running sum over a whole vocabulary costs ~0.4 ms (numpy's cumsum is sequential): a draw
-# finds its block of this many probabilities from the block sums, then the token inside it.
-_DRAW_BLOCK = 1024
+# finds its block of this many probabilities from the block sums, then the token inside it
+# (the chunks of a GPU build's chunk masses: a draw from those lands on the same token).
+_DRAW_BLOCK = MASS_CHUNK
+# A row known by chunk masses recomputes each chunk holding a penalized or suppressed id from
+# its logits; past this many such chunks the whole row is cheaper to fetch.
+_MAX_ADJUSTED_CHUNKS = 32
 
 
 def _inverse_cdf(probs: np.ndarray, u: float) -> int:
@@ -265,10 +270,14 @@ class Sampler:
         rows, width = values.shape
         if not 0 < p.top_k <= width or p.repetition_penalty < 1:
             return [None] * rows
-        known = ids >= 0  # a short row pads its end with id -1
-        left_out = np.where(known[:, -1], values[:, -1], -np.inf)[:, None]
         ids = ids.astype(np.int64)
-        values = np.where(known, values, np.float32(-np.inf))
+        if (ids[:, -1] >= 0).all():  # the usual case: no row shorter than the candidates
+            left_out = values[:, -1:]
+            values = values.copy()
+        else:  # a short row pads its end with id -1: it leaves no token out
+            known = ids >= 0
+            left_out = np.where(known[:, -1], values[:, -1], -np.inf)[:, None]
+            values = np.where(known, values, np.float32(-np.inf))
         reordered = False  # whether an adjustment may have broken the falling order
         for r, history in enumerate(histories):
             penalized = self._penalized(history)
@@ -283,11 +292,12 @@ class Sampler:
         above = values > left_out  # certainly ranked above every token left out
         count = above.sum(axis=1)
         usable = (count >= p.top_k) | ((left_out[:, 0] == -np.inf) & (count > 0))
-        if not usable.any():
-            return [None] * rows
-        values, ids, count = values[usable], ids[usable], count[usable]
+        if not usable.all():
+            if not usable.any():
+                return [None] * rows
+            values, ids, count, above = values[usable], ids[usable], count[usable], above[usable]
         if reordered:  # top-k by logit, ties by id
-            values = np.where(above[usable], values, np.float32(-np.inf))
+            values = np.where(above, values, np.float32(-np.inf))
             ids, values = _falling(ids, values)
         ids, values = ids[:, :p.top_k], values[:, :p.top_k]
         weight = np.exp((values - values[:, :1]) * np.float32(1.0 / p.temperature))
@@ -334,17 +344,42 @@ class Sampler:
         return Distribution(candidates[keep], kept / kept.sum())
 
     def distributions_known(self, step: StepResult, rows: Sequence[int],
-                            histories: Sequence[Sequence[int]]) -> list[Distribution | None]:
-        """distribution() of each of the step's `rows` that its top candidates (a GPU
-        build's, a few hundred bytes a row) suffice for, None for the others; copies no row."""
-        top = step.top() if 0 < self.params.top_k < TOP_CANDIDATES else None
-        if top is None:
+                            histories: Sequence[Sequence[int]]) -> list[Distribution | ChunkedRow | None]:
+        """distribution() of each of the step's `rows` that a GPU build's extra outputs
+        suffice for, None for the others; copies no whole row. Top-k under 64: the row's top
+        candidates (a few hundred bytes). Temperature alone (no top-k, top-p or min-p): the
+        row's chunk masses, and then only the chunks a draw or a probability reads."""
+        p = self.params
+        if self.greedy:
             return [None] * len(rows)
-        values, ids = top
-        return self.distributions_from_top(values[list(rows)], ids[list(rows)], histories)
+        if 0 < p.top_k < TOP_CANDIDATES and (top := step.top()) is not None:
+            values, ids = top
+            return self.distributions_from_top(values[list(rows)], ids[list(rows)], histories)
+        if p.top_k == 0 and p.top_p == 1.0 and p.min_p == 0 and step.fetch_mass is not None:
+            return [self._chunked(step, row, history) for row, history in zip(rows, histories)]
+        return [None] * len(rows)
+
+    def _chunked(self, step: StepResult, row: int, history: Sequence[int]) -> ChunkedRow | None:
+        penalized = self._penalized(history)
+        adjusted = np.union1d(penalized, self.suppress)
+        if len(np.unique(adjusted // MASS_CHUNK)) > _MAX_ADJUSTED_CHUNKS:
+            return None
+
+        def adjust(start: int, logits: np.ndarray) -> np.ndarray:
+            """adjust() of the logits of ids start.. only."""
+            stop = start + len(logits)
+            hit = penalized[(penalized >= start) & (penalized < stop)] - start
+            gone = self.suppress[(self.suppress >= start) & (self.suppress < stop)] - start
+            if not len(hit) and not len(gone):
+                return logits
+            logits = logits.copy()
+            logits[hit] = self._penalty(logits[hit])
+            logits[gone] = -np.inf
+            return logits
+        return ChunkedRow(step, row, 1.0 / self.params.temperature, adjust, adjusted)
 
     def distributions(self, step: StepResult, rows: Sequence[int],
-                      histories: Sequence[Sequence[int]]) -> list[Distribution]:
+                      histories: Sequence[Sequence[int]]) -> list[Distribution | ChunkedRow]:
         """distribution() of each of the step's `rows`: from its top candidates where they
         suffice, else from the logit rows, the ones from the first to the last still needed
         fetched in one copy."""
@@ -357,26 +392,32 @@ class Sampler:
                 out[i] = self.distribution(logits[rows[i] - first], histories[i])
         return out
 
-    def draw(self, dist: Distribution) -> int:
+    def draw(self, dist: Distribution | ChunkedRow) -> int:
         """One id from `dist` using this request's random stream."""
         return self.draw_each([dist])[0][0]
 
-    def draw_each(self, dists: Sequence[Distribution]) -> tuple[list[int], list[float]]:
+    def draw_each(self, dists: Sequence[Distribution | ChunkedRow]) -> tuple[list[int], list[float]]:
         """An id from each of `dists` and its probability: what draw() on each in turn gives
         (the same random numbers), the short ones (top-k's) drawn as one array."""
         u = self.rng.random(len(dists))
-        if not dists:
-            return [], []
-        lengths = np.array([len(d.probs) for d in dists])
-        if lengths.max() > TOP_CANDIDATES:
-            at = [_inverse_cdf(d.probs, x) for d, x in zip(dists, u)]
-        else:
-            padded = np.zeros((len(dists), lengths.max()))
-            for row, d in zip(padded, dists):
-                row[:len(d.probs)] = d.probs
-            at = _inverse_cdf_rows(padded, u, lengths)
-        return ([int(d.ids[i]) for d, i in zip(dists, at)],
-                [float(d.probs[i]) for d, i in zip(dists, at)])
+        drawn: list[tuple[int, float]] = [(0, 0.0)] * len(dists)
+        short = [i for i, d in enumerate(dists)
+                 if isinstance(d, Distribution) and len(d.probs) <= TOP_CANDIDATES]
+        if short:
+            lengths = np.array([len(dists[i].probs) for i in short])
+            padded = np.zeros((len(short), lengths.max()))
+            for row, i in zip(padded, short):
+                row[:len(dists[i].probs)] = dists[i].probs
+            for i, at in zip(short, _inverse_cdf_rows(padded, u[short], lengths)):
+                drawn[i] = int(dists[i].ids[at]), float(dists[i].probs[at])
+        for i in sorted(set(range(len(dists))) - set(short)):
+            d = dists[i]
+            if isinstance(d, ChunkedRow):
+                drawn[i] = d.draw(u[i])
+            else:
+                at = _inverse_cdf(d.probs, u[i])
+                drawn[i] = int(d.ids[at]), float(d.probs[at])
+        return [token for token, _ in drawn], [prob for _, prob in drawn]
 
     def choose(self, step: StepResult, rows: Sequence[int],
                histories: Sequence[Sequence[int]]) -> tuple[list[int], list[float]]:

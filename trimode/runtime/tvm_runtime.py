@@ -127,6 +127,13 @@ class Device:
                           start * row_bytes)
         return self.download(view)
 
+    def download_span(self, tensor, row: int, start: int, stop: int) -> np.ndarray:
+        """Elements start..stop-1 of one row of a contiguous 2-D tensor, and no more."""
+        width, itemsize = int(tensor.shape[1]), np.dtype(str(tensor.dtype)).itemsize
+        view = self._view(tensor, self.ffi.Shape([stop - start]), tensor.dtype,
+                          (row * width + start) * itemsize)
+        return self.download(view)
+
     def sync(self) -> None:
         """Waits until the device has finished the work queued so far."""
         self._sync(self.device, 0)  # 0: the default stream, where the VM launches
