@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from trimode.runtime.chunked_row import ChunkedRow
+from trimode.runtime.chunked_row import ChunkedRow, chunked_rows
 from trimode.runtime.forward import MASS_CHUNK, TOP_CANDIDATES, StepResult
 
 
@@ -138,6 +138,7 @@ _DRAW_BLOCK = MASS_CHUNK
 # A row known by chunk masses recomputes each chunk holding a penalized or suppressed id from
 # its logits; past this many such chunks the whole row is cheaper to fetch.
 _MAX_ADJUSTED_CHUNKS = 32
+_WHOLE_ROW = object()
 
 
 def _inverse_cdf(probs: np.ndarray, u: float) -> int:
@@ -356,14 +357,26 @@ class Sampler:
             values, ids = top
             return self.distributions_from_top(values[list(rows)], ids[list(rows)], histories)
         if p.top_k == 0 and p.top_p == 1.0 and p.min_p == 0 and step.fetch_mass is not None:
-            return [self._chunked(step, row, history) for row, history in zip(rows, histories)]
+            adjustments = [self._adjustment(history) for history in histories]
+            usable = [i for i, a in enumerate(adjustments) if a is not _WHOLE_ROW]
+            out: list[ChunkedRow | None] = [None] * len(rows)
+            if usable:
+                made = chunked_rows(step, [rows[i] for i in usable], 1.0 / p.temperature,
+                                    [adjustments[i] for i in usable])
+                for i, row in zip(usable, made):
+                    out[i] = row
+            return out
         return [None] * len(rows)
 
-    def _chunked(self, step: StepResult, row: int, history: Sequence[int]) -> ChunkedRow | None:
+    def _adjustment(self, history: Sequence[int]):
+        """A chunked row's adjust() and the ids it changes; None where nothing changes,
+        _WHOLE_ROW where so many chunks change that the whole row is cheaper."""
         penalized = self._penalized(history)
+        if not len(penalized) and not len(self.suppress):
+            return None
         adjusted = np.union1d(penalized, self.suppress)
         if len(np.unique(adjusted // MASS_CHUNK)) > _MAX_ADJUSTED_CHUNKS:
-            return None
+            return _WHOLE_ROW
 
         def adjust(start: int, logits: np.ndarray) -> np.ndarray:
             """adjust() of the logits of ids start.. only."""
@@ -376,7 +389,7 @@ class Sampler:
             logits[hit] = self._penalty(logits[hit])
             logits[gone] = -np.inf
             return logits
-        return ChunkedRow(step, row, 1.0 / self.params.temperature, adjust, adjusted)
+        return adjust, adjusted
 
     def distributions(self, step: StepResult, rows: Sequence[int],
                       histories: Sequence[Sequence[int]]) -> list[Distribution | ChunkedRow]:
