@@ -11,7 +11,9 @@ took ~12 ms against a ~4 ms 14B decode step. The filters keep a prefix of the to
 falling probability; a threshold finds a prefix that holds theirs, and only it is sorted.
 A GPU build also hands over each row's largest logits (StepResult.top): top-k draws from
 those alone wherever they provably hold every token it keeps, all of a step's rows filtered
-and drawn as one [rows, 64] array (numpy's per-call overhead is what such small rows cost).
+and drawn as one [rows, 64] array (numpy's per-call overhead is what such small rows cost);
+and, for temperature alone, each row's softmax mass by chunks (StepResult.masses): a draw
+copies only the chunk it lands in (chunked_row.py).
 """
 from __future__ import annotations
 
