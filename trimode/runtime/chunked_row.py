@@ -7,6 +7,10 @@ Weights are the whole-row sampler's (float32 exp of (l - max) / temperature, max
 adjusted row), and a draw walks the same blocks of MASS_CHUNK in id order, so a draw gives
 the token the whole row gives for the same random number (unless it lands within float32
 rounding of a block's edge).
+
+Chunks are fetched lazily, possibly after later passes (a draft row's chunk for a rejected
+draft's residual, after the verify pass): a StepResult's logits are its own tensor, which
+the StepResult keeps alive, not a buffer a later pass reuses.
 """
 from __future__ import annotations
 
