@@ -95,3 +95,17 @@ def test_row_ranges_of_the_logits_are_the_rows_of_the_whole(engine):
         assert step.top() is None and step.masses(1.0) is None
     assert "top_candidates" not in engine.manifest["entries"]
     assert "chunk_mass" not in engine.manifest["entries"]
+
+
+def test_a_steps_logits_outlive_later_passes(engine):
+    # A chunked row reads its draft row's chunks lazily, after the verify pass (a rejected
+    # draft's residual): a step's logits are its own tensor, not a buffer the next pass
+    # rewrites (on CUDA the kernels writing the returned tensors run outside the graphs).
+    fwd = engine.new_sequence(CTX)
+    fwd.causal(ids(5, 6), last_only=True)
+    draft = fwd.bidirectional([CFG.mask_token_id] * 5 + [4])
+    before = draft.logits().copy()
+    fwd.causal(ids(9, 5))
+    fwd.bidirectional([CFG.mask_token_id] * 6)
+    np.testing.assert_array_equal(draft.span(2, 3, 700), before[2, 3:700])
+    np.testing.assert_array_equal(draft.logits(), before)

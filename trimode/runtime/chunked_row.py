@@ -10,7 +10,8 @@ rounding of a block's edge).
 
 Chunks are fetched lazily, possibly after later passes (a draft row's chunk for a rejected
 draft's residual, after the verify pass): a StepResult's logits are its own tensor, which
-the StepResult keeps alive, not a buffer a later pass reuses.
+the StepResult keeps alive, not a buffer a later pass reuses (tests/test_step_inputs.py;
+on CUDA the kernels writing the returned tensors run outside the graphs).
 """
 from __future__ import annotations
 
