@@ -177,6 +177,8 @@ def _falling(ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     """ids and keys [rows, n], each row by falling key, ties by the smaller id: sorted only
     where a row is not already (the candidates come that way, and weights follow logits)."""
     later = keys[:, 1:]
+    if (later < keys[:, :-1]).all():  # strictly falling: the usual case, one comparison
+        return ids, keys
     if not ((later > keys[:, :-1]) | ((later == keys[:, :-1]) & (ids[:, 1:] < ids[:, :-1]))).any():
         return ids, keys
     at = _rows_ordered(np.lexsort((ids, -keys), axis=1))
@@ -274,13 +276,14 @@ class Sampler:
         if not 0 < p.top_k <= width or p.repetition_penalty < 1:
             return [None] * rows
         ids = ids.astype(np.int64)
-        if (ids[:, -1] >= 0).all():  # the usual case: no row shorter than the candidates
-            left_out = values[:, -1:]
-            values = values.copy()
-        else:  # a short row pads its end with id -1: it leaves no token out
+        short = not (ids[:, -1] >= 0).all()  # a short row pads its end with id -1
+        if short:  # and leaves no token out
             known = ids >= 0
             left_out = np.where(known[:, -1], values[:, -1], -np.inf)[:, None]
             values = np.where(known, values, np.float32(-np.inf))
+        else:
+            left_out = values[:, -1:]
+            values = values.copy()
         reordered = False  # whether an adjustment may have broken the falling order
         for r, history in enumerate(histories):
             penalized = self._penalized(history)
@@ -294,7 +297,9 @@ class Sampler:
             reordered |= bool(hit.any())
         above = values > left_out  # certainly ranked above every token left out
         count = above.sum(axis=1)
-        usable = (count >= p.top_k) | ((left_out[:, 0] == -np.inf) & (count > 0))
+        usable = count >= p.top_k
+        if short:
+            usable |= (left_out[:, 0] == -np.inf) & (count > 0)
         if not usable.all():
             if not usable.any():
                 return [None] * rows
