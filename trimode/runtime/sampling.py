@@ -423,6 +423,8 @@ class Sampler:
         drawn: list[tuple[int, float]] = [(0, 0.0)] * len(dists)
         short = [i for i, d in enumerate(dists)
                  if isinstance(d, Distribution) and len(d.probs) <= TOP_CANDIDATES]
+        if len(short) == 1:  # one row (an AR token): the padded array costs more than it saves
+            short = []
         if short:
             lengths = np.array([len(dists[i].probs) for i in short])
             padded = np.zeros((len(short), lengths.max()))
