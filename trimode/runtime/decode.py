@@ -132,10 +132,11 @@ def _rejection_sample(sampler: Sampler, verify: StepResult, histories: list[list
     probability min(1, p_j(d_j) / q_j(d_j)); the first rejected slot instead draws from
     normalize(max(0, p_j - q_j)); if all are kept the bonus is drawn from p_k. Each emitted
     token is then distributed exactly as AR sampling from p would give it. Verify rows are
-    fetched one at a time, up to the first rejection, where the top candidates do not suffice."""
+    fetched one at a time, up to the first rejection, where a GPU build's top candidates or
+    chunk masses do not suffice."""
     known = sampler.distributions_known(verify, range(len(drafts) + 1), histories)
 
-    def target(j: int) -> Distribution:
+    def target(j: int) -> Distribution | ChunkedRow:
         return known[j] or sampler.distributions(verify, [j], [histories[j]])[0]
     tokens = []
     for j, d in enumerate(drafts):
@@ -151,7 +152,7 @@ def _rejection_sample(sampler: Sampler, verify: StepResult, histories: list[list
 _RESIDUAL_PROPOSALS = 64
 
 
-def _draw_residual(sampler: Sampler, p, q) -> int:
+def _draw_residual(sampler: Sampler, p: Distribution | ChunkedRow, q: Distribution | ChunkedRow) -> int:
     """A draw from normalize(max(0, p - q)). Known by their chunk masses, neither row is
     fetched whole: a token t ~ p is kept with probability max(0, p_t - q_t) / p_t, which
     keeps t with probability max(0, p_t - q_t) in all, the residual exactly; the expected
