@@ -9,8 +9,9 @@ settings (llama-server's defaults; OpenAI's temperature 1; top-p alone), on two 
 
     python bench/sampling_host.py [--vocab 131072] [--rows 16] [--from-top] [--baseline REV]
 
---from-top also times each row drawn from its 64 largest logits, as a GPU build hands them
-over (numpy computes them here, untimed; settings without top-k < 64 take the row anyway).
+--from-top also times each row drawn from what a GPU build hands over beside the rows: its
+64 largest logits (top-k < 64) or its chunk masses (temperature alone), numpy computing them
+here, untimed; other settings take the row anyway.
 Each call samples all --rows rows at once (a spec cycle's draft); --rows 1 is an AR token.
 A second table times whole self-speculation cycles at llama-server's defaults and at
 temperature 0.7 alone (with --from-top: from the top candidates, and from chunk masses) over
@@ -53,9 +54,14 @@ def rows(kind: str, n: int, vocab: int, rng) -> np.ndarray:
 
 
 def ms_per_row(module, params: dict, logits: np.ndarray, repeat: int, top=None) -> float:
+    """With `top` (the rows' top candidates), the step also has chunk masses, as a GPU
+    build's steps do (numpy computes them in the untimed warm-up; the step keeps them)."""
     step = StepResult(argmax=logits.argmax(axis=1), prob=np.zeros(len(logits), np.float32),
                       fetch_rows=lambda start, stop: logits[start:stop],
-                      fetch_top=None if top is None else lambda: top)
+                      fetch_top=None if top is None else lambda: top,
+                      fetch_mass=None if top is None else lambda inv_t: tuple(
+                          a.astype(np.float32) for a in chunk_masses(logits, inv_t)),
+                      fetch_span=lambda row, start, stop: logits[row, start:stop])
     sampler = module.Sampler(module.SamplingParams(seed=0, **params))
     sampler.choose(step, range(1), [[]])  # warm-up
     best = float("inf")
@@ -163,16 +169,17 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="REV", help="a git revision to time beside this tree")
     ap.add_argument("--draft-length", type=int, default=15, help="k of the spec cycles")
     ap.add_argument("--cycles", type=int, default=50)
-    ap.add_argument("--from-top", action="store_true", help="also time draws from the top candidates")
+    ap.add_argument("--from-top", action="store_true",
+                    help="also time draws from the top candidates or chunk masses")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     data = {kind: rows(kind, args.rows, args.vocab, rng) for kind in ("peaked", "flat")}
     baseline = load_revision(args.baseline) if args.baseline else None
     print(f"vocab {args.vocab}, {args.rows} rows, best of {args.repeat}; ms per row")
     tops = {kind: top_candidates(logits) for kind, logits in data.items()} if args.from_top else {}
-    sources = [("this", None)] + ([("this from top", "top")] if tops else [])
+    sources = [("this", None)] + ([("this from GPU", "top")] if tops else [])
     if baseline:
-        sources += [("baseline", None)] + ([("baseline from top", "top")] if tops else [])
+        sources += [("baseline", None)] + ([("baseline from GPU", "top")] if tops else [])
     head = "| setting | row |" + "".join(f" {name} ms |" for name, _ in sources)
     if baseline:
         head += "".join(f" {name} / {name.replace('baseline', 'this')} |"
