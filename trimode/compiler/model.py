@@ -21,8 +21,7 @@ from tvm.relax.frontend.nn import Tensor, op, spec
 
 from trimode.compiler.kernel_table import MAX_BLOCK, Kernels
 from trimode.model.config import ModelConfig
-from trimode.compiler.kernels.chunk_mass_cuda import chunks as mass_chunks
-from trimode.runtime.forward import TOP_CANDIDATES
+from trimode.runtime.forward import TOP_CANDIDATES, mass_chunks
 
 
 def swiglu(y: Tensor) -> Tensor:

@@ -12,7 +12,8 @@ import numpy as np
 
 from trimode.model.config import ModelConfig
 from trimode.model.weights import ModelWeights, as_float
-from trimode.runtime.forward import MASS_CHUNK, TOP_CANDIDATES, ContextFull, StepResult
+from trimode.runtime.forward import (MASS_CHUNK, TOP_CANDIDATES, ContextFull, StepResult,
+                                     mass_chunks)
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -50,7 +51,7 @@ def chunk_masses(logits: np.ndarray, inv_temperature: float) -> tuple[np.ndarray
     per chunk of MASS_CHUNK logits its largest m and its sum of exp((l - m) * inv_temperature)."""
     logits = np.asarray(logits, np.float64)
     t, vocab = logits.shape
-    n_chunks = -(-vocab // MASS_CHUNK)
+    n_chunks = mass_chunks(vocab)
     padded = np.full((t, n_chunks * MASS_CHUNK), -np.inf)
     padded[:, :vocab] = logits
     padded = padded.reshape(t, n_chunks, MASS_CHUNK)

@@ -25,6 +25,13 @@ TOP_CANDIDATES = 64
 # A GPU build hands a sampler without top-k each row's softmax mass per chunk of this many
 # logits (StepResult.masses), and the logits of the chunk a draw lands in.
 MASS_CHUNK = 1024
+
+
+def mass_chunks(vocab: int) -> int:
+    """Chunks of MASS_CHUNK logits in a row of `vocab` (the last may be short)."""
+    return -(-vocab // MASS_CHUNK)
+
+
 # KV tokens a sequence gets when the user does not say (-c), or the model's context if shorter.
 DEFAULT_CTX = 4096
 

@@ -226,16 +226,20 @@ class Sampler:
     def adjust(self, row: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """Logit row after the repetition penalty and suppression (float32; a copy only when
         either changes something)."""
-        row = np.asarray(row, np.float32)
-        ids = self._penalized(history)
-        if not len(ids) and not len(self.suppress):
-            return row
-        row = row.copy()
-        if len(ids):
-            row[ids] = self._penalty(row[ids])
-        if len(self.suppress):
-            row[self.suppress] = -np.inf
-        return row
+        return self._adjusted_span(0, np.asarray(row, np.float32), self._penalized(history))
+
+    def _adjusted_span(self, start: int, logits: np.ndarray, penalized: np.ndarray) -> np.ndarray:
+        """adjust() of the logits of ids start.. (a whole row, or a chunk), `penalized` the
+        ids the penalty touches."""
+        stop = start + len(logits)
+        hit = penalized[(penalized >= start) & (penalized < stop)] - start
+        gone = self.suppress[(self.suppress >= start) & (self.suppress < stop)] - start
+        if not len(hit) and not len(gone):
+            return logits
+        logits = logits.copy()
+        logits[hit] = self._penalty(logits[hit])
+        logits[gone] = -np.inf
+        return logits
 
     def _penalty(self, logits: np.ndarray) -> np.ndarray:
         penalty = self.params.repetition_penalty
@@ -384,19 +388,7 @@ class Sampler:
         adjusted = np.union1d(penalized, self.suppress)
         if len(np.unique(adjusted // MASS_CHUNK)) > _MAX_ADJUSTED_CHUNKS:
             return _WHOLE_ROW
-
-        def adjust(start: int, logits: np.ndarray) -> np.ndarray:
-            """adjust() of the logits of ids start.. only."""
-            stop = start + len(logits)
-            hit = penalized[(penalized >= start) & (penalized < stop)] - start
-            gone = self.suppress[(self.suppress >= start) & (self.suppress < stop)] - start
-            if not len(hit) and not len(gone):
-                return logits
-            logits = logits.copy()
-            logits[hit] = self._penalty(logits[hit])
-            logits[gone] = -np.inf
-            return logits
-        return adjust, adjusted
+        return (lambda start, logits: self._adjusted_span(start, logits, penalized)), adjusted
 
     def distributions(self, step: StepResult, rows: Sequence[int],
                       histories: Sequence[Sequence[int]]) -> list[Distribution | ChunkedRow]:

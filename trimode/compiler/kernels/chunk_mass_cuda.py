@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import math
 
-from trimode.runtime.forward import MASS_CHUNK
+from trimode.runtime.forward import MASS_CHUNK, mass_chunks as chunks  # noqa: F401 (chunks: the grid)
 
 THREADS = 128
 PER_THREAD = MASS_CHUNK // THREADS  # coalesced scalar loads: a row's chunk is 4 KB
 LOG2E = math.log2(math.e)
-
-
-def chunks(vocab: int) -> int:
-    return -(-vocab // MASS_CHUNK)
 
 
 def source(name: str, vocab: int) -> str:
