@@ -10,11 +10,13 @@ settings (llama-server's defaults; OpenAI's temperature 1; top-p alone), on two 
     python bench/sampling_host.py [--vocab 131072] [--rows 16] [--from-top] [--baseline REV]
 
 --from-top also times each row drawn from what a GPU build hands over beside the rows: its
-64 largest logits (top-k < 64) or its chunk masses (temperature alone), numpy computing them
-here, untimed; other settings take the row anyway.
+64 largest logits (top-k < 64; top-p or min-p alone where they hold the tokens those keep,
+top-p's share of the row from the chunk masses) or its chunk masses (temperature alone),
+numpy computing them here, untimed; other rows take the row anyway.
 Each call samples all --rows rows at once (a spec cycle's draft); --rows 1 is an AR token.
-A second table times whole self-speculation cycles at llama-server's defaults and at
-temperature 0.7 alone (with --from-top: from the top candidates, and from chunk masses) over
+A second table times whole self-speculation cycles at llama-server's defaults, at top-p 0.9
+alone and at temperature 0.7 alone (with --from-top: from the top candidates, and from chunk
+masses) over
 passes that cost nothing (each returns fixed logits): the host work a sampled cycle adds to
 its two GPU passes. --baseline REV times that revision's sampling.py and decode.py (git show) beside
 this tree's in the same run, for side by side ratios.
@@ -35,13 +37,14 @@ from trimode.runtime.forward import StepResult
 from trimode.runtime import decode, sampling
 
 DEFAULTS = "llama-server defaults (T 0.8, top-k 40, top-p 0.95, min-p 0.05)"
+TOP_P = "top-p 0.9 (T 0.7)"
 SETTINGS = {
     DEFAULTS:
         dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
     "OpenAI default (T 1)": dict(temperature=1.0),
-    "top-p 0.9 (T 0.7)": dict(temperature=0.7, top_p=0.9),
+    TOP_P: dict(temperature=0.7, top_p=0.9),
 }
-TEMPERATURE_ONLY = dict(temperature=0.7)  # the model card's request
+TEMPERATURE_ONLY = dict(temperature=0.7)  # the model card's request (chunk masses at its T)
 
 
 def rows(kind: str, n: int, vocab: int, rng) -> np.ndarray:
@@ -150,9 +153,11 @@ def cycle_table(args, baseline, rng) -> None:
     print("| setting | rows from | code | host ms per cycle | tokens per cycle |")
     print("|---|---|---|---|---|")
     cases = [("llama-server defaults", SETTINGS[DEFAULTS], "logit rows", None, None),
+             (TOP_P, SETTINGS[TOP_P], "logit rows", None, None),
              ("T 0.7 alone", TEMPERATURE_ONLY, "logit rows", None, None)]
     if args.from_top:
         cases += [("llama-server defaults", SETTINGS[DEFAULTS], "top candidates", tops, None),
+                  (TOP_P, SETTINGS[TOP_P], "top candidates + chunk masses", tops, masses),
                   ("T 0.7 alone", TEMPERATURE_ONLY, "chunk masses", None, masses)]
     for setting, params, label, with_tops, with_masses in cases:
         for name, modules in sources:

@@ -554,16 +554,19 @@ class WithTop(Recorder):
 
 
 @pytest.mark.parametrize("mode", ["ar", "spec", "diffusion"])
-def test_top_k_sampling_from_top_candidates_fetches_no_row(mode):
-    """Sampling with top-k from the candidates a GPU build returns gives the tokens sampling
-    from the whole rows gives (same seed), and never copies a row."""
+@pytest.mark.parametrize("filters,fetched", [(dict(top_k=3, top_p=0.95), {("top",)}),
+                                             (dict(top_p=0.9), {("top",), ("mass",)})])
+def test_filtered_sampling_from_top_candidates_fetches_no_row(mode, filters, fetched):
+    """Sampling with top-k, or with top-p alone (its share of the row from the chunk
+    masses), from the candidates a GPU build returns gives the tokens sampling from the
+    whole rows gives (same seed), and never copies a row."""
     def sample(fwd):
         return run(fwd, prompt_ids=PROMPTS[0], max_tokens=20, loop_detection=False,
-                   sampling=SamplingParams(temperature=0.9, top_k=3, top_p=0.95, seed=5),
+                   sampling=SamplingParams(temperature=0.9, seed=5, **filters),
                    decode=DecodeParams(mode=mode, draft_length=4, block_length=6))[0]
     top = WithTop(fresh(2))
     assert sample(top) == sample(fresh(2))
-    assert top.fetches and all(f == ("top",) for f in top.fetches)
+    assert top.fetches and set(top.fetches) == fetched
 
 
 @pytest.mark.parametrize("mode", ["ar", "spec", "diffusion"])

@@ -359,9 +359,9 @@ def test_sampling_with_top_candidates_fetches_no_row():
     want = Sampler(params).choose(StepResult.from_logits(logits), [0, 1], [[], []])
     assert got[0] == want[0] and np.allclose(got[1], want[1], rtol=1e-6)
     assert fetches == [("top",)]
-    # without top-k the rows are fetched, once, from the first needed to the last
+    # top-k past the candidates: the rows are fetched, once, from the first needed to the last
     fetches.clear()
-    Sampler(SamplingParams(temperature=0.8, top_p=0.9, seed=9)).choose(with_top(logits, fetches), [1, 0], [[], []])
+    Sampler(SamplingParams(temperature=0.8, top_k=100, seed=9)).choose(with_top(logits, fetches), [1, 0], [[], []])
     assert fetches == [("rows", 0, 2)]
 
 
@@ -405,7 +405,97 @@ def test_chunk_masses_are_not_used_where_they_cannot_serve():
     Sampler(SamplingParams(temperature=1.0, repetition_penalty=1.2, penalty_last_n=64)).choose(
         with_top(logits, fetches), [0], [many])
     assert fetches == [("rows", 0, 1)]
-    for params in (dict(top_p=0.9), dict(min_p=0.1), dict(top_k=100)):
+    # a flat row's nucleus and min-p set hold far more than the 64 candidates; top-k over 64
+    # needs no extra output at all
+    for params, extra in ((dict(top_p=0.9), [("top",), ("mass",)]), (dict(min_p=0.1), [("top",)]),
+                          (dict(top_k=100), [])):
         fetches.clear()
         Sampler(SamplingParams(temperature=1.0, **params)).choose(with_top(logits, fetches), [0], [[]])
-        assert ("rows", 0, 1) in fetches and ("mass",) not in fetches, params
+        assert fetches == extra + [("rows", 0, 1)], params
+
+
+def nucleus_rows() -> dict[str, np.ndarray]:
+    """vocab_rows() and a row whose top-p 0.9 keeps a couple of dozen tokens."""
+    rows = vocab_rows()
+    rng = np.random.default_rng(8)
+    row = (rng.standard_normal(VOCAB) * 2).astype(np.float32)
+    row[rng.choice(VOCAB, 50, replace=False)] += rng.uniform(12, 14, 50).astype(np.float32)
+    rows["dozens"] = row  # 50 tokens hold ~96% of the mass at temperature 1
+    return rows
+
+
+@pytest.mark.parametrize("params,served", [
+    (dict(temperature=1.0, top_p=0.9), {"peaked", "dozens"}),
+    (dict(temperature=0.7, top_p=0.95, min_p=0.05), {"peaked", "dozens"}),
+    (dict(temperature=1.5, min_p=0.02), {"peaked", "dozens"}),
+    (dict(temperature=1.0, top_p=0.5, repetition_penalty=1.3, penalty_last_n=8), {"peaked", "dozens"}),
+    (dict(temperature=0.8, min_p=0.1, top_p=0.99), {"peaked", "ties", "dozens"}),
+    (dict(temperature=1.0, top_p=0.999), {"peaked"})])  # dozens: the rest holds ~4% of it
+def test_top_candidates_give_the_nucleus_without_top_k(params, served):
+    """Top-p and min-p without top-k judge the whole row: its top candidates serve it where
+    those above the largest left out hold top_p of the row's mass (known from its chunk
+    masses) or the largest left out weighs under min-p. Those rows get the whole row's
+    distribution (penalties, and suppression of a top token, included); the others None."""
+    rows = nucleus_rows()
+    names = list(rows)
+    logits = np.stack([rows[n] for n in names])
+    history = list(np.argsort(-rows["dozens"])[1:4])  # penalized: some of its top tokens
+    sampler = Sampler(SamplingParams(**params), suppress_ids=(7, 12345))  # 7: peaked's
+    known = sampler.distributions_known(with_top(logits), range(len(names)), [history] * len(names))
+    assert {name for name, d in zip(names, known) if d is not None} == served
+    for name, got in zip(names, known):
+        if got is not None:
+            want = sampler.distribution(rows[name], history)
+            np.testing.assert_array_equal(got.ids, want.ids, err_msg=name)
+            np.testing.assert_allclose(got.probs, want.probs, rtol=1e-6, err_msg=name)
+
+
+def test_nucleus_from_top_candidates_at_the_edge_of_what_they_hold():
+    """Just under the mass the 63 candidates surely above the rest hold, top-p is served
+    from them; just over, it is not (a token left out could be in). Min-p likewise around
+    the weight of the largest left out."""
+    from trimode.runtime.sampling import softmax64
+    row = nucleus_rows()["dozens"]
+    step = with_top(row[None])
+    values, ids = step.top()
+    held = softmax64(row)[ids[0, :63]].sum()
+    largest_left_out = float(np.exp(np.float64(values[0, 63]) - values[0, 0]))
+
+    def known(**params):
+        sampler = Sampler(SamplingParams(temperature=1.0, **params))
+        got = sampler.distributions_known(step, [0], [[]])[0]
+        if got is not None:
+            want = sampler.distribution(row, [])
+            np.testing.assert_array_equal(got.ids, want.ids)
+            np.testing.assert_allclose(got.probs, want.probs, rtol=1e-6)
+        return got
+    assert known(top_p=held * (1 - 1e-4)) is not None
+    assert known(top_p=held * (1 + 1e-4)) is None
+    assert known(min_p=largest_left_out * (1 + 1e-4)) is not None
+    assert known(min_p=largest_left_out * (1 - 1e-4)) is None
+    # min-p needs no chunk masses; top-p without them takes the row
+    no_mass = StepResult(step.argmax, step.prob, step.fetch_rows, step.fetch_top)
+    s = Sampler(SamplingParams(temperature=1.0, min_p=largest_left_out * 2))
+    assert s.distributions_known(no_mass, [0], [[]])[0] is not None
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.5))
+    assert s.distributions_known(no_mass, [0], [[]])[0] is None
+
+
+def test_nucleus_sampling_from_top_candidates_draws_the_rows_tokens():
+    """Top-p without top-k, the candidates serving: the same seed draws the tokens the whole
+    rows give, with only the candidates and the chunk masses copied (and, for a penalized
+    row, the chunks its penalized ids lie in)."""
+    rows = nucleus_rows()
+    logits = np.stack([rows["peaked"], rows["dozens"]])
+    histories = [[], list(np.argsort(-rows["dozens"])[:2]) + [3000]]
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=4, repetition_penalty=1.2,
+                            penalty_last_n=4)
+    fetches = []
+    by_top, by_row = Sampler(params), Sampler(params)
+    for _ in range(40):
+        got = by_top.choose(with_top(logits, fetches), [0, 1], histories)
+        want = by_row.choose(StepResult.from_logits(logits), [0, 1], histories)
+        assert got[0] == want[0]
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+    assert {f[0] for f in fetches} == {"top", "mass", "span"}
+    assert {f[1] for f in fetches if f[0] == "span"} == {1}  # the penalized row's chunks

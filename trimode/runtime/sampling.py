@@ -9,11 +9,12 @@ Sampling is host work between two GPU steps, once per row (a spec cycle samples 
 a row costs a few passes over the vocabulary and never a sort of it: a 131072-token row sorted
 took ~12 ms against a ~4 ms 14B decode step. The filters keep a prefix of the tokens in
 falling probability; a threshold finds a prefix that holds theirs, and only it is sorted.
-A GPU build also hands over each row's largest logits (StepResult.top): top-k draws from
-those alone wherever they provably hold every token it keeps, all of a step's rows filtered
-and drawn as one [rows, 64] array (numpy's per-call overhead is what such small rows cost);
-and, for temperature alone, each row's softmax mass by chunks (StepResult.masses): a draw
-copies only the chunk it lands in (chunked_row.py).
+A GPU build also hands over each row's largest logits (StepResult.top): top-k, and top-p or
+min-p without it, draw from those alone wherever they provably hold every token the filters
+keep, all of a step's rows filtered and drawn as one [rows, 64] array (numpy's per-call
+overhead is what such small rows cost); and each row's softmax mass by chunks
+(StepResult.masses): top-p's share of the whole row, and for temperature alone the chunk a
+draw lands in, the only chunk it copies (chunked_row.py).
 """
 from __future__ import annotations
 
@@ -267,18 +268,32 @@ class Sampler:
         return self._filtered(candidates, weight[candidates], 0, total)
 
     def distributions_from_top(self, values: np.ndarray, ids: np.ndarray,
-                               histories: Sequence[Sequence[int]]) -> list[Distribution | None]:
+                               histories: Sequence[Sequence[int]],
+                               totals: np.ndarray | None = None) -> list[Distribution | None]:
         """distribution() of each row known only by its largest logits (`values` [rows, K]
         falling, ties by the smaller id, id -1 past a short row), or None for a row where
-        they may not hold all that top-k keeps: no top-k, or fewer than top-k of them, after
-        the adjustments, above the largest logit left out (which may equal the last of them).
-        The repetition penalty and suppression only lower logits, unless the penalty is under
-        1: then None too. The rows are filtered as one array: numpy's cost per call, not per
-        element, is what a few hundred candidates cost, so 16 rows take ~2x one row."""
+        they may not hold every token the filters keep.
+
+        With top-k: fewer than top-k of them, after the adjustments, above the largest logit
+        left out (which may equal the last of them) give None. Without top-k, top-p and
+        min-p judge the whole row: min-p needs no more (a row where the largest left out
+        could reach min-p gives None), top-p needs `totals` [rows], each adjusted row's sum
+        of exp((l - max) / temperature) over the vocabulary (its chunk masses; nan where
+        unknown), and gives None where the candidates above the largest left out hold less
+        than top_p of it. The repetition penalty and suppression only lower logits, unless
+        the penalty is under 1: then None too. The rows are filtered as one array: numpy's
+        cost per call, not per element, is what a few hundred candidates cost, so 16 rows
+        take ~2x one row."""
         p = self.params
         rows, width = values.shape
-        if not 0 < p.top_k <= width or p.repetition_penalty < 1:
+        nucleus = p.top_k == 0  # top-p and min-p over the whole row, top-p by its mass
+        if nucleus:
+            served = (p.min_p > 0 or p.top_p < 1) and (p.top_p == 1 or totals is not None)
+        else:
+            served = p.top_k <= width
+        if not served or p.repetition_penalty < 1:
             return [None] * rows
+        keep = width if nucleus else p.top_k
         ids = ids.astype(np.int64)
         short = not (ids[:, -1] >= 0).all()  # a short row pads its end with id -1
         if short:  # and leaves no token out
@@ -301,32 +316,47 @@ class Sampler:
             reordered |= bool(hit.any())
         above = values > left_out  # certainly ranked above every token left out
         count = above.sum(axis=1)
-        usable = count >= p.top_k
-        if short:
-            usable |= (left_out[:, 0] == -np.inf) & (count > 0)
+        everything = (left_out[:, 0] == -np.inf) & (count > 0)
+        usable = everything | (count > 0 if nucleus else count >= p.top_k)
+        if nucleus and p.top_p < 1:
+            usable &= np.isfinite(totals)
         if not usable.all():
             if not usable.any():
                 return [None] * rows
             values, ids, count, above = values[usable], ids[usable], count[usable], above[usable]
-        if reordered:  # top-k by logit, ties by id
+            left_out, everything = left_out[usable], everything[usable]
+            totals = None if totals is None else totals[usable]
+        if reordered:  # by logit, ties by id
             values = np.where(above, values, np.float32(-np.inf))
             ids, values = _falling(ids, values)
-        ids, values = ids[:, :p.top_k], values[:, :p.top_k]
-        weight = np.exp((values - values[:, :1]) * np.float32(1.0 / p.temperature))
+        ids, values = ids[:, :keep], values[:, :keep]
+        inv_t = np.float32(1.0 / p.temperature)
+        weight = np.exp((values - values[:, :1]) * inv_t)  # the top one above all left out
         ids, weight = _falling(ids, weight)  # the filters' order: by weight, ties by id
         probs = weight.astype(np.float64)
-        probs /= probs.sum(axis=1, keepdims=True)  # over what top-k keeps: top-p's mass
-        n = np.minimum(count, p.top_k)
-        if p.top_p < 1.0:  # mass strictly above each token < top_p
-            n = np.minimum(n, (np.cumsum(probs, axis=1) - probs < p.top_p).sum(axis=1))
+        if nucleus and p.top_p < 1:
+            probs /= totals[:, None]  # over the vocabulary
+        else:
+            probs /= probs.sum(axis=1, keepdims=True)  # over what top-k keeps: top-p's mass
+        n = np.minimum(count, keep)
+        # rows whose candidates hold every token the filters keep (top-k's: all that are left)
+        held = everything.copy() if nucleus else np.ones(len(n), bool)
+        if p.top_p < 1:  # mass strictly above each token < top_p
+            mass = np.cumsum(probs, axis=1)
+            n = np.minimum(n, (mass - probs < p.top_p).sum(axis=1))
+            if nucleus:  # every token left out has the known candidates' mass above it
+                held |= mass[np.arange(len(n)), count - 1] >= p.top_p * (1 + _MARGIN)
         if p.min_p > 0:
             n = np.minimum(n, (probs >= p.min_p * probs[:, :1]).sum(axis=1))
-        kept = np.arange(p.top_k) < n[:, None]
+            if nucleus:  # the largest left out weighs under min-p
+                held |= np.exp((left_out[:, 0] - values[:, 0]) * inv_t) < p.min_p * (1 - _MARGIN)
+        kept = np.arange(keep) < n[:, None]
         probs[~kept] = 0.0
         probs /= probs.sum(axis=1, keepdims=True)
         ascending = _rows_ordered(np.argsort(np.where(kept, ids, np.iinfo(np.int64).max), axis=1))
         ids, probs = ids[ascending], probs[ascending]
-        made = iter(Distribution(i[:k], q[:k]) for i, q, k in zip(ids, probs, n))
+        made = iter(Distribution(i[:k], q[:k]) if ok else None
+                    for i, q, k, ok in zip(ids, probs, n, held))
         return [next(made) if ok else None for ok in usable]
 
     def _filtered(self, candidates: np.ndarray, weight: np.ndarray, top_k: int,
@@ -359,25 +389,41 @@ class Sampler:
                             histories: Sequence[Sequence[int]]) -> list[Distribution | ChunkedRow | None]:
         """distribution() of each of the step's `rows` that a GPU build's extra outputs
         suffice for, None for the others; copies no whole row. Top-k under 64: the row's top
-        candidates (a few hundred bytes). Temperature alone (no top-k, top-p or min-p): the
-        row's chunk masses, and then only the chunks a draw or a probability reads."""
+        candidates (a few hundred bytes). Top-p or min-p without top-k: the top candidates
+        where they hold all those filters keep, top-p's share of the row from its chunk
+        masses. Temperature alone: the row's chunk masses, and then only the chunks a draw or
+        a probability reads."""
         p = self.params
         if self.greedy:
             return [None] * len(rows)
-        if 0 < p.top_k < TOP_CANDIDATES and (top := step.top()) is not None:
-            values, ids = top
-            return self.distributions_from_top(values[list(rows)], ids[list(rows)], histories)
-        if p.top_k == 0 and p.top_p == 1.0 and p.min_p == 0 and step.fetch_mass is not None:
-            adjustments = [self._adjustment(history) for history in histories]
-            usable = [i for i, a in enumerate(adjustments) if a is not _WHOLE_ROW]
-            out: list[ChunkedRow | None] = [None] * len(rows)
-            if usable:
-                made = chunked_rows(step, [rows[i] for i in usable], 1.0 / p.temperature,
-                                    [adjustments[i] for i in usable])
-                for i, row in zip(usable, made):
-                    out[i] = row
-            return out
-        return [None] * len(rows)
+        if p.top_k == 0 and p.top_p == 1.0 and p.min_p == 0:
+            if step.fetch_mass is None:
+                return [None] * len(rows)
+            return self._chunked(step, rows, histories)
+        if not (0 < p.top_k < TOP_CANDIDATES or p.top_k == 0) or (top := step.top()) is None:
+            return [None] * len(rows)
+        values, ids = top
+        totals = None
+        if p.top_k == 0 and p.top_p < 1.0:
+            if step.fetch_mass is None:
+                return [None] * len(rows)
+            totals = np.array([np.nan if row is None else row.total
+                               for row in self._chunked(step, rows, histories)])
+        return self.distributions_from_top(values[list(rows)], ids[list(rows)], histories, totals)
+
+    def _chunked(self, step: StepResult, rows: Sequence[int],
+                 histories: Sequence[Sequence[int]]) -> list[ChunkedRow | None]:
+        """A ChunkedRow of each of the step's `rows`, None where adjusting it by chunks
+        would cost more than its whole row."""
+        adjustments = [self._adjustment(history) for history in histories]
+        usable = [i for i, a in enumerate(adjustments) if a is not _WHOLE_ROW]
+        out: list[ChunkedRow | None] = [None] * len(rows)
+        if usable:
+            made = chunked_rows(step, [rows[i] for i in usable], 1.0 / self.params.temperature,
+                                [adjustments[i] for i in usable])
+            for i, row in zip(usable, made):
+                out[i] = row
+        return out
 
     def _adjustment(self, history: Sequence[int]):
         """A chunked row's adjust() and the ids it changes; None where nothing changes,
