@@ -8,6 +8,7 @@ import pytest
 import top_candidates
 
 from trimode.runtime.forward import StepResult
+from trimode.runtime import sampling
 from trimode.runtime.sampling import (Distribution, Sampler, SamplingParams, _top_k_ids,
                                       _top_p_prefix)
 
@@ -203,10 +204,33 @@ def test_filters_sort_a_small_prefix_of_the_vocabulary():
                                       np.flatnonzero(rows["ties"] >= np.sort(rows["ties"])[-k]))
     weight = np.exp(rows["peaked"] - rows["peaked"].max())
     assert len(_top_p_prefix(weight, float(weight.sum()), 0.95, 0.0)) < 10
-    # a flat row's nucleus is itself most of the vocabulary (~80k tokens hold 0.9 here)
+    # a flat row's nucleus is itself most of the vocabulary (~80k tokens hold 0.9 here): the
+    # thresholds stop at the first long prefix and the cut comes from weight buckets
     weight = np.exp(rows["flat"] - rows["flat"].max())
-    held = _top_p_prefix(weight, float(weight.sum()), 0.9, 0.0)
-    assert weight[held].sum() >= 0.9 * weight.sum() and len(held) < VOCAB
+    np.testing.assert_array_equal(_top_p_prefix(weight, float(weight.sum()), 0.9, 0.0),
+                                  np.arange(VOCAB))
+
+
+@pytest.mark.parametrize("params", [
+    dict(top_p=0.9), dict(top_p=0.5), dict(top_p=0.999999), dict(top_p=0.95, min_p=0.001),
+    dict(top_p=0.9, min_p=0.3), dict(min_p=0.0001)])
+def test_bucketed_cut_keeps_what_the_sort_keeps(params, monkeypatch):
+    """Long prefixes are cut from weight buckets, sorting only the bucket the cut falls in:
+    the same tokens and probabilities as the sort of every candidate, also where the cut
+    falls among ties, where most weights underflow to 0 and where top-p nearly reaches 1."""
+    rows = vocab_rows()
+    rows["underflow"] = rows["flat"] * 40  # most tokens' weights are exactly 0
+    rows["ties"][:5000] = rows["ties"].max()  # a tie far longer than the sort threshold
+    p = SamplingParams(temperature=0.7, **params)
+    bucketed = {name: Sampler(p).distribution(row, []) for name, row in rows.items()}
+    monkeypatch.setattr(sampling, "_BUCKET_CUT_FROM", VOCAB)
+    for name, row in rows.items():
+        sorted_ = Sampler(p).distribution(row, [])
+        np.testing.assert_array_equal(bucketed[name].ids, sorted_.ids, err_msg=name)
+        np.testing.assert_array_equal(bucketed[name].probs, sorted_.probs, err_msg=name)
+        want = definition(row.astype(np.float64), p)
+        if name != "underflow":  # float32 weights of 0 where float64 has ~1e-300
+            np.testing.assert_array_equal(bucketed[name].ids, np.flatnonzero(want), err_msg=name)
 
 
 def test_a_sparse_draw_is_the_dense_draw():

@@ -8,7 +8,8 @@ argmax when it touches the argmax itself, so full rows are fetched only for thos
 Sampling is host work between two GPU steps, once per row (a spec cycle samples ~2K rows), so
 a row costs a few passes over the vocabulary and never a sort of it: a 131072-token row sorted
 took ~12 ms against a ~4 ms 14B decode step. The filters keep a prefix of the tokens in
-falling probability; a threshold finds a prefix that holds theirs, and only it is sorted.
+falling probability; a threshold finds a prefix that holds theirs, and only it is sorted, or,
+for a long one (a flat row's nucleus), only the bucket of weights its cut falls in.
 A GPU build also hands over each row's largest logits (StepResult.top): top-k, and top-p or
 min-p without it, draw from those alone wherever they provably hold every token the filters
 keep, all of a step's rows filtered and drawn as one [rows, 64] array (numpy's per-call
@@ -100,6 +101,10 @@ _MARGIN = 1e-5
 # Top-p's thresholds, each 16 times under the last (relative to the top token's weight), before
 # taking every token over min-p's: float32 weights under 16^-16 ~ 5e-20 carry no mass.
 _THRESHOLD_STEP, _THRESHOLD_TRIES = 16.0, 16
+# Past this many candidates the filters' cut comes from weight buckets over them instead of
+# a sort of their weights, and top-p stops lowering its threshold (a flat row's nucleus is
+# ~100k tokens: a ~0.6 ms sort, as much again in running sums, a pass a threshold).
+_BUCKET_CUT_FROM = 4096
 # Top-k estimates its threshold from every this-many-th logit.
 _TOP_K_STRIDE = 16
 
@@ -120,7 +125,8 @@ def _top_k_ids(row: np.ndarray, k: int) -> np.ndarray:
 def _top_p_prefix(weight: np.ndarray, total: float, top_p: float, min_p: float) -> np.ndarray:
     """Ascending ids of the tokens at or above a weight threshold (a prefix of the tokens in
     falling probability) that holds every token top-p and min-p keep: the first of falling
-    thresholds whose prefix holds p of the mass, or min-p's own threshold."""
+    thresholds whose prefix holds p of the mass, or min-p's own threshold; every id once a
+    threshold's prefix is too long to be worth the next."""
     # min-p keeps weight >= min_p, the top token's weight being 1
     floor = np.float32(min_p * (1 - _MARGIN))
     threshold = np.float32(1.0)
@@ -129,9 +135,42 @@ def _top_p_prefix(weight: np.ndarray, total: float, top_p: float, min_p: float) 
         if threshold <= floor:
             break
         candidates = np.flatnonzero(weight >= threshold)
+        if len(candidates) > _BUCKET_CUT_FROM:  # lower thresholds cost more than buckets
+            return _every_id(len(weight))
         if weight[candidates].sum(dtype=np.float64) >= top_p * total * (1 + _MARGIN):
             return candidates
     return np.flatnonzero(weight >= floor)
+
+
+def _bucketed_keep(weight: np.ndarray, total: float, top_p: float, min_p: float) -> np.ndarray:
+    """Which of `weight` (relative to `total`) top-p and min-p keep, no top-k, as a sort of
+    the weights would find them. Buckets are a float32's top 16 bits (sign, exponent, 7
+    mantissa bits: monotone in a non-negative weight); a bucket above the one top-p's cut
+    falls in is kept whole, none under it, so only that bucket is sorted."""
+    n, last = len(weight), weight.min()
+    if top_p < 1.0:
+        keys = np.asarray(weight, np.float32).view(np.int32) >> 16
+        mass = np.bincount(keys, weights=weight)[::-1] / total  # by falling bucket
+        above = np.cumsum(mass) - mass  # the mass of the buckets above each
+        cut = int(np.searchsorted(above, top_p, side="left")) - 1  # the last with room under top_p
+        key = len(mass) - 1 - cut
+        inside = np.sort(weight[np.flatnonzero(keys == key)])[::-1]
+        probs = inside.astype(np.float64) / total
+        taken = int(np.searchsorted(above[cut] + np.cumsum(probs) - probs, top_p, side="left"))
+        if taken:  # else an empty lowest bucket: rounding left top-p short of the whole row
+            n, last = int(np.count_nonzero(keys > key)) + taken, inside[taken - 1]
+    if min_p > 0:
+        passes = weight >= np.float64(min_p * float(weight.max()))  # compared in float64
+        if np.count_nonzero(passes) < n:  # min-p keeps every tie at its cut
+            return passes
+    return _first_in_falling(weight, n, last)
+
+
+def _first_in_falling(weight: np.ndarray, n: int, last) -> np.ndarray:
+    """The first n of `weight` in falling order, ties by position, `last` the n-th's weight."""
+    keep = weight > last
+    keep[np.flatnonzero(weight == last)[:n - np.count_nonzero(keep)]] = True
+    return keep
 
 
 # A running sum over a whole vocabulary costs ~0.4 ms (numpy's cumsum is sequential): a draw
@@ -265,7 +304,8 @@ class Sampler:
         if not (p.top_p < 1.0 or p.min_p > 0):
             return Distribution(_every_id(len(row)), np.multiply(weight, 1 / total, dtype=np.float64))
         candidates = _top_p_prefix(weight, total, p.top_p, p.min_p)
-        return self._filtered(candidates, weight[candidates], 0, total)
+        held = weight[candidates] if len(candidates) < len(row) else weight
+        return self._filtered(candidates, held, 0, total)
 
     def distributions_from_top(self, values: np.ndarray, ids: np.ndarray,
                                histories: Sequence[Sequence[int]],
@@ -371,19 +411,21 @@ class Sampler:
             total = float(weight.sum(dtype=np.float64))
         # Each filter keeps a prefix of the tokens in falling probability (ties by id), so
         # together they keep the shortest: its length comes from the sorted weights alone.
-        falling = np.sort(weight)[::-1]  # a sort of values, not of ids: ~30x cheaper
-        probs = falling.astype(np.float64) / total
-        n = min(len(probs), top_k or len(probs))
-        if p.top_p < 1.0:  # mass strictly above each token < top_p, within top-k's tokens
-            mass = probs[:n] / probs[:n].sum() if top_k else probs
-            n = min(n, int(np.searchsorted(np.cumsum(mass) - mass, p.top_p, side="left")))
-        if p.min_p > 0:
-            n = min(n, int(np.count_nonzero(probs >= p.min_p * probs[0])))
-        last = falling[n - 1]
-        keep = weight > last
-        keep[np.flatnonzero(weight == last)[:n - np.count_nonzero(keep)]] = True  # ties by id
-        kept = weight[keep].astype(np.float64)
-        return Distribution(candidates[keep], kept / kept.sum())
+        if not top_k and len(weight) > _BUCKET_CUT_FROM:
+            keep = _bucketed_keep(weight, total, p.top_p, p.min_p)
+        else:
+            falling = np.sort(weight)[::-1]  # a sort of values, not of ids: ~30x cheaper
+            probs = falling.astype(np.float64) / total
+            n = min(len(probs), top_k or len(probs))
+            if p.top_p < 1.0:  # mass strictly above each token < top_p, within top-k's tokens
+                mass = probs[:n] / probs[:n].sum() if top_k else probs
+                n = min(n, int(np.searchsorted(np.cumsum(mass) - mass, p.top_p, side="left")))
+            if p.min_p > 0:
+                n = min(n, int(np.count_nonzero(probs >= p.min_p * probs[0])))
+            keep = _first_in_falling(weight, n, falling[n - 1])
+        at = np.flatnonzero(keep)  # indices, not a mask: a scattered mask gathers ~5x slower
+        kept = weight[at].astype(np.float64)
+        return Distribution(candidates[at], kept / kept.sum())
 
     def distributions_known(self, step: StepResult, rows: Sequence[int],
                             histories: Sequence[Sequence[int]]) -> list[Distribution | ChunkedRow | None]:
