@@ -16,7 +16,7 @@ from trimode.cli import cli
 from trimode.model.config import GEOMETRIES
 from trimode.model.random_weights import random_weights
 from trimode.model.reference import ReferenceForward, ReferenceModel
-from trimode.runtime.bench import BenchPlan, tiled_weights, weight_bytes_per_step
+from trimode.runtime.bench import SAMPLED, BenchPlan, tiled_weights, weight_bytes_per_step
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = GEOMETRIES["tiny"]
@@ -72,8 +72,9 @@ def test_loops_load_and_memory(report):
     assert report["spec_cycle_seconds"] > 0
     assert report["spec_cycle_x_decode"] == pytest.approx(
         report["spec_cycle_seconds"] / report["rows"][0]["seconds"])
-    # the same loops at llama-server's sampling defaults and at temperature alone
-    for sampled in (report["sampled"], report["temperature_only"]):
+    # the same loops at llama-server's sampling defaults, temperature alone and top-p alone
+    assert [loops["setting"] for loops in report["sampled"]] == list(SAMPLED)
+    for sampled in report["sampled"]:
         assert sampled["ar"]["tokens"] == 64 and sampled["ar"]["seconds"] > 0
         assert sampled["spec_cycle_x_decode"] == pytest.approx(
             sampled["spec_cycle_seconds"] / report["rows"][0]["seconds"])
@@ -105,7 +106,7 @@ def test_table_names_every_figure(tmp_path):
     assert result.exit_code == 0, result.output
     table = result.stdout
     for line in ("decode", "verify T=4", "draft T=4", "prefill T=8", "AR decode", "spec cycle",
-                 "sampled (T 0.8, top-k 40", "sampled (T 0.7 alone)", "host enqueue", "model load", "peak GPU memory n/a", "copy bandwidth",
+                 "sampled (T 0.8, top-k 40", "sampled (T 0.7 alone)", "sampled (T 0.7, top-p 0.9)", "host enqueue", "model load", "peak GPU memory n/a", "copy bandwidth",
                  "torch baseline: n/a (not asked for)"):
         assert line in table
 

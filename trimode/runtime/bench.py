@@ -259,11 +259,15 @@ def time_entries(fwd, plan: BenchPlan, ids: _Tokens) -> list[dict]:
     return rows
 
 
-# The sampled loops' settings: llama-server's defaults, the usual non-greedy request.
-SAMPLED = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=0)
-# The model card's request: temperature alone, sampled from the whole softmax (on a GPU build
-# by the rows' chunk masses and the chunks draws land in).
-TEMPERATURE_ONLY = SamplingParams(temperature=0.7, seed=0)
+# The sampled loops' settings, as the table names them. On a GPU build each is served from
+# what the device hands over beside the rows where it can: llama-server's defaults (the usual
+# non-greedy request) from the top candidates; the model card's request, temperature alone,
+# from the chunk masses and the chunks draws land in; OpenAI clients' top-p alone from the
+# candidates and the masses' total where they hold the nucleus, else from the whole rows.
+SAMPLED = {"T 0.8, top-k 40, top-p 0.95, min-p 0.05":
+           SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=0),
+           "T 0.7 alone": SamplingParams(temperature=0.7, seed=0),
+           "T 0.7, top-p 0.9": SamplingParams(temperature=0.7, top_p=0.9, seed=0)}
 
 
 def time_ar_loop(fwd, plan: BenchPlan, ids: _Tokens, sampling: SamplingParams = SamplingParams()) -> dict:
@@ -327,14 +331,14 @@ def bench_engine(loaded: Loaded, plan: BenchPlan, memory: MemoryWatch) -> dict:
     spec = time_spec_cycle(fwd, plan, ids, cfg.mask_token_id, cfg.shift_logits)
     # sampling is host work on every row (a spec cycle's draft rows, its verify rows up to
     # the first rejection), fetched from the device
-    sampled, temperature_only = ({"ar": time_ar_loop(fwd, plan, ids, params),
-                                  "spec_cycle_seconds": time_spec_cycle(fwd, plan, ids, cfg.mask_token_id,
-                                                                        cfg.shift_logits, params)}
-                                 for params in (SAMPLED, TEMPERATURE_ONLY))
+    sampled = [{"setting": setting, "ar": time_ar_loop(fwd, plan, ids, params),
+                "spec_cycle_seconds": time_spec_cycle(fwd, plan, ids, cfg.mask_token_id,
+                                                      cfg.shift_logits, params)}
+               for setting, params in SAMPLED.items()]
     enqueue = time_decode_enqueue(fwd, plan.repeat)
     memory.sample()
     return {"rows": rows, "ar": ar, "spec_cycle_seconds": spec, "sampled": sampled,
-            "temperature_only": temperature_only, "decode_host": enqueue,
+            "decode_host": enqueue,
             "n_ctx": plan.n_ctx, "dtype": engine.dtype, "cuda_graphs": engine.cuda_graph_report(),
             "dependent_launch": bool(engine.manifest.get("dependent_launch", False))}
 
@@ -426,7 +430,7 @@ def _add_derived(report: dict, cfg: ModelConfig, weight_bytes: float, act_bytes:
         r["ours_over_torch"] = r["seconds"] / theirs if theirs else None
     report["weight_bytes_per_step"] = weight_bytes
     report["spec_cycle_x_decode"] = report["spec_cycle_seconds"] / first_decode
-    for loops in (report["sampled"], report["temperature_only"]):
+    for loops in report["sampled"]:
         loops["spec_cycle_x_decode"] = loops["spec_cycle_seconds"] / first_decode
     report["prefill_tok_per_s"] = next(r["tok_per_s"] for r in rows if r["entry"] == "prefill")
 
@@ -453,7 +457,7 @@ def render_table(report: dict) -> str:
         lines.append(f"{r['name']:<16}{r['fill']:>6}{1e3 * r['seconds']:>10.2f}{r['gb_per_s']:>8.1f}"
                      f"{opt(r['roofline_pct'], '.0f', '-'):>7}{r['x_decode']:>9.2f}"
                      f"{torch_ms:>10}{opt(r['ours_over_torch'], '.2f', '-'):>11}")
-    host, graphs, sampled = report["decode_host"], report["cuda_graphs"], report["sampled"]
+    host, graphs = report["decode_host"], report["cuda_graphs"]
     graph_use = (f"{', '.join(graphs['entries'])} ({'used' if graphs['used'] else 'not used'})"
                  if graphs["entries"] else "none")
     lines += [
@@ -461,13 +465,9 @@ def render_table(report: dict) -> str:
         f"{report['plan']['fills'][0]}, host logic included)",
         f"spec cycle (draft + verify T={report['plan']['block']}, host logic) "
         f"{1e3 * report['spec_cycle_seconds']:.2f} ms = {report['spec_cycle_x_decode']:.2f}x decode",
-        f"sampled (T {SAMPLED.temperature}, top-k {SAMPLED.top_k}, top-p {SAMPLED.top_p}, min-p "
-        f"{SAMPLED.min_p}): AR {sampled['ar']['tok_per_s']:.1f} tok/s, spec cycle "
-        f"{1e3 * sampled['spec_cycle_seconds']:.2f} ms = {sampled['spec_cycle_x_decode']:.2f}x decode",
-        f"sampled (T {TEMPERATURE_ONLY.temperature} alone): AR "
-        f"{report['temperature_only']['ar']['tok_per_s']:.1f} tok/s, spec cycle "
-        f"{1e3 * report['temperature_only']['spec_cycle_seconds']:.2f} ms = "
-        f"{report['temperature_only']['spec_cycle_x_decode']:.2f}x decode",
+        *(f"sampled ({loops['setting']}): AR {loops['ar']['tok_per_s']:.1f} tok/s, spec cycle "
+          f"{1e3 * loops['spec_cycle_seconds']:.2f} ms = {loops['spec_cycle_x_decode']:.2f}x decode"
+          for loops in report["sampled"]),
         f"decode host enqueue {1e3 * host['enqueue_seconds']:.3f} ms, until done "
         f"{1e3 * host['synced_seconds']:.3f} ms; CUDA graphs: {graph_use}; dependent launch: "
         f"{'on' if report['dependent_launch'] else 'off'}",
