@@ -422,6 +422,31 @@ def test_chunk_masses_give_the_rows_distribution_and_draws(temperature):
     assert all(f[3] - f[2] == 1024 for f in fetches if f[0] == "span")
 
 
+def test_the_rows_max_has_its_probability_without_a_chunk():
+    """A verify row's check of a draft token that is the row's argmax (the usual case with a
+    trained model) reads the probability from the masses alone, 1 / total (the max's weight
+    is exp(0)), the same float its chunk gives; another token copies its chunk; a max the
+    penalty demotes has the penalized row's probability, not 1 / total."""
+    rows = vocab_rows()
+    logits = np.stack([rows["peaked"], rows["flat"]])
+    top = int(logits[0].argmax())
+    c = top // 1024
+    params = SamplingParams(temperature=0.7, repetition_penalty=1.2)
+    fetches = []
+    dist = Sampler(params).distributions_known(with_top(logits, fetches), [0], [[]])[0]
+    fetches.clear()
+    assert dist.prob(top) == 1.0 / dist.total and fetches == []
+    assert dist.prob(top) == float(dist._chunk_weights(c)[top - c * 1024]) / dist.total
+    fetches.clear()
+    other = (top + 5000) % VOCAB  # in another chunk
+    assert dist.prob(other) > 0 and [f[0] for f in fetches] == ["span"]
+    params = SamplingParams(temperature=0.7, repetition_penalty=3.0, penalty_last_n=1)  # the max falls below two others
+    penalized = Sampler(params).distributions_known(with_top(logits), [0], [[top]])[0]
+    want = Sampler(params).distribution(logits[0], [top]).prob(top)
+    assert penalized.prob(top) < 1.0 / penalized.total
+    assert penalized.prob(top) == pytest.approx(want, rel=1e-5)
+
+
 def test_chunk_masses_are_not_used_where_they_cannot_serve():
     logits = vocab_rows()["flat"][None]
     fetches = []

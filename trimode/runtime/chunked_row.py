@@ -85,6 +85,8 @@ class ChunkedRow:
         return self._weights[c]
 
     def prob(self, token: int) -> float:
+        if self.adjust is None and token == self.step.argmax[self.row]:
+            return 1.0 / self.total  # the max's weight is exp(0) = 1: no chunk to copy
         c = token // MASS_CHUNK
         return float(self._chunk_weights(c)[token - c * MASS_CHUNK]) / self.total
 
