@@ -18,7 +18,8 @@ A second table times whole self-speculation cycles at llama-server's defaults, a
 alone and at temperature 0.7 alone (with --from-top: from the top candidates, and from chunk
 masses) over
 passes that cost nothing (each returns fixed logits): the host work a sampled cycle adds to
-its two GPU passes. --baseline REV times that revision's sampling.py and decode.py (git show) beside
+its two GPU passes, and the copies to the host a GPU build would make for it (rows, top
+candidates, chunk masses, 4 KB chunks: each one synchronous copy there). --baseline REV times that revision's sampling.py and decode.py (git show) beside
 this tree's in the same run, for side by side ratios.
 """
 from __future__ import annotations
@@ -76,20 +77,24 @@ def ms_per_row(module, params: dict, logits: np.ndarray, repeat: int, top=None) 
 
 
 def load_revision(rev: str) -> tuple[types.ModuleType, types.ModuleType]:
-    """sampling.py and decode.py as they were at `rev`, that decode importing that sampling."""
+    """sampling.py and decode.py as they were at `rev`, importing chunked_row.py as it was
+    there too (where it existed)."""
     modules = {}
-    for name in ("sampling", "decode"):
+    for name in ("chunked_row", "sampling", "decode"):
         path = f"trimode/runtime/{name}.py"
-        source = subprocess.run(["git", "show", f"{rev}:{path}"], check=True, text=True,
-                                capture_output=True, cwd=Path(__file__).parent).stdout
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], text=True, capture_output=True,
+                               cwd=Path(__file__).parent)
+        if shown.returncode != 0 and name == "chunked_row":
+            continue  # before chunk masses
+        shown.check_returncode()
         module = types.ModuleType(f"baseline_{name}")
         sys.modules[module.__name__] = module  # dataclasses look their module up there
-        current = sys.modules["trimode.runtime.sampling"]
-        sys.modules["trimode.runtime.sampling"] = modules.get("sampling", current)
+        current = {n: sys.modules[f"trimode.runtime.{n}"] for n in modules}
+        sys.modules.update({f"trimode.runtime.{n}": m for n, m in modules.items()})
         try:
-            exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+            exec(compile(shown.stdout, f"{rev}:{path}", "exec"), module.__dict__)
         finally:
-            sys.modules["trimode.runtime.sampling"] = current
+            sys.modules.update({f"trimode.runtime.{n}": m for n, m in current.items()})
         modules[name] = module
     return modules["sampling"], modules["decode"]
 
@@ -104,16 +109,21 @@ class FreePasses:
         self.argmax = {name: logits.argmax(axis=1) for name, logits in self.rows.items()}
         self.tops, self.masses = tops, masses
         self.length = 1000
+        self.copies = 0  # what a GPU build copies to the host beside argmax/prob
+
+    def _copied(self, value):
+        self.copies += 1
+        return value
 
     def _step(self, name: str) -> StepResult:
         logits = self.rows[name]
         top = self.tops[name] if self.tops else None
         mass = self.masses[name] if self.masses else None
         return StepResult(argmax=self.argmax[name], prob=np.zeros(len(logits), np.float32),
-                          fetch_rows=lambda start, stop: logits[start:stop],
-                          fetch_top=None if top is None else lambda: top,
-                          fetch_mass=None if mass is None else lambda inv_t: mass,
-                          fetch_span=lambda row, start, stop: logits[row, start:stop])
+                          fetch_rows=lambda start, stop: self._copied(logits[start:stop]),
+                          fetch_top=None if top is None else lambda: self._copied(top),
+                          fetch_mass=None if mass is None else lambda inv_t: self._copied(mass),
+                          fetch_span=lambda row, start, stop: self._copied(logits[row, start:stop]))
 
     def bidirectional(self, tokens):
         return self._step("draft")
@@ -125,16 +135,16 @@ class FreePasses:
         pass
 
 
-def cycle_ms(modules, params: dict, fwd: FreePasses, k: int, cycles: int) -> tuple[float, float]:
-    """Mean host ms of a sampled spec cycle, and tokens per cycle."""
+def cycle_ms(modules, params: dict, fwd: FreePasses, k: int, cycles: int) -> tuple[float, float, float]:
+    """Mean host ms of a sampled spec cycle, tokens per cycle and copies per cycle."""
     sampling_module, decode_module = modules
     sampler = sampling_module.Sampler(sampling_module.SamplingParams(seed=0, **params))
     decode_module.spec_cycle(fwd, sampler, [1, 2, 3], k, 0, False)  # warm-up
-    tokens = 0
+    tokens, fwd.copies = 0, 0
     started = time.perf_counter()
     for _ in range(cycles):
         tokens += len(decode_module.spec_cycle(fwd, sampler, [1, 2, 3], k, 0, False).tokens)
-    return (time.perf_counter() - started) / cycles * 1e3, tokens / cycles
+    return (time.perf_counter() - started) / cycles * 1e3, tokens / cycles, fwd.copies / cycles
 
 
 def cycle_table(args, baseline, rng) -> None:
@@ -150,8 +160,8 @@ def cycle_table(args, baseline, rng) -> None:
               for name, logits in (("draft", draft), ("verify", verify))}
     tops = {"draft": top_candidates(draft), "verify": top_candidates(verify)}
     print(f"\nself-speculation cycles, k = {k}, passes free; mean of {args.cycles}")
-    print("| setting | rows from | code | host ms per cycle | tokens per cycle |")
-    print("|---|---|---|---|---|")
+    print("| setting | rows from | code | host ms per cycle | tokens per cycle | copies per cycle |")
+    print("|---|---|---|---|---|---|")
     cases = [("llama-server defaults", SETTINGS[DEFAULTS], "logit rows", None, None),
              (TOP_P, SETTINGS[TOP_P], "logit rows", None, None),
              ("T 0.7 alone", TEMPERATURE_ONLY, "logit rows", None, None)]
@@ -162,8 +172,8 @@ def cycle_table(args, baseline, rng) -> None:
     for setting, params, label, with_tops, with_masses in cases:
         for name, modules in sources:
             fwd = FreePasses(draft, verify, with_tops, with_masses)
-            ms, tokens = cycle_ms(modules, params, fwd, k, args.cycles)
-            print(f"| {setting} | {label} | {name} | {ms:.3f} | {tokens:.2f} |")
+            ms, tokens, copies = cycle_ms(modules, params, fwd, k, args.cycles)
+            print(f"| {setting} | {label} | {name} | {ms:.3f} | {tokens:.2f} | {copies:.1f} |")
 
 
 def main() -> None:
