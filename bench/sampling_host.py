@@ -19,8 +19,9 @@ alone and at temperature 0.7 alone (with --from-top: from the top candidates, an
 masses) over
 passes that cost nothing (each returns fixed logits): the host work a sampled cycle adds to
 its two GPU passes, and the copies to the host a GPU build would make for it (rows, top
-candidates, chunk masses, 4 KB chunks: each one synchronous copy there). --baseline REV times that revision's sampling.py and decode.py (git show) beside
-this tree's in the same run, for side by side ratios.
+candidates, chunk masses, 4 KB chunks: each one synchronous copy there). --baseline REV
+times that revision's sampling.py, decode.py and chunked_row.py (git show) beside this tree's
+in the same run, for side by side ratios.
 """
 from __future__ import annotations
 

@@ -147,7 +147,7 @@ def _bucketed_keep(weight: np.ndarray, total: float, top_p: float, min_p: float)
     the weights would find them. Buckets are a float32's top 16 bits (sign, exponent, 7
     mantissa bits: monotone in a non-negative weight); a bucket above the one top-p's cut
     falls in is kept whole, none under it, so only that bucket is sorted."""
-    n, last = len(weight), weight.min()
+    n, last = len(weight), None  # None: every token
     if top_p < 1.0:
         keys = np.asarray(weight, np.float32).view(np.int32) >> 16
         mass = np.bincount(keys, weights=weight)[::-1] / total  # by falling bucket
@@ -163,7 +163,7 @@ def _bucketed_keep(weight: np.ndarray, total: float, top_p: float, min_p: float)
         passes = weight >= np.float64(min_p * float(weight.max()))  # compared in float64
         if np.count_nonzero(passes) < n:  # min-p keeps every tie at its cut
             return passes
-    return _first_in_falling(weight, n, last)
+    return np.ones(len(weight), bool) if last is None else _first_in_falling(weight, n, last)
 
 
 def _first_in_falling(weight: np.ndarray, n: int, last) -> np.ndarray:
