@@ -105,6 +105,19 @@ def test_greedy_penalty_can_move_the_argmax():
     assert sampler.choose(step, [0], [[0, 2]])[0] == [1]
 
 
+def test_greedy_penalty_under_one_lifts_an_id_past_the_argmax():
+    # a penalty of 0.5 doubles the positive logit of id 1 (2 -> 4 > 3): the row is fetched
+    # though the argmax itself is untouched
+    logits = np.array([[3.0, 2.0, 0.0, -1.0]])
+    step = CountingStep(logits)
+    sampler = Sampler(SamplingParams(repetition_penalty=0.5, penalty_last_n=8))
+    ids, conf = sampler.choose(step, [0], [[1]])
+    adjusted = sampler.adjust(logits[0], [1])
+    assert ids == [1] == [int(sampler.distribution(logits[0], [1]).ids[0])] and step.fetches == 1
+    assert conf[0] == pytest.approx(float(np.exp(adjusted[1]) / np.exp(adjusted).sum()))
+    assert sampler.choose(step, [0], [[3]])[0] == [0]  # a negative logit sinks further
+
+
 def test_sampling_fetches_and_follows_the_distribution():
     step = CountingStep(ROW[None, :])
     sampler = Sampler(SamplingParams(temperature=1.0, seed=3))

@@ -525,14 +525,16 @@ class Sampler:
                histories: Sequence[Sequence[int]]) -> tuple[list[int], list[float]]:
         """A token per row and its confidence (its probability under the distribution it was
         chosen from). Greedy reads argmax/prob; a full row is fetched only where the argmax
-        itself is penalized or suppressed. Sampling reads distributions()."""
+        itself is penalized or suppressed, or where a penalty under 1 lifts any logit (a
+        penalized id may then overtake the argmax). Sampling reads distributions()."""
         if not self.greedy:
             return self.draw_each(self.distributions(step, rows, histories))
         ids = [int(step.argmax[r]) for r in rows]
         conf = [float(step.prob[r]) for r in rows]
+        lifts = self.params.repetition_penalty < 1
         for i, (r, hist) in enumerate(zip(rows, histories)):
-            touched = np.concatenate([self.suppress, self._penalized(hist)])
-            if ids[i] in touched:
+            penalized = self._penalized(hist)
+            if ids[i] in self.suppress or ids[i] in penalized or (lifts and len(penalized)):
                 adjusted = self.adjust(step.logits(r, r + 1)[0], hist)
                 ids[i] = int(adjusted.argmax())
                 conf[i] = float(softmax64(adjusted)[ids[i]])
