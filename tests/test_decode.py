@@ -166,6 +166,25 @@ def test_greedy_spec_equals_ar_with_good_drafts(seed, k):
     assert done.stats.tokens_per_forward > 0.5
 
 
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(frequency_penalty=0.8, presence_penalty=0.3, penalty_last_n=6),
+    SamplingParams(repetition_penalty=0.7, penalty_last_n=5, logit_bias=((3, 1.5), (5, -2.0))),
+    SamplingParams(presence_penalty=-0.6, penalty_last_n=3)])
+def test_greedy_spec_equals_ar_under_penalties_and_bias(sampling):
+    """Each verify row is penalized by its own history (the accepted drafts before it):
+    greedy spec still equals greedy AR, with the drafts made without the penalties."""
+    prompt = PROMPTS[0]
+    plain, _, _ = run(fresh(0), prompt_ids=prompt, max_tokens=40, **greedy("ar"))
+    ar, _, _ = run(fresh(0), prompt_ids=prompt, max_tokens=40, sampling=sampling, **greedy("ar"))
+    assert ar != plain  # the adjustments change the output
+    for k in (2, 6):
+        drafter = LookaheadDraft(fresh(0, 512), n_ctx=256, seed=k)
+        spec, done, _ = run(drafter, prompt_ids=prompt, max_tokens=40, sampling=sampling,
+                            **greedy("spec", draft_length=k))
+        assert spec == ar, f"draft length {k}"
+        assert done.stats.accepted_tokens > 0
+
+
 @pytest.mark.parametrize("seed", [0, 2])
 def test_greedy_spec_equals_ar_across_eos(seed):
     prompt = PROMPTS[0]

@@ -76,10 +76,31 @@ def test_top_p_measures_what_top_k_kept():
 
 def test_repetition_penalty_llama_style():
     row = np.array([2.0, -1.0, 1.5, 0.5])
-    sampler = Sampler(SamplingParams(repetition_penalty=2.0, penalty_ids=(0,), penalty_last_n=2))
-    # penalized: id 0 (fixed) and the last two of the history (1, 3); positives halve,
-    # negatives double
-    np.testing.assert_allclose(sampler.adjust(row, [2, 1, 3]), [1.0, -2.0, 1.5, 0.25])
+    sampler = Sampler(SamplingParams(repetition_penalty=2.0, penalty_ids=(0,), ids_penalty=4.0,
+                                     penalty_last_n=2))
+    # penalized: id 0 (fixed, by its own factor) and the last two of the history (1, 3);
+    # positives divided, negatives multiplied
+    np.testing.assert_allclose(sampler.adjust(row, [2, 1, 3]), [0.5, -2.0, 1.5, 0.25])
+    # a fixed id inside the window gets both factors
+    np.testing.assert_allclose(sampler.adjust(row, [0, 1]), [0.25, -2.0, 1.5, 0.5])
+
+
+def test_frequency_presence_and_bias_as_llama_cpp_applies_them():
+    """logit bias first, then per id of the window: repetition factor, minus frequency x its
+    count there, minus presence (llama_sampler_penalties_apply); ids outside the window
+    only by their bias."""
+    row = np.array([2.0, -1.0, 1.5, 0.5, 3.0], np.float32)
+    params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.25, presence_penalty=0.5,
+                            penalty_last_n=4, logit_bias=((4, -1.0), (0, 2.0), (4, -10.0)))
+    history = [4, 3, 0, 0, 1, 0]  # the window: 0, 0, 1, 0 (4 and 3 fell out of it)
+    want = np.array([(2.0 + 2.0) / 2 - 3 * 0.25 - 0.5, -1.0 * 2 - 0.25 - 0.5, 1.5, 0.5, 3.0 - 10.0])
+    np.testing.assert_allclose(Sampler(params).adjust(row, history), want, rtol=1e-6)
+    # negative penalties reward repeats; no window, no penalty, only the bias
+    lifted = SamplingParams(frequency_penalty=-1.0, presence_penalty=-0.5, penalty_last_n=2)
+    np.testing.assert_allclose(Sampler(lifted).adjust(row, [1, 1]), [2.0, 1.5, 1.5, 0.5, 3.0])
+    none = SamplingParams(frequency_penalty=1.0, logit_bias=((2, 1.0),))
+    np.testing.assert_allclose(Sampler(none).adjust(row, [0, 1]), [2.0, -1.0, 2.5, 0.5, 3.0])
+    assert Sampler(none).context([0, 1]) == [] and Sampler(params).context([9, 8, 7, 6, 5]) == [8, 7, 6, 5]
 
 
 def test_greedy_never_fetches_logits_unless_the_argmax_is_touched():
@@ -116,6 +137,45 @@ def test_greedy_penalty_under_one_lifts_an_id_past_the_argmax():
     assert ids == [1] == [int(sampler.distribution(logits[0], [1]).ids[0])] and step.fetches == 1
     assert conf[0] == pytest.approx(float(np.exp(adjusted[1]) / np.exp(adjusted).sum()))
     assert sampler.choose(step, [0], [[3]])[0] == [0]  # a negative logit sinks further
+
+
+@pytest.mark.parametrize("params,history,want", [
+    (dict(logit_bias=((2, 3.5),)), [], 2),                          # 0 + 3.5 > 3
+    (dict(logit_bias=((2, 2.5),)), [], 0),
+    (dict(frequency_penalty=-0.6, penalty_last_n=4), [1, 1], 1),    # 2 + 1.2 > 3
+    (dict(presence_penalty=-1.5, penalty_last_n=4), [1, 1], 1),     # 2 + 1.5 > 3
+    (dict(presence_penalty=1.5, penalty_last_n=4), [0], 1),         # 3 - 1.5 < 2
+    (dict(frequency_penalty=0.4, penalty_last_n=2), [0, 0, 0], 0),  # window of 2: 3 - 0.8 > 2
+])
+def test_greedy_follows_bias_and_frequency_penalties(params, history, want):
+    """Greedy picks the adjusted row's argmax: a lifting adjustment (positive bias, negative
+    penalty) fetches the row even where the argmax is untouched."""
+    logits = np.array([[3.0, 2.0, 0.0, -1.0]])
+    step = CountingStep(logits)
+    sampler = Sampler(SamplingParams(**params))
+    ids, conf = sampler.choose(step, [0], [history])
+    assert ids == [want] == [int(sampler.adjust(logits[0], history).argmax())]
+    assert step.fetches == 1
+    assert conf[0] == pytest.approx(float(sampling.softmax64(sampler.adjust(logits[0], history))[want]))
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.8, frequency_penalty=-0.7, presence_penalty=0.3, penalty_last_n=6),
+    dict(temperature=1.0, logit_bias=((3, 25.0), (99, -4.0), (70001, 2.0)))])
+def test_chunk_masses_follow_lifting_adjustments(params):
+    """Temperature alone from chunk masses, where adjustments raise logits (a negative
+    frequency penalty, a bias that makes a flat row's token the max): the adjusted row's
+    distribution, from chunks alone."""
+    rows = vocab_rows()
+    logits = np.stack([rows["peaked"], rows["flat"]])
+    history = [99, 5, 5, 70000, 99, 3]
+    fetches = []
+    sampler = Sampler(SamplingParams(**params))
+    known = sampler.distributions_known(with_top(logits, fetches), [0, 1], [history] * 2)
+    assert "rows" not in {f[0] for f in fetches}
+    for r, dist in enumerate(known):
+        want = sampler.distribution(logits[r], history).dense(VOCAB)
+        np.testing.assert_allclose(dist.dense(VOCAB), want, rtol=1e-5, atol=1e-12, err_msg=str(r))
 
 
 def test_sampling_fetches_and_follows_the_distribution():
@@ -312,7 +372,9 @@ def with_top(logits: np.ndarray, fetches=None) -> StepResult:
 @pytest.mark.parametrize("params", [
     dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05), dict(temperature=1.0, top_k=1),
     dict(temperature=1.5, top_k=50), dict(temperature=0.7, top_k=10, top_p=0.5),
-    dict(temperature=1.0, top_k=40, repetition_penalty=1.3, penalty_last_n=8)])
+    dict(temperature=1.0, top_k=40, repetition_penalty=1.3, penalty_last_n=8),
+    dict(temperature=1.0, top_k=40, frequency_penalty=0.7, presence_penalty=0.4, penalty_last_n=8,
+         logit_bias=((99, -2.0), (5, -100.0)))])
 def test_top_candidates_give_the_rows_distribution(params):
     """Where the 64 largest logits hold all that top-k keeps, the distribution made from them
     is the one made from the whole row, penalties and suppression included. (The row of ~10
@@ -320,6 +382,7 @@ def test_top_candidates_give_the_rows_distribution(params):
     rows = vocab_rows()
     del rows["ties"]
     history = list(np.argsort(-rows["peaked"])[:6])  # penalized: some of the top tokens
+    history += history[1:3]  # twice: the frequency penalty counts them
     sampler = Sampler(SamplingParams(**params), suppress_ids=(7, 12345))
     for name, row in rows.items():
         step = with_top(row[None])
@@ -333,7 +396,9 @@ def test_top_candidates_give_the_rows_distribution(params):
 
 @pytest.mark.parametrize("params", [
     dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05), dict(temperature=1.0, top_k=63),
-    dict(temperature=0.5, top_k=20, top_p=0.6, repetition_penalty=1.5, penalty_last_n=3)])
+    dict(temperature=0.5, top_k=20, top_p=0.6, repetition_penalty=1.5, penalty_last_n=3),
+    dict(temperature=0.8, top_k=30, frequency_penalty=0.5, presence_penalty=1.0, penalty_last_n=4,
+         logit_bias=((4096, -5.0),))])
 def test_rows_filtered_together_are_each_the_rows_own_distribution(params):
     """Rows filtered as one array, each with its own history (so its own penalized ids), give
     each row's distribution() where the candidates suffice and None exactly where one row
@@ -346,7 +411,8 @@ def test_rows_filtered_together_are_each_the_rows_own_distribution(params):
         row[rng.choice(VOCAB, 40, replace=False)] = row.max()
         rows.append(row)
     logits = np.stack(rows)
-    histories = [list(np.argsort(-row)[i:i + 3]) for i, row in enumerate(rows)]
+    # each row's own three of its top tokens, twice: the frequency penalty counts them
+    histories = [list(np.argsort(-row)[i:i + 3]) * 2 for i, row in enumerate(rows)]
     sampler = Sampler(SamplingParams(**params), suppress_ids=(7, 321))
     values, ids = with_top(logits).top()
     together = sampler.distributions_from_top(values, ids, histories)
@@ -378,6 +444,10 @@ def test_top_candidates_that_may_miss_a_kept_token_are_not_used():
     tied, tied_ids = with_top(vocab_rows()["ties"][None]).top()  # the 64th ties tokens left out
     assert Sampler(SamplingParams(temperature=1.0, top_k=40)).distributions_from_top(tied, tied_ids, [[]])[0] is None
     assert from_top(top_k=40, repetition_penalty=0.8, penalty_last_n=4, history=top[-4:]) is None  # raises some
+    assert from_top(top_k=40, frequency_penalty=-0.5, penalty_last_n=4, history=top[-4:]) is None
+    assert from_top(top_k=40, presence_penalty=-0.5, penalty_last_n=4, history=top[-4:]) is None
+    assert from_top(top_k=40, logit_bias=((top[-1], 0.5),)) is None
+    assert from_top(top_k=40, logit_bias=((top[0], -0.5),)) is not None
     assert from_top(top_k=40, suppress=top[:30]) is None   # 34 left above the 65th: not 40
     assert from_top(top_k=30, suppress=top[:30]) is not None
     # a row shorter than the candidates leaves nothing out: always exact
@@ -491,6 +561,8 @@ def nucleus_rows() -> dict[str, np.ndarray]:
     (dict(temperature=0.7, top_p=0.95, min_p=0.05), {"peaked", "dozens"}),
     (dict(temperature=1.5, min_p=0.02), {"peaked", "dozens"}),
     (dict(temperature=1.0, top_p=0.5, repetition_penalty=1.3, penalty_last_n=8), {"peaked", "dozens"}),
+    (dict(temperature=1.0, top_p=0.8, frequency_penalty=0.5, presence_penalty=1.5, penalty_last_n=8,
+          logit_bias=((99, -3.0),)), {"peaked", "dozens"}),
     (dict(temperature=0.8, min_p=0.1, top_p=0.99), {"peaked", "ties", "dozens"}),
     (dict(temperature=1.0, top_p=0.999), {"peaked"})])  # dozens: the rest holds ~4% of it
 def test_top_candidates_give_the_nucleus_without_top_k(params, served):

@@ -134,7 +134,8 @@ def _run_cycle(fwd: Forward, sampler: Sampler, history: list[int], room: int,
 
 def _id_problem(request: GenerationRequest, vocab: int) -> str | None:
     for what, ids in (("prompt", request.prompt_ids), ("suppress_ids", request.suppress_ids),
-                      ("penalty_ids", request.sampling.penalty_ids), ("first_ids", request.first_ids)):
+                      ("penalty_ids", request.sampling.penalty_ids), ("first_ids", request.first_ids),
+                      ("logit_bias", [i for i, _ in request.sampling.logit_bias])):
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             return f"{what} holds token id {bad[0]}, outside the vocabulary of {vocab}"

@@ -1,9 +1,11 @@
-"""Turning one logit row into a token: greedy, temperature, top-k, top-p, min-p, repetition
-penalty and suppressed ids, with a seeded numpy Generator (same seed, same output).
+"""Turning one logit row into a token: greedy, temperature, top-k, top-p, min-p, logit bias,
+repetition, frequency and presence penalties and suppressed ids, with a seeded numpy
+Generator (same seed, same output).
 
 Greedy never copies logits off the device unless it must: StepResult already carries each
-row's argmax and its probability, and an adjustment (penalty, suppression) can only move the
-argmax when it touches the argmax itself, so full rows are fetched only for those rows.
+row's argmax and its probability, and an adjustment that only lowers logits (penalties,
+suppression, a negative bias) can only move the argmax when it touches the argmax itself, so
+full rows are fetched only for those rows, or where an adjustment may lift a logit.
 
 Sampling is host work between two GPU steps, once per row (a spec cycle samples ~2K rows), so
 a row costs a few passes over the vocabulary and never a sort of it: a 131072-token row sorted
@@ -19,6 +21,7 @@ draw lands in, the only chunk it copies (chunked_row.py).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -32,16 +35,23 @@ from trimode.runtime.forward import MASS_CHUNK, TOP_CANDIDATES, StepResult
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 is greedy. top_k 0, top_p 1 and min_p 0 switch those filters off.
-    repetition_penalty applies (llama.cpp style: positive logits divided, negative multiplied)
-    to `penalty_ids` and to the last `penalty_last_n` tokens of prompt + generated text."""
+    The penalties act as llama.cpp's on the ids among the last `penalty_last_n` tokens of
+    prompt + generated text: repetition_penalty divides a positive logit and multiplies a
+    negative one, then frequency_penalty x the id's count there and presence_penalty are
+    subtracted. `penalty_ids` get `ids_penalty` as a repetition factor wherever they are.
+    `logit_bias` (id, bias) pairs are added first, as llama.cpp does."""
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None
     repetition_penalty: float = 1.0
-    penalty_ids: tuple[int, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     penalty_last_n: int = 0
+    penalty_ids: tuple[int, ...] = ()
+    ids_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def problem(self) -> str | None:
         """The first setting that makes no sense, as a sentence, or None."""
@@ -53,11 +63,31 @@ class SamplingParams:
             return f"top_p must be in (0, 1], got {self.top_p}"
         if not 0 <= self.min_p <= 1:
             return f"min_p must be in [0, 1], got {self.min_p}"
-        if not self.repetition_penalty > 0:
-            return f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+        for name in ("repetition_penalty", "ids_penalty"):
+            if not 0 < getattr(self, name) < np.inf:
+                return f"{name} must be > 0, got {getattr(self, name)}"
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not np.isfinite(getattr(self, name)):
+                return f"{name} must be a finite number, got {getattr(self, name)}"
         if self.penalty_last_n < 0:
             return f"penalty_last_n must be >= 0, got {self.penalty_last_n}"
+        if any(not np.isfinite(bias) for _, bias in self.logit_bias):
+            return "logit_bias values must be finite numbers"
         return None
+
+    @property
+    def penalizes_window(self) -> bool:
+        """Whether the last penalty_last_n tokens change any logit."""
+        return self.penalty_last_n > 0 and (self.repetition_penalty != 1 or self.frequency_penalty != 0
+                                            or self.presence_penalty != 0)
+
+    @property
+    def lifts(self) -> bool:
+        """Whether an adjustment may raise a logit (then it may overtake the argmax, or
+        enter the top candidates from outside them)."""
+        return (self.repetition_penalty < 1 or self.frequency_penalty < 0 or self.presence_penalty < 0
+                or (self.ids_penalty < 1 and bool(self.penalty_ids))
+                or any(bias > 0 for _, bias in self.logit_bias))
 
 
 def softmax64(row: np.ndarray) -> np.ndarray:
@@ -232,17 +262,40 @@ def _every_id(vocab: int) -> np.ndarray:
     return ids
 
 
+@dataclass(frozen=True)
+class _Penalties:
+    """The penalties of one row: the ids they touch (ascending), each one's repetition
+    factor and what is then subtracted from its logit."""
+    ids: np.ndarray       # int64
+    factor: np.ndarray    # float32
+    subtract: np.ndarray  # float32
+
+    def apply(self, logits: np.ndarray, which) -> np.ndarray:
+        """`logits` of the ids self.ids[which], penalized."""
+        factor = self.factor[which]
+        return np.where(logits > 0, logits / factor, logits * factor) - self.subtract[which]
+
+
 class Sampler:
     """One request's sampling state: its parameters, suppressed ids and random stream.
 
     `history` arguments are the ids that precede the predicted token (prompt + generated),
-    or any list ending the same way that `context()` returned; only the repetition
-    penalty's window reads them."""
+    or any list ending the same way that `context()` returned; only the penalties' window
+    reads them."""
 
     def __init__(self, params: SamplingParams, suppress_ids: Sequence[int] = ()):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.suppress = np.array(sorted(set(suppress_ids)), np.int64)
+        bias = dict(params.logit_bias)  # a repeated id: its last bias, as a JSON object gives
+        self.bias_ids = np.array(sorted(bias), np.int64)
+        self.bias = np.array([bias[i] for i in self.bias_ids.tolist()], np.float32)
+        self.fixed = frozenset(params.penalty_ids) if params.ids_penalty != 1 else frozenset()
+        self._always = np.union1d(self.suppress, self.bias_ids)  # touched whatever the history
+        self._always_set = frozenset(self._always.tolist()) | self.fixed
+        fixed = sorted(self.fixed)
+        self._fixed_only = _Penalties(np.array(fixed, np.int64), np.full(len(fixed), params.ids_penalty, np.float32),
+                                      np.zeros(len(fixed), np.float32))
 
     @property
     def greedy(self) -> bool:
@@ -252,38 +305,61 @@ class Sampler:
         """The part of history + extra the penalty can see (nothing when it is off), so
         callers never copy a long history for nothing."""
         n = self.params.penalty_last_n
-        if self.params.repetition_penalty == 1.0 or n == 0:
+        if not self.params.penalizes_window:
             return []
         return (list(history[-n:]) + list(extra))[-n:]
 
-    def _penalized(self, history: Sequence[int]) -> np.ndarray:
+    def _penalized(self, history: Sequence[int]) -> "_Penalties":
+        """What the penalties do to a row after `history`."""
         p = self.params
-        if p.repetition_penalty == 1.0:
-            return np.zeros(0, np.int64)
-        recent = list(history[-p.penalty_last_n:]) if p.penalty_last_n else []
-        return np.array(sorted(set(p.penalty_ids).union(recent)), np.int64)
+        if not p.penalizes_window:  # every row of most requests: nothing, or the fixed ids
+            return self._fixed_only
+        # a window is a few dozen ids: Python's Counter and sets beat numpy's per-call cost
+        window = history[-p.penalty_last_n:]
+        counted = p.frequency_penalty != 0 or p.presence_penalty != 0
+        count = Counter(window) if counted else set(window)
+        ids = sorted(self.fixed.union(count)) if self.fixed else sorted(count)
+        factor = np.full(len(ids), p.repetition_penalty, np.float32)
+        if self.fixed:
+            factor[[i not in count for i in ids]] = 1.0
+            factor[[i in self.fixed for i in ids]] *= np.float32(p.ids_penalty)
+        subtract = np.zeros(len(ids), np.float32)
+        if counted:
+            times = np.array([count[i] for i in ids], np.float32)  # 0: a fixed id outside the window
+            subtract = np.where(times > 0, times * np.float32(p.frequency_penalty)
+                                + np.float32(p.presence_penalty), subtract)
+        return _Penalties(np.array(ids, np.int64), factor, subtract)
+
+    def _touched(self, penalized: "_Penalties") -> np.ndarray:
+        """Every id an adjustment changes (ascending)."""
+        return np.union1d(penalized.ids, self._always) if len(penalized.ids) else self._always
+
+    def _touched_ids(self, history: Sequence[int]) -> frozenset:
+        """The ids of _touched(self._penalized(history)), without building the penalties."""
+        p = self.params
+        if not p.penalizes_window:
+            return self._always_set
+        return self._always_set.union(history[-p.penalty_last_n:])
 
     def adjust(self, row: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """Logit row after the repetition penalty and suppression (float32; a copy only when
-        either changes something)."""
+        """Logit row after the logit bias, the penalties and suppression (float32; a copy
+        only when they change something)."""
         return self._adjusted_span(0, np.asarray(row, np.float32), self._penalized(history))
 
-    def _adjusted_span(self, start: int, logits: np.ndarray, penalized: np.ndarray) -> np.ndarray:
-        """adjust() of the logits of ids start.. (a whole row, or a chunk), `penalized` the
-        ids the penalty touches."""
+    def _adjusted_span(self, start: int, logits: np.ndarray, penalized: "_Penalties") -> np.ndarray:
+        """adjust() of the logits of ids start.. (a whole row, or a chunk)."""
         stop = start + len(logits)
-        hit = penalized[(penalized >= start) & (penalized < stop)] - start
+        hit = (penalized.ids >= start) & (penalized.ids < stop)
+        biased = (self.bias_ids >= start) & (self.bias_ids < stop)
         gone = self.suppress[(self.suppress >= start) & (self.suppress < stop)] - start
-        if not len(hit) and not len(gone):
+        if not hit.any() and not biased.any() and not len(gone):
             return logits
         logits = logits.copy()
-        logits[hit] = self._penalty(logits[hit])
+        logits[self.bias_ids[biased] - start] += self.bias[biased]
+        at = penalized.ids[hit] - start
+        logits[at] = penalized.apply(logits[at], hit)
         logits[gone] = -np.inf
         return logits
-
-    def _penalty(self, logits: np.ndarray) -> np.ndarray:
-        penalty = self.params.repetition_penalty
-        return np.where(logits > 0, logits / penalty, logits * penalty)
 
     def distribution(self, row: np.ndarray, history: Sequence[int]) -> Distribution:
         """What a sample is drawn from: adjusted logits / temperature, softmax, then top-k,
@@ -320,10 +396,9 @@ class Sampler:
         could reach min-p gives None), top-p needs `totals` [rows], each adjusted row's sum
         of exp((l - max) / temperature) over the vocabulary (its chunk masses; nan where
         unknown), and gives None where the candidates above the largest left out hold less
-        than top_p of it. The repetition penalty and suppression only lower logits, unless
-        the penalty is under 1: then None too. The rows are filtered as one array: numpy's
-        cost per call, not per element, is what a few hundred candidates cost, so 16 rows
-        take ~2x one row."""
+        than top_p of it. The adjustments only lower logits unless params.lifts: then None
+        too. The rows are filtered as one array: numpy's cost per call, not per element, is
+        what a few hundred candidates cost, so 16 rows take ~2x one row."""
         p = self.params
         rows, width = values.shape
         nucleus = p.top_k == 0  # top-p and min-p over the whole row, top-p by its mass
@@ -331,7 +406,7 @@ class Sampler:
             served = (p.min_p > 0 or p.top_p < 1) and (p.top_p == 1 or totals is not None)
         else:
             served = p.top_k <= width
-        if not served or p.repetition_penalty < 1:
+        if not served or p.lifts:
             return [None] * rows
         keep = width if nucleus else p.top_k
         ids = ids.astype(np.int64)
@@ -346,10 +421,18 @@ class Sampler:
         reordered = False  # whether an adjustment may have broken the falling order
         for r, history in enumerate(histories):
             penalized = self._penalized(history)
-            hit = np.isin(ids[r], penalized) if len(penalized) else None
-            if hit is not None and hit.any():
-                values[r, hit] = self._penalty(values[r, hit])
+            if not len(penalized.ids):
+                continue
+            at = np.minimum(np.searchsorted(penalized.ids, ids[r]), len(penalized.ids) - 1)
+            hit = penalized.ids[at] == ids[r]
+            if hit.any():
+                values[r, hit] = penalized.apply(values[r, hit], at[hit])
                 reordered = True
+        if len(self.bias_ids):  # biases here are never positive (params.lifts)
+            at = np.minimum(np.searchsorted(self.bias_ids, ids), len(self.bias_ids) - 1)
+            hit = self.bias_ids[at] == ids
+            values[hit] += self.bias[at[hit]]
+            reordered |= bool(hit.any())
         if len(self.suppress):
             hit = np.isin(ids, self.suppress)
             values[hit] = -np.inf
@@ -471,9 +554,9 @@ class Sampler:
         """A chunked row's adjust() and the ids it changes; None where nothing changes,
         _WHOLE_ROW where so many chunks change that the whole row is cheaper."""
         penalized = self._penalized(history)
-        if not len(penalized) and not len(self.suppress):
+        adjusted = self._touched(penalized)
+        if not len(adjusted):
             return None
-        adjusted = np.union1d(penalized, self.suppress)
         if len(np.unique(adjusted // MASS_CHUNK)) > _MAX_ADJUSTED_CHUNKS:
             return _WHOLE_ROW
         return (lambda start, logits: self._adjusted_span(start, logits, penalized)), adjusted
@@ -525,16 +608,15 @@ class Sampler:
                histories: Sequence[Sequence[int]]) -> tuple[list[int], list[float]]:
         """A token per row and its confidence (its probability under the distribution it was
         chosen from). Greedy reads argmax/prob; a full row is fetched only where the argmax
-        itself is penalized or suppressed, or where a penalty under 1 lifts any logit (a
-        penalized id may then overtake the argmax). Sampling reads distributions()."""
+        itself is adjusted, or where an adjustment may lift a logit past it (params.lifts).
+        Sampling reads distributions()."""
         if not self.greedy:
             return self.draw_each(self.distributions(step, rows, histories))
         ids = [int(step.argmax[r]) for r in rows]
         conf = [float(step.prob[r]) for r in rows]
-        lifts = self.params.repetition_penalty < 1
         for i, (r, hist) in enumerate(zip(rows, histories)):
-            penalized = self._penalized(hist)
-            if ids[i] in self.suppress or ids[i] in penalized or (lifts and len(penalized)):
+            touched = self._touched_ids(hist)
+            if ids[i] in touched or (self.params.lifts and touched):
                 adjusted = self.adjust(step.logits(r, r + 1)[0], hist)
                 ids[i] = int(adjusted.argmax())
                 conf[i] = float(softmax64(adjusted)[ids[i]])
