@@ -13,7 +13,7 @@ import pytest
 from test_server_harness import (ReferenceEngine, chat_prompt_ids, greedy_reference, serve)
 from trimode.model.reference import ReferenceForward
 from trimode.runtime.decode import DecodeParams
-from trimode.runtime.generation import GenerationRequest, generate
+from trimode.runtime.generation import GenerationRequest, SamplingParams, generate
 from trimode.runtime.healing import heal
 from trimode.runtime.server.app import ServerSettings
 
@@ -140,6 +140,25 @@ def test_same_seed_same_sample(client):
                                          extra_body={"mode": "ar"}).choices[0].text
     assert sample(11) == sample(11)
     assert len({sample(seed) for seed in (1, 2, 3, 4)}) > 1
+
+
+def test_penalties_and_logit_bias_shape_the_reply(engine, client):
+    """The OpenAI client's frequency_penalty, presence_penalty and logit_bias (and
+    llama-server's repeat_penalty) give what generate() gives with those settings on the
+    float64 reference; banning the greedy reply's first token moves it."""
+    prompt = [1, 400, 401, 402, 403]
+    plain, _ = expected_text(engine, prompt, 8)
+    fields = dict(frequency_penalty=1.5, presence_penalty=0.5, logit_bias={str(plain[0]): -100})
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                      extra_body={"mode": "spec", "draft_length": 3,
+                                                  "repeat_penalty": 1.2}, **fields)
+    sampling = SamplingParams(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.2,
+                              penalty_last_n=64, logit_bias=((plain[0], -100.0),))
+    *_, done = generate(ReferenceForward(engine.model, 64), engine.tokenizer,
+                        GenerationRequest(prompt_ids=tuple(prompt), max_tokens=8, sampling=sampling,
+                                          decode=DecodeParams(mode="ar")))
+    assert done.tokens[0] != plain[0]
+    assert reply.choices[0].text == engine.tokenizer.decode(done.tokens)
 
 
 def test_spec_and_ar_give_the_same_greedy_text(client):

@@ -55,6 +55,15 @@ BAD_CHAT_FIELDS = {
     "logprobs": (chat(logprobs=True), "logprobs"),
     "tools": (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tool"),
     "giant seed": (chat(seed=10 ** 30), "seed"),
+    "frequency penalty past OpenAI's range": (chat(frequency_penalty=3.0), "frequency_penalty"),
+    "presence penalty a string": (chat(presence_penalty="high"), "presence_penalty"),
+    "zero repeat penalty": (chat(repeat_penalty=0), "repeat_penalty"),
+    "repeat_last_n under -1": (chat(repeat_last_n=-2), "repeat_last_n"),
+    "logit bias key not an id": (chat(logit_bias={"hello": 1}), "token id"),
+    "logit bias past 100": (chat(logit_bias={"5": 500}), "logit_bias"),
+    "logit bias a list": (chat(logit_bias=[[5, 1.0]]), "logit_bias"),
+    "logit bias id out of vocabulary": (chat(logit_bias={"1000000": -1}), "vocabulary"),
+    "huge logit bias": (chat(logit_bias={str(i): -1 for i in range(5000)}), "logit_bias"),
 }
 
 BAD_COMPLETION_FIELDS = {

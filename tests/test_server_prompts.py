@@ -56,10 +56,32 @@ def test_previous_reply_tokens_are_penalized(tiny_model, tokenizer):
         {"role": "user", "content": "more"}, {"role": "assistant", "content": reply},
         {"role": "user", "content": "again"}]})
     req = chat_request(body, tokenizer, settings(tiny_model))
-    assert req.sampling.repetition_penalty == PREVIOUS_REPLY_PENALTY == 1.3
+    assert req.sampling.ids_penalty == PREVIOUS_REPLY_PENALTY == 1.3
     assert set(req.sampling.penalty_ids) == set(tokenizer.encode(reply))
+    assert req.sampling.repetition_penalty == 1.0  # the recent tokens only when asked
     first_turn = chat_request(chat(), tokenizer, settings(tiny_model))
-    assert first_turn.sampling.repetition_penalty == 1.0 and first_turn.sampling.penalty_ids == ()
+    assert first_turn.sampling.ids_penalty == 1.0 and first_turn.sampling.penalty_ids == ()
+    # a request's own repetition penalty applies to its window beside the reply's
+    asked = body.model_copy(update={"repeat_penalty": 1.1, "repeat_last_n": 16})
+    req = chat_request(asked, tokenizer, settings(tiny_model))
+    assert (req.sampling.repetition_penalty, req.sampling.penalty_last_n, req.sampling.ids_penalty) == (1.1, 16, 1.3)
+
+
+def test_penalties_and_logit_bias_reach_the_sampler(tiny_model, tokenizer):
+    """OpenAI's frequency/presence penalties and logit_bias, llama-server's repeat_penalty
+    and repeat_last_n (-1: the slot's context; 64 when not given), vLLM's repetition_penalty."""
+    s = settings(tiny_model, slot_ctx=100)
+    body = CompletionRequest.model_validate({
+        "prompt": [1, 2, 3], "frequency_penalty": 0.5, "presence_penalty": -0.25,
+        "repeat_penalty": 1.2, "logit_bias": {"17": -100, "4": 2.5}})
+    got = completion_request(body, tokenizer, s).sampling
+    assert (got.frequency_penalty, got.presence_penalty, got.repetition_penalty) == (0.5, -0.25, 1.2)
+    assert got.penalty_last_n == 64 and got.logit_bias == ((17, -100.0), (4, 2.5))
+    whole = CompletionRequest.model_validate({"prompt": [1], "repeat_last_n": -1, "repetition_penalty": 1.3})
+    got = completion_request(whole, tokenizer, s).sampling
+    assert got.penalty_last_n == 100 and got.repetition_penalty == 1.3
+    plain = completion_request(CompletionRequest.model_validate({"prompt": [1]}), tokenizer, s).sampling
+    assert not plain.penalizes_window and not plain.lifts and plain.logit_bias == ()
 
 
 def test_text_parts_are_joined(tiny_model, tokenizer):

@@ -18,6 +18,8 @@ from trimode.runtime.server.schemas import (ChatCompletionRequest, CompletionReq
                                             SamplingFields)
 
 PREVIOUS_REPLY_PENALTY = 1.3
+# llama-server's window for the penalties when a request names none.
+DEFAULT_REPEAT_LAST_N = 64
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ def chat_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
     penalized = tuple(sorted(set(tokenizer.encode(replies[-1])))) if replies else ()
     suppress = () if reasoning else tuple(
         i for i in (tokenizer.think_open_id, tokenizer.think_close_id) if i is not None)
-    return _generation_request(body, ids, body.token_limit(), settings, penalized, suppress)
+    return _generation_request(body, ids, body.token_limit(), settings, penalized, suppress,
+                               len(tokenizer))
 
 
 def completion_request(body: CompletionRequest, tokenizer: Tokenizer,
@@ -62,7 +65,7 @@ def completion_request(body: CompletionRequest, tokenizer: Tokenizer,
         if max(ids) >= len(tokenizer):
             raise APIError(400, f"prompt token id {max(ids)} is outside the vocabulary of "
                            f"{len(tokenizer)}", "prompt")
-    request = _generation_request(body, ids, body.token_limit(), settings, (), ())
+    request = _generation_request(body, ids, body.token_limit(), settings, (), (), len(tokenizer))
     return heal(tokenizer, request) if body.token_healing and isinstance(body.prompt, str) else request
 
 
@@ -72,13 +75,18 @@ def _bos(tokenizer: Tokenizer) -> str:
 
 def _generation_request(body: SamplingFields, ids: list[int], max_tokens: int | None,
                         settings: PromptSettings, penalized: tuple[int, ...],
-                        suppress: tuple[int, ...]) -> GenerationRequest:
+                        suppress: tuple[int, ...], vocab: int) -> GenerationRequest:
+    bias = body.biases()
+    if bias and max(i for i, _ in bias) >= vocab:
+        raise APIError(400, f"logit_bias names token id {max(i for i, _ in bias)}, outside the "
+                       f"vocabulary of {vocab}", "logit_bias")
     if not ids:
         raise APIError(400, "the prompt is empty: at least one token is needed", "prompt")
     room = settings.slot_ctx - len(ids)
     if room <= 0:
         raise APIError(400, f"the prompt has {len(ids)} tokens but the context holds "
                        f"{settings.slot_ctx} per slot (-c / -np); shorten the prompt", "messages")
+    last_n = _given(body.repeat_last_n, DEFAULT_REPEAT_LAST_N)
     defaults = SamplingParams()
     sampling = SamplingParams(
         temperature=_given(body.temperature, defaults.temperature),
@@ -87,8 +95,12 @@ def _generation_request(body: SamplingFields, ids: list[int], max_tokens: int | 
         min_p=_given(body.min_p, defaults.min_p),
         # A negative seed asks for a random one, as in llama-server.
         seed=body.seed if body.seed is not None and body.seed >= 0 else None,
-        repetition_penalty=PREVIOUS_REPLY_PENALTY if penalized else 1.0,
-        penalty_ids=penalized)
+        repetition_penalty=_given(body.repeat_penalty, defaults.repetition_penalty),
+        frequency_penalty=_given(body.frequency_penalty, defaults.frequency_penalty),
+        presence_penalty=_given(body.presence_penalty, defaults.presence_penalty),
+        penalty_last_n=settings.slot_ctx if last_n == -1 else last_n,
+        penalty_ids=penalized, ids_penalty=PREVIOUS_REPLY_PENALTY if penalized else 1.0,
+        logit_bias=bias)
     d = settings.decode
     decode = DecodeParams(mode=_given(body.mode, d.mode),
                           draft_length=_given(body.draft_length, d.draft_length),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from trimode.runtime.decode import MAX_BLOCK, MODES
 
@@ -16,6 +16,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 4096
 MAX_TOKEN_IDS = 1 << 20
+MAX_LOGIT_BIAS = 4096
 
 
 
@@ -53,6 +54,17 @@ class SamplingFields(_Body):
     top_p: Optional[Annotated[float, Field(strict=True, gt=0.0, le=1.0)]] = None
     top_k: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
     min_p: Optional[Annotated[float, Field(strict=True, ge=0.0, le=1.0)]] = None
+    # OpenAI's penalties (its range), and llama-server's repetition penalty over the last
+    # repeat_last_n tokens of prompt + reply (-1: the whole context), which vLLM clients
+    # send as repetition_penalty
+    frequency_penalty: Optional[Annotated[float, Field(strict=True, ge=-2.0, le=2.0)]] = None
+    presence_penalty: Optional[Annotated[float, Field(strict=True, ge=-2.0, le=2.0)]] = None
+    repeat_penalty: Optional[Annotated[float, Field(strict=True, gt=0.0, le=10.0)]] = Field(
+        None, validation_alias=AliasChoices("repeat_penalty", "repetition_penalty"))
+    repeat_last_n: Optional[Annotated[int, Field(strict=True, ge=-1)]] = None
+    # OpenAI's: token id (as a string, JSON's object keys) -> bias added to its logit
+    logit_bias: Optional[Annotated[dict[str, Annotated[float, Field(strict=True, ge=-100.0, le=100.0)]],
+                                   Field(max_length=MAX_LOGIT_BIAS)]] = None
     seed: Optional[StrictInt] = None
     stop: Optional[Union[Text, list[Text]]] = None
     stream: StrictBool = False
@@ -78,6 +90,17 @@ class SamplingFields(_Body):
         if wanted:
             raise ValueError("logprobs are not supported")
         return wanted
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: Optional[dict]) -> Optional[dict]:
+        for key in bias or {}:
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+        return bias
+
+    def biases(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(key), value) for key, value in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
