@@ -13,7 +13,7 @@ from trimode.cli import cli
 from trimode.cli.generate import build_prompt
 from trimode.model.reference import ReferenceForward, ReferenceModel
 from trimode.model.tokenizer import Tokenizer
-from trimode.runtime.generation import DecodeParams, GenerationRequest, generate
+from trimode.runtime.generation import DecodeParams, GenerationRequest, SamplingParams, generate
 from trimode.runtime.healing import heal
 
 PROMPT = [1, 400, 77, 1023, 5, 1900, 64]
@@ -54,6 +54,26 @@ def test_json_tokens_equal_the_float64_reference(tiny_gguf, tokenizer, reference
         assert stats["forwards"] == 16
     else:  # two passes a cycle, one when a cycle has room for no draft
         assert 1 + stats["cycles"] < stats["forwards"] <= 1 + 2 * stats["cycles"]
+
+
+@pytest.mark.parametrize("mode", ["ar", "spec"])
+def test_penalties_and_logit_bias_equal_the_reference(tiny_gguf, tiny_model, tokenizer,
+                                                      reference_tokens, mode):
+    """llama.cpp's --presence-penalty, --frequency-penalty and -l ID-inf (a ban) through the
+    compiled model give the float64 reference's tokens under the same settings."""
+    banned = reference_tokens[0]
+    result = invoke("-m", str(tiny_gguf), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "16",
+                    "--mode", mode, "--presence-penalty", "0.5", "--frequency-penalty", "1.0",
+                    "--repeat-last-n", "8", "-l", f"{banned}-inf", "-l", "7+0.5", "--json",
+                    "--no-loop-detection", "--target", "llvm", "-c", "256")
+    assert result.exit_code == 0, result.stderr
+    suppress = tuple(i for i in (tokenizer.think_open_id, tokenizer.think_close_id) if i is not None)
+    sampling = SamplingParams(presence_penalty=0.5, frequency_penalty=1.0, penalty_last_n=8,
+                              logit_bias=((banned, -1e30), (7, 0.5)))
+    request = GenerationRequest(prompt_ids=tuple(PROMPT), max_tokens=16, loop_detection=False,
+                                decode=DecodeParams(mode="ar"), suppress_ids=suppress, sampling=sampling)
+    want = greedy_text_reference(tiny_model, tokenizer, request)
+    assert json.loads(result.stdout)["tokens"] == want and want[0] != banned
 
 
 def greedy_text_reference(tiny_model, tokenizer, request):
@@ -120,6 +140,10 @@ def test_chat_prompt_closes_the_think_block(tokenizer, tiny_model):
     (["-p", "a", "--diffusion-self-spec", "--mode", "ar"], "contradicts"),
     (["-p", "a", "--mode", "fast"], "'fast' is not one of"),
     (["-p", "a", "-c", "1"], "at least 2"),
+    (["-p", "a", "-l", "15+x"], "TOKEN_ID+BIAS"),
+    (["-p", "a", "-l", "15"], "TOKEN_ID+BIAS"),
+    (["-p", "a", "-l", "15+inf"], "logit_bias"),
+    (["-p", "a", "--repeat-penalty", "0"], "repetition_penalty"),
 ])
 def test_usage_errors(tiny_gguf, args, message):
     result = CliRunner().invoke(cli, ["generate", "-m", str(tiny_gguf), *args])

@@ -3,6 +3,7 @@ so `trimode generate` never pays for importing the TVM compiler."""
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 import click
@@ -59,6 +60,26 @@ class IntList(click.ParamType):
 
 
 INT_LIST = IntList()
+
+
+class LogitBias(click.ParamType):
+    """llama.cpp's `-l TOKEN_ID(+/-)BIAS`, e.g. `15043+1` or `15043-inf` -> (15043, 1.0)."""
+    name = "ID+BIAS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*([+-].+)", str(value))
+        try:
+            bias = float(match.group(2)) if match else None
+        except ValueError:
+            bias = None
+        if bias is None or bias != bias:
+            self.fail(f"expected TOKEN_ID+BIAS or TOKEN_ID-BIAS, e.g. 15043+1, got {value!r}", param, ctx)
+        return int(match.group(1)), max(bias, -1e30)  # -inf bans the token, as a huge negative
+
+
+LOGIT_BIAS = LogitBias()
 
 
 class OneLineError(click.ClickException):

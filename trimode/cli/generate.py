@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from trimode.cli import INT_LIST
+from trimode.cli import INT_LIST, LOGIT_BIAS
 from trimode.model.default_model import model_or_default
 
 from trimode.runtime.decode import (DEFAULT_BLOCK_LENGTH, DEFAULT_DRAFT_LENGTH, DEFAULT_THRESHOLD,
@@ -67,7 +67,13 @@ def stats_line(stats: dict, finish: str) -> str:
 @click.option("--min-p", type=float, default=0.0, show_default=True, help="0: off")
 @click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="1: off")
 @click.option("--repeat-last-n", type=int, default=64, show_default=True,
-              help="tokens the repeat penalty looks back over")
+              help="tokens the penalties look back over")
+@click.option("--presence-penalty", type=float, default=0.0, show_default=True,
+              help="subtracted from the logit of each token among them; 0: off")
+@click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
+              help="times each token's count among them, subtracted from its logit; 0: off")
+@click.option("-l", "--logit-bias", type=LOGIT_BIAS, multiple=True,
+              help="add BIAS to a token's logit, e.g. 15043+1 or 15043-inf (repeatable)")
 @click.option("--draft-length", "--diffusion-draft-length", "draft_length", type=int,
               default=DEFAULT_DRAFT_LENGTH, show_default=True, help="masked slots per self-speculation cycle")
 @click.option("--block-length", "--diffusion-block-length", "block_length", type=int,
@@ -93,7 +99,8 @@ def stats_line(stats: dict, finish: str) -> str:
 @click.option("-ngl", "--n-gpu-layers", type=int, help="accepted and ignored (all layers run on --target)")
 @click.option("-fa", "--flash-attn", help="accepted and ignored (attention is always fused)")
 def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_self_spec, temp,
-             seed, top_k, top_p, min_p, repeat_penalty, repeat_last_n, draft_length, block_length,
+             seed, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
+             frequency_penalty, logit_bias, draft_length, block_length,
              threshold, diffusion_steps, stop, chat, token_healing, reasoning, ctx_size, as_json,
              no_loop_detection, target, threads, n_gpu_layers, flash_attn):
     """Generate a reply to one prompt."""
@@ -125,7 +132,9 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
     # Settings are checked before the model loads (which may compile for minutes).
     sampling = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                               seed=None if seed is None or seed < 0 else seed,
-                              repetition_penalty=repeat_penalty, penalty_last_n=repeat_last_n)
+                              repetition_penalty=repeat_penalty, penalty_last_n=repeat_last_n,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              logit_bias=tuple(logit_bias))
     decode = DecodeParams(mode=mode, draft_length=draft_length, block_length=block_length,
                           threshold=threshold)
     problem = sampling.problem() or decode.problem()
