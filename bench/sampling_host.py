@@ -45,7 +45,12 @@ SETTINGS = {
         dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
     "OpenAI default (T 1)": dict(temperature=1.0),
     TOP_P: dict(temperature=0.7, top_p=0.9),
+    # greedy reads each row's argmax; the penalty's window decides whether a row is fetched
+    "greedy": dict(temperature=0.0),
+    "greedy, repeat penalty 1.1 (last 64)": dict(temperature=0.0, repetition_penalty=1.1, penalty_last_n=64),
 }
+# what precedes every timed row (only a penalty reads it): a prompt's worth of ids
+HISTORY = list(range(1000, 1256))
 TEMPERATURE_ONLY = dict(temperature=0.7)  # the model card's request (chunk masses at its T)
 
 
@@ -68,11 +73,11 @@ def ms_per_row(module, params: dict, logits: np.ndarray, repeat: int, top=None) 
                           a.astype(np.float32) for a in chunk_masses(logits, inv_t)),
                       fetch_span=lambda row, start, stop: logits[row, start:stop])
     sampler = module.Sampler(module.SamplingParams(seed=0, **params))
-    sampler.choose(step, range(1), [[]])  # warm-up
+    sampler.choose(step, range(1), [HISTORY])  # warm-up
     best = float("inf")
     for _ in range(repeat):
         started = time.perf_counter()
-        sampler.choose(step, range(len(logits)), [[]] * len(logits))
+        sampler.choose(step, range(len(logits)), [HISTORY] * len(logits))
         best = min(best, time.perf_counter() - started)
     return best / len(logits) * 1e3
 
@@ -209,7 +214,7 @@ def main() -> None:
                 module = baseline[0] if source.startswith("baseline") else sampling
                 times[source] = ms_per_row(module, params, logits, args.repeat,
                                            tops[kind] if with_top else None)
-            line = f"| {name} | {kind} |" + "".join(f" {t:.3f} |" for t in times.values())
+            line = f"| {name} | {kind} |" + "".join(f" {t:.4f} |" for t in times.values())
             for source, t in times.items():
                 if source.startswith("baseline"):
                     line += f" {t / times[source.replace('baseline', 'this')]:.1f} |"
