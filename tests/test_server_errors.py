@@ -64,6 +64,13 @@ BAD_CHAT_FIELDS = {
     "logit bias a list": (chat(logit_bias=[[5, 1.0]]), "logit_bias"),
     "logit bias id out of vocabulary": (chat(logit_bias={"1000000": -1}), "vocabulary"),
     "huge logit bias": (chat(logit_bias={str(i): -1 for i in range(5000)}), "logit_bias"),
+    "JSON mode": (chat(response_format={"type": "json_object"}), "response_format is not supported"),
+    "typical-p sampling": (chat(typical_p=0.9), "typical_p is not supported"),
+    "a grammar": (chat(grammar="root ::= \"a\""), "grammar is not supported"),
+    "mirostat": (chat(mirostat=2), "mirostat is not supported"),
+    "ignore_eos": (chat(ignore_eos=True), "ignore_eos is not supported"),
+    "tool_choice required": (chat(tool_choice="required"), "tool_choice is not supported"),
+    "negative n_predict": ({"messages": USER, "n_predict": -1}, "n_predict"),
 }
 
 BAD_COMPLETION_FIELDS = {
@@ -73,6 +80,8 @@ BAD_COMPLETION_FIELDS = {
     "negative token id": ({"prompt": [1, -5]}, "prompt"),
     "prompt longer than the context": ({"prompt": [1] + [300] * 500}, "context"),
     "echo": ({"prompt": "x", "echo": True}, "echo"),
+    "suffix (fill in the middle)": ({"prompt": "x", "suffix": "y"}, "suffix is not supported"),
+    "best_of 3": ({"prompt": "x", "best_of": 3}, "best_of is not supported"),
 }
 
 

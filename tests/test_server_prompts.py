@@ -134,3 +134,12 @@ def test_a_completion_prompt_that_starts_with_bos_gets_one_bos():
     assert plain[0] == tok.bos_id and plain.count(tok.bos_id) == 1
     assert encode_prompt(tok, "<s>def f():", add_bos=True) == plain
     assert encode_prompt(tok, "def f():", add_bos=False) == plain[1:]
+
+
+def test_fields_left_at_their_neutral_values_are_accepted(tiny_model, tokenizer):
+    """What OpenAI clients send by default (response_format text, tool_choice none, ...)
+    passes; llama-server's n_predict is max_tokens."""
+    body = ChatCompletionRequest.model_validate({
+        "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "text"},
+        "tool_choice": "none", "typical_p": 1.0, "top_logprobs": 0, "n_predict": 3, "user": "u"})
+    assert chat_request(body, tokenizer, settings(tiny_model)).max_tokens == 3

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator,
+                      model_validator)
 
 from trimode.runtime.decode import MAX_BLOCK, MODES
 
@@ -42,6 +43,28 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# Fields of OpenAI's API and llama-server's that change the answer and that we do not
+# implement, with the values that leave it unchanged: any other value is a 400, never a
+# silently different reply.
+NEUTRAL_VALUES = {
+    "response_format": (None, {"type": "text"}),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "tool_choice": (None, "none", "auto"),
+    "top_logprobs": (None, 0),
+    "n_probs": (None, 0),
+    "ignore_eos": (None, False),
+    "grammar": (None, ""),
+    "json_schema": (None, {}),
+    "typical_p": (None, 1, 1.0),
+    "mirostat": (None, 0),
+    "dynatemp_range": (None, 0, 0.0),
+    "dry_multiplier": (None, 0, 0.0),
+    "xtc_probability": (None, 0, 0.0),
+    "top_n_sigma": (None, -1, -1.0),
+}
+
+
 class StreamOptions(_Body):
     include_usage: StrictBool = False
 
@@ -49,7 +72,9 @@ class StreamOptions(_Body):
 class SamplingFields(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
     model: Optional[str] = None
-    max_tokens: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
+    # llama-server also reads its native n_predict here
+    max_tokens: Optional[Annotated[int, Field(strict=True, ge=0)]] = Field(
+        None, validation_alias=AliasChoices("max_tokens", "n_predict"))
     temperature: Optional[Annotated[float, Field(strict=True, ge=0.0, le=2.0)]] = None
     top_p: Optional[Annotated[float, Field(strict=True, gt=0.0, le=1.0)]] = None
     top_k: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
@@ -76,6 +101,15 @@ class SamplingFields(_Body):
     draft_length: Optional[Annotated[int, Field(strict=True, ge=0, lt=MAX_BLOCK)]] = None
     block_length: Optional[Annotated[int, Field(strict=True, ge=1, le=MAX_BLOCK)]] = None
     threshold: Optional[Annotated[float, Field(strict=True, ge=0.0, le=1.0)]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_what_we_do_not_do(cls, body):
+        if isinstance(body, dict):
+            for name, neutral in NEUTRAL_VALUES.items():
+                if name in body and not any(type(body[name]) is type(v) and body[name] == v for v in neutral):
+                    raise ValueError(f"{name} is not supported (got {body[name]!r})")
+        return body
 
     @field_validator("n")
     @classmethod
