@@ -6,7 +6,9 @@
 #                                                      KERNEL_BENCHES=1: also every kernel
 #                                                      candidate and the attention kernels)
 #          EAGER=0 skips the 14B without CUDA graphs (timed at fill 512 beside the graph build),
-#          PLAIN=0 the 14B with graphs but without programmatic dependent launch (likewise)
+#          PLAIN=0 the 14B with graphs but without programmatic dependent launch (likewise),
+#          BLOCK16=0 the T = 16 block at fills 512 and 32768; BUDGET=560 (s): the parts after
+#          the first are cut or skipped to end within it (most valuable first)
 #          FROM_DISK=1 bash bench/gpu_check.sh        (also: write a 14B GGUF there and load
 #                                                      the bench's weights from it, timed)
 # It checks the CUDA build against the float64 reference on a tiny model (fp16 tolerance
@@ -39,32 +41,43 @@ timeout 330 python3 bench/gpu_check.py --tiny-artifact .carry/artifacts/tiny \
 status=${PIPESTATUS[0]}
 stage() { echo "[gpu_check] $1 done at ${SECONDS}s"; }  # what each part costs of the device call
 stage "correctness + bench"
-
-if [ "${EAGER:-1}" = 1 ] && [ -d .carry/artifacts/14b-eager ]; then  # the same steps without CUDA graphs
-  timeout 120 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b-eager \
-    --geometry 14b --fills 512 --prefill 16 --repeat 5 --json-out "$OUT/gpu_check_eager.json" 2>&1 | tail -16
-  stage "without CUDA graphs"
+# The later parts, most valuable first, each cut to what is left of BUDGET seconds (under the
+# device call's 600 s limit, so the table below is printed and $OUT comes back whole).
+BUDGET=${BUDGET:-560}
+left() {  # seconds part $1 may take: its own limit $2, or what the budget has left
+  local rest=$((BUDGET - SECONDS - 15))
+  if [ "$rest" -lt 30 ]; then echo "[gpu_check] skipped $1: ${rest}s of the budget left" >&2; return 1; fi
+  echo $(( $2 < rest ? $2 : rest ))
+}
+# the default draft block (draft length 15 + 1) beside the T = 32 above, at 512 and at a 32k
+# cache (issue 7: attention at 32k must not become the bottleneck)
+if [ "${BLOCK16:-1}" = 1 ] && t=$(left "T = 16" 180); then
+  timeout "$t" python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b \
+    --geometry 14b --block 16 --prefill 16 --fills 512,32768 --json-out "$OUT/gpu_check_block16.json" 2>&1 | tail -17
+  stage "T = 16, fills 512 and 32768"
 fi
-if [ "${PLAIN:-1}" = 1 ] && [ -d .carry/artifacts/14b-plain ]; then  # CUDA graphs, no dependent launch
-  timeout 150 python3 bench/gpu_check.py --tiny-artifact .carry/artifacts/tiny-plain --no-torch \
+# the per-kernel benches of bench/NOTES-*.md (KERNELS=1 prepare): the Q8_0 candidates'
+# times are what `trimode tune --results $OUT/q8_results.json` files here
+if [ "${KERNEL_BENCHES:-0}" = 1 ]; then
+  if t=$(left "Q8_0 kernels" 300); then
+    timeout "$t" python3 bench/gpu_kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -22
+    stage "Q8_0 kernels"
+  fi
+  if t=$(left "attention kernels" 120); then
+    timeout "$t" python3 bench/gpu_attention.py .carry/attention "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -18
+    stage "attention kernels"
+  fi
+fi
+if [ "${PLAIN:-1}" = 1 ] && [ -d .carry/artifacts/14b-plain ] && t=$(left "without dependent launch" 150); then
+  timeout "$t" python3 bench/gpu_check.py --tiny-artifact .carry/artifacts/tiny-plain --no-torch \
     --bench-artifact .carry/artifacts/14b-plain --geometry 14b --fills 512 --prefill 16 --repeat 5 \
     --json-out "$OUT/gpu_check_plain.json" 2>&1 | grep -v "^  ok" | tail -20
   stage "without dependent launch"
 fi
-# the default draft block (draft length 15 + 1) beside the T = 32 above, at 512 and at a 32k
-# cache (issue 7: attention at 32k must not become the bottleneck)
-if [ "${BLOCK16:-1}" = 1 ]; then
-  timeout 180 python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b \
-    --geometry 14b --block 16 --prefill 16 --fills 512,32768 --json-out "$OUT/gpu_check_block16.json" 2>&1 | tail -17
-  stage "T = 16, fills 512 and 32768"
-fi
-# the kernel benches last: the longest part, and what a device call cut short loses first
-if [ "${KERNEL_BENCHES:-0}" = 1 ]; then  # the per-kernel benches of bench/NOTES-*.md (KERNELS=1 prepare)
-  timeout 120 python3 bench/gpu_attention.py .carry/attention "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -18
-  stage "attention kernels"
-  # every Q8_0 candidate: $OUT/q8_results.json is what `trimode tune --results` files here
-  timeout 300 python3 bench/gpu_kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -22
-  stage "Q8_0 kernels"
+if [ "${EAGER:-1}" = 1 ] && [ -d .carry/artifacts/14b-eager ] && t=$(left "without CUDA graphs" 120); then
+  timeout "$t" python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b-eager \
+    --geometry 14b --fills 512 --prefill 16 --repeat 5 --json-out "$OUT/gpu_check_eager.json" 2>&1 | tail -16
+  stage "without CUDA graphs"
 fi
 if [ -f "$OUT/q8_results.json" ]; then  # each step against its matmuls timed alone (KERNEL_BENCHES=1)
   python3 bench/step_breakdown.py "$OUT" 2>&1 | tee "$OUT/step_breakdown.md"
