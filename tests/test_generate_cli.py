@@ -76,6 +76,19 @@ def test_penalties_and_logit_bias_equal_the_reference(tiny_gguf, tiny_model, tok
     assert json.loads(result.stdout)["tokens"] == want and want[0] != banned
 
 
+def test_spec_drafts_four_slots_on_the_cpu_by_default(tiny_gguf, reference_tokens):
+    """Without --draft-length, llvm drafts CPU_DRAFT_LENGTH slots a cycle (a pass costs its
+    rows there), still the reference's greedy tokens."""
+    result = invoke("-m", str(tiny_gguf), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "16",
+                    "--json", "--no-loop-detection", "--target", "llvm", "-c", "256")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["tokens"] == reference_tokens
+    stats = out["stats"]
+    # every cycle but the last few (fewer tokens left) drafts 4
+    assert stats["cycles"] * 4 >= stats["drafted_tokens"] > (stats["cycles"] - 4) * 4
+
+
 def greedy_text_reference(tiny_model, tokenizer, request):
     fwd = ReferenceForward(ReferenceModel(tiny_model.config, tiny_model.weights), 256)
     return [t for e in generate(fwd, tokenizer, request) for t in getattr(e, "ids", [])]

@@ -15,8 +15,8 @@ import click
 from trimode.cli import INT_LIST, LOGIT_BIAS
 from trimode.model.default_model import model_or_default
 
-from trimode.runtime.decode import (DEFAULT_BLOCK_LENGTH, DEFAULT_DRAFT_LENGTH, DEFAULT_THRESHOLD,
-                                    MODES)
+from trimode.runtime.decode import (CPU_DRAFT_LENGTH, DEFAULT_BLOCK_LENGTH, DEFAULT_DRAFT_LENGTH,
+                                    DEFAULT_THRESHOLD, MODES, draft_length_for)
 from trimode.runtime.forward import DEFAULT_CTX
 
 
@@ -75,7 +75,8 @@ def stats_line(stats: dict, finish: str) -> str:
 @click.option("-l", "--logit-bias", type=LOGIT_BIAS, multiple=True,
               help="add BIAS to a token's logit, e.g. 15043+1 or 15043-inf (repeatable)")
 @click.option("--draft-length", "--diffusion-draft-length", "draft_length", type=int,
-              default=DEFAULT_DRAFT_LENGTH, show_default=True, help="masked slots per self-speculation cycle")
+              help=f"masked slots per self-speculation cycle  [default: {DEFAULT_DRAFT_LENGTH} on cuda, "
+                   f"{CPU_DRAFT_LENGTH} on llvm]")
 @click.option("--block-length", "--diffusion-block-length", "block_length", type=int,
               default=DEFAULT_BLOCK_LENGTH, show_default=True, help="block diffusion block size")
 @click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
@@ -135,8 +136,10 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
                               repetition_penalty=repeat_penalty, penalty_last_n=repeat_last_n,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               logit_bias=tuple(logit_bias))
-    decode = DecodeParams(mode=mode, draft_length=draft_length, block_length=block_length,
-                          threshold=threshold)
+    from trimode.runtime.tvm_runtime import default_target
+    target = target or default_target()
+    decode = DecodeParams(mode=mode, block_length=block_length, threshold=threshold,
+                          draft_length=draft_length_for(target) if draft_length is None else draft_length)
     problem = sampling.problem() or decode.problem()
     if problem:
         raise click.UsageError(problem)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from trimode.runtime.decode import MAX_BLOCK, MODES, DecodeParams
+from trimode.runtime.decode import (CPU_DRAFT_LENGTH, DEFAULT_DRAFT_LENGTH, MAX_BLOCK, MODES, DecodeParams,
+                                    draft_length_for)
 
 
 @click.command()
@@ -31,9 +32,9 @@ from trimode.runtime.decode import MAX_BLOCK, MODES, DecodeParams
               help="How thinking text is returned; 'none' leaves it in the content (llama-server's name).")
 @click.option("--mode", type=click.Choice(MODES), default=DecodeParams.mode, show_default=True,
               help="Decoding mode of requests that do not choose one (their 'mode' field).")
-@click.option("--draft-length", default=DecodeParams.draft_length, show_default=True,
-              type=click.IntRange(0, MAX_BLOCK - 1),
-              help="Self-speculation: masked draft slots per cycle, unless a request sets draft_length.")
+@click.option("--draft-length", default=None, type=click.IntRange(0, MAX_BLOCK - 1),
+              help="Self-speculation: masked draft slots per cycle, unless a request sets draft_length  "
+                   f"[default: {DEFAULT_DRAFT_LENGTH} on a GPU, {CPU_DRAFT_LENGTH} on the CPU].")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
               help="Requests allowed to wait for a slot; beyond that new ones get a 503.")
 @click.option("-t", "--threads", default=None, type=click.IntRange(min=1),
@@ -55,13 +56,17 @@ def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, rea
     from trimode.model.config import ModelError
     from trimode.runtime.server.app import ServerSettings, create_app
 
+    from trimode.runtime.tvm_runtime import default_target
+    target = default_target()
+
     def load_engine():
         from trimode.runtime.engine import load_engine as load_compiled
-        return load_compiled(model_path)
+        return load_compiled(model_path, target)
 
     settings = ServerSettings(n_ctx=n_ctx, n_slots=n_slots, model_name=alias or model_path.name,
                               api_key=api_key, reasoning=reasoning == "on", max_queue=max_queue,
-                              decode=DecodeParams(mode=mode, draft_length=draft_length))
+                              decode=DecodeParams(mode=mode, draft_length=draft_length_for(target)
+                                                  if draft_length is None else draft_length))
     app = create_app(load_engine, settings)
     # Streams still open at Ctrl-C get a few seconds to finish, not their whole max_tokens.
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",

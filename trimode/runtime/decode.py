@@ -21,10 +21,18 @@ MODES = ("ar", "diffusion", "spec")
 # Masked slots per self-speculation cycle. With a per-slot acceptance rate a, a cycle yields
 # (1 - a^(K+1)) / (1 - a) tokens; NVIDIA's 6.8 tokens/cycle at K = 31 means a ~ 0.855, so
 # K = 15 keeps ~92% of K = 31's tokens/cycle (K = 4, the fork's: ~55%) with half the rows per
-# pass, and a 16-row pass of a 14B model is still weight-read bound on a GPU. On CPU (llvm,
-# tiny model) a pass costs ~2 ms + 0.8 ms/row, so there AR beats any K: CPU numbers cannot
-# choose K. To be confirmed by GPU measurement (tokens/s against K).
+# pass, and a 16-row pass of a 14B model is still weight-read bound on a GPU. To be confirmed
+# by GPU measurement (tokens/s against K).
 DEFAULT_DRAFT_LENGTH = 15
+# On a CPU a pass's matmuls are compute bound past a few rows (2 x params x rows flops), so
+# its cost grows with K: there the fork's K = 4 is the default (the default model: 2.5x the
+# decode speed of K = 15, the same tokens; BENCHMARKS.md).
+CPU_DRAFT_LENGTH = 4
+
+
+def draft_length_for(target: str) -> int:
+    """The draft length where the user names none, on `target` ('cuda' or 'llvm')."""
+    return CPU_DRAFT_LENGTH if target == "llvm" else DEFAULT_DRAFT_LENGTH
 DEFAULT_BLOCK_LENGTH = 32
 DEFAULT_THRESHOLD = 0.9
 
