@@ -17,6 +17,7 @@ from trimode.model.reference import ReferenceForward, ReferenceModel
 from trimode.runtime.forward import ContextFull, StepResult
 from trimode.runtime.generation import (DecodeParams, DoneEvent, GenerationRequest, RequestError,
                                         SamplingParams, TokenEvent, generate)
+from trimode.runtime.sampling import Sampler
 from trimode.runtime.stops import loop_found
 
 # A very small vocabulary, so random models repeat themselves, drafts sometimes match, and
@@ -259,6 +260,9 @@ def chi2_p(counts: dict, expected: dict, runs: int) -> float:
     assert set(counts) <= set(expected), set(counts) - set(expected)
     bins = {c: (counts.get(c, 0), runs * p) for c, p in expected.items() if runs * p >= 5}
     rest = [c for c in expected if c not in bins]
+    while rest and runs * sum(expected[c] for c in rest) < 5:  # the pool itself too small
+        rest.append(min(bins, key=lambda c: bins[c][1]))
+        del bins[rest[-1]]
     if rest:
         bins["rest"] = (sum(counts.get(c, 0) for c in rest), runs * sum(expected[c] for c in rest))
     assert len(bins) >= 3 and min(e for _, e in bins.values()) >= 5
@@ -338,7 +342,9 @@ def test_rejection_fetches_verify_rows_up_to_the_first_rejection():
         assert len(fetched) == min(len(tokens), 4) and tokens[0] == 0
 
 
-def test_spec_sampling_matches_ar_distribution():
+@pytest.mark.parametrize("adjustments", [
+    {}, dict(frequency_penalty=1.0, presence_penalty=0.5, penalty_last_n=3, logit_bias=((23, -1.5), (25, 2.5)))])
+def test_spec_sampling_matches_ar_distribution(adjustments):
     """End to end on the reference: the joint law of the first three tokens at temperature
     1.5 and top-k 2 (8 outcomes) against the exact AR probabilities. After the prefill's
     token, max_tokens 3 leaves room for a cycle of one draft: accepted, it brings the bonus
@@ -349,9 +355,11 @@ def test_spec_sampling_matches_ar_distribution():
     seed, prompt, temp, top_k, runs = 0, PROMPTS[0], 1.5, 2, 600
     model = micro_model(seed)
 
+    adjust = Sampler(SamplingParams(**adjustments)).adjust  # tested against llama.cpp's rule
+
     def law(context: tuple[int, ...]) -> np.ndarray:
-        logits = ReferenceForward(model, 16).causal(context).logits()[-1].astype(np.float64)
-        return _filtered(logits, temp, top_k)
+        logits = ReferenceForward(model, 16).causal(context).logits()[-1]
+        return _filtered(adjust(logits, list(context)).astype(np.float64), temp, top_k)
 
     expected: dict[tuple[int, ...], float] = {}
     p1 = law(prompt)
@@ -367,7 +375,7 @@ def test_spec_sampling_matches_ar_distribution():
     accepted = 0
     for i in range(runs):
         fwd.truncate(min(fwd.length, len(prompt)))  # reuse the cached prompt
-        sampling = SamplingParams(temperature=temp, top_k=top_k, seed=1000 + i)
+        sampling = SamplingParams(temperature=temp, top_k=top_k, seed=1000 + i, **adjustments)
         tokens, done, _ = run(fwd, prompt_ids=prompt, max_tokens=3, sampling=sampling,
                               decode=DecodeParams(mode="spec", draft_length=2), loop_detection=False)
         counts[tuple(tokens)] = counts.get(tuple(tokens), 0) + 1
