@@ -21,8 +21,8 @@ import numpy as np
 
 from trimode.runtime.forward import MASS_CHUNK, StepResult
 
-# adjust(start, logits): the logits of the chunk starting at id `start` after the repetition
-# penalty and suppression
+# adjust(start, logits): the logits of the chunk starting at id `start` after the logit bias,
+# the penalties and suppression
 Adjust = Callable[[int, np.ndarray], np.ndarray]
 
 
