@@ -227,3 +227,23 @@ def test_long_fills_are_prefilled_in_chunks(monkeypatch):
     fwd.causal([5] * 9)
     bench.fill_cache(fwd, list(range(40, 90)))
     assert calls[1:] == [(16, True), (16, True), (16, True), (2, True)] and fwd.length == 50
+
+
+def test_our_figures_survive_a_failing_torch_baseline(monkeypatch):
+    """The checkpoint gets our entries before torch runs; a torch that raises (say, out of
+    memory on the GPU) is reported in the report, which keeps every one of our rows."""
+    from trimode.runtime import bench
+
+    def out_of_memory(*_):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "bench_torch", out_of_memory)
+    cfg, load = bench.bench_loader(None, TINY, "llvm", None, lambda _: None)
+    plan = BenchPlan(fills=(20,), block=4, prefill=8, repeat=1)
+    seen = []
+    report = bench.run_bench(cfg, plan, "llvm", load, checkpoint=seen.append)
+    assert report["torch"] == {"available": False, "why": "failed: RuntimeError: CUDA out of memory"}
+    assert [r["entry"] for r in report["rows"]] == ["decode", "verify", "draft", "prefill"]
+    assert len(seen) == 1 and seen[0]["torch"]["why"] == "not run yet"
+    assert [r["seconds"] for r in seen[0]["rows"]] == [r["seconds"] for r in report["rows"]]
+    assert all(r["gb_per_s"] > 0 for r in seen[0]["rows"])

@@ -13,6 +13,7 @@ JSON-able dict; `render_table` prints it.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import resource
@@ -389,9 +390,11 @@ def _torch_rows(torch, model, plan: BenchPlan, device: str) -> list[dict]:
 
 
 def run_bench(cfg: ModelConfig, plan: BenchPlan, target: str, load: Callable[[], Loaded],
-              with_torch: bool = True) -> dict:
+              with_torch: bool = True, checkpoint: Callable[[dict], None] | None = None) -> dict:
     """The whole bench in one run: bandwidth, load, our entries, then torch (ours freed
-    first, so both fit on one GPU)."""
+    first, so both fit on one GPU). `checkpoint` gets the report of ours before torch runs,
+    and a torch that fails is reported, not raised: a device run cut short or a baseline
+    that does not fit loses none of our figures."""
     bandwidth, measured_by = copy_bandwidth(target)
     memory = MemoryWatch(target)
     loaded = load()
@@ -406,9 +409,17 @@ def run_bench(cfg: ModelConfig, plan: BenchPlan, target: str, load: Callable[[],
               **ours}
     del loaded
     gc.collect()
-    report["torch"] = (bench_torch(cfg, plan, target) if with_torch
-                       else {"available": False, "why": "not asked for"})
-    _add_derived(report, cfg, weight_bytes_per_step(cfg, quantized, act_bytes), act_bytes)
+    weight_bytes = weight_bytes_per_step(cfg, quantized, act_bytes)
+    if checkpoint is not None:
+        partial = copy.deepcopy({**report, "torch": {"available": False, "why": "not run yet"}})
+        _add_derived(partial, cfg, weight_bytes, act_bytes)
+        checkpoint(partial)
+    try:
+        report["torch"] = (bench_torch(cfg, plan, target) if with_torch
+                           else {"available": False, "why": "not asked for"})
+    except Exception as err:  # the baseline's failure (say, out of memory) is a finding too
+        report["torch"] = {"available": False, "why": f"failed: {type(err).__name__}: {err}"}
+    _add_derived(report, cfg, weight_bytes, act_bytes)
     return report
 
 
