@@ -51,14 +51,16 @@ left() {  # seconds part $1 may take: its own limit $2, or what the budget has l
 }
 # the default draft block (draft length 15 + 1) beside the T = 32 above, at 512 and at a 32k
 # cache (issue 7: attention at 32k must not become the bottleneck)
-if [ "${BLOCK16:-1}" = 1 ] && t=$(left "T = 16" 180); then
+block16() {
+  [ "${BLOCK16:-1}" = 1 ] && t=$(left "T = 16" 180) || return 0
   timeout "$t" python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b \
     --geometry 14b --block 16 --prefill 16 --fills 512,32768 --json-out "$OUT/gpu_check_block16.json" 2>&1 | tail -17
   stage "T = 16, fills 512 and 32768"
-fi
+}
 # the per-kernel benches of bench/NOTES-*.md (KERNELS=1 prepare): the Q8_0 candidates'
 # times are what `trimode tune --results $OUT/q8_results.json` files here
-if [ "${KERNEL_BENCHES:-0}" = 1 ]; then
+kernels() {
+  [ "${KERNEL_BENCHES:-0}" = 1 ] || return 0
   if t=$(left "Q8_0 kernels" 300); then
     timeout "$t" python3 bench/gpu_kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -22
     stage "Q8_0 kernels"
@@ -67,17 +69,25 @@ if [ "${KERNEL_BENCHES:-0}" = 1 ]; then
     timeout "$t" python3 bench/gpu_attention.py .carry/attention "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -18
     stage "attention kernels"
   fi
-fi
-if [ "${PLAIN:-1}" = 1 ] && [ -d .carry/artifacts/14b-plain ] && t=$(left "without dependent launch" 150); then
+}
+plain() {  # CUDA graphs, plain launches: tells a dependent-launch fault from the rest
+  [ "${PLAIN:-1}" = 1 ] && [ -d .carry/artifacts/14b-plain ] && t=$(left "without dependent launch" 150) || return 0
   timeout "$t" python3 bench/gpu_check.py --tiny-artifact .carry/artifacts/tiny-plain --no-torch \
     --bench-artifact .carry/artifacts/14b-plain --geometry 14b --fills 512 --prefill 16 --repeat 5 \
     --json-out "$OUT/gpu_check_plain.json" 2>&1 | grep -v "^  ok" | tail -20
   stage "without dependent launch"
-fi
-if [ "${EAGER:-1}" = 1 ] && [ -d .carry/artifacts/14b-eager ] && t=$(left "without CUDA graphs" 120); then
+}
+eager() {  # the same steps without CUDA graphs
+  [ "${EAGER:-1}" = 1 ] && [ -d .carry/artifacts/14b-eager ] && t=$(left "without CUDA graphs" 120) || return 0
   timeout "$t" python3 bench/gpu_check.py --skip-tiny --no-torch --bench-artifact .carry/artifacts/14b-eager \
     --geometry 14b --fills 512 --prefill 16 --repeat 5 --json-out "$OUT/gpu_check_eager.json" 2>&1 | tail -16
   stage "without CUDA graphs"
+}
+if [ "$status" = 0 ]; then
+  block16; kernels; plain; eager
+else  # the default build failed: the builds without dependent launch, then without graphs, say why
+  echo "[gpu_check] the default build's check failed (status $status): plain launches and eager next"
+  plain; eager; block16; kernels
 fi
 if [ -f "$OUT/q8_results.json" ]; then  # each step against its matmuls timed alone (KERNEL_BENCHES=1)
   python3 bench/step_breakdown.py "$OUT" 2>&1 | tee "$OUT/step_breakdown.md"

@@ -247,3 +247,18 @@ def test_our_figures_survive_a_failing_torch_baseline(monkeypatch):
     assert len(seen) == 1 and seen[0]["torch"]["why"] == "not run yet"
     assert [r["seconds"] for r in seen[0]["rows"]] == [r["seconds"] for r in report["rows"]]
     assert all(r["gb_per_s"] > 0 for r in seen[0]["rows"])
+
+
+def test_gpu_check_benches_even_when_the_tiny_check_raises(tmp_path):
+    """A tiny model that cannot even run (here: an artifact that is not there; on a GPU, say,
+    a refused graph capture) is a failed check, and the bench still runs and is written."""
+    out = tmp_path / "check.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--target", "llvm", "--geometry", "tiny",
+         "--tiny-artifact", str(tmp_path / "missing"), "--fills", "20", "--block", "4", "--prefill", "8",
+         "--repeat", "1", "--no-torch", "--json-out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 1, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [c["ok"] for c in report["checks"]] == [False] and report["checks"][0]["error"]
+    assert [r["entry"] for r in report["rows"]] == ["decode", "verify", "draft", "prefill"]
+    assert "FAIL tiny model" in done.stdout and "decode host enqueue" in done.stdout
