@@ -115,6 +115,14 @@ def test_make_model_and_info_commands(tmp_path):
     assert "bos 1, eos 11, mask 100" in text
 
 
+def test_info_without_a_model_describes_the_embedded_one():
+    from trimode.model.default_model import DEFAULT_MODEL
+
+    shown = CliRunner().invoke(cli, ["info", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["path"] == str(DEFAULT_MODEL)
+
+
 def test_info_on_a_bad_file_is_one_error_line(tmp_path, monkeypatch, capsys):
     path = tmp_path / "bad.gguf"
     path.write_bytes(b"GGUF\x03\x00")

@@ -12,13 +12,15 @@ NAMED_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
 
 
 @click.command("info")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def info(model: str, as_json: bool):
-    """Describe the NLD GGUF file MODEL: geometry, tensor types, sizes, tokenizer, chat template."""
+def info(model: str | None, as_json: bool):
+    """Describe the NLD GGUF file MODEL (default: the embedded model): geometry, tensor types,
+    sizes, tokenizer, chat template."""
+    from trimode.model.default_model import model_or_default
     from trimode.model.gguf_file import load_model
 
-    summary = describe(load_model(model))
+    summary = describe(load_model(model_or_default(model)))
     click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
 
 
