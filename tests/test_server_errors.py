@@ -70,7 +70,7 @@ BAD_CHAT_FIELDS = {
     "mirostat": (chat(mirostat=2), "mirostat is not supported"),
     "ignore_eos": (chat(ignore_eos=True), "ignore_eos is not supported"),
     "tool_choice required": (chat(tool_choice="required"), "tool_choice is not supported"),
-    "negative n_predict": ({"messages": USER, "n_predict": -1}, "n_predict"),
+    "negative n_predict": (chat(n_predict=-1), "n_predict"),
 }
 
 BAD_COMPLETION_FIELDS = {

@@ -143,3 +143,6 @@ def test_fields_left_at_their_neutral_values_are_accepted(tiny_model, tokenizer)
         "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "text"},
         "tool_choice": "none", "typical_p": 1.0, "top_logprobs": 0, "n_predict": 3, "user": "u"})
     assert chat_request(body, tokenizer, settings(tiny_model)).max_tokens == 3
+    both = body.model_validate({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9,
+                                "n_predict": 4})
+    assert chat_request(both, tokenizer, settings(tiny_model)).max_tokens == 4  # as llama-server

@@ -72,9 +72,9 @@ class StreamOptions(_Body):
 class SamplingFields(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
     model: Optional[str] = None
-    # llama-server also reads its native n_predict here
+    # llama-server also reads its native n_predict here, first where both are given
     max_tokens: Optional[Annotated[int, Field(strict=True, ge=0)]] = Field(
-        None, validation_alias=AliasChoices("max_tokens", "n_predict"))
+        None, validation_alias=AliasChoices("n_predict", "max_tokens"))
     temperature: Optional[Annotated[float, Field(strict=True, ge=0.0, le=2.0)]] = None
     top_p: Optional[Annotated[float, Field(strict=True, gt=0.0, le=1.0)]] = None
     top_k: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
