@@ -76,6 +76,24 @@ def test_penalties_and_logit_bias_equal_the_reference(tiny_gguf, tiny_model, tok
     assert json.loads(result.stdout)["tokens"] == want and want[0] != banned
 
 
+def test_repeat_last_n_of_minus_one_is_the_whole_context(tiny_gguf, tiny_model, tokenizer):
+    """-1 penalizes every token of the context (llama.cpp's meaning): the prompt's first
+    token, 71 back, is penalized, as it is not by the default window of 64."""
+    prompt = [1906] + list(range(300, 370))  # 1906: what the unpenalized model writes next
+    result = invoke("-m", str(tiny_gguf), "--prompt-ids", ",".join(map(str, prompt)), "-n", "6",
+                    "--mode", "ar", "--repeat-penalty", "3", "--repeat-last-n", "-1", "--json",
+                    "--no-loop-detection", "--target", "llvm", "-c", "256")
+    assert result.exit_code == 0, result.stderr
+    suppress = tuple(i for i in (tokenizer.think_open_id, tokenizer.think_close_id) if i is not None)
+
+    def reference(last_n):
+        request = GenerationRequest(prompt_ids=tuple(prompt), max_tokens=6, loop_detection=False,
+                                    decode=DecodeParams(mode="ar"), suppress_ids=suppress,
+                                    sampling=SamplingParams(repetition_penalty=3.0, penalty_last_n=last_n))
+        return greedy_text_reference(tiny_model, tokenizer, request)
+    assert json.loads(result.stdout)["tokens"] == reference(256) != reference(64)
+
+
 def test_spec_drafts_four_slots_on_the_cpu_by_default(tiny_gguf, reference_tokens):
     """Without --draft-length, llvm drafts CPU_DRAFT_LENGTH slots a cycle (a pass costs its
     rows there), still the reference's greedy tokens."""
@@ -157,6 +175,7 @@ def test_chat_prompt_closes_the_think_block(tokenizer, tiny_model):
     (["-p", "a", "-l", "15"], "TOKEN_ID+BIAS"),
     (["-p", "a", "-l", "15+inf"], "logit_bias"),
     (["-p", "a", "--repeat-penalty", "0"], "repetition_penalty"),
+    (["-p", "a", "--repeat-last-n", "-2"], "penalty_last_n"),
 ])
 def test_usage_errors(tiny_gguf, args, message):
     result = CliRunner().invoke(cli, ["generate", "-m", str(tiny_gguf), *args])

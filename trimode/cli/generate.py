@@ -4,6 +4,7 @@ Takes the llama.cpp fork's `llama-diffusion` flags where they mean something her
 so on stderr where they do not (-ngl, -fa, --diffusion-steps)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -67,7 +68,7 @@ def stats_line(stats: dict, finish: str) -> str:
 @click.option("--min-p", type=float, default=0.0, show_default=True, help="0: off")
 @click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="1: off")
 @click.option("--repeat-last-n", type=int, default=64, show_default=True,
-              help="tokens the penalties look back over")
+              help="tokens the penalties look back over; -1: the whole context")
 @click.option("--presence-penalty", type=float, default=0.0, show_default=True,
               help="subtracted from the logit of each token among them; 0: off")
 @click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
@@ -133,7 +134,8 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
     # Settings are checked before the model loads (which may compile for minutes).
     sampling = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                               seed=None if seed is None or seed < 0 else seed,
-                              repetition_penalty=repeat_penalty, penalty_last_n=repeat_last_n,
+                              repetition_penalty=repeat_penalty,
+                              penalty_last_n=DEFAULT_CTX if repeat_last_n == -1 else repeat_last_n,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               logit_bias=tuple(logit_bias))
     from trimode.runtime.tvm_runtime import default_target
@@ -155,6 +157,8 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
         chat = bool(engine.metadata.get("tokenizer.chat_template"))
     ids = build_prompt(tok, engine.metadata, text, prompt_ids, chat, reasoning)
     n_ctx = min(ctx_size or DEFAULT_CTX, engine.config.context_length)
+    if repeat_last_n == -1:
+        sampling = dataclasses.replace(sampling, penalty_last_n=n_ctx)
     if ctx_size and ctx_size > n_ctx:
         note(f"-c {ctx_size} is over the model's context; using {n_ctx}")
     suppress = () if reasoning else tuple(i for i in (tok.think_open_id, tok.think_close_id)
