@@ -90,6 +90,12 @@ class SamplingParams:
                 or any(bias > 0 for _, bias in self.logit_bias))
 
 
+def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of `ids` is in `sorted_ids` (ascending, not empty), and whether it is there."""
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return at, sorted_ids[at] == ids
+
+
 def softmax64(row: np.ndarray) -> np.ndarray:
     row = np.asarray(row, np.float64)
     e = np.exp(row - row.max())
@@ -112,8 +118,8 @@ class Distribution:
         tokens = np.asarray(tokens, np.int64)
         if len(self.ids) == self.ids[-1] + 1:  # ascending from 0 without a gap: every token
             return self.probs[np.minimum(tokens, len(self.ids) - 1)] * (tokens < len(self.ids))
-        at = np.minimum(np.searchsorted(self.ids, tokens), len(self.ids) - 1)
-        return np.where(self.ids[at] == tokens, self.probs[at], 0.0)
+        at, found = _lookup(self.ids, tokens)
+        return np.where(found, self.probs[at], 0.0)
 
     def prob(self, token: int) -> float:
         at = int(self.ids.searchsorted(token))  # of() for one token, ~10x cheaper
@@ -291,7 +297,9 @@ class Sampler:
         self.bias_ids = np.array(sorted(bias), np.int64)
         self.bias = np.array([bias[i] for i in self.bias_ids.tolist()], np.float32)
         self.fixed = frozenset(params.penalty_ids) if params.ids_penalty != 1 else frozenset()
-        self._always = np.union1d(self.suppress, self.bias_ids)  # touched whatever the history
+        # suppressed and biased ids, touched whatever the history (the fixed penalty ids
+        # come with the penalties, _penalized); as a set, for greedy, with the fixed ids too
+        self._always = np.union1d(self.suppress, self.bias_ids)
         self._always_set = frozenset(self._always.tolist()) | self.fixed
         fixed = sorted(self.fixed)
         self._fixed_only = _Penalties(np.array(fixed, np.int64), np.full(len(fixed), params.ids_penalty, np.float32),
@@ -423,14 +431,12 @@ class Sampler:
             penalized = self._penalized(history)
             if not len(penalized.ids):
                 continue
-            at = np.minimum(np.searchsorted(penalized.ids, ids[r]), len(penalized.ids) - 1)
-            hit = penalized.ids[at] == ids[r]
+            at, hit = _lookup(penalized.ids, ids[r])
             if hit.any():
                 values[r, hit] = penalized.apply(values[r, hit], at[hit])
                 reordered = True
         if len(self.bias_ids):  # biases here are never positive (params.lifts)
-            at = np.minimum(np.searchsorted(self.bias_ids, ids), len(self.bias_ids) - 1)
-            hit = self.bias_ids[at] == ids
+            at, hit = _lookup(self.bias_ids, ids)
             values[hit] += self.bias[at[hit]]
             reordered |= bool(hit.any())
         if len(self.suppress):
