@@ -77,9 +77,10 @@ def _generation_request(body: SamplingFields, ids: list[int], max_tokens: int | 
                         settings: PromptSettings, penalized: tuple[int, ...],
                         suppress: tuple[int, ...], vocab: int) -> GenerationRequest:
     bias = body.biases()
-    if bias and max(i for i, _ in bias) >= vocab:
-        raise APIError(400, f"logit_bias names token id {max(i for i, _ in bias)}, outside the "
-                       f"vocabulary of {vocab}", "logit_bias")
+    largest = max((i for i, _ in bias), default=-1)
+    if largest >= vocab:
+        raise APIError(400, f"logit_bias names token id {largest}, outside the vocabulary of {vocab}",
+                       "logit_bias")
     if not ids:
         raise APIError(400, "the prompt is empty: at least one token is needed", "prompt")
     room = settings.slot_ctx - len(ids)
