@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -107,6 +108,31 @@ def test_spec_drafts_four_slots_on_the_cpu_by_default(tiny_gguf, reference_token
     assert stats["cycles"] * 4 >= stats["drafted_tokens"] > (stats["cycles"] - 4) * 4
 
 
+@pytest.mark.parametrize("mode", ["ar", "spec", "diffusion"])
+def test_logprobs_equal_the_float64_reference(tiny_gguf, tiny_model, tokenizer, mode):
+    """--logprobs 4 through the compiled model, in each mode: each token's logprob and its
+    row's four most likely ids are the reference's causal log-softmax at its place."""
+    result = invoke("-m", str(tiny_gguf), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "12",
+                    "--mode", mode, "--logprobs", "4", "--json", "--no-loop-detection",
+                    "--target", "llvm", "-c", "256")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    scored = out["logprobs"]
+    assert [s["id"] for s in scored] == out["tokens"] and len(scored) == 12
+    fwd = ReferenceForward(ReferenceModel(tiny_model.config, tiny_model.weights), 256)
+    logits = fwd.causal(PROMPT + out["tokens"]).logits().astype(np.float64)[len(PROMPT) - 1:]
+    want = logits - logits.max(1, keepdims=True)
+    want -= np.log(np.exp(want).sum(1, keepdims=True))
+    for row, s in zip(want, scored):
+        assert s["token"] == tokenizer.token_text(s["id"])
+        assert s["logprob"] == pytest.approx(row[s["id"]], abs=1e-4)
+        # the reference's top four, except where the compiled model's rounding swaps a near tie
+        best = np.argsort(-row)[:4]
+        got = [t["id"] for t in s["top"]]
+        assert got == best.tolist() or np.allclose(row[got], row[best], atol=1e-4)
+        np.testing.assert_allclose([t["logprob"] for t in s["top"]], row[best], atol=1e-4)
+
+
 def greedy_text_reference(tiny_model, tokenizer, request):
     fwd = ReferenceForward(ReferenceModel(tiny_model.config, tiny_model.weights), 256)
     return [t for e in generate(fwd, tokenizer, request) for t in getattr(e, "ids", [])]
@@ -176,6 +202,8 @@ def test_chat_prompt_closes_the_think_block(tokenizer, tiny_model):
     (["-p", "a", "-l", "15+inf"], "logit_bias"),
     (["-p", "a", "--repeat-penalty", "0"], "repetition_penalty"),
     (["-p", "a", "--repeat-last-n", "-2"], "penalty_last_n"),
+    (["-p", "a", "--logprobs", "2"], "needs --json"),
+    (["-p", "a", "--logprobs", "21", "--json"], "[0, 20]"),
 ])
 def test_usage_errors(tiny_gguf, args, message):
     result = CliRunner().invoke(cli, ["generate", "-m", str(tiny_gguf), *args])

@@ -19,6 +19,7 @@ from trimode.model.default_model import model_or_default
 from trimode.runtime.decode import (CPU_DRAFT_LENGTH, DEFAULT_BLOCK_LENGTH, DEFAULT_DRAFT_LENGTH,
                                     DEFAULT_THRESHOLD, MODES, draft_length_for)
 from trimode.runtime.forward import DEFAULT_CTX
+from trimode.runtime.logprobs import MAX_TOP_LOGPROBS
 
 
 
@@ -40,6 +41,12 @@ def build_prompt(tokenizer, metadata: dict, text: str | None, ids: list[int] | N
                            [{"role": "user", "content": text}], reasoning=reasoning,
                            template_vars={"bos_token": bos})
     return encode_prompt(tokenizer, text, bool(metadata.get("tokenizer.ggml.add_bos_token", True)))
+
+
+def logprob_entry(tokenizer, scored) -> dict:
+    def named(token: int, logprob: float) -> dict:
+        return {"id": token, "token": tokenizer.token_text(token), "logprob": logprob}
+    return {**named(scored.token, scored.logprob), "top": [named(*pair) for pair in scored.top]}
 
 
 def stats_line(stats: dict, finish: str) -> str:
@@ -95,6 +102,8 @@ def stats_line(stats: dict, finish: str) -> str:
 @click.option("-c", "--ctx-size", type=int,
               help=f"context size in tokens  [default: {DEFAULT_CTX}, or the model's if smaller]")
 @click.option("--json", "as_json", is_flag=True, help='print one JSON object {"tokens", "text", "stats"}')
+@click.option("--logprobs", "n_logprobs", type=int,
+              help="with --json: each token's logprob and the N most likely ids at its place (0-20)")
 @click.option("--no-loop-detection", is_flag=True, help="do not stop on repetition loops")
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), help="device (default: cuda if present)")
 @click.option("-t", "--threads", type=int, help="CPU threads for the llvm target  [default: one per physical core]")
@@ -104,7 +113,7 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
              seed, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
              frequency_penalty, logit_bias, draft_length, block_length,
              threshold, diffusion_steps, stop, chat, token_healing, reasoning, ctx_size, as_json,
-             no_loop_detection, target, threads, n_gpu_layers, flash_attn):
+             n_logprobs, no_loop_detection, target, threads, n_gpu_layers, flash_attn):
     """Generate a reply to one prompt."""
     given = [name for name, value in (("-p", prompt), ("--prompt-ids", prompt_ids),
                                       ("-f", prompt_file)) if value is not None]
@@ -119,6 +128,12 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
         note("-fa is ignored: attention is always one fused kernel here")
     if diffusion_steps is not None:
         note("--diffusion-steps is ignored: block diffusion reveals by confidence (--threshold)")
+    if n_logprobs is not None:
+        if not as_json:
+            raise click.UsageError("--logprobs needs --json (they are printed in its output)")
+        if not 0 <= n_logprobs <= MAX_TOP_LOGPROBS:
+            raise click.BadParameter(f"must be in [0, {MAX_TOP_LOGPROBS}], got {n_logprobs}",
+                                     param_hint="--logprobs")
     if ctx_size is not None and ctx_size < 2:
         raise click.BadParameter(f"must be at least 2, got {ctx_size}", param_hint="-c")
     if threads is not None:
@@ -167,16 +182,17 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
         prompt_ids=tuple(ids),
         max_tokens=max(n_ctx - len(ids), 0) if n_predict < 0 else n_predict,
         sampling=sampling, decode=decode, stop=tuple(stop),
-        loop_detection=not no_loop_detection, suppress_ids=suppress)
+        loop_detection=not no_loop_detection, suppress_ids=suppress, logprobs=n_logprobs)
     if token_healing and text is not None and not chat:
         request = heal(tok, request)
 
-    tokens, pieces = [], []
+    tokens, pieces, scored = [], [], []
     try:
         for event in run(engine.new_sequence(n_ctx), tok, request):
             if isinstance(event, TokenEvent):
                 tokens += event.ids
                 pieces.append(event.text)
+                scored += event.logprobs or []
                 if not as_json:
                     sys.stdout.write(event.text)
                     sys.stdout.flush()
@@ -186,8 +202,11 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
         raise click.UsageError(str(err)) from None
     stats = done.stats.to_dict()
     if as_json:
-        click.echo(json.dumps({"tokens": tokens, "text": "".join(pieces), "stats": stats,
-                               "finish_reason": done.finish_reason}, ensure_ascii=False))
+        out = {"tokens": tokens, "text": "".join(pieces), "stats": stats,
+               "finish_reason": done.finish_reason}
+        if n_logprobs is not None:
+            out["logprobs"] = [logprob_entry(tok, s) for s in scored]
+        click.echo(json.dumps(out, ensure_ascii=False))
     else:
         click.echo("")
     if done.message:

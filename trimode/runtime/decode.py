@@ -65,6 +65,9 @@ class Cycle:
     forwards: int
     drafted: int = 0   # draft tokens proposed (spec)
     accepted: int = 0  # of those, accepted by the verify pass
+    # a causal pass whose row i is the AR distribution tokens[i] came from (for logprobs);
+    # None where the cycle ran none over its tokens (a diffusion block ended by EOS)
+    causal: StepResult | None = None
 
 
 def mask_rows(slots: Sequence[int], shift: bool) -> list[int]:
@@ -74,15 +77,14 @@ def mask_rows(slots: Sequence[int], shift: bool) -> list[int]:
 
 
 def prefill(fwd: Forward, prompt: Sequence[int], sampler: Sampler,
-            allowed: Sequence[int] = ()) -> int:
-    """Run the uncached part of the prompt causally; return the first generated token, one
-    of `allowed` when that is given (token healing)."""
+            allowed: Sequence[int] = ()) -> Cycle:
+    """Run the uncached part of the prompt causally; the cycle's one token is the first
+    generated, one of `allowed` when that is given (token healing)."""
     if fwd.length >= len(prompt):
         fwd.truncate(len(prompt) - 1)  # keep one token to produce the row we sample from
     step = fwd.causal(list(prompt[fwd.length:]), last_only=True)
-    if len(allowed):
-        step = restricted(step, allowed)
-    return sampler.choose(step, [0], [sampler.context(prompt)])[0][0]
+    chosen = restricted(step, allowed) if len(allowed) else step
+    return Cycle(sampler.choose(chosen, [0], [sampler.context(prompt)])[0], forwards=1, causal=step)
 
 
 def restricted(step: StepResult, allowed: Sequence[int]) -> StepResult:
@@ -95,7 +97,7 @@ def restricted(step: StepResult, allowed: Sequence[int]) -> StepResult:
 
 def ar_cycle(fwd: Forward, sampler: Sampler, history: list[int]) -> Cycle:
     step = fwd.causal([history[-1]], last_only=True)
-    return Cycle(sampler.choose(step, [0], [sampler.context(history)])[0], forwards=1)
+    return Cycle(sampler.choose(step, [0], [sampler.context(history)])[0], forwards=1, causal=step)
 
 
 def spec_cycle(fwd: Forward, sampler: Sampler, history: list[int], k: int,
@@ -131,7 +133,7 @@ def spec_cycle(fwd: Forward, sampler: Sampler, history: list[int], k: int,
         tokens = _rejection_sample(sampler, verify, histories, drafts, q)
         m = len(tokens) - 1
     fwd.truncate(start + m + 1)
-    return Cycle(tokens, forwards=2, drafted=k, accepted=m)
+    return Cycle(tokens, forwards=2, drafted=k, accepted=m, causal=verify)
 
 
 def _rejection_sample(sampler: Sampler, verify: StepResult, histories: list[list[int]],
@@ -223,4 +225,4 @@ def diffusion_cycle(fwd: Forward, sampler: Sampler, history: list[int], b: int,
             return Cycle(block.tokens[1:end + 1], forwards)
     commit = fwd.causal(block.tokens)
     seed, _ = sampler.choose(commit, [b - 1], [sampler.context(seen, block.tokens[1:])])
-    return Cycle(block.tokens[1:] + seed, forwards + 1)
+    return Cycle(block.tokens[1:] + seed, forwards + 1, causal=commit)

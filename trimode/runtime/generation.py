@@ -11,7 +11,8 @@ Contract:
   it at once.
 - TokenEvent.ids are the newly generated ids (EOS is never included); TokenEvent.text is
   the stream-safe text delta (stop strings already cut, unfinished characters and possible
-  stop-string starts held back). The last event is always one DoneEvent.
+  stop-string starts held back); with request.logprobs set, TokenEvent.logprobs has one
+  entry per id (runtime/logprobs.py). The last event is always one DoneEvent.
 - The forward may arrive with a prefix of prompt_ids already cached (KV reuse across chat
   turns): only prompt_ids[forward.length:] is prefilled; a fully cached prompt is truncated
   one token back so there is a row to sample from. When the generator finishes or is closed,
@@ -26,6 +27,7 @@ from typing import Iterator
 from trimode.runtime.decode import (Cycle, DecodeParams, ar_cycle, diffusion_cycle, prefill,
                                     spec_cycle)
 from trimode.runtime.forward import Forward
+from trimode.runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprobs
 from trimode.runtime.sampling import Sampler, SamplingParams
 from trimode.runtime.stops import Detokenizer, Stops
 
@@ -46,7 +48,8 @@ class GenerationRequest:
     </think> when reasoning is off). first_ids and prompt_tail come from token healing
     (runtime/healing.py): the first generated token is one of first_ids (empty: any), and
     the prompt_tail bytes it starts with, which the prompt's text already had, are not
-    emitted again."""
+    emitted again. logprobs: None, or report each token's logprob and this many of the most
+    likely ids at its place."""
     prompt_ids: tuple[int, ...]
     max_tokens: int = 256
     sampling: SamplingParams = SamplingParams()
@@ -56,12 +59,15 @@ class GenerationRequest:
     suppress_ids: tuple[int, ...] = ()
     first_ids: tuple[int, ...] = ()
     prompt_tail: bytes = b""
+    logprobs: int | None = None
 
     def problem(self) -> str | None:
         if not self.prompt_ids:
             return "the prompt is empty: at least one token is needed"
         if self.max_tokens < 0:
             return f"max_tokens must be >= 0, got {self.max_tokens}"
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            return f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}"
         return self.sampling.problem() or self.decode.problem()
 
 
@@ -108,6 +114,7 @@ class Stats:
 class TokenEvent:
     ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -130,6 +137,18 @@ def _run_cycle(fwd: Forward, sampler: Sampler, history: list[int], room: int,
         return diffusion_cycle(fwd, sampler, history, b, params.threshold, cfg.mask_token_id,
                                cfg.eos_token_id, cfg.shift_logits)
     return ar_cycle(fwd, sampler, history)
+
+
+def _scored(fwd: Forward, history: list[int], cycle: Cycle, taken: list[int], n_top: int,
+            stats: Stats) -> list[TokenLogprob]:
+    """The logprobs of `taken` (a prefix of the cycle's tokens, which follow `history`)."""
+    if not taken:
+        return []
+    step = cycle.causal
+    if step is None:  # one causal pass over the tokens scores them (and caches a prefix)
+        step = fwd.causal([history[-1]] + taken[:-1])
+        stats.forwards += 1
+    return token_logprobs(step, taken, n_top)
 
 
 def _id_problem(request: GenerationRequest, vocab: int) -> str | None:
@@ -171,11 +190,16 @@ def generate(forward: Forward, tokenizer: Detokenizer,
     try:
         clock = time.perf_counter()
         stats.cached_tokens = min(forward.length, len(prompt) - 1)
-        cycle = Cycle([prefill(forward, prompt, sampler, request.first_ids)], forwards=1)
+        cycle = prefill(forward, prompt, sampler, request.first_ids)
         stats.prefill_s = stats.ttft_s = time.perf_counter() - clock
         while True:
             stats.forwards += cycle.forwards
             taken, text = stops.feed(cycle.tokens)
+            scored = None
+            if request.logprobs is not None:
+                clock = time.perf_counter()
+                scored = _scored(forward, history, cycle, taken, request.logprobs, stats)
+                stats.decode_s += time.perf_counter() - clock
             history.extend(taken)
             stats.generated_tokens = len(stops.tokens)
             if stops.finish is None and len(history) >= n_ctx:
@@ -184,7 +208,7 @@ def generate(forward: Forward, tokenizer: Detokenizer,
             if stops.finish is not None:
                 text += stops.flush()
             if taken or text:
-                yield TokenEvent(taken, text)
+                yield TokenEvent(taken, text, scored)
             if stops.finish is not None:
                 break
             clock = time.perf_counter()
