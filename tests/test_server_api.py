@@ -161,6 +161,59 @@ def test_penalties_and_logit_bias_shape_the_reply(engine, client):
     assert reply.choices[0].text == engine.tokenizer.decode(done.tokens)
 
 
+def reference_logprobs(engine, prompt, n, n_top, mode="spec", suppress=()):
+    *events, done = generate(ReferenceForward(engine.model, 64), engine.tokenizer,
+                             GenerationRequest(prompt_ids=tuple(prompt), max_tokens=n, logprobs=n_top,
+                                               decode=DecodeParams(mode=mode, draft_length=3),
+                                               suppress_ids=suppress))
+    return done.tokens, [s for e in events for s in e.logprobs]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_are_the_references(engine, client, stream):
+    """logprobs + top_logprobs (OpenAI's chat shape: token text, bytes, alternatives) are
+    generate()'s on the float64 reference, whole or streamed a cycle at a time."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=3, stream=stream,
+                                           extra_body={"mode": "spec", "draft_length": 3})
+    if stream:
+        entries = [e for c in reply if c.choices and c.choices[0].logprobs
+                   for e in c.choices[0].logprobs.content]
+    else:
+        entries = reply.choices[0].logprobs.content
+    tok = engine.tokenizer
+    think = tuple(i for i in (tok.think_open_id, tok.think_close_id) if i is not None)  # off in chat
+    tokens, want = reference_logprobs(engine, chat_prompt_ids(engine, messages), 8, 3, suppress=think)
+    assert [e.token for e in entries] == [tok.token_text(t) for t in tokens]
+    assert [bytes(e.bytes) for e in entries] == [tok.token_bytes(t) for t in tokens]
+    for got, s in zip(entries, want):
+        assert got.logprob == pytest.approx(s.logprob, abs=1e-9)
+        assert [(t.token, t.logprob) for t in got.top_logprobs] == [(tok.token_text(i), pytest.approx(lp, abs=1e-9))
+                                                                    for i, lp in s.top]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **GREEDY_AR)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_in_the_legacy_shape(engine, client):
+    """/v1/completions' logprobs N: tokens, token_logprobs, top_logprobs (N alternatives and
+    the chosen token, by text) and each token's offset in the reply text."""
+    prompt = [1, 400, 401, 402, 403]
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                      logprobs=2, extra_body={"mode": "ar"})
+    got = reply.choices[0].logprobs
+    tokens, want = reference_logprobs(engine, prompt, 6, 2, mode="ar")
+    text = engine.tokenizer.token_text
+    assert got.tokens == [text(t) for t in tokens]
+    assert got.token_logprobs == pytest.approx([s.logprob for s in want], abs=1e-9)
+    for top, s in zip(got.top_logprobs, want):
+        expected = {text(i): lp for i, lp in s.top}
+        expected.setdefault(text(s.token), s.logprob)
+        assert top == pytest.approx(expected, abs=1e-9)
+    assert got.text_offset == [sum(len(t) for t in got.tokens[:i]) for i in range(len(got.tokens))]
+    assert "".join(got.tokens) == reply.choices[0].text
+
+
 def test_spec_and_ar_give_the_same_greedy_text(client):
     messages = [{"role": "user", "content": "Write a haiku."}]
     def text(**extra):

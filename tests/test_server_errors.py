@@ -52,7 +52,9 @@ BAD_CHAT_FIELDS = {
     "unknown mode": (chat(mode="turbo"), "mode"),
     "draft length too long": (chat(draft_length=10_000), "draft_length"),
     "threshold above 1": (chat(threshold=1.5), "threshold"),
-    "logprobs": (chat(logprobs=True), "logprobs"),
+    "top_logprobs past 20": (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    "top_logprobs without logprobs": (chat(top_logprobs=2), "needs logprobs"),
+    "logprobs a number": (chat(logprobs=3), "logprobs"),
     "tools": (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tool"),
     "giant seed": (chat(seed=10 ** 30), "seed"),
     "frequency penalty past OpenAI's range": (chat(frequency_penalty=3.0), "frequency_penalty"),
@@ -82,6 +84,9 @@ BAD_COMPLETION_FIELDS = {
     "echo": ({"prompt": "x", "echo": True}, "echo"),
     "suffix (fill in the middle)": ({"prompt": "x", "suffix": "y"}, "suffix is not supported"),
     "best_of 3": ({"prompt": "x", "best_of": 3}, "best_of is not supported"),
+    "logprobs past 20": ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    "logprobs true (a count here)": ({"prompt": "x", "logprobs": True}, "logprobs"),
+    "prompt logprobs": ({"prompt": "x", "prompt_logprobs": 1}, "prompt_logprobs is not supported"),
 }
 
 

@@ -110,7 +110,8 @@ def _generation_request(body: SamplingFields, ids: list[int], max_tokens: int | 
     request = GenerationRequest(prompt_ids=tuple(ids),
                                 max_tokens=room if max_tokens is None else min(max_tokens, room),
                                 sampling=sampling, decode=decode,
-                                stop=tuple(body.stop_strings()), suppress_ids=suppress)
+                                stop=tuple(body.stop_strings()), suppress_ids=suppress,
+                                logprobs=body.logprob_count())
     problem = request.problem()
     if problem:
         raise APIError(400, problem)

@@ -5,7 +5,9 @@ import json
 import time
 import uuid
 
+from trimode.model.tokenizer import Tokenizer
 from trimode.runtime.generation import DoneEvent, Stats
+from trimode.runtime.logprobs import TokenLogprob
 
 # Our finish reasons -> OpenAI's; the precise one is kept in `stop_type`.
 FINISH_REASON = {"stop": "stop", "length": "length", "context": "length", "loop": "stop"}
@@ -47,13 +49,45 @@ def timings(stats: Stats) -> dict:
 
 
 class ResponseBuilder:
-    """The bodies of one request, chat or text completion, streamed or whole."""
+    """The bodies of one request, chat or text completion, streamed or whole. `logprobs`
+    (whether the request asked for them) puts a choice's logprobs in OpenAI's shape for its
+    kind: chat's list of entries with bytes, or the legacy completion's parallel lists with
+    each token's text offset in the reply."""
 
-    def __init__(self, kind: str, model: str):
+    def __init__(self, kind: str, model: str, tokenizer: Tokenizer | None = None,
+                 logprobs: bool = False):
         self.kind = kind  # "chat" | "completion"
         self.model = model
         self.id = new_id(kind)
         self.created = int(time.time())
+        self.tokenizer, self.logprobs = tokenizer, logprobs
+        self._offset = 0  # characters of the reply's tokens so far (completion text_offset)
+
+    def _logprobs(self, scored: list[TokenLogprob] | None) -> dict | None:
+        if not self.logprobs or scored is None:
+            return None
+        text = self.tokenizer.token_text
+        if self.kind == "chat":
+            def entry(token: int, logprob: float) -> dict:
+                return {"token": text(token), "logprob": logprob,
+                        "bytes": list(self.tokenizer.token_bytes(token))}
+            return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(*t) for t in s.top]}
+                                for s in scored]}
+        tokens = [text(s.token) for s in scored]
+        offsets = []
+        for token in tokens:
+            offsets.append(self._offset)
+            self._offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [s.logprob for s in scored],
+                "top_logprobs": [self._top_by_text(s) for s in scored], "text_offset": offsets}
+
+    def _top_by_text(self, scored: TokenLogprob) -> dict:
+        # the chosen token besides the top ones, as OpenAI gives it; a text two ids share
+        # keeps the likelier's logprob
+        out: dict = {}
+        for token, logprob in (*scored.top, (scored.token, scored.logprob)):
+            out.setdefault(self.tokenizer.token_text(token), logprob)
+        return out
 
     def _envelope(self, choices: list, chunk: bool) -> dict:
         if self.kind == "chat":
@@ -63,7 +97,8 @@ class ResponseBuilder:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices}
 
-    def _choice(self, text: str | None, done: DoneEvent | None, chunk: bool, first: bool = False) -> dict:
+    def _choice(self, text: str | None, done: DoneEvent | None, chunk: bool, first: bool = False,
+                scored: list[TokenLogprob] | None = None) -> dict:
         choice: dict = {"index": 0}
         if self.kind == "chat":
             if chunk:
@@ -75,14 +110,14 @@ class ResponseBuilder:
                 choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text or ""
-            choice["logprobs"] = None
+        choice["logprobs"] = self._logprobs(scored)
         choice["finish_reason"] = FINISH_REASON[done.finish_reason] if done else None
         if done:
             choice["stop_type"] = done.finish_reason
         return choice
 
-    def whole(self, text: str, done: DoneEvent) -> dict:
-        body = self._envelope([self._choice(text, done, chunk=False)], chunk=False)
+    def whole(self, text: str, done: DoneEvent, scored: list[TokenLogprob] | None = None) -> dict:
+        body = self._envelope([self._choice(text, done, chunk=False, scored=scored)], chunk=False)
         body["usage"] = usage(done.stats)
         body["timings"] = timings(done.stats)
         return body
@@ -90,8 +125,8 @@ class ResponseBuilder:
     def first_chunk(self) -> dict:
         return self._envelope([self._choice("", None, chunk=True, first=True)], chunk=True)
 
-    def text_chunk(self, text: str) -> dict:
-        return self._envelope([self._choice(text, None, chunk=True)], chunk=True)
+    def text_chunk(self, text: str, scored: list[TokenLogprob] | None = None) -> dict:
+        return self._envelope([self._choice(text, None, chunk=True, scored=scored)], chunk=True)
 
     def final_chunk(self, done: DoneEvent, include_usage: bool) -> list[dict]:
         last = self._envelope([self._choice(None if self.kind == "chat" else "", done, chunk=True)],

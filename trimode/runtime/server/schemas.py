@@ -12,12 +12,14 @@ from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
                       model_validator)
 
 from trimode.runtime.decode import MAX_BLOCK, MODES
+from trimode.runtime.logprobs import MAX_TOP_LOGPROBS
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 4096
 MAX_TOKEN_IDS = 1 << 20
 MAX_LOGIT_BIAS = 4096
+TopLogprobs = Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 
@@ -51,8 +53,8 @@ NEUTRAL_VALUES = {
     "suffix": (None, ""),
     "best_of": (None, 1),
     "tool_choice": (None, "none", "auto"),
-    "top_logprobs": (None, 0),
     "n_probs": (None, 0),
+    "prompt_logprobs": (None,),
     "ignore_eos": (None, False),
     "grammar": (None, ""),
     "json_schema": (None, {}),
@@ -95,7 +97,6 @@ class SamplingFields(_Body):
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     n: Annotated[int, Field(strict=True)] = 1
-    logprobs: Optional[StrictBool] = None
     # trimode's decoding controls (MODEL.md section 5).
     mode: Optional[Literal[MODES]] = None
     draft_length: Optional[Annotated[int, Field(strict=True, ge=0, lt=MAX_BLOCK)]] = None
@@ -117,13 +118,6 @@ class SamplingFields(_Body):
         if n != 1:
             raise ValueError(f"only n=1 is supported, got n={n}")
         return n
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, wanted: Optional[bool]) -> Optional[bool]:
-        if wanted:
-            raise ValueError("logprobs are not supported")
-        return wanted
 
     @field_validator("logit_bias")
     @classmethod
@@ -192,6 +186,18 @@ class ChatCompletionRequest(SamplingFields):
     # Accepted for OpenAI clients; tools are refused rather than silently ignored.
     max_completion_tokens: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
     tools: Optional[list[dict]] = None
+    logprobs: StrictBool = False
+    top_logprobs: Optional[TopLogprobs] = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprob_count(self) -> Optional[int]:
+        """How many top alternatives each token reports, or None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("tools")
     @classmethod
@@ -214,6 +220,8 @@ class CompletionRequest(SamplingFields):
     prompt: Union[Text, Annotated[list[Annotated[int, Field(strict=True, ge=0)]],
                                  Field(min_length=1, max_length=MAX_TOKEN_IDS)]]
     echo: Optional[StrictBool] = None
+    # OpenAI's legacy form: the number of top alternatives (the chosen token comes besides)
+    logprobs: Optional[TopLogprobs] = None
     # trimode's extra: token healing of a text prompt (runtime/healing.py). Off by default so
     # the prompt's tokens are exactly what OpenAI-style clients and llama-server expect.
     token_healing: StrictBool = False
@@ -227,6 +235,9 @@ class CompletionRequest(SamplingFields):
 
     def token_limit(self) -> Optional[int]:
         return self.max_tokens
+
+    def logprob_count(self) -> Optional[int]:
+        return self.logprobs
 
 
 class TokenizeRequest(_Body):

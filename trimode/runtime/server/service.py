@@ -89,7 +89,8 @@ class Service:
     async def respond(self, kind: str, stream: bool, include_usage: bool, gen: GenerationRequest,
                       request: Request) -> Response:
         """The reply to one generation request: JSON, or an SSE stream ending in [DONE]."""
-        builder = ResponseBuilder(kind, self.settings.model_name)
+        builder = ResponseBuilder(kind, self.settings.model_name, self.engine().tokenizer,
+                                  logprobs=gen.logprobs is not None)
         events = self.events(request, gen)
         if stream:
             # Take the first event here so a full queue is still a plain 503, not a stream.
@@ -101,11 +102,12 @@ class Service:
             return StreamingResponse(self._stream(kind, builder, first, events, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        text, done = [], None
+        text, scored, done = [], [], None
         try:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     text.append(event.text)
+                    scored += event.logprobs or []
                 elif isinstance(event, Failed):
                     self.record(kind, "error", None)
                     return error_response(500, event.message)
@@ -115,7 +117,7 @@ class Service:
             self.record(kind, "disconnected", None)
             return Response(status_code=499)
         self.record(kind, "ok", done)
-        return JSONResponse(builder.whole("".join(text), done))
+        return JSONResponse(builder.whole("".join(text), done, scored))
 
     async def _stream(self, kind: str, builder: ResponseBuilder, first: object,
                       events: AsyncIterator, include_usage: bool):
@@ -126,8 +128,8 @@ class Service:
             event = first
             while True:
                 if isinstance(event, TokenEvent):
-                    if event.text:
-                        yield sse(builder.text_chunk(event.text))
+                    if event.text or event.logprobs:  # a token's logprobs may come before its text
+                        yield sse(builder.text_chunk(event.text, event.logprobs))
                 elif isinstance(event, Failed):
                     outcome = "error"
                     yield sse(error_body(500, event.message))
