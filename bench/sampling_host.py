@@ -21,7 +21,8 @@ passes that cost nothing (each returns fixed logits): the host work a sampled cy
 its two GPU passes, and the copies to the host a GPU build would make for it (rows, top
 candidates, chunk masses, 4 KB chunks: each one synchronous copy there). --baseline REV
 times that revision's sampling.py, decode.py and chunked_row.py (git show) beside this tree's
-in the same run, for side by side ratios.
+in the same run, for side by side ratios. --logprobs N adds a table of the same cycles with
+each emitted token's logprob and N alternatives (runtime/logprobs.py), against without.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import numpy as np
 from trimode.model.reference import chunk_masses, top_candidates
 from trimode.runtime.forward import StepResult
 from trimode.runtime import decode, sampling
+from trimode.runtime.logprobs import token_logprobs
 
 DEFAULTS = "llama-server defaults (T 0.8, top-k 40, top-p 0.95, min-p 0.05)"
 TOP_P = "top-p 0.9 (T 0.7)"
@@ -124,11 +126,11 @@ class FreePasses:
     def _step(self, name: str) -> StepResult:
         logits = self.rows[name]
         top = self.tops[name] if self.tops else None
-        mass = self.masses[name] if self.masses else None
+        mass = self.masses[name] if self.masses else None  # inverse temperature -> masses
         return StepResult(argmax=self.argmax[name], prob=np.zeros(len(logits), np.float32),
                           fetch_rows=lambda start, stop: self._copied(logits[start:stop]),
                           fetch_top=None if top is None else lambda: self._copied(top),
-                          fetch_mass=None if mass is None else lambda inv_t: self._copied(mass),
+                          fetch_mass=None if mass is None else lambda inv_t: self._copied(mass[inv_t]),
                           fetch_span=lambda row, start, stop: self._copied(logits[row, start:stop]))
 
     def bidirectional(self, tokens):
@@ -141,29 +143,63 @@ class FreePasses:
         pass
 
 
-def cycle_ms(modules, params: dict, fwd: FreePasses, k: int, cycles: int) -> tuple[float, float, float]:
-    """Mean host ms of a sampled spec cycle, tokens per cycle and copies per cycle."""
+def cycle_ms(modules, params: dict, fwd: FreePasses, k: int, cycles: int,
+             logprobs: int | None = None) -> tuple[float, float, float]:
+    """Mean host ms of a sampled spec cycle (with its tokens' logprobs, given a count),
+    tokens per cycle and copies per cycle."""
     sampling_module, decode_module = modules
     sampler = sampling_module.Sampler(sampling_module.SamplingParams(seed=0, **params))
-    decode_module.spec_cycle(fwd, sampler, [1, 2, 3], k, 0, False)  # warm-up
+
+    def cycle():
+        made = decode_module.spec_cycle(fwd, sampler, [1, 2, 3], k, 0, False)
+        if logprobs is not None:
+            token_logprobs(made.causal, made.tokens, logprobs)
+        return made
+    cycle()  # warm-up
     tokens, fwd.copies = 0, 0
     started = time.perf_counter()
     for _ in range(cycles):
-        tokens += len(decode_module.spec_cycle(fwd, sampler, [1, 2, 3], k, 0, False).tokens)
+        tokens += len(cycle().tokens)
     return (time.perf_counter() - started) / cycles * 1e3, tokens / cycles, fwd.copies / cycles
 
 
-def cycle_table(args, baseline, rng) -> None:
-    """Whole sampled cycles: the draft's k rows predict what the verify rows (a little
-    noise on the same rows) then judge, so most drafts are kept, as with a trained model."""
+def cycle_rows(args, rng) -> tuple[np.ndarray, np.ndarray]:
+    """The draft's k rows predict what the verify rows (a little noise on the same rows)
+    then judge, so most drafts are kept, as with a trained model."""
     k = args.draft_length
     draft = rows("peaked", k + 1, args.vocab, rng)
     verify = draft.copy()
     verify[:k] = draft[1:] + 0.3 * rng.standard_normal((k, args.vocab)).astype(np.float32)
+    return draft, verify
+
+
+def all_masses(draft: np.ndarray, verify: np.ndarray) -> dict:
+    """Both passes' chunk masses at the temperatures the tables use (1: logprobs')."""
+    return {name: {inv_t: tuple(a.astype(np.float32) for a in chunk_masses(logits, inv_t))
+                   for inv_t in (1 / TEMPERATURE_ONLY["temperature"], 1.0)}
+            for name, logits in (("draft", draft), ("verify", verify))}
+
+
+def logprob_table(args, draft: np.ndarray, verify: np.ndarray) -> None:
+    tops = {"draft": top_candidates(draft), "verify": top_candidates(verify)}
+    masses = all_masses(draft, verify)
+    print(f"\nlogprobs ({args.logprobs} alternatives): the same cycles with and without; mean of {args.cycles}")
+    print("| setting | rows from | host ms, without | with | added | copies without | with |")
+    print("|---|---|---|---|---|---|---|")
+    for setting, params in (("greedy", SETTINGS["greedy"]), ("llama-server defaults", SETTINGS[DEFAULTS])):
+        for label, with_tops, with_masses in (("logit rows", None, None),
+                                              ("top candidates + chunk masses", tops, masses)):
+            without, with_ = (cycle_ms((sampling, decode), params, FreePasses(draft, verify, with_tops, with_masses),
+                                       args.draft_length, args.cycles, n) for n in (None, args.logprobs))
+            print(f"| {setting} | {label} | {without[0]:.3f} | {with_[0]:.3f} | "
+                  f"{with_[0] - without[0]:.3f} | {without[2]:.1f} | {with_[2]:.1f} |")
+
+
+def cycle_table(args, baseline, draft: np.ndarray, verify: np.ndarray) -> None:
+    """Whole sampled cycles over cycle_rows()."""
+    k = args.draft_length
     sources = [("this", (sampling, decode))] + ([("baseline", baseline)] if baseline else [])
-    inv_t = 1 / TEMPERATURE_ONLY["temperature"]
-    masses = {name: tuple(a.astype(np.float32) for a in chunk_masses(logits, inv_t))
-              for name, logits in (("draft", draft), ("verify", verify))}
+    masses = all_masses(draft, verify)
     tops = {"draft": top_candidates(draft), "verify": top_candidates(verify)}
     print(f"\nself-speculation cycles, k = {k}, passes free; mean of {args.cycles}")
     print("| setting | rows from | code | host ms per cycle | tokens per cycle | copies per cycle |")
@@ -192,6 +228,7 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--from-top", action="store_true",
                     help="also time draws from the top candidates or chunk masses")
+    ap.add_argument("--logprobs", type=int, metavar="N", help="also time cycles with logprobs")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     data = {kind: rows(kind, args.rows, args.vocab, rng) for kind in ("peaked", "flat")}
@@ -219,7 +256,10 @@ def main() -> None:
                 if source.startswith("baseline"):
                     line += f" {t / times[source.replace('baseline', 'this')]:.1f} |"
             print(line)
-    cycle_table(args, baseline, rng)
+    draft, verify = cycle_rows(args, rng)
+    cycle_table(args, baseline, draft, verify)
+    if args.logprobs is not None:
+        logprob_table(args, draft, verify)
 
 
 if __name__ == "__main__":

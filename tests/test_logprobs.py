@@ -114,3 +114,25 @@ def test_no_alternatives_and_a_bad_count():
     for bad in (-1, 21):
         with pytest.raises(RequestError, match="logprobs"):
             next(generate(fresh(0), LetterTokenizer(), GenerationRequest(prompt_ids=(1,), logprobs=bad)))
+
+
+def test_top_candidates_and_chunk_masses_give_the_rows_numbers():
+    """At a vocabulary of several chunks, a GPU build's extras give each row's logprobs as
+    its whole row does; a token outside the 64 candidates costs one logit, never a row."""
+    import top_candidates
+    from trimode.runtime.forward import StepResult
+    from trimode.runtime.logprobs import token_logprobs
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal((5, 5000)) * 3).astype(np.float32)
+    tokens = [int(np.argmax(logits[0])), int(np.argmin(logits[1])), 17, 4999, int(np.argsort(logits[4])[-70])]
+    want = token_logprobs(StepResult.from_logits(logits), tokens, 5)
+    fetches = []
+    got = token_logprobs(top_candidates.with_top(StepResult.from_logits(logits), fetches), tokens, 5)
+    assert {f[0] for f in fetches} == {"top", "mass", "span"}
+    assert sum(f[0] == "span" and f[3] - f[2] == 1 for f in fetches) >= 3
+    for g, w, row in zip(got, want, logits.astype(np.float64)):
+        exact = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert w.logprob == pytest.approx(exact[w.token], abs=1e-6)
+        assert g.token == w.token and g.logprob == pytest.approx(w.logprob, abs=1e-5)
+        assert [i for i, _ in g.top] == [i for i, _ in w.top] == np.argsort(-row, kind="stable")[:5].tolist()
+        np.testing.assert_allclose([lp for _, lp in g.top], exact[[i for i, _ in w.top]], atol=1e-5)
