@@ -25,6 +25,7 @@ from trimode.model.reference import (ReferenceForward, ReferenceModel, chunk_mas
                                      top_candidates)
 from trimode.runtime.bench import BenchPlan, bench_loader, render_table, run_bench  # noqa: E402
 from trimode.runtime.engine import Engine  # noqa: E402
+from trimode.runtime.generation import DecodeParams, GenerationRequest, generate  # noqa: E402
 
 CHAIN_PROMPT, CHAIN_TOKENS = [1, 2, 3], 25
 
@@ -116,13 +117,46 @@ def check_greedy_chain(engine: Engine, ref_model: ReferenceModel, tol: float) ->
     ]
 
 
+class _NoText:
+    """A detokenizer for a model without a tokenizer: generate() streams no text."""
+    def incremental_decoder(self, skip: bytes = b""):
+        return self
+
+    def push(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
+def check_logprobs(engine: Engine, ref_model: ReferenceModel, tol: float) -> list[dict]:
+    """generate() with logprobs in self-speculation (verify rows; from the top candidates and
+    chunk masses on a GPU build), teacher-forced through the reference: each token's and each
+    alternative's logprob within 2 * tol * max|logit| of the reference's log-softmax (the
+    logits' bound, once for the logit and once for the log of the row's sum)."""
+    request = GenerationRequest(prompt_ids=tuple(CHAIN_PROMPT), max_tokens=CHAIN_TOKENS, logprobs=5,
+                                loop_detection=False, decode=DecodeParams(mode="spec", draft_length=4))
+    events = list(generate(engine.new_sequence(256), _NoText(), request))
+    scored = [s for e in events[:-1] for s in e.logprobs]
+    tokens = [s.token for s in scored]
+    ref = ReferenceForward(ref_model, 256).causal(CHAIN_PROMPT + tokens[:-1]).logits()
+    ref = ref[len(CHAIN_PROMPT) - 1:]
+    peak = ref.max(axis=1, keepdims=True)
+    want = ref - peak - np.log(np.exp(ref - peak).sum(axis=1, keepdims=True))
+    scale = np.abs(ref).max(axis=1)
+    err = max(max(abs(s.logprob - row[s.token]), *(abs(lp - row[i]) for i, lp in s.top)) / m
+              for s, row, m in zip(scored, want, scale))
+    return [{"name": f"logprobs of {len(tokens)} spec tokens and 5 alternatives each",
+             "rel_err": float(err), "ok": len(tokens) == CHAIN_TOKENS and err <= 2 * tol}]
+
+
 def check_tiny(target: str, artifact: str | None, tol: float) -> list[dict]:
     cfg = GEOMETRIES["tiny"]
     weights = random_weights(cfg, seed=3)
     engine = Engine(cfg, weights, target, artifact=artifact, log=log)
     ref_model = ReferenceModel(cfg, weights)
     return (check_entries(engine, ref_model, tol) + check_greedy_chain(engine, ref_model, tol)
-            + check_top_candidates(engine))
+            + check_top_candidates(engine) + check_logprobs(engine, ref_model, tol))
 
 
 def main():
