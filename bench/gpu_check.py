@@ -147,7 +147,7 @@ def check_logprobs(engine: Engine, ref_model: ReferenceModel, tol: float) -> lis
     err = max(max(abs(s.logprob - row[s.token]), *(abs(lp - row[i]) for i, lp in s.top)) / m
               for s, row, m in zip(scored, want, scale))
     return [{"name": f"logprobs of {len(tokens)} spec tokens and 5 alternatives each",
-             "rel_err": float(err), "ok": len(tokens) == CHAIN_TOKENS and err <= 2 * tol}]
+             "rel_err": float(err), "ok": bool(len(tokens) == CHAIN_TOKENS and err <= 2 * tol)}]
 
 
 def check_tiny(target: str, artifact: str | None, tol: float) -> list[dict]:
