@@ -136,3 +136,27 @@ def test_top_candidates_and_chunk_masses_give_the_rows_numbers():
         assert g.token == w.token and g.logprob == pytest.approx(w.logprob, abs=1e-5)
         assert [i for i, _ in g.top] == [i for i, _ in w.top] == np.argsort(-row, kind="stable")[:5].tolist()
         np.testing.assert_allclose([lp for _, lp in g.top], exact[[i for i, _ in w.top]], atol=1e-5)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 6])
+def test_prompt_logprobs_score_every_prompt_token_but_the_first(max_tokens):
+    """One event before the reply's scores the prompt: None for its first token, then each
+    token's logprob and alternatives under the causal distribution, over a prompt longer than
+    one all-rows pass and after a cached prefix (recomputed); the reply is the same."""
+    rng = np.random.default_rng(5)
+    prompt = (1, *rng.integers(4, 32, 150).tolist())  # > MAX_BLOCK: three causal passes
+    fwd = Recorder(fresh(2))
+    fwd.causal(list(prompt[:40]))  # a cached prefix, as after an earlier turn
+    request = dict(max_tokens=max_tokens, prompt_logprobs=N_TOP, **greedy("spec", draft_length=4))
+    events = list(generate(fwd, LetterTokenizer(), GenerationRequest(prompt_ids=prompt, **request)))
+    first, *rest, done = events
+    assert first.ids == [] and first.text == "" and first.prompt_logprobs[0] is None
+    assert all(e.prompt_logprobs is None for e in rest)
+    scored = first.prompt_logprobs[1:]
+    assert_causal(2, prompt[:1], list(prompt[1:]), scored)
+    assert done.stats.cached_tokens == 0
+    tokens = [t for e in rest for t in e.ids]
+    cached = fresh(2)
+    cached.causal(list(prompt[:40]))
+    assert tokens == run(cached, prompt_ids=prompt, max_tokens=max_tokens, **greedy("spec", draft_length=4))[0]
+    assert len(tokens) == max_tokens

@@ -214,6 +214,45 @@ def test_completion_logprobs_in_the_legacy_shape(engine, client):
     assert "".join(got.tokens) == reply.choices[0].text
 
 
+def test_echo_with_logprobs_scores_prompt_and_reply(engine, client):
+    """What evaluation harnesses send to score a continuation (echo, logprobs 1, one more
+    token): the prompt's tokens (the first unscored) then the reply's, each with the float64
+    reference's causal logprob; the text is the prompt's followed by the reply's."""
+    prompt = [1, 400, 401, 402, 403, 77, 1023]
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0,
+                                      logprobs=1, echo=True)
+    got = reply.choices[0].logprobs
+    *events, done = generate(ReferenceForward(engine.model, 64), engine.tokenizer,
+                             GenerationRequest(prompt_ids=tuple(prompt), max_tokens=1, logprobs=1,
+                                               prompt_logprobs=1, decode=DecodeParams(mode="spec")))
+    want = events[0].prompt_logprobs + [s for e in events for s in e.logprobs or []]
+    text = engine.tokenizer.token_text
+    assert got.tokens == [text(t) for t in prompt + done.tokens]
+    assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+    assert got.token_logprobs[1:] == pytest.approx([s.logprob for s in want[1:]], abs=1e-9)
+    assert len(got.tokens) == len(prompt) + 1 and reply.usage.completion_tokens == 1
+    assert reply.choices[0].text == engine.tokenizer.decode(prompt) + engine.tokenizer.decode(done.tokens)
+    assert got.text_offset == [sum(len(t) for t in got.tokens[:i]) for i in range(len(got.tokens))]
+    # the harness's is-greedy test: the reply's token is its row's most likely
+    assert got.token_logprobs[-1] == max(got.top_logprobs[-1].values())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_alone_and_with_no_new_tokens(client, stream):
+    def text(**fields):
+        reply = client.completions.create(model="tiny", prompt="def main():", temperature=0, stream=stream,
+                                          extra_body={"mode": "ar"}, **fields)
+        return "".join(c.choices[0].text for c in reply) if stream else reply.choices[0].text
+    plain = text(max_tokens=4)
+    assert text(max_tokens=4, echo=True) == "def main():" + plain
+    assert text(max_tokens=0, echo=True) == "def main():"
+    if stream:
+        chunks = list(client.completions.create(model="tiny", prompt=[1, 400, 401], max_tokens=0, echo=True,
+                                                logprobs=0, stream=True))
+        scored = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+        assert len(scored) == 1 and len(scored[0].tokens) == 3 and scored[0].token_logprobs[0] is None
+
+
 def test_spec_and_ar_give_the_same_greedy_text(client):
     messages = [{"role": "user", "content": "Write a haiku."}]
     def text(**extra):

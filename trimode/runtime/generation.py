@@ -12,7 +12,9 @@ Contract:
 - TokenEvent.ids are the newly generated ids (EOS is never included); TokenEvent.text is
   the stream-safe text delta (stop strings already cut, unfinished characters and possible
   stop-string starts held back); with request.logprobs set, TokenEvent.logprobs has one
-  entry per id (runtime/logprobs.py). The last event is always one DoneEvent.
+  entry per id (runtime/logprobs.py). With request.prompt_logprobs set, the first event is
+  a TokenEvent without ids whose prompt_logprobs score every prompt token but the first
+  (None: nothing precedes it). The last event is always one DoneEvent.
 - The forward may arrive with a prefix of prompt_ids already cached (KV reuse across chat
   turns): only prompt_ids[forward.length:] is prefilled; a fully cached prompt is truncated
   one token back so there is a row to sample from. When the generator finishes or is closed,
@@ -26,7 +28,7 @@ from typing import Iterator
 
 from trimode.runtime.decode import (Cycle, DecodeParams, ar_cycle, diffusion_cycle, prefill,
                                     spec_cycle)
-from trimode.runtime.forward import Forward
+from trimode.runtime.forward import MAX_BLOCK, Forward
 from trimode.runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprobs
 from trimode.runtime.sampling import Sampler, SamplingParams
 from trimode.runtime.stops import Detokenizer, Stops
@@ -49,7 +51,8 @@ class GenerationRequest:
     (runtime/healing.py): the first generated token is one of first_ids (empty: any), and
     the prompt_tail bytes it starts with, which the prompt's text already had, are not
     emitted again. logprobs: None, or report each token's logprob and this many of the most
-    likely ids at its place."""
+    likely ids at its place; prompt_logprobs: the same for the prompt's tokens (its whole
+    cache recomputed: every prompt token needs its row)."""
     prompt_ids: tuple[int, ...]
     max_tokens: int = 256
     sampling: SamplingParams = SamplingParams()
@@ -60,14 +63,17 @@ class GenerationRequest:
     first_ids: tuple[int, ...] = ()
     prompt_tail: bytes = b""
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def problem(self) -> str | None:
         if not self.prompt_ids:
             return "the prompt is empty: at least one token is needed"
         if self.max_tokens < 0:
             return f"max_tokens must be >= 0, got {self.max_tokens}"
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            return f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}"
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not 0 <= n <= MAX_TOP_LOGPROBS:
+                return f"{name} (top alternatives) must be in [0, {MAX_TOP_LOGPROBS}], got {n}"
         return self.sampling.problem() or self.decode.problem()
 
 
@@ -115,6 +121,7 @@ class TokenEvent:
     ids: list[int]
     text: str
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -151,6 +158,19 @@ def _scored(fwd: Forward, history: list[int], cycle: Cycle, taken: list[int], n_
     return token_logprobs(step, taken, n_top)
 
 
+def _scored_prompt(fwd: Forward, prompt: list[int], n_top: int,
+                   stats: Stats) -> list[TokenLogprob | None]:
+    """Every prompt token's logprob but the first's, from causal passes over all of the
+    prompt but its last token (which the prefill then runs, for the first generated token)."""
+    fwd.truncate(0)
+    scored: list[TokenLogprob | None] = [None]
+    for start in range(0, len(prompt) - 1, MAX_BLOCK):  # the all-rows entries' largest block
+        chunk = prompt[start:min(start + MAX_BLOCK, len(prompt) - 1)]
+        scored += token_logprobs(fwd.causal(chunk), prompt[start + 1:start + 1 + len(chunk)], n_top)
+        stats.forwards += 1
+    return scored
+
+
 def _id_problem(request: GenerationRequest, vocab: int) -> str | None:
     for what, ids in (("prompt", request.prompt_ids), ("suppress_ids", request.suppress_ids),
                       ("penalty_ids", request.sampling.penalty_ids), ("first_ids", request.first_ids),
@@ -177,9 +197,6 @@ def generate(forward: Forward, tokenizer: Detokenizer,
         yield DoneEvent("context", stats, f"the prompt ({len(prompt)} tokens) does not fit in "
                         f"the context ({n_ctx} tokens); nothing was generated")
         return
-    if request.max_tokens == 0:
-        yield DoneEvent("length", stats)
-        return
     sampler = Sampler(request.sampling, request.suppress_ids)
     history = list(prompt)
 
@@ -189,9 +206,19 @@ def generate(forward: Forward, tokenizer: Detokenizer,
 
     try:
         clock = time.perf_counter()
-        stats.cached_tokens = min(forward.length, len(prompt) - 1)
+        if request.prompt_logprobs is not None:  # nothing cached: every prompt row is needed
+            scored = _scored_prompt(forward, prompt, request.prompt_logprobs, stats)
+            stats.prefill_s = time.perf_counter() - clock
+            yield TokenEvent([], "", prompt_logprobs=scored)
+            clock = time.perf_counter()
+        else:
+            stats.cached_tokens = min(forward.length, len(prompt) - 1)
+        if request.max_tokens == 0:
+            yield DoneEvent("length", stats)
+            return
         cycle = prefill(forward, prompt, sampler, request.first_ids)
-        stats.prefill_s = stats.ttft_s = time.perf_counter() - clock
+        stats.prefill_s += time.perf_counter() - clock
+        stats.ttft_s = stats.prefill_s
         while True:
             stats.forwards += cycle.forwards
             taken, text = stops.feed(cycle.tokens)

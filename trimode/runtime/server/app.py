@@ -103,7 +103,11 @@ def create_app(load_engine: Callable[[], Engine], settings: ServerSettings) -> F
         engine = service.engine()
         gen = await asyncio.to_thread(completion_request, body, engine.tokenizer,
                                       service.prompt_settings())
-        return await service.respond("completion", body.stream, body.include_usage, gen, request)
+        echo = None
+        if body.echo:  # the prompt as the client gave it (its ids were checked above)
+            echo = body.prompt if isinstance(body.prompt, str) else await asyncio.to_thread(
+                engine.tokenizer.decode, body.prompt)
+        return await service.respond("completion", body.stream, body.include_usage, gen, request, echo)
 
     app.include_router(public)
     app.include_router(private)

@@ -6,7 +6,7 @@ the previous assistant reply's tokens penalized 1.3x so the model does not repea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from trimode.model.chat import encode_prompt, render_chat
 from trimode.model.config import ModelError
@@ -66,6 +66,7 @@ def completion_request(body: CompletionRequest, tokenizer: Tokenizer,
             raise APIError(400, f"prompt token id {max(ids)} is outside the vocabulary of "
                            f"{len(tokenizer)}", "prompt")
     request = _generation_request(body, ids, body.token_limit(), settings, (), (), len(tokenizer))
+    request = replace(request, prompt_logprobs=body.prompt_logprob_count())
     return heal(tokenizer, request) if body.token_healing and isinstance(body.prompt, str) else request
 
 

@@ -52,18 +52,20 @@ class ResponseBuilder:
     """The bodies of one request, chat or text completion, streamed or whole. `logprobs`
     (whether the request asked for them) puts a choice's logprobs in OpenAI's shape for its
     kind: chat's list of entries with bytes, or the legacy completion's parallel lists with
-    each token's text offset in the reply."""
+    each token's text offset in the text. `echo`: the prompt text a completion's text starts
+    with, and `prompt_ids` its tokens, listed first in its logprobs (the first one unscored)."""
 
     def __init__(self, kind: str, model: str, tokenizer: Tokenizer | None = None,
-                 logprobs: bool = False):
+                 logprobs: bool = False, echo: str | None = None, prompt_ids: tuple[int, ...] = ()):
         self.kind = kind  # "chat" | "completion"
         self.model = model
         self.id = new_id(kind)
         self.created = int(time.time())
         self.tokenizer, self.logprobs = tokenizer, logprobs
-        self._offset = 0  # characters of the reply's tokens so far (completion text_offset)
+        self.echo, self.prompt_ids = echo, prompt_ids
+        self._offset = 0  # characters of the tokens so far (completion text_offset)
 
-    def _logprobs(self, scored: list[TokenLogprob] | None) -> dict | None:
+    def _logprobs(self, tokens: list[int], scored: list[TokenLogprob | None] | None) -> dict | None:
         if not self.logprobs or scored is None:
             return None
         text = self.tokenizer.token_text
@@ -73,13 +75,14 @@ class ResponseBuilder:
                         "bytes": list(self.tokenizer.token_bytes(token))}
             return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(*t) for t in s.top]}
                                 for s in scored]}
-        tokens = [text(s.token) for s in scored]
+        texts = [text(t) for t in tokens]
         offsets = []
-        for token in tokens:
+        for piece in texts:
             offsets.append(self._offset)
-            self._offset += len(token)
-        return {"tokens": tokens, "token_logprobs": [s.logprob for s in scored],
-                "top_logprobs": [self._top_by_text(s) for s in scored], "text_offset": offsets}
+            self._offset += len(piece)
+        return {"tokens": texts, "token_logprobs": [None if s is None else s.logprob for s in scored],
+                "top_logprobs": [None if s is None else self._top_by_text(s) for s in scored],
+                "text_offset": offsets}
 
     def _top_by_text(self, scored: TokenLogprob) -> dict:
         # the chosen token besides the top ones, as OpenAI gives it; a text two ids share
@@ -98,7 +101,7 @@ class ResponseBuilder:
                 "choices": choices}
 
     def _choice(self, text: str | None, done: DoneEvent | None, chunk: bool, first: bool = False,
-                scored: list[TokenLogprob] | None = None) -> dict:
+                logprobs: dict | None = None) -> dict:
         choice: dict = {"index": 0}
         if self.kind == "chat":
             if chunk:
@@ -110,14 +113,25 @@ class ResponseBuilder:
                 choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text or ""
-        choice["logprobs"] = self._logprobs(scored)
+        choice["logprobs"] = logprobs
         choice["finish_reason"] = FINISH_REASON[done.finish_reason] if done else None
         if done:
             choice["stop_type"] = done.finish_reason
         return choice
 
-    def whole(self, text: str, done: DoneEvent, scored: list[TokenLogprob] | None = None) -> dict:
-        body = self._envelope([self._choice(text, done, chunk=False, scored=scored)], chunk=False)
+    def whole(self, text: str, done: DoneEvent, scored: list[TokenLogprob] | None = None,
+              prompt_scored: list[TokenLogprob | None] | None = None) -> dict:
+        """scored: the reply's logprobs (None: not asked for); prompt_scored: the echoed
+        prompt's."""
+        tokens, entries = [], []
+        if self.echo is not None:
+            text = self.echo + text
+            if prompt_scored is not None:
+                tokens, entries = list(self.prompt_ids), list(prompt_scored)
+        if scored is not None:
+            tokens, entries = tokens + [s.token for s in scored], entries + scored
+        logprobs = self._logprobs(tokens, entries) if scored is not None else None
+        body = self._envelope([self._choice(text, done, chunk=False, logprobs=logprobs)], chunk=False)
         body["usage"] = usage(done.stats)
         body["timings"] = timings(done.stats)
         return body
@@ -126,7 +140,13 @@ class ResponseBuilder:
         return self._envelope([self._choice("", None, chunk=True, first=True)], chunk=True)
 
     def text_chunk(self, text: str, scored: list[TokenLogprob] | None = None) -> dict:
-        return self._envelope([self._choice(text, None, chunk=True, scored=scored)], chunk=True)
+        logprobs = None if scored is None else self._logprobs([s.token for s in scored], scored)
+        return self._envelope([self._choice(text, None, chunk=True, logprobs=logprobs)], chunk=True)
+
+    def echo_chunk(self, prompt_scored: list[TokenLogprob | None] | None) -> dict:
+        """A completion stream's first chunk: the echoed prompt (and its logprobs, if scored)."""
+        logprobs = None if prompt_scored is None else self._logprobs(list(self.prompt_ids), prompt_scored)
+        return self._envelope([self._choice(self.echo, None, chunk=True, logprobs=logprobs)], chunk=True)
 
     def final_chunk(self, done: DoneEvent, include_usage: bool) -> list[dict]:
         last = self._envelope([self._choice(None if self.kind == "chat" else "", done, chunk=True)],

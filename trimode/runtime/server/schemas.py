@@ -219,25 +219,29 @@ class CompletionRequest(SamplingFields):
     # prompts would ask for several choices, which n=1 rules out.
     prompt: Union[Text, Annotated[list[Annotated[int, Field(strict=True, ge=0)]],
                                  Field(min_length=1, max_length=MAX_TOKEN_IDS)]]
-    echo: Optional[StrictBool] = None
+    # the prompt before the reply's text, and with logprobs its tokens' logprobs before the
+    # reply's (what evaluation harnesses score a continuation by)
+    echo: StrictBool = False
     # OpenAI's legacy form: the number of top alternatives (the chosen token comes besides)
     logprobs: Optional[TopLogprobs] = None
     # trimode's extra: token healing of a text prompt (runtime/healing.py). Off by default so
     # the prompt's tokens are exactly what OpenAI-style clients and llama-server expect.
     token_healing: StrictBool = False
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: Optional[bool]) -> Optional[bool]:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
+    @model_validator(mode="after")
+    def _echo_of_the_prompt_as_given(self):
+        if self.echo and self.token_healing:
+            raise ValueError("echo and token_healing do not go together (healing rewrites the prompt's end)")
+        return self
 
     def token_limit(self) -> Optional[int]:
         return self.max_tokens
 
     def logprob_count(self) -> Optional[int]:
         return self.logprobs
+
+    def prompt_logprob_count(self) -> Optional[int]:
+        return self.logprobs if self.echo else None
 
 
 class TokenizeRequest(_Body):

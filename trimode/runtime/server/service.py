@@ -87,10 +87,12 @@ class Service:
             self.scheduler.cancel(job)  # no-op once it has finished
 
     async def respond(self, kind: str, stream: bool, include_usage: bool, gen: GenerationRequest,
-                      request: Request) -> Response:
-        """The reply to one generation request: JSON, or an SSE stream ending in [DONE]."""
+                      request: Request, echo: Optional[str] = None) -> Response:
+        """The reply to one generation request: JSON, or an SSE stream ending in [DONE].
+        echo: the prompt text a completion's text starts with."""
         builder = ResponseBuilder(kind, self.settings.model_name, self.engine().tokenizer,
-                                  logprobs=gen.logprobs is not None)
+                                  logprobs=gen.logprobs is not None, echo=echo,
+                                  prompt_ids=gen.prompt_ids)
         events = self.events(request, gen)
         if stream:
             # Take the first event here so a full queue is still a plain 503, not a stream.
@@ -102,12 +104,13 @@ class Service:
             return StreamingResponse(self._stream(kind, builder, first, events, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        text, scored, done = [], [], None
+        text, scored, prompt_scored, done = [], [], None, None
         try:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     text.append(event.text)
                     scored += event.logprobs or []
+                    prompt_scored = prompt_scored or event.prompt_logprobs
                 elif isinstance(event, Failed):
                     self.record(kind, "error", None)
                     return error_response(500, event.message)
@@ -117,7 +120,7 @@ class Service:
             self.record(kind, "disconnected", None)
             return Response(status_code=499)
         self.record(kind, "ok", done)
-        return JSONResponse(builder.whole("".join(text), done, scored))
+        return JSONResponse(builder.whole("".join(text), done, scored, prompt_scored))
 
     async def _stream(self, kind: str, builder: ResponseBuilder, first: object,
                       events: AsyncIterator, include_usage: bool):
@@ -125,10 +128,14 @@ class Service:
         try:
             if kind == "chat":
                 yield sse(builder.first_chunk())
+            elif builder.echo is not None and getattr(first, "prompt_logprobs", None) is None:
+                yield sse(builder.echo_chunk(None))
             event = first
             while True:
                 if isinstance(event, TokenEvent):
-                    if event.text or event.logprobs:  # a token's logprobs may come before its text
+                    if event.prompt_logprobs is not None:
+                        yield sse(builder.echo_chunk(event.prompt_logprobs))
+                    elif event.text or event.logprobs:  # a token's logprobs may come before its text
                         yield sse(builder.text_chunk(event.text, event.logprobs))
                 elif isinstance(event, Failed):
                     outcome = "error"
