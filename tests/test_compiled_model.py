@@ -92,6 +92,39 @@ def test_verify_truncate_decode_equals_reference_of_kept_prefix(setup):
     assert rel_err(got.logits()[0], want.logits()[-1]) < TOL
 
 
+class _NoText:
+    def incremental_decoder(self, skip=b""):
+        return self
+
+    def push(self, token_id):
+        return ""
+
+    def flush(self):
+        return ""
+
+
+def test_logprobs_of_prompt_and_reply_equal_the_reference(setup):
+    """generate() with prompt and reply logprobs on the compiled model (a 70-token prompt:
+    two all-rows passes; spec: verify rows) against the reference's causal log-softmax."""
+    from trimode.runtime.generation import DecodeParams, GenerationRequest, generate
+    engine, ref_model = setup
+    ids = prompt(70, 4)
+    request = GenerationRequest(prompt_ids=tuple(ids), max_tokens=10, logprobs=3, prompt_logprobs=3,
+                                loop_detection=False, decode=DecodeParams(mode="spec", draft_length=4))
+    first, *events, done = generate(engine.new_sequence(CTX), _NoText(), request)
+    scored = first.prompt_logprobs[1:] + [s for e in events for s in e.logprobs]
+    tokens = ids + done.tokens
+    assert first.prompt_logprobs[0] is None and [s.token for s in scored] == tokens[1:]
+    logits = ReferenceForward(ref_model, CTX).causal(tokens[:-1]).logits().astype(np.float64)
+    want = logits - logits.max(1, keepdims=True)
+    want -= np.log(np.exp(want).sum(1, keepdims=True))
+    bound = 1e-4  # float32 on the CPU: ~5e-6 here (TOL's logit bound would allow ~0.04)
+    got = np.array([s.logprob for s in scored])
+    assert np.abs(got - want[np.arange(len(scored)), tokens[1:]]).max() < bound
+    for s, row in zip(scored, want):
+        assert all(abs(lp - row[i]) < bound for i, lp in s.top)
+
+
 def test_draft_leaves_cache_bit_identical(setup):
     engine, _ = setup
     fwd = engine.new_sequence(CTX)
