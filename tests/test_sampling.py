@@ -203,10 +203,35 @@ def test_same_seed_same_draws():
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=-2), dict(top_p=0),
                                  dict(top_p=1.5), dict(min_p=2), dict(repetition_penalty=0),
-                                 dict(penalty_last_n=-1)])
+                                 dict(repetition_penalty=1e-300), dict(ids_penalty=1e31),
+                                 dict(frequency_penalty=-1e300), dict(presence_penalty=float("inf")),
+                                 dict(logit_bias=((5, 1e38),)), dict(penalty_last_n=-1)])
 def test_bad_params_are_named(bad):
     problem = SamplingParams(**bad).problem()
     assert problem and next(iter(bad)) in problem
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-31])
+def test_a_temperature_too_small_for_float32_samples_as_greedy(temperature):
+    """(l - max) / T there is 0 * inf for the top token: a NaN row, which drew the last id."""
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=0))
+    step = StepResult.from_logits(ROW[None])
+    assert sampler.greedy and sampler.choose(step, [0], [[]])[0] == [int(ROW.argmax())]
+
+
+def test_the_largest_adjustments_keep_rows_finite():
+    """At the bounds problem() allows, every adjusted logit is a float32 below infinity (an
+    infinite one makes NaN of the softmax)."""
+    history = np.argsort(-ROW)[:6].tolist()
+    for params in (dict(repetition_penalty=1e-30), dict(frequency_penalty=-1e30, presence_penalty=-1e30),
+                   dict(logit_bias=((3, 1e30), (4, 1e30)))):
+        sampler = Sampler(SamplingParams(temperature=0.7, penalty_last_n=6, seed=0, **params))
+        assert SamplingParams(**params).problem() is None
+        with np.errstate(all="raise"):
+            adjusted = sampler.adjust(ROW, history)
+        assert np.all(adjusted < np.inf)
+        dist = sampler.distribution(ROW, history)
+        assert np.all(np.isfinite(dist.probs)) and dist.probs.sum() == pytest.approx(1.0)
 
 
 def definition(row: np.ndarray, p: SamplingParams) -> np.ndarray:

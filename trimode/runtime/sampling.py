@@ -32,9 +32,18 @@ from trimode.runtime.chunked_row import ChunkedRow, chunked_rows
 from trimode.runtime.forward import MASS_CHUNK, TOP_CANDIDATES, StepResult
 
 
+# Under this temperature sampling is greedy: float32 weights exp((l - max) / T) are one-hot
+# there but for exact ties (logits a float32 step apart differ by e^-1e23), and past ~3e-39
+# 1 / T is no float32 at all.
+GREEDY_BELOW = 1e-30
+# Penalty factors, penalties and biases beyond this would take float32 logits to infinity
+# (then infinity - infinity in the softmax).
+MAX_ADJUSTMENT = 1e30
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy. top_k 0, top_p 1 and min_p 0 switch those filters off.
+    """temperature 0 (or under GREEDY_BELOW) is greedy. top_k 0, top_p 1 and min_p 0 switch those filters off.
     The penalties act as llama.cpp's on the ids among the last `penalty_last_n` tokens of
     prompt + generated text: repetition_penalty divides a positive logit and multiplies a
     negative one, then frequency_penalty x the id's count there and presence_penalty are
@@ -64,16 +73,20 @@ class SamplingParams:
         if not 0 <= self.min_p <= 1:
             return f"min_p must be in [0, 1], got {self.min_p}"
         for name in ("repetition_penalty", "ids_penalty"):
-            if not 0 < getattr(self, name) < np.inf:
-                return f"{name} must be > 0, got {getattr(self, name)}"
+            if not 1 / MAX_ADJUSTMENT <= getattr(self, name) <= MAX_ADJUSTMENT:
+                return f"{name} must be > 0 (in [1e-30, 1e30]), got {getattr(self, name)}"
         for name in ("frequency_penalty", "presence_penalty"):
-            if not np.isfinite(getattr(self, name)):
-                return f"{name} must be a finite number, got {getattr(self, name)}"
+            if not abs(getattr(self, name)) <= MAX_ADJUSTMENT:
+                return f"{name} must be a finite number (at most 1e30 either way), got {getattr(self, name)}"
         if self.penalty_last_n < 0:
             return f"penalty_last_n must be >= 0, got {self.penalty_last_n}"
-        if any(not np.isfinite(bias) for _, bias in self.logit_bias):
-            return "logit_bias values must be finite numbers"
+        if any(not abs(bias) <= MAX_ADJUSTMENT for _, bias in self.logit_bias):
+            return "logit_bias values must be finite numbers (at most 1e30 either way)"
         return None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalizes_window(self) -> bool:
@@ -307,7 +320,7 @@ class Sampler:
 
     @property
     def greedy(self) -> bool:
-        return self.params.temperature == 0
+        return self.params.greedy
 
     def context(self, history: Sequence[int], extra: Sequence[int] = ()) -> list[int]:
         """The part of history + extra the penalty can see (nothing when it is off), so
