@@ -370,3 +370,43 @@ def test_api_key_guards_every_v1_route(engine):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
         assert good.completions.create(model="m", prompt=[1, 2], max_tokens=1).usage.completion_tokens <= 1
+
+
+def test_n_choices_are_n_generations_with_consecutive_seeds(client):
+    """n = 3 sampled with seed s: choice i is what n = 1 gives with seed s + i; usage counts
+    the prompt once and every choice's tokens."""
+    fields = dict(model="tiny", prompt=[1, 400, 401, 402], max_tokens=6, temperature=1.0,
+                  extra_body={"mode": "spec", "draft_length": 3})
+    reply = client.completions.create(n=3, seed=7, **fields)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    alone = [client.completions.create(seed=7 + i, **fields) for i in range(3)]
+    assert [c.text for c in reply.choices] == [a.choices[0].text for a in alone]
+    assert len({c.text for c in reply.choices}) > 1
+    assert reply.usage.prompt_tokens == 4
+    assert reply.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+
+def test_n_choices_stream_by_index(client):
+    messages = [{"role": "user", "content": "Count to three."}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=2,
+                                           logprobs=True, **GREEDY_AR)
+    assert whole.choices[0].message.content == whole.choices[1].message.content  # greedy
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, n=2,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 logprobs=True, **GREEDY_AR))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == whole.choices[index].message.content
+        assert [e.token for c in mine if c.logprobs for e in c.logprobs.content] == \
+            [e.token for e in whole.choices[index].logprobs.content]
+        assert [c.finish_reason for c in mine if c.finish_reason] == [whole.choices[index].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_completions_keep_their_own_text_offsets(client):
+    reply = client.completions.create(model="tiny", prompt=[1, 400, 401], max_tokens=4, n=2, logprobs=1,
+                                      temperature=1.0, seed=3, extra_body={"mode": "ar"})
+    for choice in reply.choices:
+        lp = choice.logprobs
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]

@@ -20,7 +20,7 @@ from fastapi.responses import Response
 
 from trimode.model.config import ModelError
 from trimode.runtime.server.errors import APIError, install_error_handlers
-from trimode.runtime.server.prompts import chat_request, completion_request
+from trimode.runtime.server.prompts import chat_request, choices, completion_request
 from trimode.runtime.server.request_body import BoundedJsonBodies
 from trimode.runtime.server.scheduler import Engine
 from trimode.runtime.server.schemas import (ChatCompletionRequest, CompletionRequest,
@@ -96,7 +96,7 @@ def create_app(load_engine: Callable[[], Engine], settings: ServerSettings) -> F
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = service.engine()
         gen = await asyncio.to_thread(chat_request, body, engine.tokenizer, service.prompt_settings())
-        return await service.respond("chat", body.stream, body.include_usage, gen, request)
+        return await service.respond("chat", body.stream, body.include_usage, choices(gen, body.n), request)
 
     @private.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -107,7 +107,8 @@ def create_app(load_engine: Callable[[], Engine], settings: ServerSettings) -> F
         if body.echo:  # the prompt as the client gave it (its ids were checked above)
             echo = body.prompt if isinstance(body.prompt, str) else await asyncio.to_thread(
                 engine.tokenizer.decode, body.prompt)
-        return await service.respond("completion", body.stream, body.include_usage, gen, request, echo)
+        return await service.respond("completion", body.stream, body.include_usage, choices(gen, body.n),
+                                     request, echo)
 
     app.include_router(public)
     app.include_router(private)

@@ -70,6 +70,14 @@ def completion_request(body: CompletionRequest, tokenizer: Tokenizer,
     return heal(tokenizer, request) if body.token_healing and isinstance(body.prompt, str) else request
 
 
+def choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """One request per choice: a given seed s becomes s, s + 1, ... (the first choice is what
+    n = 1 gives), no seed stays a random one each."""
+    seed = request.sampling.seed
+    return [request if i == 0 or seed is None else replace(request, sampling=replace(request.sampling, seed=seed + i))
+            for i in range(n)]
+
+
 def _bos(tokenizer: Tokenizer) -> str:
     return tokenizer.tokens[tokenizer.bos_id]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 
 from trimode.model.tokenizer import Tokenizer
 from trimode.runtime.generation import DoneEvent, Stats
@@ -15,12 +16,6 @@ FINISH_REASON = {"stop": "stop", "length": "length", "context": "length", "loop"
 
 def new_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(stats: Stats) -> dict:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
 def timings(stats: Stats) -> dict:
@@ -48,12 +43,31 @@ def timings(stats: Stats) -> dict:
     }
 
 
+@dataclass
+class Choice:
+    """What one choice of a whole reply gathered: its text, its DoneEvent, its logprobs (None:
+    not asked for) and its echoed prompt's."""
+    text: str
+    done: DoneEvent
+    scored: list[TokenLogprob] | None = None
+    prompt_scored: list[TokenLogprob | None] | None = None
+
+
+def total_usage(dones: list[DoneEvent]) -> dict:
+    """OpenAI's usage of a request with len(dones) choices: its prompt once, every reply."""
+    first, generated = dones[0].stats, sum(d.stats.generated_tokens for d in dones)
+    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": generated,
+            "total_tokens": first.prompt_tokens + generated,
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
+
+
 class ResponseBuilder:
-    """The bodies of one request, chat or text completion, streamed or whole. `logprobs`
-    (whether the request asked for them) puts a choice's logprobs in OpenAI's shape for its
-    kind: chat's list of entries with bytes, or the legacy completion's parallel lists with
-    each token's text offset in the text. `echo`: the prompt text a completion's text starts
-    with, and `prompt_ids` its tokens, listed first in its logprobs (the first one unscored)."""
+    """The bodies of one request, chat or text completion, streamed or whole, with its
+    choices by index. `logprobs` (whether the request asked for them) puts a choice's
+    logprobs in OpenAI's shape for its kind: chat's list of entries with bytes, or the legacy
+    completion's parallel lists with each token's text offset in the text. `echo`: the
+    prompt text a completion's text starts with, and `prompt_ids` its tokens, listed first
+    in its logprobs (the first one unscored)."""
 
     def __init__(self, kind: str, model: str, tokenizer: Tokenizer | None = None,
                  logprobs: bool = False, echo: str | None = None, prompt_ids: tuple[int, ...] = ()):
@@ -63,10 +77,10 @@ class ResponseBuilder:
         self.created = int(time.time())
         self.tokenizer, self.logprobs = tokenizer, logprobs
         self.echo, self.prompt_ids = echo, prompt_ids
-        self._offset = 0  # characters of the tokens so far (completion text_offset)
+        self._offsets: dict[int, int] = {}  # characters of each choice's tokens so far (text_offset)
 
-    def _logprobs(self, tokens: list[int], scored: list[TokenLogprob | None] | None) -> dict | None:
-        if not self.logprobs or scored is None:
+    def _logprobs(self, index: int, tokens: list[int], scored: list[TokenLogprob | None]) -> dict | None:
+        if not self.logprobs:
             return None
         text = self.tokenizer.token_text
         if self.kind == "chat":
@@ -78,8 +92,8 @@ class ResponseBuilder:
         texts = [text(t) for t in tokens]
         offsets = []
         for piece in texts:
-            offsets.append(self._offset)
-            self._offset += len(piece)
+            offsets.append(self._offsets.get(index, 0))
+            self._offsets[index] = offsets[-1] + len(piece)
         return {"tokens": texts, "token_logprobs": [None if s is None else s.logprob for s in scored],
                 "top_logprobs": [None if s is None else self._top_by_text(s) for s in scored],
                 "text_offset": offsets}
@@ -100,9 +114,9 @@ class ResponseBuilder:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices}
 
-    def _choice(self, text: str | None, done: DoneEvent | None, chunk: bool, first: bool = False,
-                logprobs: dict | None = None) -> dict:
-        choice: dict = {"index": 0}
+    def _choice(self, index: int, text: str | None, done: DoneEvent | None, chunk: bool,
+                first: bool = False, logprobs: dict | None = None) -> dict:
+        choice: dict = {"index": index}
         if self.kind == "chat":
             if chunk:
                 delta = {"role": "assistant"} if first else {}
@@ -119,45 +133,50 @@ class ResponseBuilder:
             choice["stop_type"] = done.finish_reason
         return choice
 
-    def whole(self, text: str, done: DoneEvent, scored: list[TokenLogprob] | None = None,
-              prompt_scored: list[TokenLogprob | None] | None = None) -> dict:
-        """scored: the reply's logprobs (None: not asked for); prompt_scored: the echoed
-        prompt's."""
-        tokens, entries = [], []
-        if self.echo is not None:
-            text = self.echo + text
-            if prompt_scored is not None:
-                tokens, entries = list(self.prompt_ids), list(prompt_scored)
-        if scored is not None:
-            tokens, entries = tokens + [s.token for s in scored], entries + scored
-        logprobs = self._logprobs(tokens, entries) if scored is not None else None
-        body = self._envelope([self._choice(text, done, chunk=False, logprobs=logprobs)], chunk=False)
-        body["usage"] = usage(done.stats)
-        body["timings"] = timings(done.stats)
+    def whole(self, choices: list[Choice]) -> dict:
+        """The reply of every choice; `timings` are the first choice's."""
+        made = []
+        for index, c in enumerate(choices):
+            text, tokens, entries = c.text, [], []
+            if self.echo is not None:
+                text = self.echo + text
+                if c.prompt_scored is not None:
+                    tokens, entries = list(self.prompt_ids), list(c.prompt_scored)
+            logprobs = None
+            if c.scored is not None:
+                logprobs = self._logprobs(index, tokens + [s.token for s in c.scored], entries + c.scored)
+            made.append(self._choice(index, text, c.done, chunk=False, logprobs=logprobs))
+        body = self._envelope(made, chunk=False)
+        body["usage"] = total_usage([c.done for c in choices])
+        body["timings"] = timings(choices[0].done.stats)
         return body
 
-    def first_chunk(self) -> dict:
-        return self._envelope([self._choice("", None, chunk=True, first=True)], chunk=True)
+    def first_chunk(self, index: int) -> dict:
+        return self._envelope([self._choice(index, "", None, chunk=True, first=True)], chunk=True)
 
-    def text_chunk(self, text: str, scored: list[TokenLogprob] | None = None) -> dict:
-        logprobs = None if scored is None else self._logprobs([s.token for s in scored], scored)
-        return self._envelope([self._choice(text, None, chunk=True, logprobs=logprobs)], chunk=True)
+    def text_chunk(self, index: int, text: str, scored: list[TokenLogprob] | None = None) -> dict:
+        logprobs = None if scored is None else self._logprobs(index, [s.token for s in scored], scored)
+        return self._envelope([self._choice(index, text, None, chunk=True, logprobs=logprobs)], chunk=True)
 
-    def echo_chunk(self, prompt_scored: list[TokenLogprob | None] | None) -> dict:
-        """A completion stream's first chunk: the echoed prompt (and its logprobs, if scored)."""
-        logprobs = None if prompt_scored is None else self._logprobs(list(self.prompt_ids), prompt_scored)
-        return self._envelope([self._choice(self.echo, None, chunk=True, logprobs=logprobs)], chunk=True)
+    def echo_chunk(self, index: int, prompt_scored: list[TokenLogprob | None] | None) -> dict:
+        """A completion stream's first chunk of a choice: the echoed prompt (and its
+        logprobs, if scored)."""
+        logprobs = None if prompt_scored is None else self._logprobs(index, list(self.prompt_ids), prompt_scored)
+        return self._envelope([self._choice(index, self.echo, None, chunk=True, logprobs=logprobs)],
+                              chunk=True)
 
-    def final_chunk(self, done: DoneEvent, include_usage: bool) -> list[dict]:
-        last = self._envelope([self._choice(None if self.kind == "chat" else "", done, chunk=True)],
+    def final_chunk(self, index: int, done: DoneEvent) -> dict:
+        """A choice's last chunk: its finish reason and its own timings."""
+        last = self._envelope([self._choice(index, None if self.kind == "chat" else "", done, chunk=True)],
                               chunk=True)
         last["timings"] = timings(done.stats)
-        if not include_usage:
-            return [last]
+        return last
+
+    def usage_chunk(self, dones: list[DoneEvent]) -> dict:
         # OpenAI sends usage in one more chunk whose choices are empty.
         tail = self._envelope([], chunk=True)
-        tail["usage"] = usage(done.stats)
-        return [last, tail]
+        tail["usage"] = total_usage(dones)
+        return tail
 
 
 def sse(payload: dict | str) -> str:

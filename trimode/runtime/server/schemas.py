@@ -19,6 +19,7 @@ MAX_STOP_CHARS = 256
 MAX_MESSAGES = 4096
 MAX_TOKEN_IDS = 1 << 20
 MAX_LOGIT_BIAS = 4096
+MAX_CHOICES = 16
 TopLogprobs = Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]
 
 
@@ -96,7 +97,8 @@ class SamplingFields(_Body):
     stop: Optional[Union[Text, list[Text]]] = None
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    n: Annotated[int, Field(strict=True)] = 1
+    # choices, each its own generation (the prompt's cache reused between them)
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_CHOICES)] = 1
     # trimode's decoding controls (MODEL.md section 5).
     mode: Optional[Literal[MODES]] = None
     draft_length: Optional[Annotated[int, Field(strict=True, ge=0, lt=MAX_BLOCK)]] = None
@@ -111,13 +113,6 @@ class SamplingFields(_Body):
                 if name in body and not any(type(body[name]) is type(v) and body[name] == v for v in neutral):
                     raise ValueError(f"{name} is not supported (got {body[name]!r})")
         return body
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"only n=1 is supported, got n={n}")
-        return n
 
     @field_validator("logit_bias")
     @classmethod
@@ -215,8 +210,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    # A string, or a list of token ids (llama-server accepts both); a list of several
-    # prompts would ask for several choices, which n=1 rules out.
+    # A string, or a list of token ids (llama-server accepts both); not a list of several
+    # prompts (a batch).
     prompt: Union[Text, Annotated[list[Annotated[int, Field(strict=True, ge=0)]],
                                  Field(min_length=1, max_length=MAX_TOKEN_IDS)]]
     # the prompt before the reply's text, and with logprobs its tokens' logprobs before the

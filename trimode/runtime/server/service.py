@@ -14,7 +14,7 @@ from trimode.runtime.generation import DecodeParams, DoneEvent, GenerationReques
 from trimode.runtime.server.errors import APIError, error_body, error_response
 from trimode.runtime.server.metrics import ServerMetrics
 from trimode.runtime.server.prompts import PromptSettings, settings_from_metadata
-from trimode.runtime.server.responses import ResponseBuilder, sse
+from trimode.runtime.server.responses import Choice, ResponseBuilder, sse
 from trimode.runtime.server.scheduler import Engine, Failed, Job, QueueFull, Scheduler
 
 
@@ -61,106 +61,130 @@ class Service:
                                                    self.scheduler.slot_ctx, self.settings.decode)
         return self._prompts
 
-    async def events(self, request: Request, gen: GenerationRequest) -> AsyncIterator[object]:
-        """Submit `gen` and relay its events; a client disconnect cancels it at once."""
+    async def events(self, request: Request, gens: list[GenerationRequest]) -> AsyncIterator[tuple[int, object]]:
+        """Submit one job per choice and relay their events as (choice index, event), until
+        each has given its DoneEvent or the first Failed; a client disconnect cancels them
+        all at once."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        job = Job(gen, deliver=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+
+        def deliver_to(index: int):
+            return lambda event: loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+        jobs = [Job(gen, deliver=deliver_to(i)) for i, gen in enumerate(gens)]
         try:
-            self.scheduler.submit(job)
+            for job in jobs:
+                self.scheduler.submit(job)
         except QueueFull as err:
+            for job in jobs:
+                self.scheduler.cancel(job)
             raise APIError(503, str(err)) from None
         gone = asyncio.ensure_future(_disconnected(request))
+        running = len(jobs)
         try:
-            while True:
+            while running:
                 get = asyncio.ensure_future(queue.get())
                 await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not get.done():
                     get.cancel()
                     raise ClientGone()
-                event = get.result()
-                yield event
-                if isinstance(event, (DoneEvent, Failed)):
+                index, event = get.result()
+                yield index, event
+                if isinstance(event, Failed):
                     return
+                running -= isinstance(event, DoneEvent)
         finally:
             gone.cancel()
-            self.scheduler.cancel(job)  # no-op once it has finished
+            for job in jobs:
+                self.scheduler.cancel(job)  # no-op once it has finished
 
-    async def respond(self, kind: str, stream: bool, include_usage: bool, gen: GenerationRequest,
+    async def respond(self, kind: str, stream: bool, include_usage: bool, gens: list[GenerationRequest],
                       request: Request, echo: Optional[str] = None) -> Response:
-        """The reply to one generation request: JSON, or an SSE stream ending in [DONE].
-        echo: the prompt text a completion's text starts with."""
+        """The reply to one generation request, a choice per entry of `gens`: JSON, or an
+        SSE stream ending in [DONE]. echo: the prompt text a completion's text starts with."""
+        gen = gens[0]
         builder = ResponseBuilder(kind, self.settings.model_name, self.engine().tokenizer,
                                   logprobs=gen.logprobs is not None, echo=echo,
                                   prompt_ids=gen.prompt_ids)
-        events = self.events(request, gen)
+        events = self.events(request, gens)
         if stream:
             # Take the first event here so a full queue is still a plain 503, not a stream.
             try:
                 first = await events.__anext__()
             except ClientGone:
-                self.record(kind, "disconnected", None)
+                self.record(kind, "disconnected", [])
                 return Response(status_code=499)
-            return StreamingResponse(self._stream(kind, builder, first, events, include_usage),
+            echo_first = echo is not None and gen.prompt_logprobs is None  # else with the prompt's scores
+            return StreamingResponse(self._stream(kind, builder, len(gens), echo_first, first, events,
+                                                  include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        text, scored, prompt_scored, done = [], [], None, None
+        gathered = [{"text": [], "scored": [], "prompt_scored": None, "done": None} for _ in gens]
         try:
-            async for event in events:
+            async for index, event in events:
+                got = gathered[index]
                 if isinstance(event, TokenEvent):
-                    text.append(event.text)
-                    scored += event.logprobs or []
-                    prompt_scored = prompt_scored or event.prompt_logprobs
+                    got["text"].append(event.text)
+                    got["scored"] += event.logprobs or []
+                    got["prompt_scored"] = got["prompt_scored"] or event.prompt_logprobs
                 elif isinstance(event, Failed):
-                    self.record(kind, "error", None)
+                    self.record(kind, "error", [])
                     return error_response(500, event.message)
                 else:
-                    done = event
+                    got["done"] = event
         except ClientGone:
-            self.record(kind, "disconnected", None)
+            self.record(kind, "disconnected", [])
             return Response(status_code=499)
-        self.record(kind, "ok", done)
-        return JSONResponse(builder.whole("".join(text), done, scored, prompt_scored))
+        choices = [Choice("".join(g["text"]), g["done"], g["scored"] if builder.logprobs else None,
+                          g["prompt_scored"]) for g in gathered]
+        self.record(kind, "ok", [c.done for c in choices])
+        return JSONResponse(builder.whole(choices))
 
-    async def _stream(self, kind: str, builder: ResponseBuilder, first: object,
-                      events: AsyncIterator, include_usage: bool):
-        outcome, done = "disconnected", None
+    async def _stream(self, kind: str, builder: ResponseBuilder, n: int, echo_first: bool,
+                      first: tuple[int, object], events: AsyncIterator, include_usage: bool):
+        outcome, dones = "disconnected", []
         try:
-            if kind == "chat":
-                yield sse(builder.first_chunk())
-            elif builder.echo is not None and getattr(first, "prompt_logprobs", None) is None:
-                yield sse(builder.echo_chunk(None))
-            event = first
+            for index in range(n):
+                if kind == "chat":
+                    yield sse(builder.first_chunk(index))
+                elif echo_first:
+                    yield sse(builder.echo_chunk(index, None))
+            item = first
             while True:
+                index, event = item
                 if isinstance(event, TokenEvent):
                     if event.prompt_logprobs is not None:
-                        yield sse(builder.echo_chunk(event.prompt_logprobs))
+                        yield sse(builder.echo_chunk(index, event.prompt_logprobs))
                     elif event.text or event.logprobs:  # a token's logprobs may come before its text
-                        yield sse(builder.text_chunk(event.text, event.logprobs))
+                        yield sse(builder.text_chunk(index, event.text, event.logprobs))
                 elif isinstance(event, Failed):
                     outcome = "error"
                     yield sse(error_body(500, event.message))
                     break
                 else:
-                    outcome, done = "ok", event
-                    for chunk in builder.final_chunk(event, include_usage):
-                        yield sse(chunk)
-                    break
-                event = await events.__anext__()
+                    dones.append(event)
+                    yield sse(builder.final_chunk(index, event))
+                    if len(dones) == n:
+                        outcome = "ok"
+                        if include_usage:
+                            yield sse(builder.usage_chunk(dones))
+                        break
+                item = await events.__anext__()
             yield sse("[DONE]")
         except ClientGone:
             pass
         finally:
             await events.aclose()
-            self.record(kind, outcome, done)
+            self.record(kind, outcome, dones if outcome == "ok" else [])
 
-    def record(self, endpoint: str, outcome: str, done: Optional[DoneEvent]) -> None:
-        if done is None:
+    def record(self, endpoint: str, outcome: str, dones: list[DoneEvent]) -> None:
+        """One finished request in the metrics: its choices' tokens, forwards and time summed."""
+        if not dones:
             self.metrics.requests.labels(endpoint, outcome).inc()
             return
-        s = done.stats
-        self.metrics.record_generation(endpoint, outcome, s.prompt_tokens, s.cached_tokens,
-                                       s.generated_tokens, s.forwards, s.prefill_s + s.decode_s)
+        stats = [d.stats for d in dones]
+        self.metrics.record_generation(endpoint, outcome, stats[0].prompt_tokens, stats[0].cached_tokens,
+                                       sum(s.generated_tokens for s in stats), sum(s.forwards for s in stats),
+                                       sum(s.prefill_s + s.decode_s for s in stats))
 
 
 async def _disconnected(request: Request) -> None:
