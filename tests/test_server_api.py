@@ -410,3 +410,45 @@ def test_n_completions_keep_their_own_text_offsets(client):
     for choice in reply.choices:
         lp = choice.logprobs
         assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batch_of_prompts_gives_n_choices_each(client, stream):
+    """A list of prompts (strings or token lists, what evaluation harnesses send): choice
+    i * n + j is prompt i's j-th, as the prompt alone with seed + j gives it; usage counts
+    every prompt once."""
+    prompts = [[1, 400, 401], [1, 500, 501, 502]]
+    fields = dict(model="tiny", max_tokens=4, temperature=1.0, seed=5, extra_body={"mode": "ar"})
+    reply = client.completions.create(prompt=prompts, n=2, stream=stream, stream_options={"include_usage": True}
+                                      if stream else None, **fields)
+    if stream:
+        chunks = list(reply)
+        texts = {}
+        for c in chunks:
+            for choice in c.choices:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+        got, usage = [texts[i] for i in range(4)], chunks[-1].usage
+    else:
+        got, usage = [c.text for c in sorted(reply.choices, key=lambda c: c.index)], reply.usage
+    want = [client.completions.create(prompt=p, n=2, **fields).choices[j].text for p in prompts for j in range(2)]
+    assert got == want
+    assert usage.prompt_tokens == 7 and usage.completion_tokens == 16
+
+
+def test_harness_loglikelihood_request_shape(engine, client):
+    """lm-evaluation-harness's local-completions: a batch of one token list, echo, logprobs 1,
+    one new token; the continuation's logprobs are the reference's."""
+    prompt = [1, 400, 401, 402, 403]
+    reply = client.completions.create(model="tiny", prompt=[prompt], max_tokens=1, temperature=0,
+                                      logprobs=1, echo=True, seed=1234)
+    got = reply.choices[0].logprobs
+    *events, _ = generate(ReferenceForward(engine.model, 64), engine.tokenizer,
+                          GenerationRequest(prompt_ids=tuple(prompt), max_tokens=0, prompt_logprobs=1))
+    want = [s.logprob for s in events[0].prompt_logprobs[1:]]
+    assert got.token_logprobs[1:len(prompt)] == pytest.approx(want, abs=1e-9)
+    assert len(got.token_logprobs) == len(prompt) + 1
+
+
+def test_a_batch_of_strings_echoes_each(client):
+    reply = client.completions.create(model="tiny", prompt=["def a():", "x ="], max_tokens=0, echo=True)
+    assert [c.text for c in sorted(reply.choices, key=lambda c: c.index)] == ["def a():", "x ="]

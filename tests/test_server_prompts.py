@@ -74,13 +74,13 @@ def test_penalties_and_logit_bias_reach_the_sampler(tiny_model, tokenizer):
     body = CompletionRequest.model_validate({
         "prompt": [1, 2, 3], "frequency_penalty": 0.5, "presence_penalty": -0.25,
         "repeat_penalty": 1.2, "logit_bias": {"17": -100, "4": 2.5}})
-    got = completion_request(body, tokenizer, s).sampling
+    got = completion_request(body, body.prompt, tokenizer, s).sampling
     assert (got.frequency_penalty, got.presence_penalty, got.repetition_penalty) == (0.5, -0.25, 1.2)
     assert got.penalty_last_n == 64 and got.logit_bias == ((17, -100.0), (4, 2.5))
     whole = CompletionRequest.model_validate({"prompt": [1], "repeat_last_n": -1, "repetition_penalty": 1.3})
-    got = completion_request(whole, tokenizer, s).sampling
+    got = completion_request(whole, whole.prompt, tokenizer, s).sampling
     assert got.penalty_last_n == 100 and got.repetition_penalty == 1.3
-    plain = completion_request(CompletionRequest.model_validate({"prompt": [1]}), tokenizer, s).sampling
+    plain = completion_request(CompletionRequest.model_validate({"prompt": [1]}), [1], tokenizer, s).sampling
     assert not plain.penalizes_window and not plain.lifts and plain.logit_bias == ()
 
 
@@ -95,33 +95,33 @@ def test_text_parts_are_joined(tiny_model, tokenizer):
 def test_token_limit_is_clamped_to_the_slot(tiny_model, tokenizer):
     s = settings(tiny_model, slot_ctx=50)
     body = CompletionRequest.model_validate({"prompt": [1, 2, 3]})
-    assert completion_request(body, tokenizer, s).max_tokens == 47
+    assert completion_request(body, body.prompt, tokenizer, s).max_tokens == 47
     body = CompletionRequest.model_validate({"prompt": [1, 2, 3], "max_tokens": 1000})
-    assert completion_request(body, tokenizer, s).max_tokens == 47
+    assert completion_request(body, body.prompt, tokenizer, s).max_tokens == 47
     body = CompletionRequest.model_validate({"prompt": [1, 2, 3], "max_tokens": 5})
-    assert completion_request(body, tokenizer, s).max_tokens == 5
+    assert completion_request(body, body.prompt, tokenizer, s).max_tokens == 5
     with pytest.raises(APIError, match="50 per slot"):
-        completion_request(CompletionRequest.model_validate({"prompt": [1] * 50}), tokenizer, s)
+        completion_request(CompletionRequest.model_validate({"prompt": [1] * 50}), [1] * 50, tokenizer, s)
 
 
 def test_mode_fields_and_defaults(tiny_model, tokenizer):
     s = settings(tiny_model, decode=DecodeParams(mode="ar", draft_length=4))
-    default = completion_request(CompletionRequest.model_validate({"prompt": [1, 2]}), tokenizer, s)
+    default = completion_request(CompletionRequest.model_validate({"prompt": [1, 2]}), [1, 2], tokenizer, s)
     assert default.decode == DecodeParams(mode="ar", draft_length=4)
     chosen = completion_request(CompletionRequest.model_validate(
-        {"prompt": [1, 2], "mode": "diffusion", "block_length": 8, "threshold": 0.5}), tokenizer, s)
+        {"prompt": [1, 2], "mode": "diffusion", "block_length": 8, "threshold": 0.5}), [1, 2], tokenizer, s)
     assert chosen.decode == DecodeParams(mode="diffusion", draft_length=4, block_length=8, threshold=0.5)
 
 
 def test_sampling_fields(tiny_model, tokenizer):
     body = CompletionRequest.model_validate({"prompt": [1, 2], "temperature": 0.7, "top_k": 5,
                                              "top_p": 0.9, "min_p": 0.1, "seed": 3, "stop": "x"})
-    req = completion_request(body, tokenizer, settings(tiny_model))
+    req = completion_request(body, body.prompt, tokenizer, settings(tiny_model))
     p = req.sampling
     assert (p.temperature, p.top_k, p.top_p, p.min_p, p.seed) == (0.7, 5, 0.9, 0.1, 3)
     assert req.stop == ("x",)
     random_seed = CompletionRequest.model_validate({"prompt": [1, 2], "seed": -1})
-    assert completion_request(random_seed, tokenizer, settings(tiny_model)).sampling.seed is None
+    assert completion_request(random_seed, [1, 2], tokenizer, settings(tiny_model)).sampling.seed is None
 
 
 def test_a_completion_prompt_that_starts_with_bos_gets_one_bos():

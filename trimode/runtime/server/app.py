@@ -96,19 +96,24 @@ def create_app(load_engine: Callable[[], Engine], settings: ServerSettings) -> F
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = service.engine()
         gen = await asyncio.to_thread(chat_request, body, engine.tokenizer, service.prompt_settings())
-        return await service.respond("chat", body.stream, body.include_usage, choices(gen, body.n), request)
+        return await service.respond("chat", body.stream, body.include_usage, choices(gen, body.n), request,
+                                     n=body.n)
 
     @private.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         engine = service.engine()
-        gen = await asyncio.to_thread(completion_request, body, engine.tokenizer,
-                                      service.prompt_settings())
-        echo = None
-        if body.echo:  # the prompt as the client gave it (its ids were checked above)
-            echo = body.prompt if isinstance(body.prompt, str) else await asyncio.to_thread(
-                engine.tokenizer.decode, body.prompt)
-        return await service.respond("completion", body.stream, body.include_usage, choices(gen, body.n),
-                                     request, echo)
+        tok, settings = engine.tokenizer, service.prompt_settings()
+
+        def requests() -> tuple[list, list]:
+            gens, echoes = [], []
+            for prompt in body.prompts():
+                gens += choices(completion_request(body, prompt, tok, settings), body.n)
+                # echo: the prompt as the client gave it (its ids were checked just above)
+                echoes += [(prompt if isinstance(prompt, str) else tok.decode(prompt)) if body.echo else None] * body.n
+            return gens, echoes
+        gens, echoes = await asyncio.to_thread(requests)
+        return await service.respond("completion", body.stream, body.include_usage, gens, request,
+                                     echoes, body.n)
 
     app.include_router(public)
     app.include_router(private)

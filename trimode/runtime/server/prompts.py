@@ -56,18 +56,19 @@ def chat_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
                                len(tokenizer))
 
 
-def completion_request(body: CompletionRequest, tokenizer: Tokenizer,
+def completion_request(body: CompletionRequest, prompt: str | list[int], tokenizer: Tokenizer,
                        settings: PromptSettings) -> GenerationRequest:
-    if isinstance(body.prompt, str):
-        ids = encode_prompt(tokenizer, body.prompt, settings.add_bos)
+    """The request of one of the body's prompts."""
+    if isinstance(prompt, str):
+        ids = encode_prompt(tokenizer, prompt, settings.add_bos)
     else:
-        ids = list(body.prompt)
+        ids = list(prompt)
         if max(ids) >= len(tokenizer):
             raise APIError(400, f"prompt token id {max(ids)} is outside the vocabulary of "
                            f"{len(tokenizer)}", "prompt")
     request = _generation_request(body, ids, body.token_limit(), settings, (), (), len(tokenizer))
     request = replace(request, prompt_logprobs=body.prompt_logprob_count())
-    return heal(tokenizer, request) if body.token_healing and isinstance(body.prompt, str) else request
+    return heal(tokenizer, request) if body.token_healing and isinstance(prompt, str) else request
 
 
 def choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:

@@ -53,30 +53,33 @@ class Choice:
     prompt_scored: list[TokenLogprob | None] | None = None
 
 
-def total_usage(dones: list[DoneEvent]) -> dict:
-    """OpenAI's usage of a request with len(dones) choices: its prompt once, every reply."""
-    first, generated = dones[0].stats, sum(d.stats.generated_tokens for d in dones)
-    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": generated,
-            "total_tokens": first.prompt_tokens + generated,
-            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
+def total_usage(dones: list[DoneEvent], n: int) -> dict:
+    """OpenAI's usage of a request whose choices ended in `dones`, `n` a prompt: each prompt
+    once (its first choice's), every reply."""
+    firsts = [d.stats for d in dones[::n]]
+    prompt = sum(s.prompt_tokens for s in firsts)
+    generated = sum(d.stats.generated_tokens for d in dones)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in firsts)}}
 
 
 class ResponseBuilder:
     """The bodies of one request, chat or text completion, streamed or whole, with its
     choices by index. `logprobs` (whether the request asked for them) puts a choice's
     logprobs in OpenAI's shape for its kind: chat's list of entries with bytes, or the legacy
-    completion's parallel lists with each token's text offset in the text. `echo`: the
-    prompt text a completion's text starts with, and `prompt_ids` its tokens, listed first
-    in its logprobs (the first one unscored)."""
+    completion's parallel lists with each token's text offset in the text. `echoes`: each
+    choice's prompt text its text starts with (None: none), its prompt's tokens (`prompt_ids`)
+    then listed first in its logprobs (the first one unscored). `n`: choices a prompt."""
 
     def __init__(self, kind: str, model: str, tokenizer: Tokenizer | None = None,
-                 logprobs: bool = False, echo: str | None = None, prompt_ids: tuple[int, ...] = ()):
+                 logprobs: bool = False, echoes: list[str | None] | None = None,
+                 prompt_ids: list[tuple[int, ...]] | None = None, n: int = 1):
         self.kind = kind  # "chat" | "completion"
         self.model = model
         self.id = new_id(kind)
         self.created = int(time.time())
-        self.tokenizer, self.logprobs = tokenizer, logprobs
-        self.echo, self.prompt_ids = echo, prompt_ids
+        self.tokenizer, self.logprobs, self.n = tokenizer, logprobs, n
+        self.echoes, self.prompt_ids = echoes or [], prompt_ids or []
         self._offsets: dict[int, int] = {}  # characters of each choice's tokens so far (text_offset)
 
     def _logprobs(self, index: int, tokens: list[int], scored: list[TokenLogprob | None]) -> dict | None:
@@ -138,16 +141,16 @@ class ResponseBuilder:
         made = []
         for index, c in enumerate(choices):
             text, tokens, entries = c.text, [], []
-            if self.echo is not None:
-                text = self.echo + text
+            if self.echo(index) is not None:
+                text = self.echo(index) + text
                 if c.prompt_scored is not None:
-                    tokens, entries = list(self.prompt_ids), list(c.prompt_scored)
+                    tokens, entries = list(self.prompt_ids[index]), list(c.prompt_scored)
             logprobs = None
             if c.scored is not None:
                 logprobs = self._logprobs(index, tokens + [s.token for s in c.scored], entries + c.scored)
             made.append(self._choice(index, text, c.done, chunk=False, logprobs=logprobs))
         body = self._envelope(made, chunk=False)
-        body["usage"] = total_usage([c.done for c in choices])
+        body["usage"] = total_usage([c.done for c in choices], self.n)
         body["timings"] = timings(choices[0].done.stats)
         return body
 
@@ -161,8 +164,9 @@ class ResponseBuilder:
     def echo_chunk(self, index: int, prompt_scored: list[TokenLogprob | None] | None) -> dict:
         """A completion stream's first chunk of a choice: the echoed prompt (and its
         logprobs, if scored)."""
-        logprobs = None if prompt_scored is None else self._logprobs(index, list(self.prompt_ids), prompt_scored)
-        return self._envelope([self._choice(index, self.echo, None, chunk=True, logprobs=logprobs)],
+        logprobs = None if prompt_scored is None else self._logprobs(index, list(self.prompt_ids[index]),
+                                                                     prompt_scored)
+        return self._envelope([self._choice(index, self.echo(index), None, chunk=True, logprobs=logprobs)],
                               chunk=True)
 
     def final_chunk(self, index: int, done: DoneEvent) -> dict:
@@ -175,8 +179,11 @@ class ResponseBuilder:
     def usage_chunk(self, dones: list[DoneEvent]) -> dict:
         # OpenAI sends usage in one more chunk whose choices are empty.
         tail = self._envelope([], chunk=True)
-        tail["usage"] = total_usage(dones)
+        tail["usage"] = total_usage(dones, self.n)
         return tail
+
+    def echo(self, index: int) -> str | None:
+        return self.echoes[index] if self.echoes else None
 
 
 def sse(payload: dict | str) -> str:

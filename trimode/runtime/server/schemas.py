@@ -20,7 +20,9 @@ MAX_MESSAGES = 4096
 MAX_TOKEN_IDS = 1 << 20
 MAX_LOGIT_BIAS = 4096
 MAX_CHOICES = 16
+MAX_PROMPTS = 64  # a completions batch
 TopLogprobs = Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]
+TokenIds = Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1, max_length=MAX_TOKEN_IDS)]
 
 
 
@@ -210,10 +212,10 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    # A string, or a list of token ids (llama-server accepts both); not a list of several
-    # prompts (a batch).
-    prompt: Union[Text, Annotated[list[Annotated[int, Field(strict=True, ge=0)]],
-                                 Field(min_length=1, max_length=MAX_TOKEN_IDS)]]
+    # A string or a list of token ids (llama-server accepts both), or a batch of either (what
+    # evaluation harnesses send): choice j of prompt i is choices[i * n + j].
+    prompt: Union[Text, TokenIds, Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)],
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
     # the prompt before the reply's text, and with logprobs its tokens' logprobs before the
     # reply's (what evaluation harnesses score a continuation by)
     echo: StrictBool = False
@@ -231,6 +233,11 @@ class CompletionRequest(SamplingFields):
 
     def token_limit(self) -> Optional[int]:
         return self.max_tokens
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The batch's prompts (one, unless the request sent a list of them)."""
+        one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if one else list(self.prompt)
 
     def logprob_count(self) -> Optional[int]:
         return self.logprobs

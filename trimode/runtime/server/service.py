@@ -98,13 +98,14 @@ class Service:
                 self.scheduler.cancel(job)  # no-op once it has finished
 
     async def respond(self, kind: str, stream: bool, include_usage: bool, gens: list[GenerationRequest],
-                      request: Request, echo: Optional[str] = None) -> Response:
+                      request: Request, echoes: Optional[list] = None, n: int = 1) -> Response:
         """The reply to one generation request, a choice per entry of `gens`: JSON, or an
-        SSE stream ending in [DONE]. echo: the prompt text a completion's text starts with."""
+        SSE stream ending in [DONE]. echoes: each choice's prompt text its text starts with
+        (completions' echo); n: choices a prompt."""
         gen = gens[0]
         builder = ResponseBuilder(kind, self.settings.model_name, self.engine().tokenizer,
-                                  logprobs=gen.logprobs is not None, echo=echo,
-                                  prompt_ids=gen.prompt_ids)
+                                  logprobs=gen.logprobs is not None, echoes=echoes,
+                                  prompt_ids=[g.prompt_ids for g in gens], n=n)
         events = self.events(request, gens)
         if stream:
             # Take the first event here so a full queue is still a plain 503, not a stream.
@@ -113,7 +114,7 @@ class Service:
             except ClientGone:
                 self.record(kind, "disconnected", [])
                 return Response(status_code=499)
-            echo_first = echo is not None and gen.prompt_logprobs is None  # else with the prompt's scores
+            echo_first = bool(echoes and echoes[0] is not None) and gen.prompt_logprobs is None  # else with the prompt's scores
             return StreamingResponse(self._stream(kind, builder, len(gens), echo_first, first, events,
                                                   include_usage),
                                      media_type="text/event-stream",
@@ -136,14 +137,15 @@ class Service:
             return Response(status_code=499)
         choices = [Choice("".join(g["text"]), g["done"], g["scored"] if builder.logprobs else None,
                           g["prompt_scored"]) for g in gathered]
-        self.record(kind, "ok", [c.done for c in choices])
+        self.record(kind, "ok", [c.done for c in choices], n)
         return JSONResponse(builder.whole(choices))
 
-    async def _stream(self, kind: str, builder: ResponseBuilder, n: int, echo_first: bool,
+    async def _stream(self, kind: str, builder: ResponseBuilder, count: int, echo_first: bool,
                       first: tuple[int, object], events: AsyncIterator, include_usage: bool):
-        outcome, dones = "disconnected", []
+        """count: the choices."""
+        outcome, dones = "disconnected", {}
         try:
-            for index in range(n):
+            for index in range(count):
                 if kind == "chat":
                     yield sse(builder.first_chunk(index))
                 elif echo_first:
@@ -161,12 +163,12 @@ class Service:
                     yield sse(error_body(500, event.message))
                     break
                 else:
-                    dones.append(event)
+                    dones[index] = event
                     yield sse(builder.final_chunk(index, event))
-                    if len(dones) == n:
+                    if len(dones) == count:
                         outcome = "ok"
                         if include_usage:
-                            yield sse(builder.usage_chunk(dones))
+                            yield sse(builder.usage_chunk([dones[i] for i in range(count)]))
                         break
                 item = await events.__anext__()
             yield sse("[DONE]")
@@ -174,15 +176,18 @@ class Service:
             pass
         finally:
             await events.aclose()
-            self.record(kind, outcome, dones if outcome == "ok" else [])
+            self.record(kind, outcome, [dones[i] for i in range(count)] if outcome == "ok" else [],
+                        builder.n)
 
-    def record(self, endpoint: str, outcome: str, dones: list[DoneEvent]) -> None:
-        """One finished request in the metrics: its choices' tokens, forwards and time summed."""
+    def record(self, endpoint: str, outcome: str, dones: list[DoneEvent], n: int = 1) -> None:
+        """One finished request in the metrics: each prompt once (`n` choices a prompt), its
+        choices' tokens, forwards and time summed."""
         if not dones:
             self.metrics.requests.labels(endpoint, outcome).inc()
             return
-        stats = [d.stats for d in dones]
-        self.metrics.record_generation(endpoint, outcome, stats[0].prompt_tokens, stats[0].cached_tokens,
+        stats, firsts = [d.stats for d in dones], [d.stats for d in dones[::n]]
+        self.metrics.record_generation(endpoint, outcome, sum(s.prompt_tokens for s in firsts),
+                                       sum(s.cached_tokens for s in firsts),
                                        sum(s.generated_tokens for s in stats), sum(s.forwards for s in stats),
                                        sum(s.prefill_s + s.decode_s for s in stats))
 
