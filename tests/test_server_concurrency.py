@@ -156,6 +156,15 @@ def test_a_full_queue_refuses_more(engine):
         scheduler.submit(Job(request, lambda e: None))
 
 
+def test_a_requests_choices_queue_all_or_none(engine):
+    scheduler = Scheduler(lambda: engine, 1, 64, max_queue=3, metrics=ServerMetrics(1))
+    request = GenerationRequest(prompt_ids=(1, 2), max_tokens=1)
+    scheduler.submit(Job(request, lambda e: None))
+    with pytest.raises(QueueFull):
+        scheduler.submit(*(Job(request, lambda e: None) for _ in range(3)))
+    scheduler.submit(*(Job(request, lambda e: None) for _ in range(2)))  # nothing of the refused one queued
+
+
 def test_slot_budget():
     assert slot_context(None, 1, 262144) == 4096  # llama-server's default -c
     assert slot_context(None, 2, 2048) == 1024    # ... or the model's context if shorter

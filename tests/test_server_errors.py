@@ -85,6 +85,7 @@ BAD_COMPLETION_FIELDS = {
     "a batch with an empty token list": ({"prompt": [[1, 2], []]}, "prompt"),
     "a batch mixing text and ids": ({"prompt": ["a", [1, 2]]}, "prompt"),
     "a batch of 65": ({"prompt": ["a"] * 65}, "prompt"),
+    "more generations than the queue holds": ({"prompt": ["a"] * 20, "n": 16}, "queues at most"),
     "echo with token healing": ({"prompt": "x", "echo": True, "token_healing": True}, "echo"),
     "echo a string": ({"prompt": "x", "echo": "yes"}, "echo"),
     "suffix (fill in the middle)": ({"prompt": "x", "suffix": "y"}, "suffix is not supported"),

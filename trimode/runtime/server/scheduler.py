@@ -120,11 +120,13 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, *jobs: Job) -> None:
+        """Queue the jobs (a request's choices), all of them or, when the queue has no room
+        for all, none."""
         with self._cond:
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting; try again later")
-            self._pending.append(job)
+            self._pending.extend(jobs)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
 

@@ -71,12 +71,12 @@ class Service:
         def deliver_to(index: int):
             return lambda event: loop.call_soon_threadsafe(queue.put_nowait, (index, event))
         jobs = [Job(gen, deliver=deliver_to(i)) for i, gen in enumerate(gens)]
+        if len(jobs) > self.scheduler.max_queue:  # no wait would make room: a 400, not a 503
+            raise APIError(400, f"the request asks for {len(jobs)} generations (prompts x n); this "
+                           f"server queues at most {self.scheduler.max_queue}")
         try:
-            for job in jobs:
-                self.scheduler.submit(job)
+            self.scheduler.submit(*jobs)
         except QueueFull as err:
-            for job in jobs:
-                self.scheduler.cancel(job)
             raise APIError(503, str(err)) from None
         gone = asyncio.ensure_future(_disconnected(request))
         running = len(jobs)
