@@ -48,7 +48,7 @@ class Choice:
     """What one choice of a whole reply gathered: its text, its DoneEvent, its logprobs (None:
     not asked for) and its echoed prompt's."""
     text: str
-    done: DoneEvent
+    done: DoneEvent | None
     scored: list[TokenLogprob] | None = None
     prompt_scored: list[TokenLogprob | None] | None = None
 

@@ -119,24 +119,23 @@ class Service:
                                                   include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        gathered = [{"text": [], "scored": [], "prompt_scored": None, "done": None} for _ in gens]
+        choices = [Choice("", None, [] if builder.logprobs else None) for _ in gens]
         try:
             async for index, event in events:
-                got = gathered[index]
+                got = choices[index]
                 if isinstance(event, TokenEvent):
-                    got["text"].append(event.text)
-                    got["scored"] += event.logprobs or []
-                    got["prompt_scored"] = got["prompt_scored"] or event.prompt_logprobs
+                    got.text += event.text
+                    if got.scored is not None:
+                        got.scored += event.logprobs or []  # none on the prompt's event
+                    got.prompt_scored = got.prompt_scored or event.prompt_logprobs
                 elif isinstance(event, Failed):
                     self.record(kind, "error", [])
                     return error_response(500, event.message)
                 else:
-                    got["done"] = event
+                    got.done = event
         except ClientGone:
             self.record(kind, "disconnected", [])
             return Response(status_code=499)
-        choices = [Choice("".join(g["text"]), g["done"], g["scored"] if builder.logprobs else None,
-                          g["prompt_scored"]) for g in gathered]
         self.record(kind, "ok", [c.done for c in choices], n)
         return JSONResponse(builder.whole(choices))
 
