@@ -225,3 +225,44 @@ def test_bad_model_file_is_one_line(tmp_path):
     assert run.returncode == 1 and run.stdout == ""
     lines = [line for line in run.stderr.splitlines() if not line.startswith("loading")]
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in run.stderr
+
+
+def test_conversation_mode_replies_to_each_line_and_reuses_the_cache(tiny_gguf, tiny_model, tokenizer):
+    """-cnv: a reply per stdin line, each the float64 reference's for the whole conversation
+    through the chat template (the previous reply penalized 1.3x, think tokens suppressed);
+    the second turn prefills only what the first left uncached; /exit ends it."""
+    from trimode.model.chat import encode_prompt, previous_reply_ids, render_chat
+    result = CliRunner().invoke(cli, ["generate", "-m", str(tiny_gguf), "-cnv", "-sys", "Be brief.", "-n", "6",
+                                      "--mode", "spec", "--json", "--no-loop-detection", "--target", "llvm",
+                                      "-c", "256"], input="hello\n\nhow are you?\n/exit\nnot read\n",
+                               catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    turns = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(turns) == 2
+    meta = tiny_model.metadata
+    suppress = tuple(i for i in (tokenizer.think_open_id, tokenizer.think_close_id) if i is not None)
+    messages = [{"role": "system", "content": "Be brief."}]
+    for user, got in zip(["hello", "how are you?"], turns):
+        messages.append({"role": "user", "content": user})
+        text = render_chat(meta.get("tokenizer.chat_template"), messages,
+                           template_vars={"bos_token": tokenizer.tokens[tokenizer.bos_id]})
+        prompt = encode_prompt(tokenizer, text, bool(meta.get("tokenizer.ggml.add_bos_token", True)))
+        penalized = previous_reply_ids(tokenizer, messages)
+        sampling = SamplingParams(penalty_ids=penalized, ids_penalty=1.3 if penalized else 1.0)
+        request = GenerationRequest(prompt_ids=tuple(prompt), max_tokens=6, loop_detection=False,
+                                    decode=DecodeParams(mode="ar"), suppress_ids=suppress, sampling=sampling)
+        assert got["tokens"] == greedy_text_reference(tiny_model, tokenizer, request)
+        assert got["stats"]["prompt_tokens"] == len(prompt)
+        messages.append({"role": "assistant", "content": got["text"]})
+    assert turns[1]["stats"]["cached_tokens"] > turns[0]["stats"]["prompt_tokens"] // 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-cnv", "--prompt-ids", "1,2"], "at most a system prompt"),
+    (["-cnv", "-p", "a", "-sys", "b"], "at most a system prompt"),
+    (["-sys", "b"], "-sys is the system prompt of -cnv"),
+    (["-cnv", "--logprobs", "2", "--json"], "not -cnv"),
+])
+def test_conversation_usage_errors(tiny_gguf, args, message):
+    result = CliRunner().invoke(cli, ["generate", "-m", str(tiny_gguf), *args])
+    assert result.exit_code == 2 and message in result.stderr

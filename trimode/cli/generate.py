@@ -61,7 +61,7 @@ def stats_line(stats: dict, finish: str) -> str:
 
 @click.command()
 @click.option("-m", "--model", type=click.Path(dir_okay=False), help="GGUF model (default: the embedded model)")
-@click.option("-p", "--prompt", help="prompt text")
+@click.option("-p", "--prompt", help="prompt text (with -cnv: the system prompt)")
 @click.option("--prompt-ids", type=INT_LIST, help="prompt as comma-separated token ids (no template, no BOS)")
 @click.option("-f", "--file", "prompt_file", type=click.File("r", encoding="utf-8"), help="read the prompt text from a file")
 @click.option("-n", "--n-predict", "n_predict", type=int, default=256, show_default=True,
@@ -91,6 +91,9 @@ def stats_line(stats: dict, finish: str) -> str:
               help="block diffusion reveal confidence")
 @click.option("--diffusion-steps", type=int, help="accepted and ignored (blocks reveal by --threshold)")
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option("-cnv", "--conversation", is_flag=True,
+              help="conversation mode: each line on stdin is a user turn (/exit ends)")
+@click.option("-sys", "--system-prompt", help="with -cnv: the system prompt")
 @click.option("--chat/--no-chat", default=None,
               help="wrap a text prompt in the model's chat template  [default: when the model has one]")
 @click.option("--token-healing/--no-token-healing", default=True, show_default=True,
@@ -112,12 +115,21 @@ def stats_line(stats: dict, finish: str) -> str:
 def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_self_spec, temp,
              seed, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
              frequency_penalty, logit_bias, draft_length, block_length,
-             threshold, diffusion_steps, stop, chat, token_healing, reasoning, ctx_size, as_json,
+             threshold, diffusion_steps, stop, conversation, system_prompt, chat, token_healing,
+             reasoning, ctx_size, as_json,
              n_logprobs, no_loop_detection, target, threads, n_gpu_layers, flash_attn):
-    """Generate a reply to one prompt."""
+    """Generate a reply to one prompt, or (-cnv) to each line of a conversation on stdin."""
     given = [name for name, value in (("-p", prompt), ("--prompt-ids", prompt_ids),
-                                      ("-f", prompt_file)) if value is not None]
-    if len(given) != 1:
+                                      ("-f", prompt_file), ("-sys", system_prompt)) if value is not None]
+    if conversation:
+        if prompt_ids is not None or len(given) > 1:
+            raise click.UsageError("-cnv takes its turns from stdin: give at most a system prompt "
+                                   "(-sys, -p or -f)")
+        if n_logprobs is not None:
+            raise click.UsageError("--logprobs is for one prompt, not -cnv")
+    elif system_prompt is not None:
+        raise click.UsageError("-sys is the system prompt of -cnv")
+    elif len(given) != 1:
         raise click.UsageError("give exactly one of -p PROMPT, --prompt-ids IDS, -f FILE")
     if diffusion_self_spec and mode not in (None, "spec"):
         raise click.UsageError(f"--diffusion-self-spec contradicts --mode {mode}")
@@ -166,11 +178,12 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
     engine = load_engine(path, target)
     click.echo(f"ready on {engine.target} in {time.perf_counter() - started:.1f} s", err=True)
     tok = engine.tokenizer
-    text = prompt_file.read() if prompt_file is not None else prompt
+    text = prompt_file.read() if prompt_file is not None else prompt or system_prompt
     if chat is None:
         # As llama-cli does: a model without a chat template is a plain completion model.
         chat = bool(engine.metadata.get("tokenizer.chat_template"))
-    ids = build_prompt(tok, engine.metadata, text, prompt_ids, chat, reasoning)
+    # -cnv: each turn's prompt is the conversation so far (cli/conversation.py)
+    ids = [] if conversation else build_prompt(tok, engine.metadata, text, prompt_ids, chat, reasoning)
     n_ctx = min(ctx_size or DEFAULT_CTX, engine.config.context_length)
     if repeat_last_n == -1:
         sampling = dataclasses.replace(sampling, penalty_last_n=n_ctx)
@@ -183,6 +196,21 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
         max_tokens=max(n_ctx - len(ids), 0) if n_predict < 0 else n_predict,
         sampling=sampling, decode=decode, stop=tuple(stop),
         loop_detection=not no_loop_detection, suppress_ids=suppress, logprobs=n_logprobs)
+    if conversation:
+        from trimode.cli.conversation import converse
+
+        def turn_done(done) -> None:
+            if done.message:
+                note(done.message)
+            click.echo(stats_line(done.stats.to_dict(), done.finish_reason), err=True)
+        if sys.stdin.isatty():
+            note("conversation mode: type a line, Enter to send; /exit or Ctrl-D ends")
+        turn = dataclasses.replace(request, max_tokens=n_predict)
+        try:
+            converse(engine, turn, text, reasoning, n_ctx, as_json, sys.stdin, turn_done)
+        except RequestError as err:
+            raise click.UsageError(str(err)) from None
+        return
     if token_healing and text is not None and not chat:
         request = heal(tok, request)
 

@@ -26,6 +26,8 @@ CHATML_TEMPLATE = (
     "{%- endif -%}"
 )
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# The fork's repetition penalty on the tokens of the previous assistant reply (MODEL.md 6).
+PREVIOUS_REPLY_PENALTY = 1.3
 CLOSED_THINK = "<think>\n</think>\n"
 
 # The fork's loop rule (MODEL.md section 6): at >= 16 units, some period 4..min(32, n/2)
@@ -145,6 +147,13 @@ def _compiled(template: str) -> jinja2.Template:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise ModelError(f"chat template: {e.message} (line {e.lineno})") from None
+
+
+def previous_reply_ids(tokenizer, messages: Sequence[Mapping]) -> tuple[int, ...]:
+    """The ids of the last assistant reply among `messages` (ascending, once each), which
+    the fork penalizes PREVIOUS_REPLY_PENALTY times so the model does not repeat itself."""
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    return tuple(sorted(set(tokenizer.encode(replies[-1])))) if replies else ()
 
 
 def encode_prompt(tokenizer, text: str, add_bos: bool) -> list[int]:

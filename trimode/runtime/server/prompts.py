@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from trimode.model.chat import encode_prompt, render_chat
+from trimode.model.chat import PREVIOUS_REPLY_PENALTY, encode_prompt, previous_reply_ids, render_chat
 from trimode.model.config import ModelError
 from trimode.model.tokenizer import Tokenizer
 from trimode.runtime.generation import DecodeParams, GenerationRequest, SamplingParams
@@ -17,7 +17,6 @@ from trimode.runtime.server.errors import APIError
 from trimode.runtime.server.schemas import (ChatCompletionRequest, CompletionRequest,
                                             SamplingFields)
 
-PREVIOUS_REPLY_PENALTY = 1.3
 # llama-server's window for the penalties when a request names none.
 DEFAULT_REPEAT_LAST_N = 64
 
@@ -48,8 +47,7 @@ def chat_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
     except ModelError as err:
         raise APIError(400, str(err), "messages") from None
     ids = encode_prompt(tokenizer, text, settings.add_bos)
-    replies = [m["content"] for m in messages if m["role"] == "assistant"]
-    penalized = tuple(sorted(set(tokenizer.encode(replies[-1])))) if replies else ()
+    penalized = previous_reply_ids(tokenizer, messages)
     suppress = () if reasoning else tuple(
         i for i in (tokenizer.think_open_id, tokenizer.think_close_id) if i is not None)
     return _generation_request(body, ids, body.token_limit(), settings, penalized, suppress,
