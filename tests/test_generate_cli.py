@@ -12,6 +12,8 @@ from click.testing import CliRunner
 
 from trimode.cli import cli
 from trimode.cli.generate import build_prompt
+from trimode.compiler.kernels.q8_matmul import ROW_TILE
+from trimode.runtime.decode import CPU_DRAFT_LENGTH
 from trimode.model.reference import ReferenceForward, ReferenceModel
 from trimode.model.tokenizer import Tokenizer
 from trimode.runtime.generation import DecodeParams, GenerationRequest, SamplingParams, generate
@@ -95,17 +97,20 @@ def test_repeat_last_n_of_minus_one_is_the_whole_context(tiny_gguf, tiny_model, 
     assert json.loads(result.stdout)["tokens"] == reference(256) != reference(64)
 
 
-def test_spec_drafts_four_slots_on_the_cpu_by_default(tiny_gguf, reference_tokens):
+def test_spec_drafts_cpu_draft_length_slots_on_the_cpu_by_default(tiny_gguf, reference_tokens):
     """Without --draft-length, llvm drafts CPU_DRAFT_LENGTH slots a cycle (a pass costs its
-    rows there), still the reference's greedy tokens."""
+    rows there, and K + 1 = ROW_TILE rows are one tile of its matmul), still the reference's
+    greedy tokens."""
     result = invoke("-m", str(tiny_gguf), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "16",
                     "--json", "--no-loop-detection", "--target", "llvm", "-c", "256")
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["tokens"] == reference_tokens
     stats = out["stats"]
-    # every cycle but the last few (fewer tokens left) drafts 4
-    assert stats["cycles"] * 4 >= stats["drafted_tokens"] > (stats["cycles"] - 4) * 4
+    k = CPU_DRAFT_LENGTH
+    assert k + 1 == ROW_TILE
+    # every cycle but the last few (fewer tokens left) drafts k
+    assert stats["cycles"] * k >= stats["drafted_tokens"] > (stats["cycles"] - k) * k
 
 
 @pytest.mark.parametrize("mode", ["ar", "spec", "diffusion"])
