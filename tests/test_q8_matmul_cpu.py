@@ -27,7 +27,7 @@ def built():
 
 @pytest.mark.parametrize("rows", ["one", "block", "many"])
 @pytest.mark.parametrize("n,k", [(96, 64), (33, 96)])
-@pytest.mark.parametrize("m", [1, ROW_TILE - 1, ROW_TILE, ROW_TILE + 1, 2 * ROW_TILE + 3, 64])
+@pytest.mark.parametrize("m", [1, 2, ROW_TILE - 1, ROW_TILE, ROW_TILE + 1, ROW_TILE + 2, 2 * ROW_TILE + 3, 64])
 def test_kernel_equals_float64(built, rows, n, k, m):
     rng = np.random.default_rng(n * 1000 + m)
     w = Q8Matrix.quantize(rng.standard_normal((n, k)).astype(np.float32))

@@ -25,11 +25,12 @@ def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
     time; each converted vector is multiplied into ROW_TILE rows of x at once (two ROW_TILE x
     CPU_LANES accumulator sets, per 32-value block and in total, in registers), each block's
     sum is scaled once by its fp16 scale, and nothing dequantized is written to memory. Rows
-    past the last full tile (all of them at m = 1, decode) go one at a time. `rows` ("one",
+    past the last full tile (the one row of decode) are one smaller tile. `rows` ("one",
     "block", "many") only sets how much work the parallel threshold expects."""
     assert k % Q8_BLOCK == 0 and k % CPU_LANES == 0
     n_blocks, per_block = k // Q8_BLOCK, Q8_BLOCK // CPU_LANES
     rt = ROW_TILE
+    assert rt == 4  # the remainder tiles below are written for it
     work = n * k * (1 if rows == "one" else TYPICAL_BLOCK_ROWS)
     rows_loop = T.parallel if work >= CPU_PARALLEL_MIN_WORK else T.serial
 
@@ -69,7 +70,13 @@ def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
             w = T.decl_buffer((CPU_LANES,), "float32")
             for ro in range(m // rt):
                 rows_times_feature(x, q, scale, y, j, ro * rt, rt, acc, blk, w)
-            for r in range(m // rt * rt, m):
-                rows_times_feature(x, q, scale, y, j, r, 1, acc, blk, w)
+            # the rows past the last full tile as one smaller tile (a verify of 3 rows is one
+            # pass over the weights, not three)
+            if m % rt == 3:
+                rows_times_feature(x, q, scale, y, j, m - 3, 3, acc, blk, w)
+            elif m % rt == 2:
+                rows_times_feature(x, q, scale, y, j, m - 2, 2, acc, blk, w)
+            elif m % rt == 1:
+                rows_times_feature(x, q, scale, y, j, m - 1, 1, acc, blk, w)
 
     return q8_matmul
