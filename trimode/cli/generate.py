@@ -116,8 +116,8 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
              seed, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
              frequency_penalty, logit_bias, draft_length, block_length,
              threshold, diffusion_steps, stop, conversation, system_prompt, chat, token_healing,
-             reasoning, ctx_size, as_json,
-             n_logprobs, no_loop_detection, target, threads, n_gpu_layers, flash_attn):
+             reasoning, ctx_size, as_json, n_logprobs, no_loop_detection, target, threads,
+             n_gpu_layers, flash_attn):
     """Generate a reply to one prompt, or (-cnv) to each line of a conversation on stdin."""
     given = [name for name, value in (("-p", prompt), ("--prompt-ids", prompt_ids),
                                       ("-f", prompt_file), ("-sys", system_prompt)) if value is not None]
