@@ -1,0 +1,93 @@
+"""The CPU Q8_0 matmul kernel alone (compiler/kernels/q8_matmul.py), built for this processor,
+timed at the default model's shapes and a few row counts; beside it, with --baseline REV, the
+kernel as that revision wrote it (git show), in the same process, for side by side ratios.
+
+    TVM_NUM_THREADS=1 python bench/cpu_q8_matmul.py [--rows 1,4,16,128] [--baseline REV]
+
+Each figure is the fastest of --repeat calls (on a shared machine the minimum is what the
+kernel costs; medians carry the neighbours' load). One thread by default is the kernel's own
+cost; set TVM_NUM_THREADS to time the thread pool too.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import tvm  # noqa: E402
+from tvm.target import codegen  # noqa: E402
+
+from trimode.compiler.kernels import q8_matmul  # noqa: E402
+from trimode.model.weights import Q8Matrix  # noqa: E402
+
+# (features, inputs) of the default model's matmuls (hidden 384, FFN 1024, vocab 4096)
+SHAPES = {"qkv": (480, 384), "o": (384, 288), "gate_up": (2048, 384), "down": (384, 1024),
+          "head": (4096, 384)}
+
+
+def kernel_of(rev: str) -> types.ModuleType:
+    """q8_matmul.py as `rev` wrote it, imported from a file (TVMScript reads its source)."""
+    path = "trimode/compiler/kernels/q8_matmul.py"
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True,
+                            cwd=ROOT, check=True).stdout
+    file = Path(tempfile.mkdtemp()) / f"q8_matmul_{rev}.py"
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fastest_us(module, n: int, k: int, m: int, repeat: int) -> float:
+    rows = "one" if m == 1 else ("block" if m <= 64 else "many")
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
+                                "num-cores": int(os.environ["TVM_NUM_THREADS"])})
+    fn = tvm.compile(module.q8_matmul_cpu(n, k, rows).with_attr("global_symbol", "mm"), target=target)["mm"]
+    rng = np.random.default_rng(0)
+    w = Q8Matrix.quantize(rng.standard_normal((n, k)).astype(np.float32))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in (x, w.q, w.scale, np.zeros((m, n), np.float32))]
+    fn(*args)
+    want = x.astype(np.float64) @ w.dequantize(np.float64).T
+    assert np.abs(args[3].numpy() - want).max() <= 1e-4 * np.abs(want).max(), "wrong result"
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - started)
+    return best * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="1,4,16,128", help="row counts (m) to time")
+    ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--baseline", metavar="REV", help="a git revision's kernel to time beside this tree's")
+    args = ap.parse_args()
+    sources = [("this", q8_matmul)] + ([("baseline", kernel_of(args.baseline))] if args.baseline else [])
+    print(f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, fastest of {args.repeat}; us")
+    head = "| matmul | n x k | m |" + "".join(f" {name} |" for name, _ in sources)
+    print(head + (" baseline / this |" if args.baseline else ""))
+    print("|---" * (head.count("|") - 1 + bool(args.baseline)) + "|")
+    for m in (int(r) for r in args.rows.split(",")):
+        for name, (n, k) in SHAPES.items():
+            times = [fastest_us(module, n, k, m, args.repeat) for _, module in sources]
+            line = f"| {name} | {n} x {k} | {m} |" + "".join(f" {t:.1f} |" for t in times)
+            print(line + (f" {times[1] / times[0]:.2f} |" if args.baseline else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()
