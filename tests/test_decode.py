@@ -16,7 +16,7 @@ from trimode.model.random_weights import random_weights
 from trimode.model.reference import ReferenceForward, ReferenceModel
 from trimode.runtime.forward import ContextFull, StepResult
 from trimode.runtime.generation import (DecodeParams, DoneEvent, GenerationRequest, RequestError,
-                                        SamplingParams, TokenEvent, generate)
+                                        SamplingParams, TokenEvent, cached_prefix, generate)
 from trimode.runtime.sampling import Sampler
 from trimode.runtime.stops import loop_found
 
@@ -497,6 +497,15 @@ def test_kv_reuse_gives_the_same_tokens(mode):
     whole = fresh(1)
     whole.causal(turn2)
     assert run(whole, prompt_ids=turn2, **params)[0] == reused
+
+
+def test_cached_prefix_counts_only_what_the_cache_holds():
+    history = [5, 6, 7, 8]
+    assert cached_prefix(history, 4, (5, 6, 9)) == 2  # diverges at the third id
+    assert cached_prefix(history, 2, (5, 6, 7, 8)) == 2  # the cache was truncated to two
+    assert cached_prefix(history, 4, (5, 6)) == 2  # the prompt is shorter than the cache
+    assert cached_prefix(history, 4, (1, 6, 7)) == 0
+    assert cached_prefix([], 0, (5,)) == 0
 
 
 def test_one_cycle_per_event_and_close_stops_at_once():

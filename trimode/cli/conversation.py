@@ -13,18 +13,9 @@ from typing import Iterable
 import click
 
 from trimode.model.chat import PREVIOUS_REPLY_PENALTY, encode_prompt, previous_reply_ids, render_chat
-from trimode.runtime.generation import DoneEvent, GenerationRequest, TokenEvent, generate
+from trimode.runtime.generation import DoneEvent, GenerationRequest, TokenEvent, cached_prefix, generate
 
 EXIT_COMMANDS = ("/exit", "/quit")
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def converse(engine, turn: GenerationRequest, system: str | None, reasoning: bool, n_ctx: int,
@@ -47,7 +38,7 @@ def converse(engine, turn: GenerationRequest, system: str | None, reasoning: boo
         messages.append({"role": "user", "content": text})
         prompt = encode_prompt(tok, render_chat(template, messages, reasoning=reasoning,
                                                 template_vars={"bos_token": bos}), add_bos)
-        fwd.truncate(common_prefix(cached[:fwd.length], prompt))
+        fwd.truncate(cached_prefix(cached, fwd.length, prompt))
         penalized = previous_reply_ids(tok, messages)
         sampling = dataclasses.replace(turn.sampling, penalty_ids=penalized,
                                        ids_penalty=PREVIOUS_REPLY_PENALTY if penalized else 1.0)

@@ -34,9 +34,21 @@ from trimode.runtime.sampling import Sampler, SamplingParams
 from trimode.runtime.stops import Detokenizer, Stops
 
 __all__ = ["SamplingParams", "DecodeParams", "GenerationRequest", "TokenEvent", "DoneEvent",
-           "Stats", "RequestError", "generate"]
+           "Stats", "RequestError", "cached_prefix", "generate"]
 
 FINISH_REASONS = ("stop", "length", "loop", "context")
+
+
+def cached_prefix(cached_ids, cache_length: int, prompt_ids) -> int:
+    """How many leading ids of prompt_ids a sequence's cache already holds, when it holds the
+    K/V of cached_ids[:cache_length] (what the caller truncates the forward to before
+    generate())."""
+    n = 0
+    for a, b in zip(cached_ids[:cache_length], prompt_ids):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 class RequestError(ValueError):

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional, Protocol
 from trimode.model.config import ModelConfig, ModelError
 from trimode.model.tokenizer import Tokenizer
 from trimode.runtime.forward import DEFAULT_CTX, Forward
-from trimode.runtime.generation import DoneEvent, GenerationRequest, TokenEvent, generate
+from trimode.runtime.generation import DoneEvent, GenerationRequest, TokenEvent, cached_prefix, generate
 from trimode.runtime.server.metrics import ServerMetrics
 
 log = logging.getLogger("trimode.server")
@@ -76,13 +76,7 @@ class Slot:
     events: Optional[Iterator] = None
 
     def reusable_prefix(self, prompt: tuple[int, ...]) -> int:
-        cached = self.history[:self.forward.length]
-        n = 0
-        for a, b in zip(cached, prompt):
-            if a != b:
-                break
-            n += 1
-        return n
+        return cached_prefix(self.history, self.forward.length, prompt)
 
 
 class Scheduler:
