@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +27,16 @@ import tvm  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
+from cpu_q8_matmul import SHAPES, fastest_call_us  # noqa: E402  (this folder's kernel bench)
 from trimode.compiler.kernels import q8_matmul  # noqa: E402
-from trimode.model.weights import Q8Matrix  # noqa: E402
+from trimode.model.weights import Q8_BLOCK, Q8Matrix  # noqa: E402
 
 F = 16  # features per packed vector: two AVX2 registers of fp32
-SHAPES = {"qkv": (480, 384), "o": (384, 288), "gate_up": (2048, 384), "down": (384, 1024), "head": (4096, 384)}
 
 
 def packed_kernel(n: int, k: int, R: int):
     """m a multiple of R: R x F accumulators, weights prescaled."""
-    nb, n_blocks = n // F, k // 32
+    nb, n_blocks = n // F, k // Q8_BLOCK
 
     @T.prim_func(private=True)
     def mm(var_x: T.handle, q: T.Buffer((nb, k, F), "int8"), scale: T.Buffer((nb, n_blocks, F), "float16"),
@@ -57,20 +56,21 @@ def packed_kernel(n: int, k: int, R: int):
                 for b in range(n_blocks):
                     for f in T.vectorized(F):
                         sc[f] = T.Cast("float32", scale[jo, b, f])
-                    for c in range(32):
+                    for c in range(Q8_BLOCK):
                         for f in T.vectorized(F):
-                            w[f] = T.Cast("float32", q[jo, b * 32 + c, f]) * sc[f]
+                            w[f] = T.Cast("float32", q[jo, b * Q8_BLOCK + c, f]) * sc[f]
                         for r in T.unroll(R):
                             for f in T.vectorized(F):
-                                acc[r, f] = acc[r, f] + x[ro * R + r, b * 32 + c] * w[f]
+                                acc[r, f] = acc[r, f] + x[ro * R + r, b * Q8_BLOCK + c] * w[f]
                 for r in T.unroll(R):
                     for f in T.vectorized(F):
                         y[ro * R + r, jo * F + f] = acc[r, f]
     return mm
 
+
 def packed_decode_kernel(n: int, k: int):
     """m = 1: each block's sum scaled once (no prescale)."""
-    nb, n_blocks = n // F, k // 32
+    nb, n_blocks = n // F, k // Q8_BLOCK
 
     @T.prim_func(private=True)
     def mm(var_x: T.handle, q: T.Buffer((nb, k, F), "int8"), scale: T.Buffer((nb, n_blocks, F), "float16"),
@@ -87,24 +87,14 @@ def packed_decode_kernel(n: int, k: int):
             for b in range(n_blocks):
                 for f in T.vectorized(F):
                     blk[f] = T.float32(0)
-                for c in range(32):
+                for c in range(Q8_BLOCK):
                     for f in T.vectorized(F):
-                        blk[f] = blk[f] + x[0, b * 32 + c] * T.Cast("float32", q[jo, b * 32 + c, f])
+                        blk[f] = blk[f] + x[0, b * Q8_BLOCK + c] * T.Cast("float32", q[jo, b * Q8_BLOCK + c, f])
                 for f in T.vectorized(F):
                     acc[f] = acc[f] + blk[f] * T.Cast("float32", scale[jo, b, f])
             for f in T.vectorized(F):
                 y[0, jo * F + f] = acc[f]
     return mm
-
-
-def fastest_us(fn, args, repeat: int = 30) -> float:
-    fn(*args)
-    best = 1e9
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - started)
-    return best * 1e6
 
 
 def main() -> None:
@@ -113,6 +103,7 @@ def main() -> None:
     print("| matmul | m | current us | packed us | current / packed |")
     cases = [tuple(map(int, c.split("x"))) for c in os.environ.get("CASES", "1x0,4x4,120x4,120x5,120x6").split(",")]
     for m, R in cases:
+        assert R == 0 and m == 1 or R > 0 and m % R == 0, f"case {m}x{R}: R = 0 is m = 1, else R divides m"
         for name, (n, k) in SHAPES.items():
             rng = np.random.default_rng(0)
             wq = Q8Matrix.quantize(rng.standard_normal((n, k)).astype(np.float32))
@@ -123,10 +114,10 @@ def main() -> None:
             packed = packed_decode_kernel(n, k) if R == 0 else packed_kernel(n, k, R)
             new = tvm.compile(packed.with_attr("global_symbol", "mm"), target=target)["mm"]
             qp = np.ascontiguousarray(wq.q.reshape(n // F, F, k).transpose(0, 2, 1))
-            sp = np.ascontiguousarray(wq.scale.reshape(n // F, F, k // 32).transpose(0, 2, 1))
+            sp = np.ascontiguousarray(wq.scale.reshape(n // F, F, k // Q8_BLOCK).transpose(0, 2, 1))
             a_cur = [tvm.runtime.tensor(a, dev) for a in (x, wq.q, wq.scale, np.zeros((m, n), np.float32))]
             a_new = [tvm.runtime.tensor(a, dev) for a in (x, qp, sp, np.zeros((m, n), np.float32))]
-            t_cur, t_new = fastest_us(cur, a_cur), fastest_us(new, a_new)
+            t_cur, t_new = fastest_call_us(cur, a_cur, 30), fastest_call_us(new, a_new, 30)
             for a in (a_cur, a_new):
                 assert np.abs(a[3].numpy() - want).max() <= 1e-4 * np.abs(want).max()
             print(f"| {name} {n}x{k} | {m} (R {R}) | {t_cur:.1f} | {t_new:.1f} | {t_cur / t_new:.2f} |", flush=True)
