@@ -30,7 +30,7 @@ import tvm  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
 from trimode.compiler.kernels import q8_matmul  # noqa: E402
-from trimode.model.weights import Q8Matrix  # noqa: E402
+from trimode.model.weights import Q8Matrix, packed  # noqa: E402
 
 # (features, inputs) of the default model's matmuls (hidden 384, FFN 1024, vocab 4096)
 SHAPES = {"qkv": (480, 384), "o": (384, 288), "gate_up": (2048, 384), "down": (384, 1024),
@@ -59,7 +59,10 @@ def fastest_us(module, n: int, k: int, m: int, repeat: int) -> float:
     w = Q8Matrix.quantize(rng.standard_normal((n, k)).astype(np.float32))
     x = rng.standard_normal((m, k)).astype(np.float32)
     dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in (x, w.q, w.scale, np.zeros((m, n), np.float32))]
+    q, scale = w.q, w.scale
+    if hasattr(module, "packed_shape"):  # a kernel of the packed layout (a baseline may predate it)
+        q, scale = packed(q), packed(scale)
+    args = [tvm.runtime.tensor(a, dev) for a in (x, q, scale, np.zeros((m, n), np.float32))]
     fn(*args)
     want = x.astype(np.float64) @ w.dequantize(np.float64).T
     assert np.abs(args[3].numpy() - want).max() <= 1e-4 * np.abs(want).max(), "wrong result"

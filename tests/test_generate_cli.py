@@ -99,7 +99,7 @@ def test_repeat_last_n_of_minus_one_is_the_whole_context(tiny_gguf, tiny_model, 
 
 def test_spec_drafts_cpu_draft_length_slots_on_the_cpu_by_default(tiny_gguf, reference_tokens):
     """Without --draft-length, llvm drafts CPU_DRAFT_LENGTH slots a cycle (a pass costs its
-    rows there, and K + 1 = ROW_TILE rows are one tile of its matmul), still the reference's
+    rows there, and K + 1 = ROW_TILE["block"] rows are one tile of its matmul), still the reference's
     greedy tokens."""
     result = invoke("-m", str(tiny_gguf), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "16",
                     "--json", "--no-loop-detection", "--target", "llvm", "-c", "256")
@@ -108,7 +108,7 @@ def test_spec_drafts_cpu_draft_length_slots_on_the_cpu_by_default(tiny_gguf, ref
     assert out["tokens"] == reference_tokens
     stats = out["stats"]
     k = CPU_DRAFT_LENGTH
-    assert k + 1 == ROW_TILE
+    assert k + 1 == ROW_TILE["block"]
     # every cycle but the last few (fewer tokens left) drafts k
     assert stats["cycles"] * k >= stats["drafted_tokens"] > (stats["cycles"] - k) * k
 

@@ -1,6 +1,7 @@
 """The CPU Q8_0 matmul kernels alone, built for llvm, against float64 numpy: the decode kernel
-and the register-tiled multi-row kernel, over row counts around its tile (remainder rows
-included) and feature counts a feature block does and does not divide."""
+and the register-tiled multi-row kernels, over row counts around their tiles (every
+remainder included), on weights packed 16 features to a vector whose feature count fills its
+packs, leaves the last one partial, or has that one alone; and the packing itself."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,10 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from trimode.compiler.kernels import q8_matmul  # noqa: E402
-from trimode.compiler.kernels.q8_matmul import ROW_TILE, feature_block, q8_matmul_cpu  # noqa: E402
-from trimode.model.weights import Q8Matrix  # noqa: E402
+from trimode.compiler.kernels.q8_matmul import ROW_TILE, packs_per_task, q8_matmul_cpu  # noqa: E402
+from trimode.model.weights import FEATURES_PER_PACK, Q8Matrix, pack_features, packed, packed_shape  # noqa: E402
+
+ROW_COUNTS = sorted({1, 64} | {t + d for t in ROW_TILE.values() for d in range(-2, t + 1) if t + d > 0})
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +22,10 @@ def built():
 
     def build(n, k, rows):
         if (n, k, rows) not in cache:
-            # as on a 2-core machine, whatever this one has: 96 features go 16 to a task
+            # as on a one-core machine, whatever this one has: 96 features (6 packs) go 2 packs
+            # to a task in blocks and prefills
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(q8_matmul.os, "cpu_count", lambda: 2)
-                assert feature_block(n, rows) == (1 if rows == "one" or n % 2 else 16)
+                patch.setattr(q8_matmul.os, "cpu_count", lambda: 1)
                 cache[n, k, rows] = tvm.compile(q8_matmul_cpu(n, k, rows).with_attr("global_symbol", "mm"),
                                                 target="llvm")
         return cache[n, k, rows]
@@ -31,8 +34,8 @@ def built():
 
 
 @pytest.mark.parametrize("rows", ["one", "block", "many"])
-@pytest.mark.parametrize("n,k", [(96, 64), (33, 96)])
-@pytest.mark.parametrize("m", [1, 2, ROW_TILE - 1, ROW_TILE, ROW_TILE + 1, ROW_TILE + 2, 2 * ROW_TILE + 3, 64])
+@pytest.mark.parametrize("n,k", [(96, 64), (33, 96), (9, 32)])
+@pytest.mark.parametrize("m", ROW_COUNTS)
 def test_kernel_equals_float64(built, rows, n, k, m):
     rng = np.random.default_rng(n * 1000 + m)
     w = Q8Matrix.quantize(rng.standard_normal((n, k)).astype(np.float32))
@@ -40,7 +43,27 @@ def test_kernel_equals_float64(built, rows, n, k, m):
     y = np.full((m, n), np.nan, np.float32)
     dev = tvm.cpu()
     out = tvm.runtime.tensor(y, dev)
-    built(n, k, rows)["mm"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w.q, dev),
-                            tvm.runtime.tensor(w.scale, dev), out)
+    built(n, k, rows)["mm"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(packed(w.q), dev),
+                            tvm.runtime.tensor(packed(w.scale), dev), out)
     want = x.astype(np.float64) @ w.dequantize(np.float64).T
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+def test_packs_per_task_leaves_two_tasks_a_core(monkeypatch):
+    monkeypatch.setattr(q8_matmul.os, "cpu_count", lambda: 2)
+    assert [packs_per_task(p, "block") for p in (16, 32, 8, 6, 2, 0)] == [4, 4, 2, 1, 1, 1]
+    assert packs_per_task(16, "many") == 4 and packs_per_task(16, "one") == 1
+
+
+@pytest.mark.parametrize("n", [16, 40, 7])
+def test_pack_features_by_parts_equals_the_layout(n):
+    """out[p, c, f] = rows[16 p + f, c], zero past n, whichever packs a call writes (the
+    engine packs by chunks on a thread pool)."""
+    rows = np.arange(n * 3, dtype=np.int16).reshape(n, 3) + 1
+    out = np.full(packed_shape(n, 3), -1, np.int16)
+    for first in range(len(out)):
+        pack_features(rows, out, slice(first, first + 1))
+    for p, c, f in np.ndindex(out.shape):
+        feature = p * FEATURES_PER_PACK + f
+        assert out[p, c, f] == (rows[feature, c] if feature < n else 0)
+    np.testing.assert_array_equal(packed(rows), out)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from trimode.model.gguf_file import load_model
-from trimode.model.weights import Q8Matrix
+from trimode.model.weights import Q8Matrix, packed
 from trimode.runtime import engine as engine_module
-from trimode.runtime.engine import parameter_groups, quantized_parts
+from trimode.runtime.engine import packed_parameters, parameter_groups, quantized_parts
 
 
 def test_a_file_matrix_is_a_view_until_used(tiny_gguf):
@@ -58,6 +58,33 @@ def test_parameters_in_small_chunks_equal_the_stacked_matrices(tiny_gguf, monkey
     assert np.array_equal(params["layers.1.gate_up.scale"], interleaved(gate.scale, up.scale))
     assert np.array_equal(params["head.q"], weights.output.q)
     assert params["layers.0.attn_norm.weight"].dtype == np.float32
+
+
+def test_packed_parameters_equal_the_stacked_matrices_packed(tiny_gguf, monkeypatch):
+    """The CPU layout (16 features to a vector), packed by chunks of one pack on the pool,
+    for the parameters the compiled module declares 3-D, and only those."""
+    monkeypatch.setattr(engine_module, "UNPACK_CHUNK_BYTES", 300)
+    weights = load_model(tiny_gguf).weights
+    manifest = {"params": [{"name": "layers.1.qkv.q", "shape": [30, 384, 16]},
+                           {"name": "layers.1.qkv.scale", "shape": [30, 12, 16]},
+                           {"name": "head.q", "shape": [256, 384, 16]},
+                           {"name": "layers.1.down.q", "shape": [384, 1024]},
+                           {"name": "embed.q", "shape": [4096, 384]}]}
+    wanted = packed_parameters(manifest)
+    assert wanted == {"layers.1.qkv", "head"}
+    with ThreadPoolExecutor(3) as pool:
+        params, previous = {}, {}
+        for group in parameter_groups(weights, quantized_parts(weights), "float32", pool, wanted):
+            assert not any(np.shares_memory(a, b) for a in group.values() for b in previous.values())
+            params.update({name: array.copy() for name, array in group.items()})
+            previous = group
+    layer = weights.layers[1]
+    qkv = [layer.wq, layer.wk, layer.wv]
+    assert np.array_equal(params["layers.1.qkv.q"], packed(np.concatenate([m.q for m in qkv])))
+    assert np.array_equal(params["layers.1.qkv.scale"], packed(np.concatenate([m.scale for m in qkv])))
+    assert np.array_equal(params["head.q"], packed(weights.output.q))
+    assert np.array_equal(params["layers.1.down.q"], layer.w_down.q)  # not declared packed
+    assert np.array_equal(params["embed.q"], weights.embed.q)
 
 
 def test_a_q8matrix_needs_its_parts():

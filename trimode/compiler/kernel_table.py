@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from trimode.compiler.kernels import attention, embedding, logits, norm, q8_matmul, rope
 from trimode.model.config import ModelConfig
+from trimode.model.weights import Q8_BLOCK, packed_shape
 from trimode.runtime.forward import MAX_BLOCK
 from trimode.schedules import entry_key
 
@@ -29,6 +30,13 @@ class Kernels:
     @property
     def is_gpu(self) -> bool:
         return self.target_kind == "cuda"
+
+    def q8_weight_shapes(self, n: int, k: int) -> tuple[tuple, tuple]:
+        """The shapes of a Q8_0 matrix's q and scale parameters as the matmul reads them: [N, K]
+        and [N, K / 32] on CUDA, packed 16 features to a vector on the CPU (q8_matmul.py)."""
+        if self.is_gpu:
+            return (n, k), (n, k // Q8_BLOCK)
+        return packed_shape(n, k), packed_shape(n, k // Q8_BLOCK)
 
     def q8_matmul(self, n: int, k: int, rows: str, gated: bool = False):
         """gated (CUDA only): the kernel ends with silu(gate) * up of row pairs (model.swiglu)."""

@@ -32,13 +32,15 @@ def swiglu(y: Tensor) -> Tensor:
 
 
 class Q8Linear(nn.Module):
-    """y = x W^T with W held as Q8_0: int8 [N, K] + fp16 scale [N, K/32]. gated: W's rows
-    alternate gate, up (engine.py lays gate_up out so) and y = silu(gate) * up [T, N/2], on
-    CUDA in the matmul kernel's epilogue (one launch and no [T, N] intermediate)."""
+    """y = x W^T with W held as Q8_0: int8 values + fp16 scale per 32, laid out as the
+    target's kernel reads them (Kernels.q8_weight_shapes; engine.py follows the shapes).
+    gated: W's rows alternate gate, up (engine.py lays gate_up out so) and y = silu(gate) * up
+    [T, N/2], on CUDA in the matmul kernel's epilogue (one launch and no [T, N] intermediate)."""
 
     def __init__(self, n: int, k: int, kernels: Kernels, role: str, gated: bool = False):
-        self.q = nn.Parameter((n, k), "int8")
-        self.scale = nn.Parameter((n, k // 32), "float16")
+        q_shape, scale_shape = kernels.q8_weight_shapes(n, k)
+        self.q = nn.Parameter(q_shape, "int8")
+        self.scale = nn.Parameter(scale_shape, "float16")
         self.n, self.k, self.kernels, self.role, self.gated = n, k, kernels, role, gated
 
     def forward(self, x: Tensor, rows: str) -> Tensor:

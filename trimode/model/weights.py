@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Q8_BLOCK = 32
+# The CPU matmul reads weights 16 features to a vector (two AVX2 registers of fp32), so its
+# inner step is an outer product without horizontal sums: pack_features lays them out so.
+FEATURES_PER_PACK = 16
 # The on-disk block: fp16 scale, then 32 int8 values (34 bytes).
 Q8_0_DTYPE = np.dtype([("d", "<f2"), ("qs", "i1", (Q8_BLOCK,))])
 
@@ -85,6 +88,32 @@ class Q8Matrix:
         inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
         q = np.round(blocks * inv[:, :, None]).astype(np.int8)
         return cls(q=q.reshape(n, k), scale=d.astype(np.float16))
+
+
+def packed_shape(n: int, cols: int) -> tuple[int, int, int]:
+    """[packs, cols, 16]: n features in packs of FEATURES_PER_PACK, the last one zero-padded."""
+    return -(-n // FEATURES_PER_PACK), cols, FEATURES_PER_PACK
+
+
+def pack_features(rows: np.ndarray, out: np.ndarray, packs: slice = slice(None)) -> None:
+    """out[p, c, f] = rows[16 p + f, c] for the packs `packs` of out (packed_shape): q [N, K]
+    or scale [N, K // 32] as the CPU matmul reads them; features past N are zero."""
+    first, stop, _ = packs.indices(len(out))
+    f = FEATURES_PER_PACK
+    src = rows[first * f:stop * f]
+    full = len(src) // f
+    out[first:first + full] = src[:full * f].reshape(full, f, rows.shape[1]).transpose(0, 2, 1)
+    if first + full < stop:  # the last pack holds fewer than 16 features
+        out[first + full] = 0
+        out[first + full, :, :len(src) - full * f] = src[full * f:].T
+
+
+
+def packed(rows: np.ndarray) -> np.ndarray:
+    """pack_features into a new array."""
+    out = np.empty(packed_shape(*rows.shape), rows.dtype)
+    pack_features(rows, out)
+    return out
 
 
 Matrix = "Q8Matrix | np.ndarray"  # a float matrix is float32 [N, K]

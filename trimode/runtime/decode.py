@@ -25,8 +25,8 @@ MODES = ("ar", "diffusion", "spec")
 # by GPU measurement (tokens/s against K).
 DEFAULT_DRAFT_LENGTH = 15
 # On a CPU a pass's matmuls are compute bound past a few rows (2 x params x rows flops), so
-# its cost grows with K; and the CPU matmul multiplies 4 rows per converted weight vector
-# (q8_matmul.py ROW_TILE), a fifth row running alone at a decode step's cost. So K = 3: the
+# its cost grows with K; and the CPU matmul multiplies a block's 4 rows per converted weight
+# vector (q8_matmul.py ROW_TILE), a fifth row running alone at about a decode step's cost. So K = 3: the
 # block and next token are one tile (the default model: ~1.3x the decode speed of the fork's
 # K = 4, the same tokens; BENCHMARKS.md).
 CPU_DRAFT_LENGTH = 3

@@ -28,7 +28,8 @@ import numpy as np
 from trimode.artifacts import (MANIFEST, artifact_dir, build_key, resolve_target,
                                schedules_for)
 from trimode.model.config import ModelConfig, ModelError
-from trimode.model.weights import LAYER_MATRICES, Q8_BLOCK, ModelWeights, Q8Matrix
+from trimode.model.weights import (FEATURES_PER_PACK, LAYER_MATRICES, Q8_BLOCK, ModelWeights,
+                                   Q8Matrix, pack_features, packed_shape)
 from trimode.runtime.forward import MAX_BLOCK, ContextFull, StepResult
 from trimode.runtime.tvm_runtime import Device, cuda_arch, cuda_device_name, default_target
 
@@ -52,20 +53,25 @@ UNPACK_THREADS = min(8, os.cpu_count() or 1)
 class HostBuffers:
     """Two host buffers that Q8_0 groups take turns to fill: one is uploading while the next
     group is unpacked into the other. Reusing them spares the page faults of fresh memory for
-    every group (most of the host time of a load on a fresh process)."""
+    every group (most of the host time of a load on a fresh process). A third, `scratch`,
+    holds a group that is repacked before it uploads (the CPU's packed layout)."""
 
     ALIGN = 64
+    SCRATCH = 2
 
     def __init__(self):
-        self._buffers = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self._buffers = [np.empty(0, np.uint8) for _ in range(3)]
         self._turn = 0
 
-    def arrays(self, *specs: tuple[tuple[int, ...], type]) -> list[np.ndarray]:
+    def arrays(self, *specs: tuple[tuple[int, ...], type], scratch: bool = False) -> list[np.ndarray]:
         sizes = [-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // self.ALIGN) * self.ALIGN
                  for shape, dtype in specs]
-        if self._buffers[self._turn].nbytes < sum(sizes):
-            self._buffers[self._turn] = np.empty(sum(sizes), np.uint8)
-        buffer, self._turn = self._buffers[self._turn], 1 - self._turn
+        which = self.SCRATCH if scratch else self._turn
+        if self._buffers[which].nbytes < sum(sizes):
+            self._buffers[which] = np.empty(sum(sizes), np.uint8)
+        buffer = self._buffers[which]
+        if not scratch:
+            self._turn = 1 - self._turn
         out, at = [], 0
         for (shape, dtype), size in zip(specs, sizes):
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -75,19 +81,21 @@ class HostBuffers:
 
 
 def _stacked(prefix: str, mats: list, as_q8: bool, dtype: str, pool: ThreadPoolExecutor,
-             buffers: HostBuffers, float_name: str = "weight",
-             interleaved: bool = False) -> dict[str, np.ndarray]:
+             buffers: HostBuffers, float_name: str = "weight", interleaved: bool = False,
+             packed: bool = False) -> dict[str, np.ndarray]:
     """One parameter (a Q8_0 q/scale pair, or one float matrix) made of `mats` stacked along
     the output dimension (q|k|v -> qkv), unpacked in one pass over the file's blocks.
     interleaved: row i of every matrix in turn (gate, up -> gate_up with rows gate 0, up 0,
-    gate 1, ...: the CUDA matmul's epilogue finds each pair side by side for silu(gate) * up)."""
+    gate 1, ...: the CUDA matmul's epilogue finds each pair side by side for silu(gate) * up).
+    packed: Q8_0 laid out 16 features to a vector (weights.pack_features), as the CPU matmul
+    reads it."""
     if not as_q8:
         dense = [m.dequantize() if isinstance(m, Q8Matrix) else np.asarray(m) for m in mats]
         stacked = np.stack(dense, axis=1).reshape(-1, dense[0].shape[1]) if interleaved else np.concatenate(dense)
         return {f"{prefix}.{float_name}": np.asarray(stacked, dtype)}
     k = mats[0].shape[1]
     n = sum(m.shape[0] for m in mats)
-    q, scale = buffers.arrays(((n, k), np.int8), ((n, k // Q8_BLOCK), np.float16))
+    q, scale = buffers.arrays(((n, k), np.int8), ((n, k // Q8_BLOCK), np.float16), scratch=packed)
     if interleaved:  # matrix i's rows are every len(mats)-th row from i: strided views
         rows = mats[0].shape[0]
         q_parts = [q.reshape(rows, len(mats), k)[:, i] for i in range(len(mats))]
@@ -104,28 +112,55 @@ def _stacked(prefix: str, mats: list, as_q8: bool, dtype: str, pool: ThreadPoolE
             jobs.append(pool.submit(m.unpack_into, q_part[a:b], scale_part[a:b], slice(a, b)))
     for job in jobs:
         job.result()
+    if packed:
+        q, scale = _packed(q, scale, pool, buffers)
     return {f"{prefix}.q": q, f"{prefix}.scale": scale}
 
 
+def _packed(q: np.ndarray, scale: np.ndarray, pool: ThreadPoolExecutor,
+            buffers: HostBuffers) -> tuple[np.ndarray, np.ndarray]:
+    """q and scale repacked 16 features to a vector, by chunks of packs on the pool."""
+    (n, k), cols = q.shape, scale.shape[1]
+    packed_q, packed_scale = buffers.arrays((packed_shape(n, k), np.int8),
+                                            (packed_shape(n, cols), np.float16))
+    step = max(1, UNPACK_CHUNK_BYTES // (k * FEATURES_PER_PACK))
+    jobs = [pool.submit(pack_features, rows, out, slice(a, a + step))
+            for a in range(0, len(packed_q), step) for rows, out in ((q, packed_q), (scale, packed_scale))]
+    for job in jobs:
+        job.result()
+    return packed_q, packed_scale
+
+
 def parameter_groups(weights: ModelWeights, quantized: dict[str, bool], dtype: str,
-                     pool: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
+                     pool: ThreadPoolExecutor,
+                     packed: frozenset[str] = frozenset()) -> Iterator[dict[str, np.ndarray]]:
     """Host arrays named as the compiled module's parameters, a group at a time. A group's
     arrays stay valid until two more groups have been produced (HostBuffers), so loading
-    holds two unpacked parameters at most, in memory it reuses."""
+    holds two unpacked parameters at most, in memory it reuses. `packed`: the Q8_0 parameters
+    (by prefix) the module reads packed (packed_parameters)."""
     buffers = HostBuffers()
-    yield _stacked("embed", [weights.embed], quantized["embed"], dtype, pool, buffers, "table")
+
+    def stacked(prefix, mats, as_q8, **how):
+        return _stacked(prefix, mats, as_q8, dtype, pool, buffers, packed=prefix in packed, **how)
+    yield stacked("embed", [weights.embed], quantized["embed"], float_name="table")
     q8 = quantized["layers"]
     for i, layer in enumerate(weights.layers):
         p = f"layers.{i}"
         yield {f"{p}.attn_norm.weight": np.asarray(layer.attn_norm, np.float32),
                f"{p}.ffn_norm.weight": np.asarray(layer.ffn_norm, np.float32)}
-        yield _stacked(f"{p}.qkv", [layer.wq, layer.wk, layer.wv], q8, dtype, pool, buffers)
-        yield _stacked(f"{p}.o", [layer.wo], q8, dtype, pool, buffers)
-        yield _stacked(f"{p}.gate_up", [layer.w_gate, layer.w_up], q8, dtype, pool, buffers,
-                       interleaved=True)
-        yield _stacked(f"{p}.down", [layer.w_down], q8, dtype, pool, buffers)
+        yield stacked(f"{p}.qkv", [layer.wq, layer.wk, layer.wv], q8)
+        yield stacked(f"{p}.o", [layer.wo], q8)
+        yield stacked(f"{p}.gate_up", [layer.w_gate, layer.w_up], q8, interleaved=True)
+        yield stacked(f"{p}.down", [layer.w_down], q8)
     yield {"output_norm.weight": np.asarray(weights.output_norm, np.float32)}
-    yield _stacked("head", [weights.output], quantized["output"], dtype, pool, buffers)
+    yield stacked("head", [weights.output], quantized["output"])
+
+
+def packed_parameters(manifest: dict) -> frozenset[str]:
+    """The Q8_0 parameters a compiled module reads packed 16 features to a vector: those whose
+    q it declares 3-D ([packs, K, 16]; compiler/kernel_table.py q8_weight_shapes)."""
+    return frozenset(p["name"].removesuffix(".q") for p in manifest["params"]
+                     if p["name"].endswith(".q") and len(p["shape"]) == 3)
 
 
 def find_or_compile(cfg: ModelConfig, quantized: dict[str, bool], target: str,
@@ -181,7 +216,8 @@ class Engine:
         wanted = {p["name"]: p for p in self.manifest["params"]}
         uploaded = {}
         with ThreadPoolExecutor(UNPACK_THREADS) as pool, ThreadPoolExecutor(1) as ahead:
-            groups = parameter_groups(weights, self.quantized, self.dtype, pool)
+            groups = parameter_groups(weights, self.quantized, self.dtype, pool,
+                                      packed_parameters(self.manifest))
             pending = ahead.submit(next, groups, None)
             while (arrays := pending.result()) is not None:
                 pending = ahead.submit(next, groups, None)

@@ -2,6 +2,12 @@
 
 Weights stay 8-bit in memory (int8 values, fp16 scale per 32) and are dequantized inside the
 kernel. This is the CPU loop nest; the CUDA kernels are in q8_matmul_cuda.py.
+
+On the CPU the weights are packed 16 features to a vector (weights.pack_features: q
+[packs, K, 16], scale [packs, K / 32, 16], the engine lays them out so at load): each step of
+the kernel is an outer product, one value of x broadcast times 16 converted weights into
+rows x 16 accumulators, with no horizontal sums at the end (1.1-1.8x the dot-product form
+this replaced, BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -9,96 +15,137 @@ import os
 
 from tvm.script import tirx as T
 
-from trimode.model.weights import Q8_BLOCK
+from trimode.model.weights import FEATURES_PER_PACK, Q8_BLOCK, packed_shape
 
-CPU_LANES = 8  # fp32 lanes of one AVX2 register: the reduction is kept as 8 partial sums
+F = FEATURES_PER_PACK
 # Below this much work (weights x rows) a matmul runs on one thread: waking the pool costs
 # more than the work (and on a loaded machine a descheduled worker stalls the whole step).
 CPU_PARALLEL_MIN_WORK = 1 << 16
-# Rows of x multiplied by one converted weight vector (2 x ROW_TILE accumulator registers of
-# AVX2's 16).
-ROW_TILE = 4
+# Rows of x multiplied by one converted weight vector, per row class: R x 16 accumulators
+# (2R AVX2 registers of 16). A block pass is typically 4 rows (the CPU's default draft of 3
+# and its token); prefill's 6 rows measured faster than 4 (1.2-1.35x at 120 rows).
+ROW_TILE = {"block": 4, "many": 6}
+MAX_ROW_TILE = 6  # the remainder tiles below are written for tiles up to it
 # Rows a block or prefill pass has at least in practice (a verify of 1 row is rare).
 TYPICAL_BLOCK_ROWS = 8
 # Features one parallel task takes at most, all of them against a row tile before the next
-# tile: the tile's x (ROW_TILE x K floats) is then read from L1 once per feature instead of
-# streaming from L2 (prefill of 128 rows 1.3-1.45x faster single-threaded, BENCHMARKS.md).
+# tile: the tile's x (ROW_TILE x K floats) is then read from L1 once per pack instead of
+# streaming from L2 (prefill of 128 rows 1.2-1.8x faster single-threaded, BENCHMARKS.md).
 MAX_FEATURE_BLOCK = 64
 
 
-def feature_block(n: int, rows: str) -> int:
-    """Features per task: the largest power of two <= MAX_FEATURE_BLOCK dividing n that still
-    leaves two tasks per core; 1 for decode (its one row is read once anyway)."""
+def packs_per_task(packs: int, rows: str) -> int:
+    """Packs of 16 features per parallel task: the largest power of two <= MAX_FEATURE_BLOCK / 16
+    dividing `packs` that still leaves two tasks per core; 1 for decode (its one row is read
+    once anyway)."""
     if rows == "one":
         return 1
     tasks = 2 * (os.cpu_count() or 1)
-    block = MAX_FEATURE_BLOCK
-    while block > 1 and (n % block or n // block < tasks):
+    block = MAX_FEATURE_BLOCK // F
+    while block > 1 and (packs % block or packs // block < tasks):
         block //= 2
     return block
 
 
 def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
-    """fp32 activations, any m. int8 weights are converted to float in registers, 8 at a
-    time; each converted vector is multiplied into ROW_TILE rows of x at once (two ROW_TILE x
-    CPU_LANES accumulator sets, per 32-value block and in total, in registers), each block's
-    sum is scaled once by its fp16 scale, and nothing dequantized is written to memory. Rows
-    past the last full tile (the one row of decode) are one smaller tile. Each parallel task
-    runs feature_block() features through every row tile. `rows` ("one", "block", "many")
-    sets that block and how much work the parallel threshold expects."""
-    assert k % Q8_BLOCK == 0 and k % CPU_LANES == 0
-    n_blocks, per_block = k // Q8_BLOCK, Q8_BLOCK // CPU_LANES
-    rt = ROW_TILE
-    assert rt == 4  # the remainder tiles below are written for it
+    """fp32 activations, any m, weights packed (packed_shape). Decode ("one") sums each
+    32-value block before scaling it once; blocks and prefills ("block", "many") scale each
+    converted weight vector by its block's scales and multiply it into a tile of ROW_TILE
+    rows (the rows past the last full tile as one smaller tile: a verify of 3 rows is one
+    pass over the weights, not three). Each parallel task runs packs_per_task() packs through
+    every row tile; the features of a last, partial pack (n not a multiple of 16) run after
+    them, storing only the real ones. `rows` also sets how much work the parallel threshold
+    expects."""
+    assert k % Q8_BLOCK == 0
+    packs, _, _ = packed_shape(n, k)
+    full, n_blocks = n // F, k // Q8_BLOCK
+    rt = 1 if rows == "one" else ROW_TILE[rows]
+    assert rt <= MAX_ROW_TILE
     work = n * k * (1 if rows == "one" else TYPICAL_BLOCK_ROWS)
-    rows_loop = T.parallel if work >= CPU_PARALLEL_MIN_WORK else T.serial
-    fb = feature_block(n, rows)
+    tasks_loop = T.parallel if work >= CPU_PARALLEL_MIN_WORK else T.serial
+    ppt = packs_per_task(full, rows)
 
     @T.macro
-    def rows_times_feature(x, q, scale, y, j, first, count, acc, blk, w):
+    def store(y, acc, first, count, pack, width):
         for r in T.unroll(count):
-            for i in T.vectorized(CPU_LANES):
-                acc[r, i] = T.float32(0)
+            if width == F:
+                for f in T.vectorized(F):
+                    y[first + r, pack * F + f] = acc[r, f]
+            else:
+                for f in range(width):
+                    y[first + r, pack * F + f] = acc[r, f]
+
+    @T.macro
+    def row_tile(x, q, scale, y, pack, first, count, width, acc, sc, w):
+        for r in T.unroll(count):
+            for f in T.vectorized(F):
+                acc[r, f] = T.float32(0)
         for b in range(n_blocks):
-            for r in T.unroll(count):
-                for i in T.vectorized(CPU_LANES):
-                    blk[r, i] = T.float32(0)
-            for c in T.unroll(per_block):
-                for i in T.vectorized(CPU_LANES):
-                    w[i] = T.Cast("float32", q[j, b * Q8_BLOCK + c * CPU_LANES + i])
+            for f in T.vectorized(F):
+                sc[f] = T.Cast("float32", scale[pack, b, f])
+            for c in range(Q8_BLOCK):
+                for f in T.vectorized(F):
+                    w[f] = T.Cast("float32", q[pack, b * Q8_BLOCK + c, f]) * sc[f]
                 for r in T.unroll(count):
-                    for i in T.vectorized(CPU_LANES):
-                        blk[r, i] = blk[r, i] + x[first + r, b * Q8_BLOCK + c * CPU_LANES + i] * w[i]
-            for r in T.unroll(count):
-                for i in T.vectorized(CPU_LANES):
-                    acc[r, i] = acc[r, i] + blk[r, i] * T.Cast("float32", scale[j, b])
-        for r in T.unroll(count):
-            y[first + r, j] = T.float32(0)
-            for i in T.unroll(CPU_LANES):
-                y[first + r, j] = y[first + r, j] + acc[r, i]
+                    for f in T.vectorized(F):
+                        acc[r, f] = acc[r, f] + x[first + r, b * Q8_BLOCK + c] * w[f]
+        store(y, acc, first, count, pack, width)
+
+    @T.macro
+    def remainder(x, q, scale, y, m, first_pack, n_packs, width, count, acc, sc, w):
+        if count < rt:
+            if m % rt == count:
+                for p in range(n_packs):
+                    row_tile(x, q, scale, y, first_pack + p, m - count, count, width, acc, sc, w)
+
+    @T.macro
+    def packs_times_rows(x, q, scale, y, m, first_pack, n_packs, width):
+        acc = T.decl_buffer((rt, F), "float32")
+        sc = T.decl_buffer((F,), "float32")
+        w = T.decl_buffer((F,), "float32")
+        for ro in range(m // rt):
+            for p in range(n_packs):
+                row_tile(x, q, scale, y, first_pack + p, ro * rt, rt, width, acc, sc, w)
+        remainder(x, q, scale, y, m, first_pack, n_packs, width, 1, acc, sc, w)
+        remainder(x, q, scale, y, m, first_pack, n_packs, width, 2, acc, sc, w)
+        remainder(x, q, scale, y, m, first_pack, n_packs, width, 3, acc, sc, w)
+        remainder(x, q, scale, y, m, first_pack, n_packs, width, 4, acc, sc, w)
+        remainder(x, q, scale, y, m, first_pack, n_packs, width, 5, acc, sc, w)
+
+    @T.macro
+    def decode_rows(x, q, scale, y, m, pack, width):
+        acc = T.decl_buffer((1, F), "float32")
+        blk = T.decl_buffer((F,), "float32")
+        for r in range(m):
+            for f in T.vectorized(F):
+                acc[0, f] = T.float32(0)
+            for b in range(n_blocks):
+                for f in T.vectorized(F):
+                    blk[f] = T.float32(0)
+                for c in range(Q8_BLOCK):
+                    for f in T.vectorized(F):
+                        blk[f] = blk[f] + x[r, b * Q8_BLOCK + c] * T.Cast("float32", q[pack, b * Q8_BLOCK + c, f])
+                for f in T.vectorized(F):
+                    acc[0, f] = acc[0, f] + blk[f] * T.Cast("float32", scale[pack, b, f])
+            store(y, acc, r, 1, pack, width)
+
+    @T.macro
+    def packs_times_all_rows(x, q, scale, y, m, first_pack, n_packs, width):
+        if rt == 1:
+            decode_rows(x, q, scale, y, m, first_pack, width)
+        else:
+            packs_times_rows(x, q, scale, y, m, first_pack, n_packs, width)
 
     @T.prim_func(private=True)
-    def q8_matmul(var_x: T.handle, q: T.Buffer((n, k), "int8"),
-                  scale: T.Buffer((n, n_blocks), "float16"), var_y: T.handle):
+    def q8_matmul(var_x: T.handle, q: T.Buffer((packs, k, F), "int8"),
+                  scale: T.Buffer((packs, n_blocks, F), "float16"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), "float32")
         y = T.match_buffer(var_y, (m, n), "float32")
-        for jo in rows_loop(n // fb):
-            acc = T.decl_buffer((rt, CPU_LANES), "float32")
-            blk = T.decl_buffer((rt, CPU_LANES), "float32")
-            w = T.decl_buffer((CPU_LANES,), "float32")
-            for ro in range(m // rt):
-                for ji in range(fb):
-                    rows_times_feature(x, q, scale, y, jo * fb + ji, ro * rt, rt, acc, blk, w)
-            # the rows past the last full tile as one smaller tile (a verify of 3 rows is one
-            # pass over the weights, not three)
-            for ji in range(fb):
-                if m % rt == 3:
-                    rows_times_feature(x, q, scale, y, jo * fb + ji, m - 3, 3, acc, blk, w)
-                elif m % rt == 2:
-                    rows_times_feature(x, q, scale, y, jo * fb + ji, m - 2, 2, acc, blk, w)
-                elif m % rt == 1:
-                    rows_times_feature(x, q, scale, y, jo * fb + ji, m - 1, 1, acc, blk, w)
+        for task in tasks_loop(full // ppt):
+            packs_times_all_rows(x, q, scale, y, m, task * ppt, ppt, F)
+        if packs > full:
+            packs_times_all_rows(x, q, scale, y, m, full, 1, n % F)
 
     return q8_matmul
