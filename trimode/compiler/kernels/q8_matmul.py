@@ -52,7 +52,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
     32-value block before scaling it once; blocks and prefills ("block", "many") scale each
     converted weight vector by its block's scales and multiply it into a tile of ROW_TILE
     rows (the rows past the last full tile as one smaller tile: a verify of 3 rows is one
-    pass over the weights, not three). Each parallel task runs packs_per_task() packs through
+    pass over the weights, not three; a last single row in the decode form). Each parallel task runs packs_per_task() packs through
     every row tile; the features of a last, partial pack (n not a multiple of 16) run after
     them, storing only the real ones. `rows` also sets how much work the parallel threshold
     expects."""
@@ -92,11 +92,28 @@ def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
         store(y, acc, first, count, pack, width)
 
     @T.macro
+    def decode_row(x, q, scale, y, row, pack, width, acc, blk):
+        for f in T.vectorized(F):
+            acc[0, f] = T.float32(0)
+        for b in range(n_blocks):
+            for f in T.vectorized(F):
+                blk[f] = T.float32(0)
+            for c in range(Q8_BLOCK):
+                for f in T.vectorized(F):
+                    blk[f] = blk[f] + x[row, b * Q8_BLOCK + c] * T.Cast("float32", q[pack, b * Q8_BLOCK + c, f])
+            for f in T.vectorized(F):
+                acc[0, f] = acc[0, f] + blk[f] * T.Cast("float32", scale[pack, b, f])
+        store(y, acc, row, 1, pack, width)
+
+    @T.macro
     def remainder(x, q, scale, y, m, first_pack, n_packs, width, count, acc, sc, w):
         if count < rt:
             if m % rt == count:
                 for p in range(n_packs):
-                    row_tile(x, q, scale, y, first_pack + p, m - count, count, width, acc, sc, w)
+                    if count == 1:  # one row: prescaling every vector would cost more than it saves
+                        decode_row(x, q, scale, y, m - 1, first_pack + p, width, acc, sc)
+                    else:
+                        row_tile(x, q, scale, y, first_pack + p, m - count, count, width, acc, sc, w)
 
     @T.macro
     def packs_times_rows(x, q, scale, y, m, first_pack, n_packs, width):
@@ -117,17 +134,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
         acc = T.decl_buffer((1, F), "float32")
         blk = T.decl_buffer((F,), "float32")
         for r in range(m):
-            for f in T.vectorized(F):
-                acc[0, f] = T.float32(0)
-            for b in range(n_blocks):
-                for f in T.vectorized(F):
-                    blk[f] = T.float32(0)
-                for c in range(Q8_BLOCK):
-                    for f in T.vectorized(F):
-                        blk[f] = blk[f] + x[r, b * Q8_BLOCK + c] * T.Cast("float32", q[pack, b * Q8_BLOCK + c, f])
-                for f in T.vectorized(F):
-                    acc[0, f] = acc[0, f] + blk[f] * T.Cast("float32", scale[pack, b, f])
-            store(y, acc, r, 1, pack, width)
+            decode_row(x, q, scale, y, r, pack, width, acc, blk)
 
     @T.macro
     def packs_times_all_rows(x, q, scale, y, m, first_pack, n_packs, width):
