@@ -108,7 +108,6 @@ def pack_features(rows: np.ndarray, out: np.ndarray, packs: slice = slice(None))
         out[first + full, :, :len(src) - full * f] = src[full * f:].T
 
 
-
 def packed(rows: np.ndarray) -> np.ndarray:
     """pack_features into a new array."""
     out = np.empty(packed_shape(*rows.shape), rows.dtype)
