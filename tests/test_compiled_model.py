@@ -174,3 +174,26 @@ def test_runtime_loads_artifact_without_the_compiler(setup, tmp_path):
         subprocess.run([sys.executable, "-c", "from trimode.runtime.tvm_runtime import Device; "
                         "Device('llvm'); import torch; torch.zeros(1)"], check=True)
     np.testing.assert_array_equal(np.asarray(result["logits"], np.float32), want)
+
+
+def test_features_that_do_not_fill_the_cpu_packs():
+    """qkv (200) and head (300) features are no multiple of the CPU matmul's 16-feature packs:
+    their last pack is zero-padded at load and only its real features are stored."""
+    from trimode.model.config import ModelConfig
+
+    cfg = ModelConfig(n_layers=2, hidden=64, ffn=96, n_heads=8, n_kv_heads=1, head_dim=20,
+                      vocab=300, context_length=CTX, yarn_orig_ctx=64, bos_token_id=1,
+                      eos_token_id=2, mask_token_id=3)
+    assert (cfg.q_dim + 2 * cfg.kv_dim) % 16 and cfg.vocab % 16
+    weights = random_weights(cfg, seed=5)
+    fwd, ref = Engine(cfg, weights, "llvm").new_sequence(CTX), ReferenceForward(ReferenceModel(cfg, weights), CTX)
+    tokens = np.random.default_rng(2).integers(4, cfg.vocab, 20).tolist()
+    got, want = fwd.causal(tokens[:13], last_only=True), ref.causal(tokens[:13])   # prefill
+    assert rel_err(got.logits()[0], want.logits()[-1]) < TOL
+    got, want = fwd.causal(tokens[13:14]), ref.causal(tokens[13:14])               # decode
+    assert rel_err(got.logits(), want.logits()) < TOL
+    got, want = fwd.causal(tokens[14:]), ref.causal(tokens[14:])                   # verify
+    assert rel_err(got.logits(), want.logits()) < TOL
+    block = [cfg.mask_token_id] * 4 + [7]
+    got, want = fwd.bidirectional(block), ref.bidirectional(block)                # draft
+    assert rel_err(got.logits(), want.logits()) < TOL
