@@ -52,10 +52,10 @@ def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
     32-value block before scaling it once; blocks and prefills ("block", "many") scale each
     converted weight vector by its block's scales and multiply it into a tile of ROW_TILE
     rows (the rows past the last full tile as one smaller tile: a verify of 3 rows is one
-    pass over the weights, not three; a last single row in the decode form). Each parallel task runs packs_per_task() packs through
-    every row tile; the features of a last, partial pack (n not a multiple of 16) run after
-    them, storing only the real ones. `rows` also sets how much work the parallel threshold
-    expects."""
+    pass over the weights, not three; a last single row in the decode form). Each parallel
+    task runs packs_per_task() packs through every row tile; the features of a last, partial
+    pack (n not a multiple of 16) run after them, storing only the real ones. `rows` also
+    sets how much work the parallel threshold expects."""
     assert k % Q8_BLOCK == 0
     packs, _, _ = packed_shape(n, k)
     full, n_blocks = n // F, k // Q8_BLOCK
