@@ -35,18 +35,23 @@ def test_unpack_rows_of_a_materialized_matrix():
     assert np.array_equal(q, m.q[2:5]) and np.array_equal(scale, m.scale[2:5])
 
 
-def test_parameters_in_small_chunks_equal_the_stacked_matrices(tiny_gguf, monkeypatch):
-    monkeypatch.setattr(engine_module, "UNPACK_CHUNK_BYTES", 300)  # a few rows per chunk
-    weights = load_model(tiny_gguf).weights
+def loaded_parameters(weights, packed_names=frozenset()) -> dict[str, np.ndarray]:
+    """Every group parameter_groups yields, copied, checking on the way that no name comes
+    twice and that a group never overlaps the one uploading before it (reused buffers)."""
+    params, previous = {}, {}
     with ThreadPoolExecutor(3) as pool:
-        params = {}
-        previous = {}
-        for group in parameter_groups(weights, quantized_parts(weights), "float32", pool):
+        for group in parameter_groups(weights, quantized_parts(weights), "float32", pool, packed_names):
             assert not params.keys() & group.keys()
-            # Reused buffers: a group never overlaps the one uploading before it.
             assert not any(np.shares_memory(a, b) for a in group.values() for b in previous.values())
             params.update({name: array.copy() for name, array in group.items()})
             previous = group
+    return params
+
+
+def test_parameters_in_small_chunks_equal_the_stacked_matrices(tiny_gguf, monkeypatch):
+    monkeypatch.setattr(engine_module, "UNPACK_CHUNK_BYTES", 300)  # a few rows per chunk
+    weights = load_model(tiny_gguf).weights
+    params = loaded_parameters(weights)
     layer = weights.layers[1]
     for name, mats in (("qkv", [layer.wq, layer.wk, layer.wv]), ("down", [layer.w_down])):
         assert np.array_equal(params[f"layers.1.{name}.q"], np.concatenate([m.q for m in mats]))
@@ -72,12 +77,7 @@ def test_packed_parameters_equal_the_stacked_matrices_packed(tiny_gguf, monkeypa
                            {"name": "embed.q", "shape": [4096, 384]}]}
     wanted = packed_parameters(manifest)
     assert wanted == {"layers.1.qkv", "head"}
-    with ThreadPoolExecutor(3) as pool:
-        params, previous = {}, {}
-        for group in parameter_groups(weights, quantized_parts(weights), "float32", pool, wanted):
-            assert not any(np.shares_memory(a, b) for a in group.values() for b in previous.values())
-            params.update({name: array.copy() for name, array in group.items()})
-            previous = group
+    params = loaded_parameters(weights, wanted)
     layer = weights.layers[1]
     qkv = [layer.wq, layer.wk, layer.wv]
     assert np.array_equal(params["layers.1.qkv.q"], packed(np.concatenate([m.q for m in qkv])))
