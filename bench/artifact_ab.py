@@ -1,0 +1,89 @@
+"""Two compiled artifacts of one model, timed side by side in one process, rounds alternating:
+
+    python bench/artifact_ab.py MODEL.gguf ARTIFACT_A ARTIFACT_B [--rounds 12] [--calls 50]
+        [--block 4] [--prefill 128] [--fill 64] [--target llvm]
+
+Each round times every entry (decode, verify T, draft T, prefill T) of A, then of B, as the
+median of `calls` calls from a cache holding `fill` tokens; the table gives the median over
+rounds and B / A. Alternating in short rounds is what keeps a shared, noisy machine's drift
+out of the ratio (a `trimode bench` per artifact, minutes apart, moved 1.3x on its own here).
+Both engines load the same weights (A's and B's manifests say how they are laid out).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trimode.model.gguf_file import load_model  # noqa: E402
+from trimode.runtime.bench import fill_cache  # noqa: E402
+from trimode.runtime.engine import Engine  # noqa: E402
+
+
+def entries(fwd, args, tokens):
+    """name -> one call of the entry from a cache holding args.fill tokens."""
+    def at_fill(call):
+        def run():
+            if fwd.length < args.fill:  # after a prefill
+                fill_cache(fwd, tokens[:args.fill])
+            fwd.truncate(args.fill)
+            call()
+        return run
+    block = tokens[:args.block]
+    return {"decode": at_fill(lambda: fwd.causal(tokens[:1])),
+            f"verify T={args.block}": at_fill(lambda: fwd.causal(block)),
+            f"draft T={args.block}": at_fill(lambda: fwd.bidirectional(block)),
+            f"prefill T={args.prefill}": lambda: (fwd.truncate(0),
+                                                  fwd.causal(tokens[:args.prefill], last_only=True))}
+
+
+def median_ms(call, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("a")
+    parser.add_argument("b")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--block", type=int, default=4)
+    parser.add_argument("--prefill", type=int, default=128)
+    parser.add_argument("--fill", type=int, default=64)
+    parser.add_argument("--target", default="llvm")
+    args = parser.parse_args()
+
+    model = load_model(args.model)
+    n_ctx = max(args.fill + args.block, args.prefill) + 8
+    tokens = [(7 * i + 3) % model.config.vocab for i in range(max(args.fill, args.prefill, args.block))]
+    sides = {}
+    for name, artifact in (("A", args.a), ("B", args.b)):
+        engine = Engine(model.config, model.weights, args.target, model.metadata, artifact=artifact)
+        fwd = engine.new_sequence(n_ctx)
+        sides[name] = (engine, entries(fwd, args, tokens))
+    times = {(side, entry): [] for side in sides for entry in sides["A"][1]}
+    for _ in range(args.rounds):
+        for side, (_, calls) in sides.items():
+            for entry, call in calls.items():
+                call()  # warm
+                times[side, entry].append(median_ms(call, args.calls))
+    print(f"A = {args.a}\nB = {args.b}\n{args.rounds} rounds x {args.calls} calls, fill {args.fill}")
+    print(f"{'entry':<16}{'A ms':>9}{'B ms':>9}{'B / A':>8}   B / A per round (min-max)")
+    for entry in sides["A"][1]:
+        a, b = (statistics.median(times[side, entry]) for side in "AB")
+        ratios = [y / x for x, y in zip(times["A", entry], times["B", entry])]
+        print(f"{entry:<16}{a:>9.3f}{b:>9.3f}{b / a:>8.3f}   {min(ratios):.3f}-{max(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
