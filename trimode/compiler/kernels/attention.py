@@ -13,11 +13,29 @@ import math
 
 from tvm.script import tirx as T
 
+from trimode.compiler.kernels.cpu_math import exp_approx
+
 
 # Keys per tile: the scores of a tile are computed first, then the running softmax is
-# rescaled once per tile (not once per key) and the tile's values are summed, vectorized.
+# rescaled once per tile (not once per key) and the tile's values are summed, vectorized
+# by LANES (a loop vectorized by the whole head, <48 x float>, spilled its lanes every key).
 KEY_TILE = 32
 LANES = 8  # fp32 lanes of one AVX2 register
+# Query positions per task. A task takes one kv head and up to this many positions, i.e. the
+# group x positions query rows that read that head, and runs each key tile through all of
+# them while it is in L1: the cache is read once per task, not once per query row (a decode
+# read each kv head `group` times, a block pass group x T times).
+QUERY_TILE = 16
+GROUP_KEYS = 8  # keys whose scores are computed together (KEY_TILE is a multiple)
+
+
+def lane_sum(part, row, lanes: int):
+    """part[row, 0] + ... + part[row, lanes - 1] as a tree: log2(lanes) dependent adds."""
+    terms = [part[row, c] for c in range(lanes)]
+    while len(terms) > 1:
+        half = len(terms) // 2
+        terms = [terms[c] + terms[c + half] for c in range(half)] + terms[2 * half:]
+    return terms[0]
 
 
 def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
@@ -27,33 +45,63 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
     scale = 1.0 / math.sqrt(head_dim)
     lanes = LANES if head_dim % LANES == 0 else 1
     chunks = head_dim // lanes
+    max_rows = group * QUERY_TILE
 
     @T.macro
-    def keys_in_tiles(keys, values, n_keys, qs, acc, scores, part, best, total, rescale):
-        # keys/values: [n, D] views; n_keys of them. best/total: the running softmax.
-        for jt in range((n_keys + KEY_TILE - 1) // KEY_TILE):
-            size = T.min(n_keys - jt * KEY_TILE, KEY_TILE)
-            rescale[0] = best[0]
-            for jj in range(size):
+    def key_tile(keys, values, first, size, r, qs, acc, best, total, tile):
+        # Row r's running softmax (best, total, acc) takes keys [first, first + size); `tile`:
+        # the scratch of one tile (scores, part, rescale, row_acc, row_total).
+        scores, part, rescale, row_acc, row_total = tile
+        # The scores, GROUP_KEYS keys at a time: their dot products interleaved (independent
+        # FMA chains), a partial group's key index held at the last real key.
+        for jg in range((size + GROUP_KEYS - 1) // GROUP_KEYS):
+            for jj in T.unroll(GROUP_KEYS):
                 for c in T.vectorized(lanes):
-                    part[c] = T.float32(0)
-                for b in range(chunks):
+                    part[jj, c] = T.float32(0)
+            for b in range(chunks):
+                for jj in T.unroll(GROUP_KEYS):
                     for c in T.vectorized(lanes):
-                        part[c] = part[c] + qs[b * lanes + c] * keys[jt * KEY_TILE + jj, b * lanes + c]
-                scores[jj] = T.float32(0)
-                for c in T.unroll(lanes):
-                    scores[jj] = scores[jj] + part[c]
-                rescale[0] = T.max(rescale[0], scores[jj])
-            # rescale[0] holds the new running max; fold the old one into what was summed.
-            total[0] = total[0] * T.exp(best[0] - rescale[0])
-            for d in T.vectorized(D):
-                acc[d] = acc[d] * T.exp(best[0] - rescale[0])
-            best[0] = rescale[0]
-            for jj in range(size):
-                scores[jj] = T.exp(scores[jj] - best[0])
-                total[0] = total[0] + scores[jj]
-                for d in T.vectorized(D):
-                    acc[d] = acc[d] + scores[jj] * values[jt * KEY_TILE + jj, d]
+                        part[jj, c] = part[jj, c] + qs[r, b * lanes + c] * keys[
+                            first + T.min(jg * GROUP_KEYS + jj, size - 1), b * lanes + c]
+            for jj in T.unroll(GROUP_KEYS):
+                scores[jg * GROUP_KEYS + jj] = lane_sum(part, jj, lanes)
+        rescale[0] = best[r]
+        for jj in range(size):
+            rescale[0] = T.max(rescale[0], scores[jj])
+        # rescale[0] holds the new running max; fold the old one into what was summed. The
+        # row's sums run in row_acc and row_total (small local arrays, kept in registers).
+        for b in T.unroll(chunks):
+            for c in T.vectorized(lanes):
+                row_acc[b * lanes + c] = acc[r, b * lanes + c] * T.exp(best[r] - rescale[0])
+        row_total[0] = total[r] * T.exp(best[r] - rescale[0])
+        best[r] = rescale[0]
+        for jg in T.unroll(KEY_TILE // LANES):  # the whole tile: entries past `size` go unused
+            for jj in T.vectorized(LANES):
+                scores[jg * LANES + jj] = exp_approx(scores[jg * LANES + jj] - best[r])
+        for jj in range(size):
+            row_total[0] = row_total[0] + scores[jj]
+            for b in T.unroll(chunks):
+                for c in T.vectorized(lanes):
+                    row_acc[b * lanes + c] = (row_acc[b * lanes + c]
+                                              + scores[jj] * values[first + jj, b * lanes + c])
+        for b in T.unroll(chunks):
+            for c in T.vectorized(lanes):
+                acc[r, b * lanes + c] = row_acc[b * lanes + c]
+        total[r] = row_total[0]
+
+    @T.macro
+    def keys_in_tiles(keys, values, n_keys, rows, first_t, masked, qs, acc, best, total, tile):
+        # keys/values: [n, D] views, n_keys of them, each tile through every row of the task;
+        # masked: row r (position first_t + r // group) sees only keys up to its own.
+        for jt in range((n_keys + KEY_TILE - 1) // KEY_TILE):
+            for r in range(rows):
+                if masked:
+                    size = T.min(first_t + r // group + 1 - jt * KEY_TILE, KEY_TILE)
+                    if size > 0:
+                        key_tile(keys, values, jt * KEY_TILE, size, r, qs, acc, best, total, tile)
+                else:
+                    key_tile(keys, values, jt * KEY_TILE, T.min(n_keys - jt * KEY_TILE, KEY_TILE),
+                             r, qs, acc, best, total, tile)
 
     @T.prim_func(private=True)
     def attention(var_q: T.handle, var_kv: T.handle, layer: T.int64,
@@ -66,10 +114,12 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
         k_new = T.match_buffer(var_k, (t, HKV, D), "float32")
         v_new = T.match_buffer(var_v, (t, HKV, D), "float32")
         out = T.match_buffer(var_out, (t, HQ, D), "float32")
-        for row in T.parallel(t * HQ):
-            i = row // HQ
-            h = row % HQ
-            g = h // group
+        t_tiles = (t + QUERY_TILE - 1) // QUERY_TILE
+        for task in T.parallel(HKV * t_tiles):
+            g = task // t_tiles
+            first_t = task % t_tiles * QUERY_TILE
+            # the task's row r: position first_t + r // group, query head g * group + r % group
+            rows = T.min(t - first_t, QUERY_TILE) * group
             # This head's keys and values: the cache's [0, pos) and the block's own.
             cache_k = T.decl_buffer((ctx, D), "float32", data=kv.data,
                                     elem_offset=((layer * 2 + 0) * HKV + g) * ctx * D)
@@ -79,23 +129,27 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                                     strides=(HKV * D, T.int64(1)))
             block_v = T.decl_buffer((t, D), "float32", data=v_new.data, elem_offset=g * D,
                                     strides=(HKV * D, T.int64(1)))
-            qs = T.decl_buffer((D,), "float32")
-            acc = T.decl_buffer((D,), "float32")
-            scores = T.decl_buffer((KEY_TILE,), "float32")
-            part = T.decl_buffer((lanes,), "float32")
-            best = T.decl_buffer((1,), "float32")
-            total = T.decl_buffer((1,), "float32")
-            rescale = T.decl_buffer((1,), "float32")
-            for d in T.vectorized(D):
-                qs[d] = q[i, h, d] * T.float32(scale)
-                acc[d] = T.float32(0)
-            best[0] = T.float32(-3.0e38)
-            total[0] = T.float32(0)
-            keys_in_tiles(cache_k, cache_v, T.Cast("int64", pos_buf[0]), qs, acc, scores, part,
-                          best, total, rescale)
-            keys_in_tiles(block_k, block_v, i + 1 if causal else t, qs, acc, scores, part,
-                          best, total, rescale)
-            for d in T.vectorized(D):
-                out[i, h, d] = acc[d] / total[0]
+            qs = T.decl_buffer((max_rows, D), "float32")
+            acc = T.decl_buffer((max_rows, D), "float32")
+            best = T.decl_buffer((max_rows,), "float32")
+            total = T.decl_buffer((max_rows,), "float32")
+            tile = (T.decl_buffer((KEY_TILE,), "float32"),          # scores
+                    T.decl_buffer((GROUP_KEYS, lanes), "float32"),  # part
+                    T.decl_buffer((1,), "float32"),                 # rescale
+                    T.decl_buffer((D,), "float32"),                 # row_acc
+                    T.decl_buffer((1,), "float32"))                 # row_total
+            for r in range(rows):
+                for d in T.vectorized(D):
+                    qs[r, d] = q[first_t + r // group, g * group + r % group, d] * T.float32(scale)
+                    acc[r, d] = T.float32(0)
+                best[r] = T.float32(-3.0e38)
+                total[r] = T.float32(0)
+            keys_in_tiles(cache_k, cache_v, T.Cast("int64", pos_buf[0]), rows, first_t, False,
+                          qs, acc, best, total, tile)
+            keys_in_tiles(block_k, block_v, T.min(first_t + QUERY_TILE, t) if causal else t, rows,
+                          first_t, causal, qs, acc, best, total, tile)
+            for r in range(rows):
+                for d in T.vectorized(D):
+                    out[first_t + r // group, g * group + r % group, d] = acc[r, d] / total[r]
 
     return attention
