@@ -39,10 +39,9 @@ class Kernels:
         return packed_shape(n, k), packed_shape(n, k // Q8_BLOCK)
 
     def q8_matmul(self, n: int, k: int, rows: str, gated: bool = False):
-        """gated (CUDA only): the kernel ends with silu(gate) * up of row pairs (model.swiglu)."""
+        """gated: the kernel ends with silu(gate) * up of row pairs (model.swiglu)."""
         if not self.is_gpu:
-            assert not gated, "CPU matmuls are not gated: the model applies swiglu after them"
-            return _cached(q8_matmul.q8_matmul_cpu, n, k, rows)
+            return _cached(q8_matmul.q8_matmul_cpu, n, k, rows, gated)
         from trimode.compiler.kernels import q8_matmul_cuda
 
         m = Q8_ROWS[rows]

@@ -35,7 +35,7 @@ class Q8Linear(nn.Module):
     """y = x W^T with W held as Q8_0: int8 values + fp16 scale per 32, laid out as the
     target's kernel reads them (Kernels.q8_weight_shapes; engine.py follows the shapes).
     gated: W's rows alternate gate, up (engine.py lays gate_up out so) and y = silu(gate) * up
-    [T, N/2], on CUDA in the matmul kernel's epilogue (one launch and no [T, N] intermediate)."""
+    [T, N/2], in the matmul kernel's epilogue (one launch and no [T, N] intermediate)."""
 
     def __init__(self, n: int, k: int, kernels: Kernels, role: str, gated: bool = False):
         q_shape, scale_shape = kernels.q8_weight_shapes(n, k)
@@ -44,11 +44,9 @@ class Q8Linear(nn.Module):
         self.n, self.k, self.kernels, self.role, self.gated = n, k, kernels, role, gated
 
     def forward(self, x: Tensor, rows: str) -> Tensor:
-        fused = self.gated and self.kernels.is_gpu
-        kernel = self.kernels.q8_matmul(self.n, self.k, rows, gated=fused)
-        out = Tensor.placeholder([x.shape[0], self.n // 2 if fused else self.n], x.dtype)
-        y = op.tensor_ir_op(kernel, f"q8_matmul_{self.role}", [x, self.q, self.scale], out)
-        return swiglu(y) if self.gated and not fused else y
+        kernel = self.kernels.q8_matmul(self.n, self.k, rows, gated=self.gated)
+        out = Tensor.placeholder([x.shape[0], self.n // 2 if self.gated else self.n], x.dtype)
+        return op.tensor_ir_op(kernel, f"q8_matmul_{self.role}", [x, self.q, self.scale], out)
 
 
 class FloatLinear(nn.Module):

@@ -7,7 +7,9 @@ On the CPU the weights are packed 16 features to a vector (weights.pack_features
 [packs, K, 16], scale [packs, K / 32, 16], the engine lays them out so at load): each step of
 the kernel is an outer product, one value of x broadcast times 16 converted weights into
 rows x 16 accumulators, with no horizontal sums at the end (1.1-1.8x the dot-product form
-this replaced, BENCHMARKS.md).
+this replaced, BENCHMARKS.md). A gated matmul (gate_up, whose rows alternate gate, up) ends
+with silu(gate) * up of each feature pair, as the CUDA kernels do: no [m, n] intermediate and
+no separate activation kernel.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 
 from tvm.script import tirx as T
 
+from trimode.compiler.kernels.cpu_math import exp_approx
 from trimode.model.weights import FEATURES_PER_PACK, Q8_BLOCK, packed_shape
 
 F = FEATURES_PER_PACK
@@ -34,6 +37,10 @@ TYPICAL_BLOCK_ROWS = 8
 MAX_FEATURE_BLOCK = 64
 
 
+def silu_times(gate, up):
+    return gate / (T.float32(1) + exp_approx(-gate)) * up
+
+
 def packs_per_task(packs: int, rows: str) -> int:
     """Packs of 16 features per parallel task: the largest power of two <= MAX_FEATURE_BLOCK / 16
     dividing `packs` that still leaves two tasks per core; 1 for decode (its one row is read
@@ -47,7 +54,7 @@ def packs_per_task(packs: int, rows: str) -> int:
     return block
 
 
-def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
+def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc":
     """fp32 activations, any m, weights packed (packed_shape). Decode ("one") sums each
     32-value block before scaling it once; blocks and prefills ("block", "many") scale each
     converted weight vector by its block's scales and multiply it into a tile of ROW_TILE
@@ -55,8 +62,9 @@ def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
     pass over the weights, not three; a last single row in the decode form). Each parallel
     task runs packs_per_task() packs through every row tile; the features of a last, partial
     pack (n not a multiple of 16) run after them, storing only the real ones. `rows` also
-    sets how much work the parallel threshold expects."""
-    assert k % Q8_BLOCK == 0
+    sets how much work the parallel threshold expects. gated: y [m, n / 2] = silu(gate) * up
+    of features 2j, 2j + 1 (a pair never straddles two packs)."""
+    assert k % Q8_BLOCK == 0 and not (gated and n % 2)
     packs, _, _ = packed_shape(n, k)
     full, n_blocks = n // F, k // Q8_BLOCK
     rt = 1 if rows == "one" else ROW_TILE[rows]
@@ -64,11 +72,18 @@ def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
     work = n * k * (1 if rows == "one" else TYPICAL_BLOCK_ROWS)
     tasks_loop = T.parallel if work >= CPU_PARALLEL_MIN_WORK else T.serial
     ppt = packs_per_task(full, rows)
+    out_n, half = (n // 2, F // 2) if gated else (n, F)
 
     @T.macro
     def store(y, acc, first, count, pack, width):
         for r in T.unroll(count):
-            if width == F:
+            if gated and width == F:
+                for j in T.vectorized(half):
+                    y[first + r, pack * half + j] = silu_times(acc[r, 2 * j], acc[r, 2 * j + 1])
+            elif gated:
+                for j in range(width // 2):
+                    y[first + r, pack * half + j] = silu_times(acc[r, 2 * j], acc[r, 2 * j + 1])
+            elif width == F:
                 for f in T.vectorized(F):
                     y[first + r, pack * F + f] = acc[r, f]
             else:
@@ -149,7 +164,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str) -> "T.PrimFunc":
         T.func_attr({"tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), "float32")
-        y = T.match_buffer(var_y, (m, n), "float32")
+        y = T.match_buffer(var_y, (m, out_n), "float32")
         for task in tasks_loop(full // ppt):
             packs_times_all_rows(x, q, scale, y, m, task * ppt, ppt, F)
         if packs > full:
