@@ -132,9 +132,13 @@ def test_cuda_without_a_gpu_is_a_one_line_error():
     assert result.exit_code == 2 and "reports no CUDA GPU" in result.output
 
 
-def test_model_or_geometry_required():
-    result = CliRunner().invoke(cli, ["bench", "--target", "llvm"])
-    assert result.exit_code == 2 and "give -m MODEL or --geometry" in result.output
+@pytest.mark.parametrize("command, model, message", [
+    ("bench", ["-m"], "give -m MODEL or --geometry (one of them)"),
+    ("compile", [], "give a MODEL file or --geometry (one of them)")])
+def test_model_or_geometry_required(command, model, message, tiny_gguf):
+    for args in ([], [*model, str(tiny_gguf), "--geometry", "tiny"]):  # neither, both
+        result = CliRunner().invoke(cli, [command, "--target", "llvm", *args])
+        assert result.exit_code == 2 and message in result.output
 
 
 def test_bench_from_a_model_file_times_its_load(tiny_gguf):

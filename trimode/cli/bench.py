@@ -34,7 +34,7 @@ def bench(model, geometry, target, artifact, fills, block, prefill, ctx_size, re
     from trimode.runtime.tvm_runtime import cuda_device_count, default_target
 
     if (model is None) == (geometry is None):
-        raise click.UsageError("give -m MODEL or --geometry, not both")
+        raise click.UsageError("give -m MODEL or --geometry (one of them)")
     target = target or default_target()
     if target == "cuda" and cuda_device_count() == 0:
         raise click.UsageError("--target cuda: the driver reports no CUDA GPU here (use --target llvm)")

@@ -23,7 +23,7 @@ def compile_cmd(model, geometry, target, arch, gpu, force):
                                              default_target)
 
     if (model is None) == (geometry is None):
-        raise click.UsageError("give a MODEL file or --geometry, not both")
+        raise click.UsageError("give a MODEL file or --geometry (one of them)")
     if model:
         from trimode.model.gguf_file import load_model
         from trimode.runtime.engine import quantized_parts
