@@ -27,11 +27,11 @@ LANES = 8  # fp32 lanes of one AVX2 register
 # read each kv head `group` times, a block pass group x T times).
 QUERY_TILE = 16
 GROUP_KEYS = 8  # keys whose scores are computed together (KEY_TILE is a multiple)
+ACC_VECTORS = 8  # registers of a row's value sums at a time (of AVX2's 16)
 
 
-def lane_sum(part, row, lanes: int):
-    """part[row, 0] + ... + part[row, lanes - 1] as a tree: log2(lanes) dependent adds."""
-    terms = [part[row, c] for c in range(lanes)]
+def tree_sum(terms: list):
+    """The sum of PrimExprs as a tree: log2(len) dependent adds, not len - 1."""
     while len(terms) > 1:
         half = len(terms) // 2
         terms = [terms[c] + terms[c + half] for c in range(half)] + terms[2 * half:]
@@ -45,6 +45,7 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
     scale = 1.0 / math.sqrt(head_dim)
     lanes = LANES if head_dim % LANES == 0 else 1
     chunks = head_dim // lanes
+    acc_chunks = max(c for c in range(1, ACC_VECTORS + 1) if chunks % c == 0)
     max_rows = group * QUERY_TILE
 
     @T.macro
@@ -64,30 +65,34 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                         part[jj, c] = part[jj, c] + qs[r, b * lanes + c] * keys[
                             first + T.min(jg * GROUP_KEYS + jj, size - 1), b * lanes + c]
             for jj in T.unroll(GROUP_KEYS):
-                scores[jg * GROUP_KEYS + jj] = lane_sum(part, jj, lanes)
+                scores[jg * GROUP_KEYS + jj] = tree_sum([part[jj, c] for c in range(lanes)])
         rescale[0] = best[r]
         for jj in range(size):
             rescale[0] = T.max(rescale[0], scores[jj])
-        # rescale[0] holds the new running max; fold the old one into what was summed. The
-        # row's sums run in row_acc and row_total (small local arrays, kept in registers).
-        for b in T.unroll(chunks):
-            for c in T.vectorized(lanes):
-                row_acc[b * lanes + c] = acc[r, b * lanes + c] * T.exp(best[r] - rescale[0])
-        row_total[0] = total[r] * T.exp(best[r] - rescale[0])
-        best[r] = rescale[0]
+        # rescale[0] holds the new running max; fold the old one into what was summed.
         for jg in T.unroll(KEY_TILE // LANES):  # the whole tile: entries past `size` go unused
             for jj in T.vectorized(LANES):
-                scores[jg * LANES + jj] = exp_approx(scores[jg * LANES + jj] - best[r])
-        for jj in range(size):
-            row_total[0] = row_total[0] + scores[jj]
-            for b in T.unroll(chunks):
+                scores[jg * LANES + jj] = exp_approx(scores[jg * LANES + jj] - rescale[0])
+        # The values, acc_chunks vectors of the row's sums at a time in row_acc (a small local
+        # array kept in registers: all 16 of a 128-wide head would spill), the weights' sum in
+        # row_total beside them (each pass sums it; the last one's is kept).
+        for a in range(chunks // acc_chunks):
+            row_total[0] = total[r] * T.exp(best[r] - rescale[0])
+            for b in T.unroll(acc_chunks):
                 for c in T.vectorized(lanes):
-                    row_acc[b * lanes + c] = (row_acc[b * lanes + c]
-                                              + scores[jj] * values[first + jj, b * lanes + c])
-        for b in T.unroll(chunks):
-            for c in T.vectorized(lanes):
-                acc[r, b * lanes + c] = row_acc[b * lanes + c]
+                    row_acc[b * lanes + c] = (acc[r, (a * acc_chunks + b) * lanes + c]
+                                              * T.exp(best[r] - rescale[0]))
+            for jj in range(size):
+                row_total[0] = row_total[0] + scores[jj]
+                for b in T.unroll(acc_chunks):
+                    for c in T.vectorized(lanes):
+                        row_acc[b * lanes + c] = row_acc[b * lanes + c] + scores[jj] * values[
+                            first + jj, (a * acc_chunks + b) * lanes + c]
+            for b in T.unroll(acc_chunks):
+                for c in T.vectorized(lanes):
+                    acc[r, (a * acc_chunks + b) * lanes + c] = row_acc[b * lanes + c]
         total[r] = row_total[0]
+        best[r] = rescale[0]
 
     @T.macro
     def keys_in_tiles(keys, values, n_keys, rows, first_t, masked, qs, acc, best, total, tile):
@@ -136,7 +141,7 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
             tile = (T.decl_buffer((KEY_TILE,), "float32"),          # scores
                     T.decl_buffer((GROUP_KEYS, lanes), "float32"),  # part
                     T.decl_buffer((1,), "float32"),                 # rescale
-                    T.decl_buffer((D,), "float32"),                 # row_acc
+                    T.decl_buffer((acc_chunks * lanes,), "float32"),  # row_acc
                     T.decl_buffer((1,), "float32"))                 # row_total
             for r in range(rows):
                 for d in T.vectorized(D):
