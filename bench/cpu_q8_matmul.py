@@ -24,7 +24,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 import tvm  # noqa: E402
 from tvm.target import codegen  # noqa: E402
@@ -37,12 +36,11 @@ SHAPES = {"qkv": (480, 384), "o": (384, 288), "gate_up": (2048, 384), "down": (3
           "head": (4096, 384)}
 
 
-def kernel_of(rev: str) -> types.ModuleType:
-    """q8_matmul.py as `rev` wrote it, imported from a file (TVMScript reads its source)."""
-    path = "trimode/compiler/kernels/q8_matmul.py"
+def kernel_of(rev: str, path: str = "trimode/compiler/kernels/q8_matmul.py") -> types.ModuleType:
+    """A kernel module as `rev` wrote it, imported from a file (TVMScript reads its source)."""
     source = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True,
                             cwd=ROOT, check=True).stdout
-    file = Path(tempfile.mkdtemp()) / f"q8_matmul_{rev}.py"
+    file = Path(tempfile.mkdtemp()) / f"{Path(path).stem}_{rev}.py"
     file.write_text(source)
     spec = importlib.util.spec_from_file_location(file.stem, file)
     module = importlib.util.module_from_spec(spec)
@@ -85,6 +83,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--baseline", metavar="REV", help="a git revision's kernel to time beside this tree's")
     args = ap.parse_args()
+    os.environ.setdefault("TVM_NUM_THREADS", "1")  # before the first kernel starts the pool
     sources = [("this", q8_matmul)] + ([("baseline", kernel_of(args.baseline))] if args.baseline else [])
     print(f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, fastest of {args.repeat}; us")
     head = "| matmul | n x k | m |" + "".join(f" {name} |" for name, _ in sources)

@@ -1,0 +1,84 @@
+"""The CPU attention kernel alone (compiler/kernels/attention.py), built for this processor,
+timed at a model's heads over cache fills and block lengths; beside it, with --baseline REV,
+the kernel as that revision wrote it, in the same process, for side by side ratios.
+
+    python bench/cpu_attention.py [--heads 32/8/128] [--fills 512,2048,8192] [--rows 1,4,16]
+        [--layers 2] [--baseline REV]
+
+Each figure is the fastest of --repeat calls of one layer's attention (causal: a decode or a
+verify; --bidirectional: a draft), on every core unless TVM_NUM_THREADS says otherwise (the
+kernel's split over heads and positions is part of what it costs). Each result is checked
+against float64 first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import tvm  # noqa: E402
+from cpu_q8_matmul import fastest_call_us, kernel_of  # noqa: E402
+from test_attention_cuda import attention_reference  # noqa: E402
+from tvm.target import codegen  # noqa: E402
+
+from trimode.compiler.kernels import attention  # noqa: E402
+
+
+def fastest_us(module, heads: tuple[int, int, int], layers: int, fill: int, t: int, causal: bool,
+               repeat: int) -> float:
+    n_heads, n_kv_heads, d = heads
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    func = module.attention_cpu(layers, n_heads, n_kv_heads, d, causal)
+    fn = tvm.compile(func.with_attr("global_symbol", "attn"), target=target)["attn"]
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((t, n_heads, d)).astype(np.float32)
+    kv = rng.standard_normal((layers, 2, n_kv_heads, fill + t, d)).astype(np.float32)
+    k_new, v_new = (rng.standard_normal((t, n_kv_heads, d)).astype(np.float32) for _ in "kv")
+    layer, pos = layers - 1, tvm.runtime.tensor(np.array([fill], np.int32))
+    out = tvm.runtime.tensor(np.zeros((t, n_heads, d), np.float32))
+    args = [tvm.runtime.tensor(q), tvm.runtime.tensor(kv), layer, pos, tvm.runtime.tensor(k_new),
+            tvm.runtime.tensor(v_new), out]
+    fn(*args)
+    want = attention_reference(q.astype(np.float64), kv.astype(np.float64), layer, fill,
+                               k_new.astype(np.float64), v_new.astype(np.float64), causal)
+    assert np.abs(out.numpy() - want).max() <= 1e-4, "wrong result"
+    return fastest_call_us(fn, args, repeat)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--heads", default="32/8/128", help="query heads / kv heads / head size")
+    ap.add_argument("--fills", default="512,2048,8192")
+    ap.add_argument("--rows", default="1,4,16", help="block lengths (T) to time")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--bidirectional", action="store_true")
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--baseline", metavar="REV", help="a git revision's kernel to time beside this tree's")
+    args = ap.parse_args()
+    heads = tuple(int(h) for h in args.heads.split("/"))
+    sources = [("this", attention)]
+    if args.baseline:
+        sources.append(("baseline", kernel_of(args.baseline, "trimode/compiler/kernels/attention.py")))
+    threads = os.environ.get("TVM_NUM_THREADS", f"all ({os.cpu_count()})")
+    print(f"heads {args.heads}, {'bidirectional' if args.bidirectional else 'causal'}, "
+          f"threads {threads}, fastest of {args.repeat}; us")
+    head = "| fill | T |" + "".join(f" {name} |" for name, _ in sources)
+    print(head + (" baseline / this |" if args.baseline else ""))
+    print("|---" * (head.count("|") - 1 + bool(args.baseline)) + "|")
+    for fill in (int(f) for f in args.fills.split(",")):
+        for t in (int(r) for r in args.rows.split(",")):
+            times = [fastest_us(module, heads, args.layers, fill, t, not args.bidirectional, args.repeat)
+                     for _, module in sources]
+            line = f"| {fill} | {t} |" + "".join(f" {x:.1f} |" for x in times)
+            print(line + (f" {times[1] / times[0]:.2f} |" if args.baseline else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()
