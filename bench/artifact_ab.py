@@ -4,23 +4,23 @@
         [--block 4] [--prefill 128] [--fill 64] [--target llvm]
 
 Each round times every entry (decode, verify T, draft T, prefill T) of A, then of B, as the
-median of `calls` calls from a cache holding `fill` tokens; the table gives the median over
-rounds and B / A. Alternating in short rounds is what keeps a shared, noisy machine's drift
-out of the ratio (a `trimode bench` per artifact, minutes apart, moved 1.3x on its own here).
-Both engines load the same weights (A's and B's manifests say how they are laid out).
+median of `calls` calls (runtime.bench.median_seconds, after its warm-up calls) from a cache
+holding `fill` tokens; the table gives the median over rounds and B / A. Alternating in
+short rounds is what keeps a shared, noisy machine's drift out of the ratio (a `trimode bench`
+per artifact, minutes apart, moved 1.3x on its own here). Both engines load the same
+weights (A's and B's manifests say how they are laid out).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trimode.model.gguf_file import load_model  # noqa: E402
-from trimode.runtime.bench import fill_cache  # noqa: E402
+from trimode.runtime.bench import fill_cache, median_seconds  # noqa: E402
 from trimode.runtime.engine import Engine  # noqa: E402
 
 
@@ -39,15 +39,6 @@ def entries(fwd, args, tokens):
             f"draft T={args.block}": at_fill(lambda: fwd.bidirectional(block)),
             f"prefill T={args.prefill}": lambda: (fwd.truncate(0),
                                                   fwd.causal(tokens[:args.prefill], last_only=True))}
-
-
-def median_ms(call, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -75,8 +66,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for side, (_, calls) in sides.items():
             for entry, call in calls.items():
-                call()  # warm
-                times[side, entry].append(median_ms(call, args.calls))
+                times[side, entry].append(1e3 * median_seconds(call, args.calls))
     print(f"A = {args.a}\nB = {args.b}\n{args.rounds} rounds x {args.calls} calls, fill {args.fill}")
     print(f"{'entry':<16}{'A ms':>9}{'B ms':>9}{'B / A':>8}   B / A per round (min-max)")
     for entry in sides["A"][1]:

@@ -157,7 +157,7 @@ def copy_bandwidth(target: str) -> tuple[float | None, str]:
 
 
 def _copy_seconds(dst, src, copy: Callable) -> float:
-    return _median_seconds(lambda: copy(dst, src), COPY_REPEATS)
+    return median_seconds(lambda: copy(dst, src), COPY_REPEATS)
 
 
 def _nvidia_smi(query: str) -> str | None:
@@ -200,7 +200,7 @@ class MemoryWatch:
 
 # --- timing --------------------------------------------------------------------------------
 
-def _median_seconds(fn: Callable[[], object], repeat: int, warmup: int = WARMUP_CALLS) -> float:
+def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = WARMUP_CALLS) -> float:
     """Median wall time of fn; every fn here ends synchronised with the device (it downloads
     argmax/prob or syncs), so wall time is the step."""
     for _ in range(warmup):
@@ -246,7 +246,7 @@ def time_entries(fwd, plan: BenchPlan, ids: _Tokens) -> list[dict]:
         def step():
             fwd.truncate(fill)
             entry(ids(n))
-        return _median_seconds(step, plan.repeat)
+        return median_seconds(step, plan.repeat)
 
     for fill in plan.fills:
         for entry, name, fn, n in (("decode", "decode", fwd.causal, 1),
@@ -297,7 +297,7 @@ def time_spec_cycle(fwd, plan: BenchPlan, ids: _Tokens, mask_id: int, shift: boo
     def cycle():
         fwd.truncate(fill)
         spec_cycle(fwd, sampler, history, plan.block - 1, mask_id, shift)
-    return _median_seconds(cycle, plan.repeat)
+    return median_seconds(cycle, plan.repeat)
 
 
 def time_decode_enqueue(fwd, repeat: int) -> dict:
@@ -378,7 +378,7 @@ def _torch_rows(torch, model, plan: BenchPlan, device: str) -> list[dict]:
     with torch.inference_mode():
         def timed(fill: int, n: int, causal: bool = True, last_only: bool = False) -> float:
             tokens = torch.tensor(ids(n), device=device)
-            return _median_seconds(
+            return median_seconds(
                 lambda: model.forward(tokens, fill, causal, last_only).argmax(-1).cpu(), plan.repeat)
 
         for fill in plan.fills:  # the cache's content does not change the time, only its length
