@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from trimode.compiler.kernels import q8_matmul_cuda as q8
+from trimode.model.reference import swiglu_of_pairs
 
 if shutil.which("g++") is None:
     pytest.skip("g++ is not installed", allow_module_level=True)
@@ -33,12 +34,6 @@ def _problem(rng, n, k, m):
     return x, q, scale, x.astype(np.float64) @ w.T
 
 
-def _gated(ref):
-    """silu(gate) * up of a matmul whose weight rows alternate gate, up."""
-    gate, up = ref[:, 0::2], ref[:, 1::2]
-    return gate / (1 + np.exp(-gate)) * up
-
-
 def _check(y, ref):
     assert not np.isnan(y).any(), f"{np.isnan(y).sum()} outputs never written"
     err = np.linalg.norm(y.astype(np.float64) - ref) / np.linalg.norm(ref)
@@ -48,7 +43,7 @@ def _check(y, ref):
 def _run_rows_kernel(name, source, grid, threads, n, k, m, order=ORDERS[0], launches=1, seed=0,
                      gated=False):
     x, q, scale, ref = _problem(np.random.default_rng(seed), n, k, m)
-    ref = _gated(ref) if gated else ref
+    ref = swiglu_of_pairs(ref) if gated else ref
     y = np.full(ref.shape, np.nan, np.float16)
     reverse, greedy, early = order
     EmulatedFunction(source, name, ROWS_PARAMS)(grid, (threads,), x, q, scale, y, m, reverse=reverse,
@@ -79,7 +74,7 @@ def test_gated_gemv_writes_silu_gate_times_up(n, k, m, rows_per_warp, k_warps):
     y = np.full((m, n // 2), np.nan, np.float16)
     EmulatedFunction(source, name, GEMV_PARAMS)((-(-n // rows_per_warp),), (32 * k_warps,), x, q, scale, y,
                                                 written_before=X_AND_Y)
-    _check(y, _gated(ref))
+    _check(y, swiglu_of_pairs(ref))
 
 
 def test_a_gated_gemv_needs_row_pairs():
@@ -138,7 +133,7 @@ def test_prefill_gemm_matches_float64(n, k, m, gated, plan, order):
 def _run_gemm(n, k, m, gated, plan, order=ORDERS[0], edit=None):
     name = "gemm"
     x, q, scale, ref = _problem(np.random.default_rng(0), n, k, m)
-    ref = _gated(ref) if gated else ref
+    ref = swiglu_of_pairs(ref) if gated else ref
     y = np.full(ref.shape, np.nan, np.float16)
     smem = np.zeros(plan.shared_bytes(), np.uint8)  # the emulator's guard bytes catch an overrun
     reverse, greedy, early = order

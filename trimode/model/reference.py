@@ -20,6 +20,16 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def swiglu_of_pairs(y: np.ndarray) -> np.ndarray:
+    """silu(gate) * up of a gated matmul's output [T, 2F] whose columns alternate gate, up (the
+    compiled gate_up's layout, whose kernels end with this)."""
+    return silu(y[:, 0::2]) * y[:, 1::2]
+
+
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate-half (NEOX) pairing i <-> i + d/2. x [T, heads, d]; cos/sin [T, d/2]."""
     half = x.shape[-1] // 2
@@ -109,7 +119,7 @@ class ReferenceModel:
             x = x + attn.reshape(t_new, cfg.q_dim) @ layer["wo"].T
             h = rmsnorm(x, layer["ffn_norm"], cfg.rms_eps)
             gate = h @ layer["w_gate"].T
-            x = x + (gate / (1 + np.exp(-gate)) * (h @ layer["w_up"].T)) @ layer["w_down"].T
+            x = x + (silu(gate) * (h @ layer["w_up"].T)) @ layer["w_down"].T
         logits = rmsnorm(x, self.output_norm, cfg.rms_eps) @ self.output.T
         return logits, new_k, new_v
 
