@@ -74,20 +74,17 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
     ppt = packs_per_task(full, rows)
     out_n, half = (n // 2, F // 2) if gated else (n, F)
 
+    def lanes(width):  # a full pack's outputs are stored as vectors, a partial one's one by one
+        return T.vectorized if width == F else T.serial
+
     @T.macro
     def store(y, acc, first, count, pack, width):
         for r in T.unroll(count):
-            if gated and width == F:
-                for j in T.vectorized(half):
+            if gated:
+                for j in lanes(width)(width // 2):
                     y[first + r, pack * half + j] = silu_times(acc[r, 2 * j], acc[r, 2 * j + 1])
-            elif gated:
-                for j in range(width // 2):
-                    y[first + r, pack * half + j] = silu_times(acc[r, 2 * j], acc[r, 2 * j + 1])
-            elif width == F:
-                for f in T.vectorized(F):
-                    y[first + r, pack * F + f] = acc[r, f]
             else:
-                for f in range(width):
+                for f in lanes(width)(width):
                     y[first + r, pack * F + f] = acc[r, f]
 
     @T.macro
