@@ -2,7 +2,7 @@
 timed at the default model's shapes and a few row counts; beside it, with --baseline REV, the
 kernel as that revision wrote it (git show), in the same process, for side by side ratios.
 
-    TVM_NUM_THREADS=1 python bench/cpu_q8_matmul.py [--rows 1,4,16,128] [--baseline REV]
+    TVM_NUM_THREADS=1 python bench/cpu_q8_matmul.py [--rows 1,4,16,128] [--baseline REV] [--geometry 3b]
 
 Each figure is the fastest of --repeat calls (on a shared machine the minimum is what the
 kernel costs; medians carry the neighbours' load). One thread by default is the kernel's own
@@ -29,11 +29,21 @@ import tvm  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
 from trimode.compiler.kernels import q8_matmul  # noqa: E402
+from trimode.model.config import GEOMETRIES  # noqa: E402
 from trimode.model.weights import Q8Matrix, packed  # noqa: E402
 
 # (features, inputs) of the default model's matmuls (hidden 384, FFN 1024, vocab 4096)
 SHAPES = {"qkv": (480, 384), "o": (384, 288), "gate_up": (2048, 384), "down": (384, 1024),
           "head": (4096, 384)}
+
+
+def shapes_of(geometry: str) -> dict[str, tuple[int, int]]:
+    """A named geometry's layer matmuls (its head, vocab x hidden, is left out: the float64
+    check of it alone would take gigabytes)."""
+    c = GEOMETRIES[geometry]
+    attn = c.n_heads * c.head_dim
+    return {"qkv": (attn + 2 * c.n_kv_heads * c.head_dim, c.hidden), "o": (c.hidden, attn),
+            "gate_up": (2 * c.ffn, c.hidden), "down": (c.hidden, c.ffn)}
 
 
 def kernel_of(rev: str, path: str = "trimode/compiler/kernels/q8_matmul.py") -> types.ModuleType:
@@ -82,7 +92,9 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16,128", help="row counts (m) to time")
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--baseline", metavar="REV", help="a git revision's kernel to time beside this tree's")
+    ap.add_argument("--geometry", choices=sorted(GEOMETRIES), help="that geometry's matmuls instead of the default model's")
     args = ap.parse_args()
+    shapes = shapes_of(args.geometry) if args.geometry else SHAPES
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # before the first kernel starts the pool
     sources = [("this", q8_matmul)] + ([("baseline", kernel_of(args.baseline))] if args.baseline else [])
     print(f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, fastest of {args.repeat}; us")
@@ -90,7 +102,7 @@ def main() -> None:
     print(head + (" baseline / this |" if args.baseline else ""))
     print("|---" * (head.count("|") - 1 + bool(args.baseline)) + "|")
     for m in (int(r) for r in args.rows.split(",")):
-        for name, (n, k) in SHAPES.items():
+        for name, (n, k) in shapes.items():
             times = [fastest_us(module, n, k, m, args.repeat) for _, module in sources]
             line = f"| {name} | {n} x {k} | {m} |" + "".join(f" {t:.1f} |" for t in times)
             print(line + (f" {times[1] / times[0]:.2f} |" if args.baseline else ""), flush=True)
