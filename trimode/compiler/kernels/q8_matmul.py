@@ -55,15 +55,15 @@ def packs_per_task(packs: int, rows: str) -> int:
 
 
 def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc":
-    """fp32 activations, any m, weights packed (packed_shape). Decode ("one") sums each
-    32-value block before scaling it once; blocks and prefills ("block", "many") scale each
-    converted weight vector by its block's scales and multiply it into a tile of ROW_TILE
-    rows (the rows past the last full tile as one smaller tile: a verify of 3 rows is one
-    pass over the weights, not three; a last single row in the decode form). Each parallel
-    task runs packs_per_task() packs through every row tile; the features of a last, partial
-    pack (n not a multiple of 16) run after them, storing only the real ones. `rows` also
-    sets how much work the parallel threshold expects. gated: y [m, n / 2] = silu(gate) * up
-    of features 2j, 2j + 1 (a pair never straddles two packs)."""
+    """fp32 activations, any m, weights packed (packed_shape). Each converted weight vector is
+    multiplied into a tile of rows (1 for decode, "one"; ROW_TILE for blocks and prefills),
+    each 32-value block summed apart and its sums scaled once (scaling every converted vector
+    instead cost 1.1-1.2x more at 4-128 rows, BENCHMARKS.md). The rows past the last full tile
+    run as one smaller tile: a verify of 3 rows is one pass over the weights, not three. Each
+    parallel task runs packs_per_task() packs through every row tile; the features of a last,
+    partial pack (n not a multiple of 16) run after them, storing only the real ones. `rows`
+    also sets how much work the parallel threshold expects. gated: y [m, n / 2] = silu(gate)
+    * up of features 2j, 2j + 1 (a pair never straddles two packs)."""
     assert k % Q8_BLOCK == 0 and not (gated and n % 2)
     packs, _, _ = packed_shape(n, k)
     full, n_blocks = n // F, k // Q8_BLOCK
@@ -88,72 +88,45 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
                     y[first + r, pack * F + f] = acc[r, f]
 
     @T.macro
-    def row_tile(x, q, scale, y, pack, first, count, width, acc, sc, w):
+    def row_tile(x, q, scale, y, pack, first, count, width, acc, blk, w):
         for r in T.unroll(count):
             for f in T.vectorized(F):
                 acc[r, f] = T.float32(0)
         for b in range(n_blocks):
-            for f in T.vectorized(F):
-                sc[f] = T.Cast("float32", scale[pack, b, f])
+            for r in T.unroll(count):
+                for f in T.vectorized(F):
+                    blk[r, f] = T.float32(0)
             for c in range(Q8_BLOCK):
                 for f in T.vectorized(F):
-                    w[f] = T.Cast("float32", q[pack, b * Q8_BLOCK + c, f]) * sc[f]
+                    w[f] = T.Cast("float32", q[pack, b * Q8_BLOCK + c, f])
                 for r in T.unroll(count):
                     for f in T.vectorized(F):
-                        acc[r, f] = acc[r, f] + x[first + r, b * Q8_BLOCK + c] * w[f]
+                        blk[r, f] = blk[r, f] + x[first + r, b * Q8_BLOCK + c] * w[f]
+            for r in T.unroll(count):
+                for f in T.vectorized(F):
+                    acc[r, f] = acc[r, f] + blk[r, f] * T.Cast("float32", scale[pack, b, f])
         store(y, acc, first, count, pack, width)
 
     @T.macro
-    def decode_row(x, q, scale, y, row, pack, width, acc, blk):
-        for f in T.vectorized(F):
-            acc[0, f] = T.float32(0)
-        for b in range(n_blocks):
-            for f in T.vectorized(F):
-                blk[f] = T.float32(0)
-            for c in range(Q8_BLOCK):
-                for f in T.vectorized(F):
-                    blk[f] = blk[f] + x[row, b * Q8_BLOCK + c] * T.Cast("float32", q[pack, b * Q8_BLOCK + c, f])
-            for f in T.vectorized(F):
-                acc[0, f] = acc[0, f] + blk[f] * T.Cast("float32", scale[pack, b, f])
-        store(y, acc, row, 1, pack, width)
-
-    @T.macro
-    def remainder(x, q, scale, y, m, first_pack, n_packs, width, count, acc, sc, w):
+    def remainder(x, q, scale, y, m, first_pack, n_packs, width, count, acc, blk, w):
         if count < rt:
             if m % rt == count:
                 for p in range(n_packs):
-                    if count == 1:  # one row: prescaling every vector would cost more than it saves
-                        decode_row(x, q, scale, y, m - 1, first_pack + p, width, acc, sc)
-                    else:
-                        row_tile(x, q, scale, y, first_pack + p, m - count, count, width, acc, sc, w)
+                    row_tile(x, q, scale, y, first_pack + p, m - count, count, width, acc, blk, w)
 
     @T.macro
     def packs_times_rows(x, q, scale, y, m, first_pack, n_packs, width):
         acc = T.decl_buffer((rt, F), "float32")
-        sc = T.decl_buffer((F,), "float32")
+        blk = T.decl_buffer((rt, F), "float32")
         w = T.decl_buffer((F,), "float32")
         for ro in range(m // rt):
             for p in range(n_packs):
-                row_tile(x, q, scale, y, first_pack + p, ro * rt, rt, width, acc, sc, w)
-        remainder(x, q, scale, y, m, first_pack, n_packs, width, 1, acc, sc, w)
-        remainder(x, q, scale, y, m, first_pack, n_packs, width, 2, acc, sc, w)
-        remainder(x, q, scale, y, m, first_pack, n_packs, width, 3, acc, sc, w)
-        remainder(x, q, scale, y, m, first_pack, n_packs, width, 4, acc, sc, w)
-        remainder(x, q, scale, y, m, first_pack, n_packs, width, 5, acc, sc, w)
-
-    @T.macro
-    def decode_rows(x, q, scale, y, m, pack, width):
-        acc = T.decl_buffer((1, F), "float32")
-        blk = T.decl_buffer((F,), "float32")
-        for r in range(m):
-            decode_row(x, q, scale, y, r, pack, width, acc, blk)
-
-    @T.macro
-    def packs_times_all_rows(x, q, scale, y, m, first_pack, n_packs, width):
-        if rt == 1:
-            decode_rows(x, q, scale, y, m, first_pack, width)
-        else:
-            packs_times_rows(x, q, scale, y, m, first_pack, n_packs, width)
+                row_tile(x, q, scale, y, first_pack + p, ro * rt, rt, width, acc, blk, w)
+        remainder(x, q, scale, y, m, first_pack, n_packs, width, 1, acc, blk, w)
+        remainder(x, q, scale, y, m, first_pack, n_packs, width, 2, acc, blk, w)
+        remainder(x, q, scale, y, m, first_pack, n_packs, width, 3, acc, blk, w)
+        remainder(x, q, scale, y, m, first_pack, n_packs, width, 4, acc, blk, w)
+        remainder(x, q, scale, y, m, first_pack, n_packs, width, 5, acc, blk, w)
 
     @T.prim_func(private=True)
     def q8_matmul(var_x: T.handle, q: T.Buffer((packs, k, F), "int8"),
@@ -163,8 +136,8 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
         x = T.match_buffer(var_x, (m, k), "float32")
         y = T.match_buffer(var_y, (m, out_n), "float32")
         for task in tasks_loop(full // ppt):
-            packs_times_all_rows(x, q, scale, y, m, task * ppt, ppt, F)
+            packs_times_rows(x, q, scale, y, m, task * ppt, ppt, F)
         if packs > full:
-            packs_times_all_rows(x, q, scale, y, m, full, 1, n % F)
+            packs_times_rows(x, q, scale, y, m, full, 1, n % F)
 
     return q8_matmul
