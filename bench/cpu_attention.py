@@ -13,6 +13,7 @@ against float64 first.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -35,12 +36,15 @@ def fastest_us(module, heads: tuple[int, int, int], layers: int, fill: int, t: i
                repeat: int) -> float:
     n_heads, n_kv_heads, d = heads
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
-    func = module.attention_cpu(layers, n_heads, n_kv_heads, d, causal)
+    # a kernel of the fp16 cache takes its dtype (a baseline may predate it: fp32 then)
+    kv_dtype = "float16" if "kv_dtype" in inspect.signature(module.attention_cpu).parameters else "float32"
+    func = module.attention_cpu(layers, n_heads, n_kv_heads, d, causal,
+                                *([kv_dtype] if kv_dtype == "float16" else []))
     fn = tvm.compile(func.with_attr("global_symbol", "attn"), target=target)["attn"]
     rng = np.random.default_rng(0)
     q = rng.standard_normal((t, n_heads, d)).astype(np.float32)
-    kv = rng.standard_normal((layers, 2, n_kv_heads, fill + t, d)).astype(np.float32)
-    k_new, v_new = (rng.standard_normal((t, n_kv_heads, d)).astype(np.float32) for _ in "kv")
+    kv = rng.standard_normal((layers, 2, n_kv_heads, fill + t, d)).astype(kv_dtype)
+    k_new, v_new = (rng.standard_normal((t, n_kv_heads, d)).astype(kv_dtype) for _ in "kv")
     layer, pos = layers - 1, tvm.runtime.tensor(np.array([fill], np.int32))
     out = tvm.runtime.tensor(np.zeros((t, n_heads, d), np.float32))
     args = [tvm.runtime.tensor(q), tvm.runtime.tensor(kv), layer, pos, tvm.runtime.tensor(k_new),

@@ -1,7 +1,7 @@
 """The CPU attention kernel alone, built for llvm, against float64 numpy: causal and
 bidirectional, cache fills that end inside and on key tiles, block lengths across query
 tiles (the last one partial), grouped and ungrouped heads, a head size the vector lanes do
-not divide; the cache and the block's K/V are only read."""
+not divide; the cache and the block's K/V (fp16, as the engine keeps them) are only read."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,7 +22,8 @@ def built():
     def build(n_heads, n_kv_heads, d, causal):
         key = n_heads, n_kv_heads, d, causal
         if key not in cache:
-            func = attention_cpu(LAYERS, n_heads, n_kv_heads, d, causal).with_attr("global_symbol", "attn")
+            func = attention_cpu(LAYERS, n_heads, n_kv_heads, d, causal, "float16")
+            func = func.with_attr("global_symbol", "attn")
             cache[key] = tvm.compile(func, target="llvm")["attn"]
         return cache[key]
 
@@ -37,9 +38,9 @@ def built():
 def test_attention_equals_float64(built, causal, n_heads, n_kv_heads, d, t, pos):
     rng = np.random.default_rng(t * 1000 + pos)
     q = rng.standard_normal((t, n_heads, d)).astype(np.float32)
-    kv = rng.standard_normal((LAYERS, 2, n_kv_heads, CTX, d)).astype(np.float32)
-    k_new = rng.standard_normal((t, n_kv_heads, d)).astype(np.float32)
-    v_new = rng.standard_normal((t, n_kv_heads, d)).astype(np.float32)
+    kv = rng.standard_normal((LAYERS, 2, n_kv_heads, CTX, d)).astype(np.float16)
+    k_new = rng.standard_normal((t, n_kv_heads, d)).astype(np.float16)
+    v_new = rng.standard_normal((t, n_kv_heads, d)).astype(np.float16)
     args = [tvm.runtime.tensor(a) for a in (q, kv)]
     extra = [tvm.runtime.tensor(a) for a in (k_new, v_new)]
     out = tvm.runtime.tensor(np.full((t, n_heads, d), np.nan, np.float32))

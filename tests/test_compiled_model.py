@@ -118,7 +118,9 @@ def test_logprobs_of_prompt_and_reply_equal_the_reference(setup):
     logits = ReferenceForward(ref_model, CTX).causal(tokens[:-1]).logits().astype(np.float64)
     want = logits - logits.max(1, keepdims=True)
     want -= np.log(np.exp(want).sum(1, keepdims=True))
-    bound = 1e-4  # float32 on the CPU: ~5e-6 here (TOL's logit bound would allow ~0.04)
+    # float32 on the CPU: ~5e-6 where K/V round to the same fp16 as in float64, up to ~4e-4
+    # where one rounds to the other neighbour (TOL's logit bound would allow ~0.04)
+    bound = 1e-3
     got = np.array([s.logprob for s in scored])
     assert np.abs(got - want[np.arange(len(scored)), tokens[1:]]).max() < bound
     for s, row in zip(scored, want):

@@ -128,14 +128,17 @@ def test_logprobs_equal_the_float64_reference(tiny_gguf, tiny_model, tokenizer, 
     logits = fwd.causal(PROMPT + out["tokens"]).logits().astype(np.float64)[len(PROMPT) - 1:]
     want = logits - logits.max(1, keepdims=True)
     want -= np.log(np.exp(want).sum(1, keepdims=True))
+    # float32 against float64, but a K/V value float32 rounds to the other fp16 neighbour from
+    # float64's moves a logprob by up to a few 1e-4 (test_compiled_model's logprobs test)
+    bound = 1e-3
     for row, s in zip(want, scored):
         assert s["token"] == tokenizer.token_text(s["id"])
-        assert s["logprob"] == pytest.approx(row[s["id"]], abs=1e-4)
+        assert s["logprob"] == pytest.approx(row[s["id"]], abs=bound)
         # the reference's top four, except where the compiled model's rounding swaps a near tie
         best = np.argsort(-row)[:4]
         got = [t["id"] for t in s["top"]]
-        assert got == best.tolist() or np.allclose(row[got], row[best], atol=1e-4)
-        np.testing.assert_allclose([t["logprob"] for t in s["top"]], row[best], atol=1e-4)
+        assert got == best.tolist() or np.allclose(row[got], row[best], atol=bound)
+        np.testing.assert_allclose([t["logprob"] for t in s["top"]], row[best], atol=bound)
 
 
 def greedy_text_reference(tiny_model, tokenizer, request):

@@ -19,7 +19,8 @@ TINY = GEOMETRIES["tiny"]
 
 @pytest.fixture(scope="module")
 def reference(tiny_model) -> ReferenceModel:
-    return ReferenceModel(tiny_model.config, tiny_model.weights)
+    # the model's math against independent derivations: without the cache's fp16 rounding
+    return ReferenceModel(tiny_model.config, tiny_model.weights, kv_dtype=np.float64)
 
 
 def tokens(n: int, seed: int = 0) -> list[int]:
@@ -122,7 +123,7 @@ def test_grouped_heads_match_naive_loop():
     weights = random_weights(cfg, seed=11, quantized=False)
     toks = tokens(24, seed=12)
     expected = naive_logits(cfg, weights, toks, lambda t, s: s <= t)
-    _, (logits,) = run(ReferenceModel(cfg, weights), ("causal", toks))
+    _, (logits,) = run(ReferenceModel(cfg, weights, kv_dtype=np.float64), ("causal", toks))
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -176,7 +177,8 @@ def test_bidirectional_differs_from_causal_except_the_last_row_of_one_layer(tiny
     row differs: its keys come from rows that saw the future."""
     a, block = tokens(10, seed=5), tokens(8, seed=6)
     weights = tiny_model.weights
-    one_layer = ReferenceModel(TINY.replace(n_layers=1), dataclasses.replace(weights, layers=weights.layers[:1]))
+    one_layer = ReferenceModel(TINY.replace(n_layers=1), dataclasses.replace(weights, layers=weights.layers[:1]),
+                               kv_dtype=np.float64)
     for model, last_row_equal in ((one_layer, True), (reference, False)):
         fwd, (_, bidi) = run(model, ("causal", a), ("bidirectional", block))
         assert fwd.length == len(a)  # the bidirectional pass left the cache alone
@@ -206,3 +208,17 @@ def test_context_full_and_bad_truncate(reference):
     with pytest.raises(ValueError):
         fwd.truncate(7)
     assert fwd.length == 6
+
+
+def test_kv_kept_at_the_cache_precision(tiny_model, reference):
+    """By default K and V are rounded to fp16 as they are made (the engine's cache precision,
+    every target): what the cache keeps is fp16-exact, and the logits move by that rounding
+    only (small, not zero)."""
+    toks = tokens(40, seed=7)
+    rounded = ReferenceModel(tiny_model.config, tiny_model.weights)
+    fwd, (logits,) = run(rounded, ("causal", toks))
+    for kept in fwd._k + fwd._v:
+        np.testing.assert_array_equal(kept.astype(np.float16).astype(np.float64), kept)
+    _, (exact,) = run(reference, ("causal", toks))
+    err = np.abs(logits - exact).max() / np.abs(exact).max()
+    assert 0 < err < 1e-2

@@ -99,7 +99,8 @@ def test_rope_kernels_as_built_for_the_gpu(append):
     buffers = {"qkv": qkv, "cos": cos, "sin": sin, "qscale": q_scale, "pos": np.array([pos], np.int32),
                "kv": kv.copy(), "q": np.full((t, hq, d), np.nan, np.float16),
                "k": np.full((t, hkv, d), np.nan, np.float16), "v": np.full((t, hkv, d), np.nan, np.float16)}
-    func = rope.rope_split_append(LAYERS, hq, hkv, d, "float16") if append else rope.rope_split(hq, hkv, d, "float16")
+    func = (rope.rope_split_append(LAYERS, hq, hkv, d, "float16", "float16") if append
+            else rope.rope_split(hq, hkv, d, "float16", "float16"))
     run_primfunc(scheduled(func), buffers, {"t": t, "ctx": CTX, "layer": LAYER})
 
     rows = slice(pos, pos + t)

@@ -60,6 +60,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
             "target": target_name,
             "target_spec": target,
             "dtype": kernels.dtype,
+            "kv_dtype": kernels.kv_dtype,
             "layout": layout_key(cfg, quantized),
             "config": cfg.geometry_key(),
             "entries": list(model.entry_specs()),

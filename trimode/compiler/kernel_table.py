@@ -28,6 +28,13 @@ class Kernels:
         return "float32" if self.target_kind == "llvm" else "float16"
 
     @property
+    def kv_dtype(self) -> str:
+        # The K/V cache and the block's K/V, on every target, as llama.cpp keeps them by
+        # default: half the memory and half the bytes a long-context step reads (the CPU
+        # converts on load, F16C; it does no arithmetic in fp16).
+        return "float16"
+
+    @property
     def is_gpu(self) -> bool:
         return self.target_kind == "cuda"
 
@@ -67,18 +74,19 @@ class Kernels:
 
     def rope_split(self):
         c = self.cfg
-        return _cached(rope.rope_split, c.n_heads, c.n_kv_heads, c.head_dim, self.dtype)
+        return _cached(rope.rope_split, c.n_heads, c.n_kv_heads, c.head_dim, self.dtype,
+                       self.kv_dtype)
 
     def rope_split_append(self):
         c = self.cfg
         return _cached(rope.rope_split_append, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,
-                       self.dtype)
+                       self.dtype, self.kv_dtype)
 
     def attention(self, causal: bool, rows: str):
         c = self.cfg
         if not self.is_gpu:
             return _cached(attention.attention_cpu, c.n_layers, c.n_heads, c.n_kv_heads,
-                           c.head_dim, causal)
+                           c.head_dim, causal, self.kv_dtype)
         plan = self._attention_plan(rows)
         if cuda_attention_kernel(rows, c.head_dim) == "attention_mma":
             from trimode.compiler.kernels import attention_mma

@@ -130,8 +130,9 @@ class DecoderLayer(nn.Module):
         layer = tirx.IntImm("int64", self.index)
         x, h = self.attn_norm(x, delta)
         qkv = self.qkv(h, rows)                                      # [T, q_dim + 2 kv_dim]
-        head_shape = lambda heads: Tensor.placeholder([t, heads, cfg.head_dim], x.dtype)
-        qkv_heads = [head_shape(cfg.n_heads), head_shape(cfg.n_kv_heads), head_shape(cfg.n_kv_heads)]
+        head_shape = lambda heads, dtype=x.dtype: Tensor.placeholder([t, heads, cfg.head_dim], dtype)  # noqa: E731
+        qkv_heads = [head_shape(cfg.n_heads), head_shape(cfg.n_kv_heads, kernels.kv_dtype),
+                     head_shape(cfg.n_kv_heads, kernels.kv_dtype)]
         rope_args = [qkv, rope.cos, rope.sin, rope.q_scale, pos]
         if causal:  # only causal passes keep their K/V: the cache holds committed tokens only
             kv, q, k, v = op.tensor_ir_inplace_op(
@@ -212,7 +213,7 @@ class NLDModel(nn.Module):
         """The four entries' argument specs, from one helper (STYLE.md: no copies). Per-call
         inputs come first, the sequence's static tensors after them (ENTRY_INPUTS counts the
         former)."""
-        cfg, dtype = self.cfg, self.kernels.dtype
+        cfg = self.cfg
         half = cfg.head_dim // 2
 
         def entry(inputs: dict, tokens_len):
@@ -220,7 +221,7 @@ class NLDModel(nn.Module):
                 **inputs,
                 "tokens": spec.Tensor([tokens_len], "int32"),
                 "pos": spec.Tensor([1], "int32"),
-                "kv": spec.Tensor([cfg.n_layers, 2, cfg.n_kv_heads, "ctx", cfg.head_dim], dtype),
+                "kv": spec.Tensor([cfg.n_layers, 2, cfg.n_kv_heads, "ctx", cfg.head_dim], self.kernels.kv_dtype),
                 "cos": spec.Tensor(["ctx", half], "float32"),
                 "sin": spec.Tensor(["ctx", half], "float32"),
                 "q_scale": spec.Tensor(["ctx"], "float32"),

@@ -70,10 +70,15 @@ def chunk_masses(logits: np.ndarray, inv_temperature: float) -> tuple[np.ndarray
 
 
 class ReferenceModel:
-    """Float64 weights (dequantized once) and the forward pass over an explicit KV cache."""
+    """Float64 weights (dequantized once) and the forward pass over an explicit KV cache.
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights):
+    K and V are rounded to kv_dtype as they are made: the engine keeps them (the cache and a
+    block's own) in fp16 on every target, so that rounding is part of the model it computes;
+    kv_dtype=np.float64 is the model without it."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kv_dtype=np.float16):
         self.config = config
+        self.kv_dtype = kv_dtype
         self.embed = as_float(weights.embed)
         self.output_norm = np.asarray(weights.output_norm, np.float64)
         self.output = as_float(weights.output)
@@ -107,7 +112,8 @@ class ReferenceModel:
             k = (h @ layer["wk"].T).reshape(t_new, cfg.n_kv_heads, cfg.head_dim)
             v = (h @ layer["wv"].T).reshape(t_new, cfg.n_kv_heads, cfg.head_dim)
             q = rope(q, cos, sin) * q_scale
-            k = rope(k, cos, sin)
+            k = rope(k, cos, sin).astype(self.kv_dtype).astype(np.float64)
+            v = v.astype(self.kv_dtype).astype(np.float64)
             new_k.append(k)
             new_v.append(v)
             keys = np.concatenate([past_k, k])      # [S, kv_heads, d]

@@ -399,7 +399,8 @@ def run_bench(cfg: ModelConfig, plan: BenchPlan, target: str, load: Callable[[],
     memory = MemoryWatch(target)
     loaded = load()
     quantized = loaded.engine.quantized
-    act_bytes = 2 if loaded.engine.dtype == "float16" else 4
+    act_bytes = np.dtype(loaded.engine.dtype).itemsize
+    kv_bytes = np.dtype(loaded.engine.kv_dtype).itemsize
     ours = bench_engine(loaded, plan, memory)
     report = {"target": target, "device": device_name(target), "geometry": cfg.geometry_key(),
               "plan": asdict(plan), "copy_gb_per_s": bandwidth, "copy_measured_by": measured_by,
@@ -412,18 +413,18 @@ def run_bench(cfg: ModelConfig, plan: BenchPlan, target: str, load: Callable[[],
     weight_bytes = weight_bytes_per_step(cfg, quantized, act_bytes)
     if checkpoint is not None:
         partial = copy.deepcopy({**report, "torch": {"available": False, "why": "not run yet"}})
-        _add_derived(partial, cfg, weight_bytes, act_bytes)
+        _add_derived(partial, cfg, weight_bytes, kv_bytes)
         checkpoint(partial)
     try:
         report["torch"] = (bench_torch(cfg, plan, target) if with_torch
                            else {"available": False, "why": "not asked for"})
     except Exception as err:  # the baseline's failure (say, out of memory) is a finding too
         report["torch"] = {"available": False, "why": f"failed: {type(err).__name__}: {err}"}
-    _add_derived(report, cfg, weight_bytes, act_bytes)
+    _add_derived(report, cfg, weight_bytes, kv_bytes)
     return report
 
 
-def _add_derived(report: dict, cfg: ModelConfig, weight_bytes: float, act_bytes: int) -> None:
+def _add_derived(report: dict, cfg: ModelConfig, weight_bytes: float, kv_bytes: int) -> None:
     """Bytes, GB/s, % of roofline and ratios for each row; decode at the same fill is the
     unit for x_decode (prefill: the first fill's decode)."""
     rows, bandwidth = report["rows"], report["copy_gb_per_s"]
@@ -431,7 +432,7 @@ def _add_derived(report: dict, cfg: ModelConfig, weight_bytes: float, act_bytes:
     first_decode = decode_at[report["plan"]["fills"][0]]
     torch_at = {(r["entry"], r["fill"]): r["seconds"] for r in report["torch"].get("rows", [])}
     for r in rows:
-        r["bytes"] = weight_bytes + cfg.kv_bytes_per_token(act_bytes) * r["fill"]
+        r["bytes"] = weight_bytes + cfg.kv_bytes_per_token(kv_bytes) * r["fill"]
         r["gb_per_s"] = r["bytes"] / r["seconds"] / 1e9
         r["roofline_pct"] = 100 * r["gb_per_s"] / bandwidth if bandwidth else None
         r["x_decode"] = r["seconds"] / decode_at.get(r["fill"], first_decode)

@@ -198,6 +198,8 @@ class Engine:
         self.artifact = Path(artifact)
         self.manifest = json.loads((self.artifact / MANIFEST).read_text())
         self.dtype = self.manifest["dtype"]
+        # the cache's dtype (an artifact from before it was its own kept it in the activations')
+        self.kv_dtype = self.manifest.get("kv_dtype", self.dtype)
         started = time.time()
         self.library = self.device.load_library(self.artifact / "model.so")
         # Entries that replay CUDA graphs (the artifact's own list: eager builds have none).
@@ -270,7 +272,7 @@ class CompiledForward:
         self.engine, self.config, self.n_ctx = engine, cfg, n_ctx
         self.vm = dev.new_vm(engine.library)
         self.entries = {name: self.vm[name] for name in engine.manifest["entries"]}
-        self.kv = dev.empty([cfg.n_layers, 2, cfg.n_kv_heads, n_ctx, cfg.head_dim], engine.dtype)
+        self.kv = dev.empty([cfg.n_layers, 2, cfg.n_kv_heads, n_ctx, cfg.head_dim], engine.kv_dtype)
         cos, sin = cfg.rope_tables(n_ctx)
         self.rope = [dev.upload(cos.astype(np.float32)), dev.upload(sin.astype(np.float32)),
                      dev.upload(cfg.q_scale(np.arange(n_ctx)).astype(np.float32))]

@@ -39,7 +39,8 @@ def tree_sum(terms: list):
 
 
 def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                  causal: bool) -> "T.PrimFunc":
+                  causal: bool, kv_dtype: str) -> "T.PrimFunc":
+    """q, out fp32; the cache and the block's k, v in kv_dtype, converted as they are read."""
     L, HQ, HKV, D = T.int64(n_layers), T.int64(n_heads), T.int64(n_kv_heads), T.int64(head_dim)
     group = n_heads // n_kv_heads
     scale = 1.0 / math.sqrt(head_dim)
@@ -95,17 +96,25 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
         best[r] = rescale[0]
 
     @T.macro
-    def keys_in_tiles(keys, values, n_keys, rows, first_t, masked, qs, acc, best, total, tile):
-        # keys/values: [n, D] views, n_keys of them, each tile through every row of the task;
-        # masked: row r (position first_t + r // group) sees only keys up to its own.
+    def keys_in_tiles(keys, values, n_keys, rows, first_t, masked, qs, acc, best, total, tile,
+                      tile_kv):
+        # keys/values: [n, D] views (kv_dtype), n_keys of them; each tile is converted to fp32
+        # once (tile_kv) and run through every row of the task. masked: row r (position
+        # first_t + r // group) sees only keys up to its own.
+        tile_k, tile_v = tile_kv
         for jt in range((n_keys + KEY_TILE - 1) // KEY_TILE):
+            for j in range(T.min(n_keys - jt * KEY_TILE, KEY_TILE)):
+                for b in T.unroll(chunks):
+                    for c in T.vectorized(lanes):
+                        tile_k[j, b * lanes + c] = T.Cast("float32", keys[jt * KEY_TILE + j, b * lanes + c])
+                        tile_v[j, b * lanes + c] = T.Cast("float32", values[jt * KEY_TILE + j, b * lanes + c])
             for r in range(rows):
                 if masked:
                     size = T.min(first_t + r // group + 1 - jt * KEY_TILE, KEY_TILE)
                     if size > 0:
-                        key_tile(keys, values, jt * KEY_TILE, size, r, qs, acc, best, total, tile)
+                        key_tile(tile_k, tile_v, 0, size, r, qs, acc, best, total, tile)
                 else:
-                    key_tile(keys, values, jt * KEY_TILE, T.min(n_keys - jt * KEY_TILE, KEY_TILE),
+                    key_tile(tile_k, tile_v, 0, T.min(n_keys - jt * KEY_TILE, KEY_TILE),
                              r, qs, acc, best, total, tile)
 
     @T.prim_func(private=True)
@@ -115,9 +124,9 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
         T.func_attr({"tirx.noalias": True})
         t, ctx = T.int64(), T.int64()
         q = T.match_buffer(var_q, (t, HQ, D), "float32")
-        kv = T.match_buffer(var_kv, (L, T.int64(2), HKV, ctx, D), "float32")
-        k_new = T.match_buffer(var_k, (t, HKV, D), "float32")
-        v_new = T.match_buffer(var_v, (t, HKV, D), "float32")
+        kv = T.match_buffer(var_kv, (L, T.int64(2), HKV, ctx, D), kv_dtype)
+        k_new = T.match_buffer(var_k, (t, HKV, D), kv_dtype)
+        v_new = T.match_buffer(var_v, (t, HKV, D), kv_dtype)
         out = T.match_buffer(var_out, (t, HQ, D), "float32")
         t_tiles = (t + QUERY_TILE - 1) // QUERY_TILE
         for task in T.parallel(HKV * t_tiles):
@@ -126,13 +135,13 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
             # the task's row r: position first_t + r // group, query head g * group + r % group
             rows = T.min(t - first_t, QUERY_TILE) * group
             # This head's keys and values: the cache's [0, pos) and the block's own.
-            cache_k = T.decl_buffer((ctx, D), "float32", data=kv.data,
+            cache_k = T.decl_buffer((ctx, D), kv_dtype, data=kv.data,
                                     elem_offset=((layer * 2 + 0) * HKV + g) * ctx * D)
-            cache_v = T.decl_buffer((ctx, D), "float32", data=kv.data,
+            cache_v = T.decl_buffer((ctx, D), kv_dtype, data=kv.data,
                                     elem_offset=((layer * 2 + 1) * HKV + g) * ctx * D)
-            block_k = T.decl_buffer((t, D), "float32", data=k_new.data, elem_offset=g * D,
+            block_k = T.decl_buffer((t, D), kv_dtype, data=k_new.data, elem_offset=g * D,
                                     strides=(HKV * D, T.int64(1)))
-            block_v = T.decl_buffer((t, D), "float32", data=v_new.data, elem_offset=g * D,
+            block_v = T.decl_buffer((t, D), kv_dtype, data=v_new.data, elem_offset=g * D,
                                     strides=(HKV * D, T.int64(1)))
             qs = T.decl_buffer((max_rows, D), "float32")
             acc = T.decl_buffer((max_rows, D), "float32")
@@ -143,6 +152,7 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                     T.decl_buffer((1,), "float32"),                 # rescale
                     T.decl_buffer((acc_chunks * lanes,), "float32"),  # row_acc
                     T.decl_buffer((1,), "float32"))                 # row_total
+            tile_kv = (T.decl_buffer((KEY_TILE, D), "float32"), T.decl_buffer((KEY_TILE, D), "float32"))
             for r in range(rows):
                 for d in T.vectorized(D):
                     qs[r, d] = q[first_t + r // group, g * group + r % group, d] * T.float32(scale)
@@ -150,9 +160,9 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                 best[r] = T.float32(-3.0e38)
                 total[r] = T.float32(0)
             keys_in_tiles(cache_k, cache_v, T.Cast("int64", pos_buf[0]), rows, first_t, False,
-                          qs, acc, best, total, tile)
+                          qs, acc, best, total, tile, tile_kv)
             keys_in_tiles(block_k, block_v, T.min(first_t + QUERY_TILE, t) if causal else t, rows,
-                          first_t, causal, qs, acc, best, total, tile)
+                          first_t, causal, qs, acc, best, total, tile, tile_kv)
             for r in range(rows):
                 for d in T.vectorized(D):
                     out[first_t + r // group, g * group + r % group, d] = acc[r, d] / total[r]
