@@ -1,14 +1,20 @@
 """Two compiled artifacts of one model, timed side by side in one process, rounds alternating:
 
-    python bench/artifact_ab.py MODEL.gguf ARTIFACT_A ARTIFACT_B [--rounds 12] [--calls 50]
-        [--block 4] [--prefill 128] [--fill 64] [--target llvm]
+    python bench/artifact_ab.py MODEL ARTIFACT_A ARTIFACT_B [--rounds 12] [--calls 50]
+        [--block 4] [--prefill 128] [--fill 64] [--target llvm] [--random-fill]
+
+MODEL is a GGUF file or a geometry name (`3b`, `14b`: random Q8_0 weights, as `trimode bench
+--geometry`).
 
 Each round times every entry (decode, verify T, draft T, prefill T) of A, then of B, as the
 median of `calls` calls (runtime.bench.median_seconds, after its warm-up calls) from a cache
 holding `fill` tokens; the table gives the median over rounds and B / A. Alternating in
 short rounds is what keeps a shared, noisy machine's drift out of the ratio (a `trimode bench`
 per artifact, minutes apart, moved 1.3x on its own here). Both engines load the same
-weights (A's and B's manifests say how they are laid out).
+weights (A's and B's manifests say how they are laid out). --random-fill writes random K/V
+into the cache instead of prefilling it: an entry's time depends on the cache's length, not
+on what it holds, and at the 3B an 8k-token prefill on a CPU takes minutes. (Written, not
+just declared long: a cache never written reads the kernel's shared zero page, from cache.)
 """
 from __future__ import annotations
 
@@ -17,10 +23,13 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trimode.model.config import GEOMETRIES  # noqa: E402
 from trimode.model.gguf_file import load_model  # noqa: E402
-from trimode.runtime.bench import fill_cache, median_seconds  # noqa: E402
+from trimode.runtime.bench import fill_cache, median_seconds, tiled_weights  # noqa: E402
 from trimode.runtime.engine import Engine  # noqa: E402
 
 
@@ -28,8 +37,11 @@ def entries(fwd, args, tokens):
     """name -> one call of the entry from a cache holding args.fill tokens."""
     def at_fill(call):
         def run():
-            if fwd.length < args.fill:  # after a prefill
-                fill_cache(fwd, tokens[:args.fill])
+            if fwd.length < args.fill:  # at the start, and after a prefill
+                if args.random_fill:
+                    fwd._length = args.fill  # noqa: SLF001 (a bench-only shortcut, see above)
+                else:
+                    fill_cache(fwd, tokens[:args.fill])
             fwd.truncate(args.fill)
             call()
         return run
@@ -52,15 +64,25 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=128)
     parser.add_argument("--fill", type=int, default=64)
     parser.add_argument("--target", default="llvm")
+    parser.add_argument("--random-fill", action="store_true")
     args = parser.parse_args()
 
-    model = load_model(args.model)
+    if args.model in GEOMETRIES:
+        cfg = GEOMETRIES[args.model]
+        weights, metadata = tiled_weights(cfg), None
+    else:
+        model = load_model(args.model)
+        cfg, weights, metadata = model.config, model.weights, model.metadata
     n_ctx = max(args.fill + args.block, args.prefill) + 8
-    tokens = [(7 * i + 3) % model.config.vocab for i in range(max(args.fill, args.prefill, args.block))]
+    tokens = [(7 * i + 3) % cfg.vocab for i in range(max(args.fill, args.prefill, args.block))]
     sides = {}
     for name, artifact in (("A", args.a), ("B", args.b)):
-        engine = Engine(model.config, model.weights, args.target, model.metadata, artifact=artifact)
+        engine = Engine(cfg, weights, args.target, metadata, artifact=artifact)
         fwd = engine.new_sequence(n_ctx)
+        if args.random_fill:
+            rng = np.random.default_rng(0)
+            engine.device.write(fwd.kv, rng.standard_normal(tuple(fwd.kv.shape), np.float32)
+                                .astype(engine.kv_dtype))
         sides[name] = (engine, entries(fwd, args, tokens))
     times = {(side, entry): [] for side in sides for entry in sides["A"][1]}
     for _ in range(args.rounds):
