@@ -76,3 +76,27 @@ def test_exp_approx_is_float32_exp():
     want = np.exp(x[:-4].astype(np.float64))
     assert np.max(np.abs(y[:-4] - want) / want) < 2e-7
     assert y[-2] == 1.0 and all(0 <= v <= 2.0 ** -126 for v in y[[-4, -3, -1]])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_with_scores_far_apart(built, causal):
+    """Scores hundreds apart, the keys growing with position so the running max jumps by more
+    than the flush cutoff between tiles: the weights the kernel drops (under e^-69 of the max,
+    so their products stay in fp32's normal range) change nothing the float64 softmax keeps."""
+    n_heads, n_kv_heads, d, t, pos = 6, 2, 48, 5, 3 * KEY_TILE + 7
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((t, n_heads, d)).astype(np.float32)
+    kv = rng.standard_normal((LAYERS, 2, n_kv_heads, CTX, d))
+    kv[:, 0] *= (4.0 + np.arange(CTX) * 1.5)[None, None, :, None]  # scores' spread ~ 4 to 250
+    kv = kv.astype(np.float16)
+    k_new = (rng.standard_normal((t, n_kv_heads, d)) * 300).astype(np.float16)
+    v_new = rng.standard_normal((t, n_kv_heads, d)).astype(np.float16)
+    scores = np.einsum("hd,jd->hj", q[0, :2].astype(np.float64), kv[LAYER, 0, 0, :pos]) / np.sqrt(d)
+    assert np.ptp(scores) > 300  # the case this test is for
+    out = tvm.runtime.tensor(np.full((t, n_heads, d), np.nan, np.float32))
+    built(n_heads, n_kv_heads, d, causal)(
+        *(tvm.runtime.tensor(a) for a in (q, kv)), LAYER, tvm.runtime.tensor(np.array([pos], np.int32)),
+        *(tvm.runtime.tensor(a) for a in (k_new, v_new)), out)
+    want = attention_reference(q.astype(np.float64), kv.astype(np.float64), LAYER, pos,
+                               k_new.astype(np.float64), v_new.astype(np.float64), causal)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
