@@ -134,7 +134,7 @@ class Kernels:
             from trimode.compiler.kernels import argmax_cuda
 
             return opaque(argmax_cuda.argmax_prob_cuda(vocab))
-        return _cached(logits.argmax_prob, vocab)
+        return opaque(_cached(logits.argmax_prob, vocab))
 
     def top_candidates(self, vocab: int):
         """GPU only: each row's largest logits, which the host samples top-k from instead of

@@ -13,7 +13,7 @@ import math
 
 from tvm.script import tirx as T
 
-from trimode.compiler.kernels.cpu_math import exp_approx
+from trimode.compiler.kernels.cpu_math import softmax_weight
 
 
 # Keys per tile: the scores of a tile are computed first, then the running softmax is
@@ -28,16 +28,6 @@ LANES = 8  # fp32 lanes of one AVX2 register
 QUERY_TILE = 16
 GROUP_KEYS = 8  # keys whose scores are computed together (KEY_TILE is a multiple)
 ACC_VECTORS = 8  # registers of a row's value sums at a time (of AVX2's 16)
-# Softmax weights below e^-69 (~2^-100) of the running max are flushed to zero: times any
-# fp16 value (>= 2^-24) they would make products under fp32's normal range, and each denormal
-# costs the CPU a microcode assist (a default-model decode at fill 3968 took 4.9 ms with them,
-# 1.0 ms without); what they add is under 1e-30 of the row's sum.
-FLUSH_BELOW = -69.0
-
-
-def softmax_weight(x, exp):
-    """exp(x), x = a score less the running max (<= 0), or 0 where it is negligible."""
-    return T.Select(x < T.float32(FLUSH_BELOW), T.float32(0), exp(x))
 
 
 def tree_sum(terms: list):
@@ -83,7 +73,7 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
         # rescale[0] holds the new running max; fold the old one into what was summed.
         for jg in T.unroll(KEY_TILE // LANES):  # the whole tile: entries past `size` go unused
             for jj in T.vectorized(LANES):
-                scores[jg * LANES + jj] = softmax_weight(scores[jg * LANES + jj] - rescale[0], exp_approx)
+                scores[jg * LANES + jj] = softmax_weight(scores[jg * LANES + jj] - rescale[0])
         # The values, acc_chunks vectors of the row's sums at a time in row_acc (a small local
         # array kept in registers: all 16 of a 128-wide head would spill), the weights' sum in
         # row_total beside them (each pass sums it; the last one's is kept).
