@@ -30,11 +30,11 @@ GROUP_KEYS = 8  # keys whose scores are computed together (KEY_TILE is a multipl
 ACC_VECTORS = 8  # registers of a row's value sums at a time (of AVX2's 16)
 
 
-def tree_sum(terms: list):
-    """The sum of PrimExprs as a tree: log2(len) dependent adds, not len - 1."""
+def tree_sum(terms: list, op=lambda a, b: a + b):
+    """The sum (or `op`) of PrimExprs as a tree: log2(len) dependent steps, not len - 1."""
     while len(terms) > 1:
         half = len(terms) // 2
-        terms = [terms[c] + terms[c + half] for c in range(half)] + terms[2 * half:]
+        terms = [op(terms[c], terms[c + half]) for c in range(half)] + terms[2 * half:]
     return terms[0]
 
 
@@ -52,8 +52,8 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
     @T.macro
     def key_tile(keys, values, first, size, r, qs, acc, best, total, tile):
         # Row r's running softmax (best, total, acc) takes keys [first, first + size); `tile`:
-        # the scratch of one tile (scores, part, rescale, row_acc, row_total).
-        scores, part, rescale, row_acc, row_total = tile
+        # the scratch of one tile (scores, part, rescale, row_acc, row_total, lane).
+        scores, part, rescale, row_acc, row_total, lane = tile
         # The scores, GROUP_KEYS keys at a time: their dot products interleaved (independent
         # FMA chains), a partial group's key index held at the last real key.
         for jg in range((size + GROUP_KEYS - 1) // GROUP_KEYS):
@@ -67,24 +67,29 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                             first + T.min(jg * GROUP_KEYS + jj, size - 1), b * lanes + c]
             for jj in T.unroll(GROUP_KEYS):
                 scores[jg * GROUP_KEYS + jj] = tree_sum([part[jj, c] for c in range(lanes)])
-        rescale[0] = best[r]
-        for jj in range(size):
-            rescale[0] = T.max(rescale[0], scores[jj])
+        # The tile's max and its weights' sum, LANES at a time (not a dependent chain a key):
+        # entries past `size` are scored -3e38, so their weights flush to 0.
+        for jj in range(size, KEY_TILE):
+            scores[jj] = T.float32(-3.0e38)
+        for c in T.vectorized(LANES):
+            lane[c] = tree_sum([scores[jg * LANES + c] for jg in range(KEY_TILE // LANES)], T.max)
+        rescale[0] = T.max(best[r], tree_sum([lane[c] for c in range(LANES)], T.max))
         # rescale[0] holds the new running max; fold the old one into what was summed.
-        for jg in T.unroll(KEY_TILE // LANES):  # the whole tile: entries past `size` go unused
+        for jg in T.unroll(KEY_TILE // LANES):
             for jj in T.vectorized(LANES):
                 scores[jg * LANES + jj] = softmax_weight(scores[jg * LANES + jj] - rescale[0])
+        for c in T.vectorized(LANES):
+            lane[c] = tree_sum([scores[jg * LANES + c] for jg in range(KEY_TILE // LANES)])
+        row_total[0] = (total[r] * softmax_weight(best[r] - rescale[0], T.exp)
+                        + tree_sum([lane[c] for c in range(LANES)]))
         # The values, acc_chunks vectors of the row's sums at a time in row_acc (a small local
-        # array kept in registers: all 16 of a 128-wide head would spill), the weights' sum in
-        # row_total beside them (each pass sums it; the last one's is kept).
+        # array kept in registers: all 16 of a 128-wide head would spill).
         for a in range(chunks // acc_chunks):
-            row_total[0] = total[r] * softmax_weight(best[r] - rescale[0], T.exp)
             for b in T.unroll(acc_chunks):
                 for c in T.vectorized(lanes):
                     row_acc[b * lanes + c] = (acc[r, (a * acc_chunks + b) * lanes + c]
                                               * softmax_weight(best[r] - rescale[0], T.exp))
             for jj in range(size):
-                row_total[0] = row_total[0] + scores[jj]
                 for b in T.unroll(acc_chunks):
                     for c in T.vectorized(lanes):
                         row_acc[b * lanes + c] = row_acc[b * lanes + c] + scores[jj] * values[
@@ -151,7 +156,8 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                     T.decl_buffer((GROUP_KEYS, lanes), "float32"),  # part
                     T.decl_buffer((1,), "float32"),                 # rescale
                     T.decl_buffer((acc_chunks * lanes,), "float32"),  # row_acc
-                    T.decl_buffer((1,), "float32"))                 # row_total
+                    T.decl_buffer((1,), "float32"),                 # row_total
+                    T.decl_buffer((LANES,), "float32"))             # lane
             tile_kv = (T.decl_buffer((KEY_TILE, D), "float32"), T.decl_buffer((KEY_TILE, D), "float32"))
             for r in range(rows):
                 for d in T.vectorized(D):
