@@ -150,7 +150,8 @@ def test_context_full_is_refused_without_changing_the_cache(setup):
 
 def test_runtime_loads_artifact_without_the_compiler(setup, tmp_path):
     """A cached artifact runs in a process that never imports `tvm` (only tvm_ffi and
-    libtvm_runtime), and gives the same logits."""
+    libtvm_runtime), nor what tvm_ffi would of torch and ml_dtypes, and gives the same
+    logits."""
     engine, _ = setup
     if engine.manifest["layout"].endswith("fff"):
         pytest.skip("one layout is enough")
@@ -164,14 +165,16 @@ def test_runtime_loads_artifact_without_the_compiler(setup, tmp_path):
         from trimode.runtime.engine import Engine
         engine = Engine(GEOMETRIES["tiny"], random_weights(GEOMETRIES["tiny"], seed=3), "llvm")
         logits = engine.new_sequence({CTX}).causal({prompt(6)}, last_only=True).logits()
-        loaded = {{name: name in sys.modules for name in ("tvm", "torch")}}
+        loaded = {{name: name in sys.modules for name in ("tvm", "torch", "ml_dtypes")}}
         import importlib.util
         torch_installed = importlib.util.find_spec("torch") is not None
         print(json.dumps({{"loaded": loaded, "torch_installed": torch_installed, "logits": logits.tolist()}}))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["loaded"] == {"tvm": False, "torch": False}  # tvm_ffi would import torch
+    assert result["loaded"] == {"tvm": False, "torch": False, "ml_dtypes": False}
+    subprocess.run([sys.executable, "-c", "from trimode.runtime.tvm_runtime import Device; "
+                    "Device('llvm'); import ml_dtypes; ml_dtypes.bfloat16"], check=True)
     if result["torch_installed"]:  # ... which stays importable afterwards
         subprocess.run([sys.executable, "-c", "from trimode.runtime.tvm_runtime import Device; "
                         "Device('llvm'); import torch; torch.zeros(1)"], check=True)

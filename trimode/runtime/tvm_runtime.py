@@ -43,23 +43,28 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+UNUSED_BY_THE_RUNTIME = ("torch", "ml_dtypes")
+
+
 @lru_cache(maxsize=None)
 def load_runtime(gpu: bool):
     """Loads the runtime libraries once; returns the tvm_ffi module."""
-    # tvm_ffi imports torch when it is installed (1-5 s) for DLPack and stream bridges we never
-    # use: that import is made to fail fast while tvm_ffi loads, and torch stays importable.
+    # tvm_ffi imports what is installed of torch (1-5 s, for DLPack and stream bridges) and
+    # ml_dtypes (~0.5 s, numpy dtypes for bfloat16 and fp8): no runtime tensor needs either.
+    # Those imports are made to fail fast while tvm_ffi loads; both stay importable.
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
-    torch_absent = "torch" not in sys.modules
+    blocked = [name for name in UNUSED_BY_THE_RUNTIME if name not in sys.modules]
     # TVM's pool otherwise takes half the logical CPUs on x86, assuming two threads per core:
     # one thread on a 2-core machine without SMT. Read when the pool starts.
     os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
-    if torch_absent:
-        sys.modules["torch"] = None
+    for name in blocked:
+        sys.modules[name] = None
     try:
         import tvm_ffi  # first: it loads libtvm_ffi.so, which libtvm_runtime links against
     finally:
-        if torch_absent and sys.modules.get("torch", 0) is None:
-            del sys.modules["torch"]
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
     lib_dir = tvm_lib_dir()
     ctypes.CDLL(str(lib_dir / "libtvm_runtime.so"), RTLD)
