@@ -233,6 +233,28 @@ def test_long_fills_are_prefilled_in_chunks(monkeypatch):
     assert calls[1:] == [(16, True), (16, True), (16, True), (2, True)] and fwd.length == 50
 
 
+def test_every_entry_is_warmed_up_before_the_first_timed_row(monkeypatch):
+    """Each entry runs (more than the per-figure warm-up calls) at the first fill before any
+    row is timed: the first row was otherwise timed on a cold machine."""
+    from trimode.runtime import bench
+    from trimode.runtime.engine import Engine
+
+    fwd = Engine(TINY, random_weights(TINY, seed=2), "llvm").new_sequence(64)
+    calls = []
+    for name in ("causal", "bidirectional"):
+        entry = getattr(fwd, name)
+        monkeypatch.setattr(fwd, name, lambda tokens, last_only=False, _e=entry, _n=name:
+                            calls.append((_n, len(tokens), fwd.length)) or
+                            (_e(tokens, last_only) if _n == "causal" else _e(tokens)))
+    monkeypatch.setattr(bench, "WARMUP_SECONDS", 0.0)
+    monkeypatch.setattr(bench, "median_seconds", lambda fn, repeat: calls.append("timed") or 1.0)
+    bench.time_entries(fwd, BenchPlan(fills=(20,), block=4, prefill=8, repeat=1), bench._Tokens(TINY.vocab))
+    warm = calls[:calls.index("timed")]
+    for entry in (("causal", 1), ("causal", 4), ("bidirectional", 4)):
+        runs = [c for c in warm if c[:2] == entry]
+        assert len(runs) > bench.WARMUP_CALLS and all(length == 20 for *_, length in runs), entry
+
+
 def test_our_figures_survive_a_failing_torch_baseline(monkeypatch):
     """The checkpoint gets our entries before torch runs; a torch that raises (say, out of
     memory on the GPU) is reported in the report, which keeps every one of our rows."""

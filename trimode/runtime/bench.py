@@ -235,8 +235,26 @@ def fill_cache(fwd, tokens: list[int]) -> None:
         fwd.causal(tokens[start:start + FILL_CHUNK], last_only=True)
 
 
+# Before the first timed row, each entry runs for at least this long (and WARMUP_CALLS + 1
+# calls): the first row of a CPU run was otherwise 10-85% slower than the same row timed
+# again at the end (the pool's idle thread and the vCPU ramping up), a cold start that two
+# warm-up calls did not cover.
+WARMUP_SECONDS = 0.3
+
+
+def warm_up(fwd, plan: BenchPlan, ids: _Tokens) -> None:
+    fill_cache(fwd, ids(plan.fills[0]))
+    for entry, n in ((fwd.causal, 1), (fwd.causal, plan.block), (fwd.bidirectional, plan.block)):
+        started, calls = time.perf_counter(), 0
+        while calls <= WARMUP_CALLS or time.perf_counter() - started < WARMUP_SECONDS:
+            fwd.truncate(plan.fills[0])
+            entry(ids(n))
+            calls += 1
+
+
 def time_entries(fwd, plan: BenchPlan, ids: _Tokens) -> list[dict]:
     """Median time of each compiled entry at each fill, from a cache truncated to the fill."""
+    warm_up(fwd, plan, ids)
     rows = []
 
     def at_fill(fill: int, entry: Callable, n: int) -> float:
