@@ -1,8 +1,9 @@
 """The CPU Q8_0 matmul kernel alone (compiler/kernels/q8_matmul.py), built for this processor,
 timed at the default model's shapes and a few row counts; beside it, with --baseline REV, the
-kernel as that revision wrote it (git show), in the same process, for side by side ratios.
+kernel as that revision wrote it (git show), or with --int8 this tree's int8-activation kernel
+(AVX-512 VNNI; its quantize kernel's time included), in the same process, for side by side ratios.
 
-    TVM_NUM_THREADS=1 python bench/cpu_q8_matmul.py [--rows 1,4,16,128] [--baseline REV] [--geometry 3b]
+    TVM_NUM_THREADS=1 python bench/cpu_q8_matmul.py [--rows 1,4,16,128] [--baseline REV | --int8] [--geometry 3b]
 
 Each figure is the fastest of --repeat calls (on a shared machine the minimum is what the
 kernel costs; medians carry the neighbours' load). One thread by default is the kernel's own
@@ -30,7 +31,8 @@ from tvm.target import codegen  # noqa: E402
 
 from trimode.compiler.kernels import q8_matmul  # noqa: E402
 from trimode.model.config import GEOMETRIES  # noqa: E402
-from trimode.model.weights import Q8Matrix, packed  # noqa: E402
+from trimode.model.reference import int8_rows  # noqa: E402
+from trimode.model.weights import Q8Matrix, packed, packed_for_int8_dot  # noqa: E402
 
 # (features, inputs) of the default model's matmuls (hidden 384, FFN 1024, vocab 4096)
 SHAPES = {"qkv": (480, 384), "o": (384, 288), "gate_up": (2048, 384), "down": (384, 1024),
@@ -58,22 +60,41 @@ def kernel_of(rev: str, path: str = "trimode/compiler/kernels/q8_matmul.py") -> 
     return module
 
 
-def fastest_us(module, n: int, k: int, m: int, repeat: int) -> float:
+def fastest_us(module, n: int, k: int, m: int, repeat: int, int8: bool = False) -> float:
     rows = "one" if m == 1 else ("block" if m <= 64 else "many")
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
-                                "num-cores": int(os.environ["TVM_NUM_THREADS"])})
-    fn = tvm.compile(module.q8_matmul_cpu(n, k, rows).with_attr("global_symbol", "mm"), target=target)["mm"]
+                                "num-cores": int(os.environ["TVM_NUM_THREADS"]),
+                                **({"mattr": ["+avx512vnni", "+avx512bw"]} if int8 else {})})
+
+    def built(func):
+        return tvm.compile(func.with_attr("global_symbol", "f"), target=target)["f"]
+
     rng = np.random.default_rng(0)
     w = Q8Matrix.quantize(rng.standard_normal((n, k)).astype(np.float32))
     x = rng.standard_normal((m, k)).astype(np.float32)
     dev = tvm.cpu()
-    q, scale = w.q, w.scale
-    if hasattr(module, "packed_shape"):  # a kernel of the packed layout (a baseline may predate it)
-        q, scale = packed(q), packed(scale)
-    args = [tvm.runtime.tensor(a, dev) for a in (x, q, scale, np.zeros((m, n), np.float32))]
+    out = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
+    if int8:
+        quantize, mm = built(module.quantize_rows(k, rows)), built(module.q8_matmul_cpu(n, k, rows, int8=True))
+        activations = [tvm.runtime.tensor(np.zeros(s, t), dev) for s, t in
+                       (((m, k), np.int8), ((m, k // 32), np.float32), ((m, k // 32), np.int32))]
+        weights = [tvm.runtime.tensor(a, dev) for a in (packed_for_int8_dot(w.q), packed(w.scale))]
+
+        def fn(x):
+            quantize(x, *activations)
+            mm(*activations, *weights, out)
+
+        args = [tvm.runtime.tensor(x, dev)]
+        want = int8_rows(x) @ w.dequantize(np.float64).T
+    else:
+        mm = built(module.q8_matmul_cpu(n, k, rows))
+        q, scale = w.q, w.scale
+        if hasattr(module, "packed_shape"):  # a kernel of the packed layout (a baseline may predate it)
+            q, scale = packed(q), packed(scale)
+        fn, args = mm, [tvm.runtime.tensor(a, dev) for a in (x, q, scale)] + [out]
+        want = x.astype(np.float64) @ w.dequantize(np.float64).T
     fn(*args)
-    want = x.astype(np.float64) @ w.dequantize(np.float64).T
-    assert np.abs(args[3].numpy() - want).max() <= 1e-4 * np.abs(want).max(), "wrong result"
+    assert np.abs(out.numpy() - want).max() <= 1e-4 * np.abs(want).max(), "wrong result"
     return fastest_call_us(fn, args, repeat)
 
 
@@ -91,21 +112,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="1,4,16,128", help="row counts (m) to time")
     ap.add_argument("--repeat", type=int, default=50)
-    ap.add_argument("--baseline", metavar="REV", help="a git revision's kernel to time beside this tree's")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--baseline", metavar="REV", help="a git revision's kernel to time beside this tree's")
+    group.add_argument("--int8", action="store_true", help="this tree's int8-activation kernel beside the fp32 one")
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), help="that geometry's matmuls instead of the default model's")
     args = ap.parse_args()
     shapes = shapes_of(args.geometry) if args.geometry else SHAPES
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # before the first kernel starts the pool
-    sources = [("this", q8_matmul)] + ([("baseline", kernel_of(args.baseline))] if args.baseline else [])
+    sources = [("this", q8_matmul, False)]
+    if args.baseline:
+        sources.append(("baseline", kernel_of(args.baseline), False))
+    if args.int8:
+        sources.append(("int8", q8_matmul, True))
+    second = len(sources) > 1
     print(f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, fastest of {args.repeat}; us")
-    head = "| matmul | n x k | m |" + "".join(f" {name} |" for name, _ in sources)
-    print(head + (" baseline / this |" if args.baseline else ""))
-    print("|---" * (head.count("|") - 1 + bool(args.baseline)) + "|")
+    head = "| matmul | n x k | m |" + "".join(f" {name} |" for name, _, _ in sources)
+    print(head + ((" this / int8 |" if args.int8 else " baseline / this |") if second else ""))
+    print("|---" * (head.count("|") - 1 + second) + "|")
     for m in (int(r) for r in args.rows.split(",")):
         for name, (n, k) in shapes.items():
-            times = [fastest_us(module, n, k, m, args.repeat) for _, module in sources]
+            times = [fastest_us(module, n, k, m, args.repeat, int8) for _, module, int8 in sources]
             line = f"| {name} | {n} x {k} | {m} |" + "".join(f" {t:.1f} |" for t in times)
-            print(line + (f" {times[1] / times[0]:.2f} |" if args.baseline else ""), flush=True)
+            ratio = times[0] / times[1] if args.int8 else times[1] / times[0] if second else None
+            print(line + (f" {ratio:.2f} |" if second else ""), flush=True)
 
 
 if __name__ == "__main__":

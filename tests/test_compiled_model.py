@@ -27,7 +27,8 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 def setup(request):
     cfg = GEOMETRIES["tiny"]
     weights = random_weights(cfg, seed=3, quantized=request.param == "q8")
-    return Engine(cfg, weights, "llvm"), ReferenceModel(cfg, weights)
+    engine = Engine(cfg, weights, "llvm")
+    return engine, ReferenceModel(cfg, weights, int8_activations=engine.int8_activations)
 
 
 def fresh(setup):
@@ -191,7 +192,9 @@ def test_features_that_do_not_fill_the_cpu_packs():
                       eos_token_id=2, mask_token_id=3)
     assert (cfg.q_dim + 2 * cfg.kv_dim) % 16 and cfg.vocab % 16
     weights = random_weights(cfg, seed=5)
-    fwd, ref = Engine(cfg, weights, "llvm").new_sequence(CTX), ReferenceForward(ReferenceModel(cfg, weights), CTX)
+    engine = Engine(cfg, weights, "llvm")
+    fwd = engine.new_sequence(CTX)
+    ref = ReferenceForward(ReferenceModel(cfg, weights, int8_activations=engine.int8_activations), CTX)
     tokens = np.random.default_rng(2).integers(4, cfg.vocab, 20).tolist()
     got, want = fwd.causal(tokens[:13], last_only=True), ref.causal(tokens[:13])   # prefill
     assert rel_err(got.logits()[0], want.logits()[-1]) < TOL

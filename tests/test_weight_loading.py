@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trimode.model.gguf_file import load_model
-from trimode.model.weights import Q8Matrix, packed
+from trimode.model.weights import INT8_DOT_GROUP, Q8Matrix, packed, packed_for_int8_dot
 from trimode.runtime import engine as engine_module
 from trimode.runtime.engine import packed_parameters, parameter_groups, quantized_parts
 
@@ -35,7 +35,7 @@ def test_unpack_rows_of_a_materialized_matrix():
     assert np.array_equal(q, m.q[2:5]) and np.array_equal(scale, m.scale[2:5])
 
 
-def loaded_parameters(weights, packed_names=frozenset()) -> dict[str, np.ndarray]:
+def loaded_parameters(weights, packed_names=None) -> dict[str, np.ndarray]:
     """Every group parameter_groups yields, copied, checking on the way that no name comes
     twice and that a group never overlaps the one uploading before it (reused buffers)."""
     params, previous = {}, {}
@@ -66,23 +66,26 @@ def test_parameters_in_small_chunks_equal_the_stacked_matrices(tiny_gguf, monkey
 
 
 def test_packed_parameters_equal_the_stacked_matrices_packed(tiny_gguf, monkeypatch):
-    """The CPU layout (16 features to a vector), packed by chunks of one pack on the pool,
-    for the parameters the compiled module declares 3-D, and only those."""
+    """The CPU layouts (16 features to a vector; q in groups of 4 inputs offset to uint8 for the
+    int8 kernels), packed by chunks of one pack on the pool, for the parameters the compiled
+    module declares 3-D, and only those, each as its shape says."""
     monkeypatch.setattr(engine_module, "UNPACK_CHUNK_BYTES", 300)
     weights = load_model(tiny_gguf).weights
     manifest = {"params": [{"name": "layers.1.qkv.q", "shape": [30, 384, 16]},
                            {"name": "layers.1.qkv.scale", "shape": [30, 12, 16]},
-                           {"name": "head.q", "shape": [256, 384, 16]},
+                           {"name": "head.q", "shape": [256, 96, 64]},
+                           {"name": "head.scale", "shape": [256, 12, 16]},
                            {"name": "layers.1.down.q", "shape": [384, 1024]},
                            {"name": "embed.q", "shape": [4096, 384]}]}
     wanted = packed_parameters(manifest)
-    assert wanted == {"layers.1.qkv", "head"}
+    assert wanted == {"layers.1.qkv": 1, "head": INT8_DOT_GROUP}
     params = loaded_parameters(weights, wanted)
     layer = weights.layers[1]
     qkv = [layer.wq, layer.wk, layer.wv]
     assert np.array_equal(params["layers.1.qkv.q"], packed(np.concatenate([m.q for m in qkv])))
     assert np.array_equal(params["layers.1.qkv.scale"], packed(np.concatenate([m.scale for m in qkv])))
-    assert np.array_equal(params["head.q"], packed(weights.output.q))
+    assert np.array_equal(params["head.q"], packed_for_int8_dot(weights.output.q))
+    assert np.array_equal(params["head.scale"], packed(weights.output.scale))
     assert np.array_equal(params["layers.1.down.q"], layer.w_down.q)  # not declared packed
     assert np.array_equal(params["embed.q"], weights.embed.q)
 

@@ -73,6 +73,31 @@ def dependent_launch_enabled(target: dict) -> bool:
     return target["kind"] == "cuda" and os.environ.get("TRIMODE_PDL", "1") != "0"
 
 
+def cpu_flags() -> set[str]:
+    """This processor's feature flags as /proc/cpuinfo names them (empty where there is none)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in info.split("\n\n")[0].splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_int8_dot() -> bool:
+    """AVX-512 VNNI: vpdpbusd, 64 byte products summed into 16 int32 lanes an instruction."""
+    return {"avx512_vnni", "avx512bw"} <= cpu_flags()
+
+
+def int8_activations_enabled(target: dict) -> bool:
+    """CPU builds on processors with int8 dot products quantize each Q8_0 matmul's activations
+    to int8 per 32, as llama.cpp's CPU path does, unless TRIMODE_INT8=0 (the fp32-activation
+    build, kept for comparison; the only one elsewhere)."""
+    return (target["kind"] == "llvm" and cpu_has_int8_dot()
+            and os.environ.get("TRIMODE_INT8", "1") != "0")
+
+
 def cpu_fingerprint() -> str:
     """This processor's model and feature flags (a CPU build targets them: -mcpu=native)."""
     try:
@@ -88,6 +113,7 @@ def build_key(cfg: ModelConfig, quantized: dict[str, bool], target: dict, schedu
     parts = {
         "cuda_graphs": cuda_graphs_enabled(target),
         "dependent_launch": dependent_launch_enabled(target),
+        "int8_activations": int8_activations_enabled(target),
         "layout": layout_key(cfg, quantized),
         "target": target,
         "tvm": metadata.version("apache-tvm"),

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from trimode import __version__
 from trimode.artifacts import (MANIFEST, artifact_dir, build_key, cuda_graphs_enabled,
-                               dependent_launch_enabled, layout_key, resolve_target, schedules_for)
+                               dependent_launch_enabled, int8_activations_enabled, layout_key,
+                               resolve_target, schedules_for)
 from trimode.model.config import ModelConfig
 
 
@@ -43,7 +44,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
     if target_name == "cuda":
         log(f"  schedules: tuned database {schedules_id}" if schedules else
             f"  schedules: no tuned database for GPU {gpu_name or '(none named)'}; kernel defaults")
-    kernels = Kernels(cfg, target_name, schedules)
+    kernels = Kernels(cfg, target_name, schedules, int8_activations_enabled(target))
     model = NLDModel(cfg, quantized, kernels)
     mod, named_params = model.export_tvm(spec=model.entry_specs())
     mod = mark_static_arguments(mod)
@@ -61,6 +62,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
             "target_spec": target,
             "dtype": kernels.dtype,
             "kv_dtype": kernels.kv_dtype,
+            "activations": kernels.matmul_activations,
             "layout": layout_key(cfg, quantized),
             "config": cfg.geometry_key(),
             "entries": list(model.entry_specs()),

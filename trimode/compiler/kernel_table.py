@@ -11,7 +11,7 @@ from functools import lru_cache
 
 from trimode.compiler.kernels import attention, embedding, logits, norm, q8_matmul, rope
 from trimode.model.config import ModelConfig
-from trimode.model.weights import Q8_BLOCK, packed_shape
+from trimode.model.weights import INT8_DOT_GROUP, Q8_BLOCK, packed_shape
 from trimode.runtime.forward import MAX_BLOCK
 from trimode.schedules import entry_key
 
@@ -21,6 +21,8 @@ class Kernels:
     cfg: ModelConfig
     target_kind: str  # "llvm" | "cuda"
     schedules: dict = field(default_factory=dict)
+    # CPU only: Q8_0 matmuls take their activations quantized to int8 (artifacts.py says when)
+    int8_activations: bool = False
 
     @property
     def dtype(self) -> str:
@@ -38,17 +40,31 @@ class Kernels:
     def is_gpu(self) -> bool:
         return self.target_kind == "cuda"
 
-    def q8_weight_shapes(self, n: int, k: int) -> tuple[tuple, tuple]:
-        """The shapes of a Q8_0 matrix's q and scale parameters as the matmul reads them: [N, K]
-        and [N, K / 32] on CUDA, packed 16 features to a vector on the CPU (q8_matmul.py)."""
+    @property
+    def matmul_activations(self) -> str:
+        """What the Q8_0 matmuls multiply the weights by (the manifest records it)."""
+        return "int8" if self.int8_activations else self.dtype
+
+    def q8_weight_shapes(self, n: int, k: int) -> tuple[tuple, tuple, str]:
+        """The shapes of a Q8_0 matrix's q and scale parameters as the matmul reads them, and
+        q's dtype: [N, K] and [N, K / 32] on CUDA; packed 16 features to a vector on the CPU
+        (q8_matmul.py), q in groups of 4 inputs offset to uint8 for int8 dot products
+        (weights.pack_for_int8_dot)."""
         if self.is_gpu:
-            return (n, k), (n, k // Q8_BLOCK)
-        return packed_shape(n, k), packed_shape(n, k // Q8_BLOCK)
+            return (n, k), (n, k // Q8_BLOCK), "int8"
+        if self.int8_activations:
+            return packed_shape(n, k, INT8_DOT_GROUP), packed_shape(n, k // Q8_BLOCK), "uint8"
+        return packed_shape(n, k), packed_shape(n, k // Q8_BLOCK), "int8"
+
+    def quantize_rows(self, k: int, rows: str):
+        """The int8 matmuls' activations from fp32 rows (q8_matmul.quantize_rows)."""
+        assert self.int8_activations, "only a build with int8 activations quantizes them"
+        return opaque(_cached(q8_matmul.quantize_rows, k, rows))
 
     def q8_matmul(self, n: int, k: int, rows: str, gated: bool = False):
         """gated: the kernel ends with silu(gate) * up of row pairs (model.swiglu)."""
         if not self.is_gpu:
-            return _cached(q8_matmul.q8_matmul_cpu, n, k, rows, gated)
+            return _cached(q8_matmul.q8_matmul_cpu, n, k, rows, gated, self.int8_activations)
         from trimode.compiler.kernels import q8_matmul_cuda
 
         m = Q8_ROWS[rows]

@@ -38,15 +38,22 @@ class Q8Linear(nn.Module):
     [T, N/2], in the matmul kernel's epilogue (one launch and no [T, N] intermediate)."""
 
     def __init__(self, n: int, k: int, kernels: Kernels, role: str, gated: bool = False):
-        q_shape, scale_shape = kernels.q8_weight_shapes(n, k)
-        self.q = nn.Parameter(q_shape, "int8")
+        q_shape, scale_shape, q_dtype = kernels.q8_weight_shapes(n, k)
+        self.q = nn.Parameter(q_shape, q_dtype)
         self.scale = nn.Parameter(scale_shape, "float16")
         self.n, self.k, self.kernels, self.role, self.gated = n, k, kernels, role, gated
 
     def forward(self, x: Tensor, rows: str) -> Tensor:
         kernel = self.kernels.q8_matmul(self.n, self.k, rows, gated=self.gated)
         out = Tensor.placeholder([x.shape[0], self.n // 2 if self.gated else self.n], x.dtype)
-        return op.tensor_ir_op(kernel, f"q8_matmul_{self.role}", [x, self.q, self.scale], out)
+        inputs = [x]
+        if self.kernels.int8_activations:  # values, scales and offsets per 32 (quantize_rows)
+            t, blocks = x.shape[0], self.k // 32
+            inputs = op.tensor_ir_op(self.kernels.quantize_rows(self.k, rows), f"quantize_{self.role}", [x],
+                                     [Tensor.placeholder([t, self.k], "int8"),
+                                      Tensor.placeholder([t, blocks], "float32"),
+                                      Tensor.placeholder([t, blocks], "int32")])
+        return op.tensor_ir_op(kernel, f"q8_matmul_{self.role}", [*inputs, self.q, self.scale], out)
 
 
 class FloatLinear(nn.Module):

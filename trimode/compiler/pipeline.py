@@ -7,6 +7,8 @@ import time
 import tvm
 from tvm import relax
 
+from trimode.artifacts import int8_activations_enabled
+
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleUnscheduledKernels")
 def schedule_unscheduled_kernels(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -81,7 +83,10 @@ def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
     else:  # this CPU's instruction set (AVX2/AVX-512): 1.5-2x on the Q8_0 matmuls
         from tvm.target import codegen
 
-        target = tvm.target.Target({**target_spec, "mcpu": codegen.llvm_get_system_cpu()})
+        cpu = {"mcpu": codegen.llvm_get_system_cpu()}
+        if int8_activations_enabled(target_spec):  # the flag says so even where -mcpu does not
+            cpu["mattr"] = ["+avx512vnni", "+avx512bw"]
+        target = tvm.target.Target({**target_spec, **cpu})
     started = time.time()
     with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):
         mod = tvm.transform.Sequential(relax_passes(target))(mod)

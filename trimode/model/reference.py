@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from trimode.model.config import ModelConfig
-from trimode.model.weights import ModelWeights, as_float
+from trimode.model.weights import Q8_BLOCK, ModelWeights, as_float, quantized_parts
 from trimode.runtime.forward import (MASS_CHUNK, TOP_CANDIDATES, ContextFull, StepResult,
                                      mass_chunks)
 
@@ -69,16 +69,32 @@ def chunk_masses(logits: np.ndarray, inv_temperature: float) -> tuple[np.ndarray
     return top, np.exp((padded - top[:, :, None]) * inv_temperature).sum(axis=2)
 
 
+def int8_rows(x: np.ndarray) -> np.ndarray:
+    """x [T, K] as the CPU's int8 matmuls see it (compiler/kernels/q8_matmul.quantize_rows):
+    per block of 32, d = max|x| / 127 and values rint(x / d), in the kernel's float32."""
+    blocks = np.asarray(x, np.float32).reshape(*x.shape[:-1], -1, Q8_BLOCK)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
+    return (np.rint(blocks * inverse) * d.astype(np.float64)).reshape(x.shape)
+
+
 class ReferenceModel:
     """Float64 weights (dequantized once) and the forward pass over an explicit KV cache.
 
     K and V are rounded to kv_dtype as they are made: the engine keeps them (the cache and a
     block's own) in fp16 on every target, so that rounding is part of the model it computes;
-    kv_dtype=np.float64 is the model without it."""
+    kv_dtype=np.float64 is the model without it. int8_activations: every Q8_0 matmul's input
+    is quantized per 32 first (int8_rows), as a CPU build with int8 matmuls computes it
+    (Engine.int8_activations says which a build is)."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, kv_dtype=np.float16):
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kv_dtype=np.float16,
+                 int8_activations: bool = False):
         self.config = config
         self.kv_dtype = kv_dtype
+        quantized = quantized_parts(weights)
+        # what each group's matmuls take in: the engine runs a group as Q8_0 or as float whole
+        self.layer_input = int8_rows if int8_activations and quantized["layers"] else np.asarray
+        self.head_input = int8_rows if int8_activations and quantized["output"] else np.asarray
         self.embed = as_float(weights.embed)
         self.output_norm = np.asarray(weights.output_norm, np.float64)
         self.output = as_float(weights.output)
@@ -107,7 +123,7 @@ class ReferenceModel:
         x = self.embed[tokens]  # [T, H]
         new_k, new_v = [], []
         for layer, past_k, past_v in zip(self.layers, cache_k, cache_v):
-            h = rmsnorm(x, layer["attn_norm"], cfg.rms_eps)
+            h = self.layer_input(rmsnorm(x, layer["attn_norm"], cfg.rms_eps))
             q = (h @ layer["wq"].T).reshape(t_new, cfg.n_heads, cfg.head_dim)
             k = (h @ layer["wk"].T).reshape(t_new, cfg.n_kv_heads, cfg.head_dim)
             v = (h @ layer["wv"].T).reshape(t_new, cfg.n_kv_heads, cfg.head_dim)
@@ -122,11 +138,11 @@ class ReferenceModel:
             scores = np.einsum("thd,shd->hts", q, keys[:, kv_of_q]) / np.sqrt(cfg.head_dim)
             scores = np.where(visible[None], scores, -np.inf)
             attn = np.einsum("hts,shd->thd", softmax(scores), values[:, kv_of_q])
-            x = x + attn.reshape(t_new, cfg.q_dim) @ layer["wo"].T
-            h = rmsnorm(x, layer["ffn_norm"], cfg.rms_eps)
+            x = x + self.layer_input(attn.reshape(t_new, cfg.q_dim)) @ layer["wo"].T
+            h = self.layer_input(rmsnorm(x, layer["ffn_norm"], cfg.rms_eps))
             gate = h @ layer["w_gate"].T
-            x = x + (silu(gate) * (h @ layer["w_up"].T)) @ layer["w_down"].T
-        logits = rmsnorm(x, self.output_norm, cfg.rms_eps) @ self.output.T
+            x = x + self.layer_input(silu(gate) * (h @ layer["w_up"].T)) @ layer["w_down"].T
+        logits = self.head_input(rmsnorm(x, self.output_norm, cfg.rms_eps)) @ self.output.T
         return logits, new_k, new_v
 
 

@@ -13,6 +13,8 @@ Q8_BLOCK = 32
 # The CPU matmul reads weights 16 features to a vector (two AVX2 registers of fp32), so its
 # inner step is an outer product without horizontal sums: pack_features lays them out so.
 FEATURES_PER_PACK = 16
+# Inputs per lane of an int8 dot product (AVX-512 VNNI's vpdpbusd sums 4 byte products).
+INT8_DOT_GROUP = 4
 # The on-disk block: fp16 scale, then 32 int8 values (34 bytes).
 Q8_0_DTYPE = np.dtype([("d", "<f2"), ("qs", "i1", (Q8_BLOCK,))])
 
@@ -90,28 +92,48 @@ class Q8Matrix:
         return cls(q=q.reshape(n, k), scale=d.astype(np.float16))
 
 
-def packed_shape(n: int, cols: int) -> tuple[int, int, int]:
-    """[packs, cols, 16]: n features in packs of FEATURES_PER_PACK, the last one zero-padded."""
-    return -(-n // FEATURES_PER_PACK), cols, FEATURES_PER_PACK
+def packed_shape(n: int, cols: int, group: int = 1) -> tuple[int, int, int]:
+    """[packs, cols / group, 16 * group]: n features in packs of FEATURES_PER_PACK, the last one
+    zero-padded; each feature's `group` consecutive values side by side (pack_features)."""
+    return -(-n // FEATURES_PER_PACK), cols // group, FEATURES_PER_PACK * group
 
 
-def pack_features(rows: np.ndarray, out: np.ndarray, packs: slice = slice(None)) -> None:
-    """out[p, c, f] = rows[16 p + f, c] for the packs `packs` of out (packed_shape): q [N, K]
-    or scale [N, K // 32] as the CPU matmul reads them; features past N are zero."""
+def pack_features(rows: np.ndarray, out: np.ndarray, packs: slice = slice(None), group: int = 1) -> None:
+    """out[p, c, group * f + j] = rows[16 p + f, group * c + j] for the packs `packs` of out
+    (packed_shape): q [N, K] or scale [N, K // 32] as the CPU matmul reads them; features past
+    N are zero."""
     first, stop, _ = packs.indices(len(out))
     f = FEATURES_PER_PACK
     src = rows[first * f:stop * f]
-    full = len(src) // f
-    out[first:first + full] = src[:full * f].reshape(full, f, rows.shape[1]).transpose(0, 2, 1)
+    full, cols = len(src) // f, rows.shape[1] // group
+    grouped = out.reshape(len(out), cols, f, group)
+    grouped[first:first + full] = src[:full * f].reshape(full, f, cols, group).transpose(0, 2, 1, 3)
     if first + full < stop:  # the last pack holds fewer than 16 features
-        out[first + full] = 0
-        out[first + full, :, :len(src) - full * f] = src[full * f:].T
+        grouped[first + full] = 0
+        grouped[first + full, :, :len(src) - full * f] = src[full * f:].reshape(-1, cols, group).transpose(1, 0, 2)
 
 
-def packed(rows: np.ndarray) -> np.ndarray:
+def pack_for_int8_dot(q: np.ndarray, out: np.ndarray, packs: slice = slice(None)) -> None:
+    """Q8_0 values as the int8-activation CPU matmul reads them: packed in groups of
+    INT8_DOT_GROUP inputs (one 64-byte vector is 16 features x 4 inputs, the operand of one
+    vpdpbusd), offset by 128 to unsigned (the instruction multiplies unsigned by signed bytes;
+    the kernel takes the offset back out with the activations' block sums)."""
+    pack_features(q.view(np.uint8), out, packs, INT8_DOT_GROUP)
+    part = out[packs]
+    np.bitwise_xor(part, np.uint8(0x80), out=part)
+
+
+def packed(rows: np.ndarray, group: int = 1) -> np.ndarray:
     """pack_features into a new array."""
-    out = np.empty(packed_shape(*rows.shape), rows.dtype)
-    pack_features(rows, out)
+    out = np.empty(packed_shape(*rows.shape, group), rows.dtype)
+    pack_features(rows, out, group=group)
+    return out
+
+
+def packed_for_int8_dot(q: np.ndarray) -> np.ndarray:
+    """pack_for_int8_dot into a new array."""
+    out = np.empty(packed_shape(*q.shape, INT8_DOT_GROUP), np.uint8)
+    pack_for_int8_dot(q, out)
     return out
 
 
@@ -145,3 +167,12 @@ class ModelWeights:
     layers: list[LayerWeights] = field(default_factory=list)
     output_norm: np.ndarray | None = None  # [H]
     output: "Q8Matrix | np.ndarray | None" = None  # [V, H]
+
+
+def quantized_parts(weights: ModelWeights) -> dict[str, bool]:
+    """Which groups run as Q8_0 (a group with any float matrix runs as float: dequantizing
+    Q8_0 is exact, so nothing is lost)."""
+    layer_mats = [getattr(layer, n) for layer in weights.layers for n in LAYER_MATRICES]
+    return {"embed": isinstance(weights.embed, Q8Matrix),
+            "layers": all(isinstance(w, Q8Matrix) for w in layer_mats),
+            "output": isinstance(weights.output, Q8Matrix)}

@@ -28,20 +28,12 @@ import numpy as np
 from trimode.artifacts import (MANIFEST, artifact_dir, build_key, resolve_target,
                                schedules_for)
 from trimode.model.config import ModelConfig, ModelError
-from trimode.model.weights import (FEATURES_PER_PACK, LAYER_MATRICES, Q8_BLOCK, ModelWeights,
-                                   Q8Matrix, pack_features, packed_shape)
+from trimode.model.weights import (FEATURES_PER_PACK, INT8_DOT_GROUP, Q8_BLOCK,
+                                   ModelWeights, Q8Matrix, pack_for_int8_dot, pack_features,
+                                   packed_shape, quantized_parts)
 from trimode.runtime.forward import MAX_BLOCK, ContextFull, StepResult
 from trimode.runtime.tvm_runtime import Device, cuda_arch, cuda_device_name, default_target
 
-
-
-def quantized_parts(weights: ModelWeights) -> dict[str, bool]:
-    """Which groups run as Q8_0 (a group with any float matrix runs as float: dequantizing
-    Q8_0 is exact, so nothing is lost)."""
-    layer_mats = [getattr(layer, n) for layer in weights.layers for n in LAYER_MATRICES]
-    return {"embed": isinstance(weights.embed, Q8Matrix),
-            "layers": all(isinstance(w, Q8Matrix) for w in layer_mats),
-            "output": isinstance(weights.output, Q8Matrix)}
 
 
 # Unpacking Q8_0 blocks is a strided copy that numpy runs without the GIL: row chunks of about
@@ -82,20 +74,20 @@ class HostBuffers:
 
 def _stacked(prefix: str, mats: list, as_q8: bool, dtype: str, pool: ThreadPoolExecutor,
              buffers: HostBuffers, float_name: str = "weight", interleaved: bool = False,
-             packed: bool = False) -> dict[str, np.ndarray]:
+             packed: int = 0) -> dict[str, np.ndarray]:
     """One parameter (a Q8_0 q/scale pair, or one float matrix) made of `mats` stacked along
     the output dimension (q|k|v -> qkv), unpacked in one pass over the file's blocks.
     interleaved: row i of every matrix in turn (gate, up -> gate_up with rows gate 0, up 0,
     gate 1, ...: the CUDA matmul's epilogue finds each pair side by side for silu(gate) * up).
-    packed: Q8_0 laid out 16 features to a vector (weights.pack_features), as the CPU matmul
-    reads it."""
+    packed: Q8_0 laid out 16 features to a vector, as the CPU matmul reads it: q in groups
+    of `packed` inputs (1: weights.pack_features; INT8_DOT_GROUP: weights.pack_for_int8_dot)."""
     if not as_q8:
         dense = [m.dequantize() if isinstance(m, Q8Matrix) else np.asarray(m) for m in mats]
         stacked = np.stack(dense, axis=1).reshape(-1, dense[0].shape[1]) if interleaved else np.concatenate(dense)
         return {f"{prefix}.{float_name}": np.asarray(stacked, dtype)}
     k = mats[0].shape[1]
     n = sum(m.shape[0] for m in mats)
-    q, scale = buffers.arrays(((n, k), np.int8), ((n, k // Q8_BLOCK), np.float16), scratch=packed)
+    q, scale = buffers.arrays(((n, k), np.int8), ((n, k // Q8_BLOCK), np.float16), scratch=bool(packed))
     if interleaved:  # matrix i's rows are every len(mats)-th row from i: strided views
         rows = mats[0].shape[0]
         q_parts = [q.reshape(rows, len(mats), k)[:, i] for i in range(len(mats))]
@@ -113,19 +105,22 @@ def _stacked(prefix: str, mats: list, as_q8: bool, dtype: str, pool: ThreadPoolE
     for job in jobs:
         job.result()
     if packed:
-        q, scale = _packed(q, scale, pool, buffers)
+        q, scale = _packed(q, scale, pool, buffers, packed)
     return {f"{prefix}.q": q, f"{prefix}.scale": scale}
 
 
-def _packed(q: np.ndarray, scale: np.ndarray, pool: ThreadPoolExecutor,
-            buffers: HostBuffers) -> tuple[np.ndarray, np.ndarray]:
-    """q and scale repacked 16 features to a vector, by chunks of packs on the pool."""
+def _packed(q: np.ndarray, scale: np.ndarray, pool: ThreadPoolExecutor, buffers: HostBuffers,
+            group: int) -> tuple[np.ndarray, np.ndarray]:
+    """q and scale repacked 16 features to a vector (q's inputs in groups of `group`), by
+    chunks of packs on the pool."""
     (n, k), cols = q.shape, scale.shape[1]
-    packed_q, packed_scale = buffers.arrays((packed_shape(n, k), np.int8),
+    for_dot = group == INT8_DOT_GROUP
+    packed_q, packed_scale = buffers.arrays((packed_shape(n, k, group), np.uint8 if for_dot else np.int8),
                                             (packed_shape(n, cols), np.float16))
+    pack_q = pack_for_int8_dot if for_dot else pack_features
     step = max(1, UNPACK_CHUNK_BYTES // (k * FEATURES_PER_PACK))
-    jobs = [pool.submit(pack_features, rows, out, slice(a, a + step))
-            for a in range(0, len(packed_q), step) for rows, out in ((q, packed_q), (scale, packed_scale))]
+    jobs = [pool.submit(pack, rows, out, slice(a, a + step)) for a in range(0, len(packed_q), step)
+            for pack, rows, out in ((pack_q, q, packed_q), (pack_features, scale, packed_scale))]
     for job in jobs:
         job.result()
     return packed_q, packed_scale
@@ -133,15 +128,15 @@ def _packed(q: np.ndarray, scale: np.ndarray, pool: ThreadPoolExecutor,
 
 def parameter_groups(weights: ModelWeights, quantized: dict[str, bool], dtype: str,
                      pool: ThreadPoolExecutor,
-                     packed: frozenset[str] = frozenset()) -> Iterator[dict[str, np.ndarray]]:
+                     packed: dict[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Host arrays named as the compiled module's parameters, a group at a time. A group's
     arrays stay valid until two more groups have been produced (HostBuffers), so loading
     holds two unpacked parameters at most, in memory it reuses. `packed`: the Q8_0 parameters
-    (by prefix) the module reads packed (packed_parameters)."""
+    (by prefix) the module reads packed, and how (packed_parameters)."""
     buffers = HostBuffers()
 
     def stacked(prefix, mats, as_q8, **how):
-        return _stacked(prefix, mats, as_q8, dtype, pool, buffers, packed=prefix in packed, **how)
+        return _stacked(prefix, mats, as_q8, dtype, pool, buffers, packed=(packed or {}).get(prefix, 0), **how)
     yield stacked("embed", [weights.embed], quantized["embed"], float_name="table")
     q8 = quantized["layers"]
     for i, layer in enumerate(weights.layers):
@@ -156,11 +151,12 @@ def parameter_groups(weights: ModelWeights, quantized: dict[str, bool], dtype: s
     yield stacked("head", [weights.output], quantized["output"])
 
 
-def packed_parameters(manifest: dict) -> frozenset[str]:
-    """The Q8_0 parameters a compiled module reads packed 16 features to a vector: those whose
-    q it declares 3-D ([packs, K, 16]; compiler/kernel_table.py q8_weight_shapes)."""
-    return frozenset(p["name"].removesuffix(".q") for p in manifest["params"]
-                     if p["name"].endswith(".q") and len(p["shape"]) == 3)
+def packed_parameters(manifest: dict) -> dict[str, int]:
+    """The Q8_0 parameters a compiled module reads packed 16 features to a vector, with the
+    inputs q groups: those whose q it declares 3-D ([packs, K / group, 16 group];
+    compiler/kernel_table.py q8_weight_shapes)."""
+    return {p["name"].removesuffix(".q"): p["shape"][2] // FEATURES_PER_PACK for p in manifest["params"]
+            if p["name"].endswith(".q") and len(p["shape"]) == 3}
 
 
 def find_or_compile(cfg: ModelConfig, quantized: dict[str, bool], target: str,
@@ -200,6 +196,8 @@ class Engine:
         self.dtype = self.manifest["dtype"]
         # the cache's dtype (an artifact from before it was its own kept it in the activations')
         self.kv_dtype = self.manifest.get("kv_dtype", self.dtype)
+        # CPU builds of processors with int8 dot products quantize the matmuls' activations
+        self.int8_activations = self.manifest.get("activations") == "int8"
         started = time.time()
         self.library = self.device.load_library(self.artifact / "model.so")
         # Entries that replay CUDA graphs (the artifact's own list: eager builds have none).

@@ -18,7 +18,7 @@ import os
 from tvm.script import tirx as T
 
 from trimode.compiler.kernels.cpu_math import exp_approx
-from trimode.model.weights import FEATURES_PER_PACK, Q8_BLOCK, packed_shape
+from trimode.model.weights import FEATURES_PER_PACK, INT8_DOT_GROUP, Q8_BLOCK, packed_shape
 
 F = FEATURES_PER_PACK
 # Below this much work (weights x rows) a matmul runs on one thread: waking the pool costs
@@ -54,7 +54,7 @@ def packs_per_task(packs: int, rows: str) -> int:
     return block
 
 
-def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc":
+def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: bool = False) -> "T.PrimFunc":
     """fp32 activations, any m, weights packed (packed_shape). Each converted weight vector is
     multiplied into a tile of rows (1 for decode, "one"; ROW_TILE for blocks and prefills),
     each 32-value block summed apart and its sums scaled once (scaling every converted vector
@@ -63,7 +63,13 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
     parallel task runs packs_per_task() packs through every row tile; the features of a last,
     partial pack (n not a multiple of 16) run after them, storing only the real ones. `rows`
     also sets how much work the parallel threshold expects. gated: y [m, n / 2] = silu(gate)
-    * up of features 2j, 2j + 1 (a pair never straddles two packs)."""
+    * up of features 2j, 2j + 1 (a pair never straddles two packs).
+
+    int8: the activations come quantized per 32 (quantize_rows: int8 values, their scale,
+    and 128 x their sum), the weights packed for int8 dot products (pack_for_int8_dot), and
+    a block's sums are exact int32 sums of vpdpbusd, 64 products an instruction (AVX-512
+    VNNI), scaled once by both scales: llama.cpp's CPU arithmetic, 1.2-1.3x at m = 1 and
+    1.8-3x at 4-16 rows over the fp32 kernel (BENCHMARKS.md)."""
     assert k % Q8_BLOCK == 0 and not (gated and n % 2)
     packs, _, _ = packed_shape(n, k)
     full, n_blocks = n // F, k // Q8_BLOCK
@@ -73,6 +79,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
     tasks_loop = T.parallel if work >= CPU_PARALLEL_MIN_WORK else T.serial
     ppt = packs_per_task(full, rows)
     out_n, half = (n // 2, F // 2) if gated else (n, F)
+    groups_per_block = Q8_BLOCK // INT8_DOT_GROUP
 
     def lanes(width):  # a full pack's outputs are stored as vectors, a partial one's one by one
         return T.vectorized if width == F else T.serial
@@ -88,23 +95,47 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
                     y[first + r, pack * F + f] = acc[r, f]
 
     @T.macro
+    def float_block(x, q, scale, pack, first, count, b, acc, blk, w):
+        for r in T.unroll(count):
+            for f in T.vectorized(F):
+                blk[r, f] = T.float32(0)
+        for c in range(Q8_BLOCK):
+            for f in T.vectorized(F):
+                w[f] = T.Cast("float32", q[pack, b * Q8_BLOCK + c, f])
+            for r in T.unroll(count):
+                for f in T.vectorized(F):
+                    blk[r, f] = blk[r, f] + x[first + r, b * Q8_BLOCK + c] * w[f]
+        for r in T.unroll(count):
+            for f in T.vectorized(F):
+                acc[r, f] = acc[r, f] + blk[r, f] * T.Cast("float32", scale[pack, b, f])
+
+    @T.macro
+    def int8_block(x, q, scale, pack, first, count, b, acc, blk, w):
+        # x is (values, scales, offsets): blk holds int32 sums here, w is unused
+        for r in T.unroll(count):
+            for f in T.vectorized(F):
+                blk[r, f] = 0
+        for g in T.unroll(groups_per_block):
+            for r in T.unroll(count):
+                blk[r, T.ramp(0, 1, F)] = T.call_llvm_pure_intrin(
+                    "int32x16", "llvm.x86.avx512.vpdpbusd.512", blk[r, T.ramp(0, 1, F)],
+                    q[pack, b * groups_per_block + g, T.ramp(0, 1, 4 * F)],
+                    T.reinterpret("int8x64", T.broadcast(T.reinterpret(
+                        "int32", x[0][first + r, T.ramp(b * Q8_BLOCK + g * INT8_DOT_GROUP, 1, 4)]), F)))
+        for r in T.unroll(count):
+            for f in T.vectorized(F):
+                acc[r, f] = acc[r, f] + T.Cast("float32", blk[r, f] - x[2][first + r, b]) * (
+                    T.Cast("float32", scale[pack, b, f]) * x[1][first + r, b])
+
+    block = int8_block if int8 else float_block
+
+    @T.macro
     def row_tile(x, q, scale, y, pack, first, count, width, acc, blk, w):
         for r in T.unroll(count):
             for f in T.vectorized(F):
                 acc[r, f] = T.float32(0)
         for b in range(n_blocks):
-            for r in T.unroll(count):
-                for f in T.vectorized(F):
-                    blk[r, f] = T.float32(0)
-            for c in range(Q8_BLOCK):
-                for f in T.vectorized(F):
-                    w[f] = T.Cast("float32", q[pack, b * Q8_BLOCK + c, f])
-                for r in T.unroll(count):
-                    for f in T.vectorized(F):
-                        blk[r, f] = blk[r, f] + x[first + r, b * Q8_BLOCK + c] * w[f]
-            for r in T.unroll(count):
-                for f in T.vectorized(F):
-                    acc[r, f] = acc[r, f] + blk[r, f] * T.Cast("float32", scale[pack, b, f])
+            block(x, q, scale, pack, first, count, b, acc, blk, w)
         store(y, acc, first, count, pack, width)
 
     @T.macro
@@ -117,7 +148,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
     @T.macro
     def packs_times_rows(x, q, scale, y, m, first_pack, n_packs, width):
         acc = T.decl_buffer((rt, F), "float32")
-        blk = T.decl_buffer((rt, F), "float32")
+        blk = T.decl_buffer((rt, F), "int32" if int8 else "float32")
         w = T.decl_buffer((F,), "float32")
         for ro in range(m // rt):
             for p in range(n_packs):
@@ -127,6 +158,24 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
         remainder(x, q, scale, y, m, first_pack, n_packs, width, 3, acc, blk, w)
         remainder(x, q, scale, y, m, first_pack, n_packs, width, 4, acc, blk, w)
         remainder(x, q, scale, y, m, first_pack, n_packs, width, 5, acc, blk, w)
+
+    if int8:
+        @T.prim_func(private=True)
+        def q8_matmul(var_xq: T.handle, var_xd: T.handle, var_xsum: T.handle,
+                      q: T.Buffer(packed_shape(n, k, INT8_DOT_GROUP), "uint8"),
+                      scale: T.Buffer((packs, n_blocks, F), "float16"), var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            xq = T.match_buffer(var_xq, (m, k), "int8")
+            xd = T.match_buffer(var_xd, (m, n_blocks), "float32")
+            xsum = T.match_buffer(var_xsum, (m, n_blocks), "int32")
+            y = T.match_buffer(var_y, (m, out_n), "float32")
+            for task in tasks_loop(full // ppt):
+                packs_times_rows((xq, xd, xsum), q, scale, y, m, task * ppt, ppt, F)
+            if packs > full:
+                packs_times_rows((xq, xd, xsum), q, scale, y, m, full, 1, n % F)
+
+        return q8_matmul
 
     @T.prim_func(private=True)
     def q8_matmul(var_x: T.handle, q: T.Buffer((packs, k, F), "int8"),
@@ -141,3 +190,44 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
             packs_times_rows(x, q, scale, y, m, full, 1, n % F)
 
     return q8_matmul
+
+
+def quantize_rows(k: int, rows: str) -> "T.PrimFunc":
+    """x [m, k] fp32 -> the int8 matmul's activations, per block of 32 as llama.cpp's Q8_0:
+    d = max|x| / 127, values round(x / d), and 128 x the block's sum of values (the kernel
+    takes off the 128 its weights are offset by). Each row is quantized alone, so a row's
+    result does not depend on the rows beside it (greedy self-speculation stays AR's)."""
+    n_blocks = k // Q8_BLOCK
+    rows_loop = T.serial if rows == "one" else T.parallel
+
+    # s_tir with a root block, as Relax's reshape detection expects of a one-input kernel
+    @T.prim_func(private=True, s_tir=True)
+    def quantize(var_x: T.handle, var_xq: T.handle, var_xd: T.handle, var_xsum: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, k), "float32")
+        xq = T.match_buffer(var_xq, (m, k), "int8")
+        xd = T.match_buffer(var_xd, (m, n_blocks), "float32")
+        xsum = T.match_buffer(var_xsum, (m, n_blocks), "int32")
+        with T.sblock("root"):
+            T.reads(x[0:m, 0:k])
+            T.writes(xq[0:m, 0:k], xd[0:m, 0:n_blocks], xsum[0:m, 0:n_blocks])
+            for r in rows_loop(m):
+                top = T.decl_buffer((F,), "float32")
+                total = T.decl_buffer((1,), "int32")
+                for b in range(n_blocks):
+                    for i in T.vectorized(F):
+                        top[i] = T.max(T.fabs(x[r, b * Q8_BLOCK + i]), T.fabs(x[r, b * Q8_BLOCK + F + i]))
+                    for i in range(1, F):
+                        top[0] = T.max(top[0], top[i])
+                    d = top[0] / T.float32(127)
+                    inverse = T.Select(d > T.float32(0), T.float32(1) / d, T.float32(0))
+                    xd[r, b] = d
+                    for i in T.vectorized(Q8_BLOCK):
+                        xq[r, b * Q8_BLOCK + i] = T.Cast("int8", T.round(x[r, b * Q8_BLOCK + i] * inverse))
+                    total[0] = 0
+                    for i in range(Q8_BLOCK):
+                        total[0] = total[0] + T.Cast("int32", xq[r, b * Q8_BLOCK + i])
+                    xsum[r, b] = total[0] * 128
+
+    return quantize
