@@ -68,8 +68,9 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: bool = F
     int8: the activations come quantized per 32 (quantize_rows: int8 values, their scale,
     and 128 x their sum), the weights packed for int8 dot products (pack_for_int8_dot), and
     a block's sums are exact int32 sums of vpdpbusd, 64 products an instruction (AVX-512
-    VNNI), scaled once by both scales: llama.cpp's CPU arithmetic, 1.2-1.3x at m = 1 and
-    1.8-3x at 4-16 rows over the fp32 kernel (BENCHMARKS.md)."""
+    VNNI), scaled once by both scales: llama.cpp's CPU arithmetic; with the quantize kernel,
+    1.05-1.2x the fp32 kernel's speed at m = 1, 1.6-2x at 4 rows, 2.4-2.9x at 16 (the 3B's
+    shapes, BENCHMARKS.md)."""
     assert k % Q8_BLOCK == 0 and not (gated and n % 2)
     packs, _, _ = packed_shape(n, k)
     full, n_blocks = n // F, k // Q8_BLOCK
@@ -159,6 +160,13 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: bool = F
         remainder(x, q, scale, y, m, first_pack, n_packs, width, 4, acc, blk, w)
         remainder(x, q, scale, y, m, first_pack, n_packs, width, 5, acc, blk, w)
 
+    @T.macro
+    def all_packs(x, q, scale, y, m):
+        for task in tasks_loop(full // ppt):
+            packs_times_rows(x, q, scale, y, m, task * ppt, ppt, F)
+        if packs > full:
+            packs_times_rows(x, q, scale, y, m, full, 1, n % F)
+
     if int8:
         @T.prim_func(private=True)
         def q8_matmul(var_xq: T.handle, var_xd: T.handle, var_xsum: T.handle,
@@ -170,10 +178,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: bool = F
             xd = T.match_buffer(var_xd, (m, n_blocks), "float32")
             xsum = T.match_buffer(var_xsum, (m, n_blocks), "int32")
             y = T.match_buffer(var_y, (m, out_n), "float32")
-            for task in tasks_loop(full // ppt):
-                packs_times_rows((xq, xd, xsum), q, scale, y, m, task * ppt, ppt, F)
-            if packs > full:
-                packs_times_rows((xq, xd, xsum), q, scale, y, m, full, 1, n % F)
+            all_packs((xq, xd, xsum), q, scale, y, m)
 
         return q8_matmul
 
@@ -184,10 +189,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: bool = F
         m = T.int64()
         x = T.match_buffer(var_x, (m, k), "float32")
         y = T.match_buffer(var_y, (m, out_n), "float32")
-        for task in tasks_loop(full // ppt):
-            packs_times_rows(x, q, scale, y, m, task * ppt, ppt, F)
-        if packs > full:
-            packs_times_rows(x, q, scale, y, m, full, 1, n % F)
+        all_packs(x, q, scale, y, m)
 
     return q8_matmul
 
