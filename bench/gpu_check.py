@@ -154,7 +154,7 @@ def check_tiny(target: str, artifact: str | None, tol: float) -> list[dict]:
     cfg = GEOMETRIES["tiny"]
     weights = random_weights(cfg, seed=3)
     engine = Engine(cfg, weights, target, artifact=artifact, log=log)
-    ref_model = ReferenceModel(cfg, weights)
+    ref_model = ReferenceModel(cfg, weights, int8_activations=engine.int8_activations)
     return (check_entries(engine, ref_model, tol) + check_greedy_chain(engine, ref_model, tol)
             + check_top_candidates(engine) + check_logprobs(engine, ref_model, tol))
 
