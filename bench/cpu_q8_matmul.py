@@ -64,7 +64,7 @@ def fastest_us(module, n: int, k: int, m: int, repeat: int, int8: bool = False) 
     rows = "one" if m == 1 else ("block" if m <= 64 else "many")
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
                                 "num-cores": int(os.environ["TVM_NUM_THREADS"]),
-                                **({"mattr": ["+avx512vnni", "+avx512bw"]} if int8 else {})})
+                                **({"mattr": q8_matmul.INT8_DOT_MATTR} if int8 else {})})
 
     def built(func):
         return tvm.compile(func.with_attr("global_symbol", "f"), target=target)["f"]
@@ -76,8 +76,7 @@ def fastest_us(module, n: int, k: int, m: int, repeat: int, int8: bool = False) 
     out = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
     if int8:
         quantize, mm = built(module.quantize_rows(k, rows)), built(module.q8_matmul_cpu(n, k, rows, int8=True))
-        activations = [tvm.runtime.tensor(np.zeros(s, t), dev) for s, t in
-                       (((m, k), np.int8), ((m, k // 32), np.float32), ((m, k // 32), np.int32))]
+        activations = [tvm.runtime.tensor(np.zeros(s, t), dev) for s, t in module.int8_activation_specs(m, k)]
         weights = [tvm.runtime.tensor(a, dev) for a in (packed_for_int8_dot(w.q), packed(w.scale))]
 
         def fn(x):

@@ -31,8 +31,10 @@ def tvm_cpu():
     import tvm
     from tvm.target import codegen
 
+    from trimode.compiler.kernels.q8_matmul import INT8_DOT_MATTR
+
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
-                                "mattr": ["+avx512vnni", "+avx512bw"]})
+                                "mattr": INT8_DOT_MATTR})
     return tvm, target
 
 
@@ -43,12 +45,11 @@ def build(tvm_cpu, func):
 
 def quantized(tvm_cpu, x: np.ndarray, rows: str) -> list[np.ndarray]:
     """The quantize kernel's outputs for x: values, scales, 128 x the values' block sums."""
-    from trimode.compiler.kernels.q8_matmul import quantize_rows
+    from trimode.compiler.kernels.q8_matmul import int8_activation_specs, quantize_rows
 
     tvm, _ = tvm_cpu
     m, k = x.shape
-    outs = [tvm.runtime.tensor(np.zeros(s, t), tvm.cpu()) for s, t in
-            (((m, k), np.int8), ((m, k // 32), np.float32), ((m, k // 32), np.int32))]
+    outs = [tvm.runtime.tensor(np.zeros(s, t), tvm.cpu()) for s, t in int8_activation_specs(m, k)]
     build(tvm_cpu, quantize_rows(k, rows))(tvm.runtime.tensor(x, tvm.cpu()), *outs)
     return [o.numpy() for o in outs]
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import platform
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
@@ -73,13 +74,20 @@ def dependent_launch_enabled(target: dict) -> bool:
     return target["kind"] == "cuda" and os.environ.get("TRIMODE_PDL", "1") != "0"
 
 
-def cpu_flags() -> set[str]:
-    """This processor's feature flags as /proc/cpuinfo names them (empty where there is none)."""
+@lru_cache(maxsize=1)
+def first_cpu_info() -> list[str] | None:
+    """The first processor's lines of /proc/cpuinfo (None where there is none); read once, as
+    the build key asks for them twice a start."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    for line in info.split("\n\n")[0].splitlines():
+        return None
+    return info.split("\n\n")[0].splitlines()
+
+
+def cpu_flags() -> set[str]:
+    """This processor's feature flags as /proc/cpuinfo names them (empty where there is none)."""
+    for line in first_cpu_info() or []:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
@@ -100,12 +108,10 @@ def int8_activations_enabled(target: dict) -> bool:
 
 def cpu_fingerprint() -> str:
     """This processor's model and feature flags (a CPU build targets them: -mcpu=native)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    info = first_cpu_info()
+    if info is None:
         return platform.machine()
-    first = info.split("\n\n")[0]
-    lines = [line for line in first.splitlines() if line.startswith(("model name", "flags"))]
+    lines = [line for line in info if line.startswith(("model name", "flags"))]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
 
 

@@ -55,7 +55,8 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
     try:
         graph_entries = build_library(mod, target, str(tmp / "model.so"), log,
                                       cuda_graphs=cuda_graphs_enabled(target),
-                                      dependent_launch=dependent_launch_enabled(target))
+                                      dependent_launch=dependent_launch_enabled(target),
+                                      int8_dot=kernels.int8_activations)
         manifest = {
             "key": key,
             "target": target_name,

@@ -20,6 +20,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op, spec
 
 from trimode.compiler.kernel_table import MAX_BLOCK, Kernels
+from trimode.compiler.kernels.q8_matmul import int8_activation_specs
 from trimode.model.config import ModelConfig
 from trimode.runtime.forward import TOP_CANDIDATES, mass_chunks
 
@@ -48,11 +49,10 @@ class Q8Linear(nn.Module):
         out = Tensor.placeholder([x.shape[0], self.n // 2 if self.gated else self.n], x.dtype)
         inputs = [x]
         if self.kernels.int8_activations:  # values, scales and offsets per 32 (quantize_rows)
-            t, blocks = x.shape[0], self.k // 32
-            inputs = op.tensor_ir_op(self.kernels.quantize_rows(self.k, rows), f"quantize_{self.role}", [x],
-                                     [Tensor.placeholder([t, self.k], "int8"),
-                                      Tensor.placeholder([t, blocks], "float32"),
-                                      Tensor.placeholder([t, blocks], "int32")])
+            quantized = [Tensor.placeholder(shape, dtype)
+                         for shape, dtype in int8_activation_specs(x.shape[0], self.k)]
+            inputs = op.tensor_ir_op(self.kernels.quantize_rows(self.k, rows), f"quantize_{self.role}",
+                                     [x], quantized)
         return op.tensor_ir_op(kernel, f"q8_matmul_{self.role}", [*inputs, self.q, self.scale], out)
 
 

@@ -7,7 +7,7 @@ import time
 import tvm
 from tvm import relax
 
-from trimode.artifacts import int8_activations_enabled
+from trimode.compiler.kernels.q8_matmul import INT8_DOT_MATTR
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleUnscheduledKernels")
@@ -73,19 +73,20 @@ def relax_passes(target: tvm.target.Target) -> list:
 
 
 def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
-                  cuda_graphs: bool = False, dependent_launch: bool = False) -> list[str]:
+                  cuda_graphs: bool = False, dependent_launch: bool = False,
+                  int8_dot: bool = False) -> list[str]:
     """Compiles and exports the VM library; returns the entries that run CUDA graphs. CUDA
     builds run inside cuda_build_context, so the library embeds GPU machine code even on a
     machine without a GPU (TVM.md). dependent_launch: every kernel may start while the one
-    before it drains (grid_dependency.py)."""
+    before it drains (grid_dependency.py). int8_dot: a CPU build of int8 matmuls (VNNI)."""
     if target_spec["kind"] == "cuda":
         target = tvm.target.Target(target_spec, host="llvm")
     else:  # this CPU's instruction set (AVX2/AVX-512): 1.5-2x on the Q8_0 matmuls
         from tvm.target import codegen
 
         cpu = {"mcpu": codegen.llvm_get_system_cpu()}
-        if int8_activations_enabled(target_spec):  # the flag says so even where -mcpu does not
-            cpu["mattr"] = ["+avx512vnni", "+avx512bw"]
+        if int8_dot:  # the processor's flags say so even where -mcpu does not
+            cpu["mattr"] = INT8_DOT_MATTR
         target = tvm.target.Target({**target_spec, **cpu})
     started = time.time()
     with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):

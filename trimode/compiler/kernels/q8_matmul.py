@@ -35,6 +35,8 @@ TYPICAL_BLOCK_ROWS = 8
 # tile: the tile's x (ROW_TILE x K floats) is then read from L1 once per pack instead of
 # streaming from L2 (prefill of 128 rows 1.2-1.8x faster single-threaded, BENCHMARKS.md).
 MAX_FEATURE_BLOCK = 64
+# LLVM features the int8 kernel's vpdpbusd needs (artifacts.cpu_has_int8_dot: the processor's)
+INT8_DOT_MATTR = ["+avx512vnni", "+avx512bw"]
 
 
 def silu_times(gate, up):
@@ -192,6 +194,12 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: bool = F
         all_packs(x, q, scale, y, m)
 
     return q8_matmul
+
+
+def int8_activation_specs(m, k: int) -> list[tuple[list, str]]:
+    """(shape, dtype) of the activations quantize_rows writes and the int8 matmul reads:
+    values [m, k] int8, scales [m, k / 32] float32, 128 x the values' block sums int32."""
+    return [([m, k], "int8"), ([m, k // Q8_BLOCK], "float32"), ([m, k // Q8_BLOCK], "int32")]
 
 
 def quantize_rows(k: int, rows: str) -> "T.PrimFunc":
