@@ -1,9 +1,13 @@
 """The CPU Q8_0 matmul kernel alone (compiler/kernels/q8_matmul.py), built for this processor,
 timed at the default model's shapes and a few row counts; beside it, with --baseline REV, the
 kernel as that revision wrote it (git show), or with --int8 this tree's int8-activation kernel
-(AVX-512 VNNI; its quantize kernel's time included), in the same process, for side by side ratios.
+(on this processor's widest int8 dot product or --dot's; its quantize kernel's time
+included), in the same process, for side by side ratios. --mcpu builds every kernel for
+another processor (LLVM's name) whose instructions this one runs: `--mcpu alderlake --dot
+avxvnni` times a client core without AVX-512, its AVX2 and AVX-VNNI.
 
-    TVM_NUM_THREADS=1 python bench/cpu_q8_matmul.py [--rows 1,4,16,128] [--baseline REV | --int8] [--geometry 3b]
+    TVM_NUM_THREADS=1 python bench/cpu_q8_matmul.py [--rows 1,4,16,128] [--baseline REV | --int8]
+        [--geometry 3b] [--mcpu NAME] [--dot avx512vnni|avxvnni]
 
 Each figure is the fastest of --repeat calls (on a shared machine the minimum is what the
 kernel costs; medians carry the neighbours' load). One thread by default is the kernel's own
@@ -29,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import tvm  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
+from trimode.artifacts import cpu_int8_dot  # noqa: E402
 from trimode.compiler.kernels import q8_matmul  # noqa: E402
 from trimode.model.config import GEOMETRIES  # noqa: E402
 from trimode.model.reference import int8_rows  # noqa: E402
@@ -60,11 +65,11 @@ def kernel_of(rev: str, path: str = "trimode/compiler/kernels/q8_matmul.py") -> 
     return module
 
 
-def fastest_us(module, n: int, k: int, m: int, repeat: int, int8: bool = False) -> float:
+def fastest_us(module, n: int, k: int, m: int, repeat: int, mcpu: str, int8: str | None = None) -> float:
     rows = "one" if m == 1 else ("block" if m <= 64 else "many")
-    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu,
                                 "num-cores": int(os.environ["TVM_NUM_THREADS"]),
-                                **({"mattr": q8_matmul.INT8_DOT_MATTR} if int8 else {})})
+                                **({"mattr": q8_matmul.INT8_DOTS[int8][2]} if int8 else {})})
 
     def built(func):
         return tvm.compile(func.with_attr("global_symbol", "f"), target=target)["f"]
@@ -75,7 +80,7 @@ def fastest_us(module, n: int, k: int, m: int, repeat: int, int8: bool = False) 
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
     if int8:
-        quantize, mm = built(module.quantize_rows(k, rows)), built(module.q8_matmul_cpu(n, k, rows, int8=True))
+        quantize, mm = built(module.quantize_rows(k, rows)), built(module.q8_matmul_cpu(n, k, rows, int8=int8))
         activations = [tvm.runtime.tensor(np.zeros(s, t), dev) for s, t in module.int8_activation_specs(m, k)]
         weights = [tvm.runtime.tensor(a, dev) for a in (packed_for_int8_dot(w.q), packed(w.scale))]
 
@@ -115,22 +120,28 @@ def main() -> None:
     group.add_argument("--baseline", metavar="REV", help="a git revision's kernel to time beside this tree's")
     group.add_argument("--int8", action="store_true", help="this tree's int8-activation kernel beside the fp32 one")
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), help="that geometry's matmuls instead of the default model's")
+    ap.add_argument("--mcpu", default=codegen.llvm_get_system_cpu(), help="the processor to build for (default: this one)")
+    ap.add_argument("--dot", choices=sorted(q8_matmul.INT8_DOTS), default=cpu_int8_dot(),
+                    help="--int8's dot product (default: this processor's widest)")
     args = ap.parse_args()
+    if args.int8 and not args.dot:
+        ap.error("this processor has no int8 dot product")
     shapes = shapes_of(args.geometry) if args.geometry else SHAPES
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # before the first kernel starts the pool
-    sources = [("this", q8_matmul, False)]
+    sources = [("this", q8_matmul, None)]
     if args.baseline:
-        sources.append(("baseline", kernel_of(args.baseline), False))
+        sources.append(("baseline", kernel_of(args.baseline), None))
     if args.int8:
-        sources.append(("int8", q8_matmul, True))
+        sources.append(("int8", q8_matmul, args.dot))
     second = len(sources) > 1
-    print(f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, fastest of {args.repeat}; us")
+    print(f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, fastest of {args.repeat}; us; -mcpu={args.mcpu}"
+          + (f", int8 on {args.dot}" if args.int8 else ""))
     head = "| matmul | n x k | m |" + "".join(f" {name} |" for name, _, _ in sources)
     print(head + ((" this / int8 |" if args.int8 else " baseline / this |") if second else ""))
     print("|---" * (head.count("|") - 1 + second) + "|")
     for m in (int(r) for r in args.rows.split(",")):
         for name, (n, k) in shapes.items():
-            times = [fastest_us(module, n, k, m, args.repeat, int8) for _, module, int8 in sources]
+            times = [fastest_us(module, n, k, m, args.repeat, args.mcpu, int8) for _, module, int8 in sources]
             line = f"| {name} | {n} x {k} | {m} |" + "".join(f" {t:.1f} |" for t in times)
             ratio = times[0] / times[1] if args.int8 else times[1] / times[0] if second else None
             print(line + (f" {ratio:.2f} |" if second else ""), flush=True)

@@ -1,8 +1,9 @@
-"""The CPU build with int8 activations (processors with AVX-512 VNNI): its two kernels against
+"""The CPU build with int8 activations (processors with AVX-512 VNNI or AVX-VNNI): its two kernels against
 float64, and the whole model against the reference that quantizes as it does.
 
 Each Q8_0 matmul's input is quantized per 32 (compiler/kernels/q8_matmul.quantize_rows) and
-multiplied with int8 dot products (q8_matmul_cpu(int8=True)). The kernels are exact given
+multiplied with int8 dot products (q8_matmul_cpu(int8=dot)), each dot product this processor
+has. The kernels are exact given
 their quantized inputs, so they are held to float32 rounding. The whole model is held to the
 reference with int8_activations=True, which rounds the same way; where the two disagree it is
 an activation within ~1e-7 of a rounding boundary going the other way (conftest.py). On the
@@ -16,30 +17,34 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trimode.artifacts import cpu_has_int8_dot
+from trimode.artifacts import cpu_int8_dots
 from trimode.model.reference import ReferenceForward, ReferenceModel, int8_rows
 from trimode.model.weights import Q8Matrix, packed, packed_for_int8_dot
 
-pytestmark = pytest.mark.skipif(not cpu_has_int8_dot(),
-                                reason="no AVX-512 VNNI here: CPU builds keep fp32 activations")
+DOTS = cpu_int8_dots()
+pytestmark = pytest.mark.skipif(not DOTS, reason="no VNNI here: CPU builds keep fp32 activations")
 
 CTX = 256
+# The processor each dot product's kernels are built for: AVX-VNNI's for a client core
+# without AVX-512 (Alder Lake), so none of the kernel may lean on AVX-512
+KERNEL_CPU = {"avxvnni": "alderlake"}
 
 
-@pytest.fixture(scope="module")
-def tvm_cpu():
+@pytest.fixture(scope="module", params=DOTS)
+def tvm_cpu(request):
     import tvm
     from tvm.target import codegen
 
-    from trimode.compiler.kernels.q8_matmul import INT8_DOT_MATTR
+    from trimode.compiler.kernels.q8_matmul import INT8_DOTS
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(),
-                                "mattr": INT8_DOT_MATTR})
-    return tvm, target
+    dot = request.param
+    target = tvm.target.Target({"kind": "llvm", "mcpu": KERNEL_CPU.get(dot, codegen.llvm_get_system_cpu()),
+                                "mattr": INT8_DOTS[dot][2]})
+    return tvm, target, dot
 
 
 def build(tvm_cpu, func):
-    tvm, target = tvm_cpu
+    tvm, target, _ = tvm_cpu
     return tvm.compile(func.with_attr("global_symbol", "f"), target=target)["f"]
 
 
@@ -47,7 +52,7 @@ def quantized(tvm_cpu, x: np.ndarray, rows: str) -> list[np.ndarray]:
     """The quantize kernel's outputs for x: values, scales, 128 x the values' block sums."""
     from trimode.compiler.kernels.q8_matmul import int8_activation_specs, quantize_rows
 
-    tvm, _ = tvm_cpu
+    tvm = tvm_cpu[0]
     m, k = x.shape
     outs = [tvm.runtime.tensor(np.zeros(s, t), tvm.cpu()) for s, t in int8_activation_specs(m, k)]
     build(tvm_cpu, quantize_rows(k, rows))(tvm.runtime.tensor(x, tvm.cpu()), *outs)
@@ -79,8 +84,8 @@ def test_int8_matmul_equals_float64_of_its_quantized_inputs(tvm_cpu, n, k, rows,
     block (4-row) and prefill (6-row) tiles."""
     from trimode.compiler.kernels.q8_matmul import q8_matmul_cpu
 
-    tvm, _ = tvm_cpu
-    mm = build(tvm_cpu, q8_matmul_cpu(n, k, rows, gated, int8=True))
+    tvm, _, dot = tvm_cpu
+    mm = build(tvm_cpu, q8_matmul_cpu(n, k, rows, gated, int8=dot))
     rng = np.random.default_rng(n + k)
     w = Q8Matrix.quantize(rng.standard_normal((n, k)).astype(np.float32))
     weights = [tvm.runtime.tensor(a, tvm.cpu()) for a in (packed_for_int8_dot(w.q), packed(w.scale))]
@@ -100,19 +105,23 @@ def rel_err_of_rows(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     return np.abs(got - want).max(axis=-1) / np.abs(want).max()
 
 
-@pytest.fixture(scope="module")
-def int8_engine(tiny_model):
+@pytest.fixture(scope="module", params=DOTS)
+def int8_engine(request, tiny_model):
+    """A build on each dot product this processor has (a narrower one than its widest as a
+    processor without the wider one would build)."""
     from trimode.runtime.engine import Engine
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRIMODE_INT8", "1")
+        mp.setattr("trimode.artifacts.cpu_int8_dot", lambda: request.param)
         engine = Engine(tiny_model.config, tiny_model.weights, "llvm", metadata=tiny_model.metadata)
-    return engine, tiny_model.weights
+    return engine, tiny_model.weights, request.param
 
 
 def test_the_build_says_it_quantizes_and_declares_the_dot_layout(int8_engine):
-    engine, _ = int8_engine
+    engine, _, dot = int8_engine
     assert engine.int8_activations and engine.manifest["activations"] == "int8"
+    assert engine.manifest["int8_dot"] == dot
     q = {p["name"]: p for p in engine.manifest["params"]}["layers.0.qkv.q"]
     assert q["dtype"] == "uint8" and q["shape"][2] == 64  # 16 features x 4 inputs
 
@@ -124,7 +133,7 @@ def test_every_entry_follows_the_int8_reference(int8_engine):
     otherwise, would not (the quantization moves every row > 1e-3: the fp32-activation
     reference); no row is further off than the quantization moves the model (1.4e-2 at most
     here)."""
-    engine, weights = int8_engine
+    engine, weights, _ = int8_engine
     cfg = engine.config
     fwd = engine.new_sequence(CTX)
     int8_ref = ReferenceForward(ReferenceModel(cfg, weights, int8_activations=True), CTX)
@@ -147,7 +156,7 @@ def test_every_entry_follows_the_int8_reference(int8_engine):
 def test_greedy_spec_equals_greedy_ar_on_the_int8_build(int8_engine):
     from trimode.runtime.generation import DecodeParams, GenerationRequest, generate
 
-    engine, _ = int8_engine
+    engine, _, _ = int8_engine
     prompt = tuple(np.random.default_rng(5).integers(4, engine.config.vocab, 30).tolist())
 
     def tokens(mode):

@@ -93,17 +93,31 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def cpu_has_int8_dot() -> bool:
-    """AVX-512 VNNI: vpdpbusd, 64 byte products summed into 16 int32 lanes an instruction."""
-    return {"avx512_vnni", "avx512bw"} <= cpu_flags()
+# The int8 dot products the CPU build can use, widest first, by LLVM's feature names (the
+# int8 kernel's q8_matmul.INT8_DOTS), and the /proc/cpuinfo flags each needs: AVX-512 VNNI
+# (vpdpbusd, 64 byte products into 16 int32 lanes an instruction) and AVX-VNNI (its 256-bit
+# VEX form: Intel's client cores without AVX-512).
+INT8_DOT_FLAGS = {"avx512vnni": {"avx512_vnni", "avx512bw"}, "avxvnni": {"avx_vnni"}}
 
 
-def int8_activations_enabled(target: dict) -> bool:
-    """CPU builds on processors with int8 dot products quantize each Q8_0 matmul's activations
-    to int8 per 32, as llama.cpp's CPU path does, unless TRIMODE_INT8=0 (the fp32-activation
-    build, kept for comparison; the only one elsewhere)."""
-    return (target["kind"] == "llvm" and cpu_has_int8_dot()
-            and os.environ.get("TRIMODE_INT8", "1") != "0")
+def cpu_int8_dots() -> list[str]:
+    """The int8 dot products this processor has, widest first."""
+    flags = cpu_flags()
+    return [dot for dot, needs in INT8_DOT_FLAGS.items() if needs <= flags]
+
+
+def cpu_int8_dot() -> str | None:
+    """This processor's widest int8 dot product (None: it has none)."""
+    return next(iter(cpu_int8_dots()), None)
+
+
+def int8_activations_enabled(target: dict) -> str | None:
+    """The dot product of a CPU build that quantizes each Q8_0 matmul's activations to int8
+    per 32, as llama.cpp's CPU path does: this processor's, unless TRIMODE_INT8=0 (the
+    fp32-activation build, kept for comparison; the only one where there is none)."""
+    if target["kind"] != "llvm" or os.environ.get("TRIMODE_INT8", "1") == "0":
+        return None
+    return cpu_int8_dot()
 
 
 def cpu_fingerprint() -> str:

@@ -64,6 +64,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
             "dtype": kernels.dtype,
             "kv_dtype": kernels.kv_dtype,
             "activations": kernels.matmul_activations,
+            "int8_dot": kernels.int8_activations,
             "layout": layout_key(cfg, quantized),
             "config": cfg.geometry_key(),
             "entries": list(model.entry_specs()),

@@ -21,8 +21,9 @@ class Kernels:
     cfg: ModelConfig
     target_kind: str  # "llvm" | "cuda"
     schedules: dict = field(default_factory=dict)
-    # CPU only: Q8_0 matmuls take their activations quantized to int8 (artifacts.py says when)
-    int8_activations: bool = False
+    # CPU only: Q8_0 matmuls take their activations quantized to int8, multiplied by this
+    # dot product (q8_matmul.INT8_DOTS; artifacts.int8_activations_enabled says which)
+    int8_activations: str | None = None
 
     @property
     def dtype(self) -> str:

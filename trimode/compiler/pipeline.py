@@ -7,7 +7,7 @@ import time
 import tvm
 from tvm import relax
 
-from trimode.compiler.kernels.q8_matmul import INT8_DOT_MATTR
+from trimode.compiler.kernels.q8_matmul import INT8_DOTS
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleUnscheduledKernels")
@@ -74,11 +74,12 @@ def relax_passes(target: tvm.target.Target) -> list:
 
 def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
                   cuda_graphs: bool = False, dependent_launch: bool = False,
-                  int8_dot: bool = False) -> list[str]:
+                  int8_dot: str | None = None) -> list[str]:
     """Compiles and exports the VM library; returns the entries that run CUDA graphs. CUDA
     builds run inside cuda_build_context, so the library embeds GPU machine code even on a
     machine without a GPU (TVM.md). dependent_launch: every kernel may start while the one
-    before it drains (grid_dependency.py). int8_dot: a CPU build of int8 matmuls (VNNI)."""
+    before it drains (grid_dependency.py). int8_dot: a CPU build of int8 matmuls, on
+    that dot product (q8_matmul.INT8_DOTS)."""
     if target_spec["kind"] == "cuda":
         target = tvm.target.Target(target_spec, host="llvm")
     else:  # this CPU's instruction set (AVX2/AVX-512): 1.5-2x on the Q8_0 matmuls
@@ -86,7 +87,7 @@ def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
 
         cpu = {"mcpu": codegen.llvm_get_system_cpu()}
         if int8_dot:  # the processor's flags say so even where -mcpu does not
-            cpu["mattr"] = INT8_DOT_MATTR
+            cpu["mattr"] = INT8_DOTS[int8_dot][2]
         target = tvm.target.Target({**target_spec, **cpu})
     started = time.time()
     with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):

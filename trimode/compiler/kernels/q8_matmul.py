@@ -35,8 +35,13 @@ TYPICAL_BLOCK_ROWS = 8
 # tile: the tile's x (ROW_TILE x K floats) is then read from L1 once per pack instead of
 # streaming from L2 (prefill of 128 rows 1.2-1.8x faster single-threaded, BENCHMARKS.md).
 MAX_FEATURE_BLOCK = 64
-# LLVM features the int8 kernel's vpdpbusd needs (artifacts.cpu_has_int8_dot: the processor's)
-INT8_DOT_MATTR = ["+avx512vnni", "+avx512bw"]
+# The int8 kernel's dot products (artifacts.INT8_DOT_FLAGS: which processors have them):
+# int32 lanes an instruction sums 4 byte products into, its intrinsic, the LLVM features it
+# needs. AVX-VNNI's 256-bit instruction takes a 64-byte pack in two.
+INT8_DOTS = {
+    "avx512vnni": (16, "llvm.x86.avx512.vpdpbusd.512", ["+avx512vnni", "+avx512bw"]),
+    "avxvnni": (8, "llvm.x86.avx512.vpdpbusd.256", ["+avxvnni"]),
+}
 
 
 def silu_times(gate, up):
@@ -56,7 +61,7 @@ def packs_per_task(packs: int, rows: str) -> int:
     return block
 
 
-def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: bool = False) -> "T.PrimFunc":
+def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | None = None) -> "T.PrimFunc":
     """fp32 activations, any m, weights packed (packed_shape). Each converted weight vector is
     multiplied into a tile of rows (1 for decode, "one"; ROW_TILE for blocks and prefills),
     each 32-value block summed apart and its sums scaled once (scaling every converted vector
@@ -67,12 +72,12 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: bool = F
     also sets how much work the parallel threshold expects. gated: y [m, n / 2] = silu(gate)
     * up of features 2j, 2j + 1 (a pair never straddles two packs).
 
-    int8: the activations come quantized per 32 (quantize_rows: int8 values, their scale,
-    and 128 x their sum), the weights packed for int8 dot products (pack_for_int8_dot), and
-    a block's sums are exact int32 sums of vpdpbusd, 64 products an instruction (AVX-512
-    VNNI), scaled once by both scales: llama.cpp's CPU arithmetic; with the quantize kernel,
-    1.05-1.2x the fp32 kernel's speed at m = 1, 1.6-2x at 4 rows, 2.4-2.9x at 16 (the 3B's
-    shapes, BENCHMARKS.md)."""
+    int8 (an INT8_DOTS name): the activations come quantized per 32 (quantize_rows: int8
+    values, their scale, and 128 x their sum), the weights packed for int8 dot products
+    (pack_for_int8_dot), and a block's sums are exact int32 sums of vpdpbusd (AVX-512 VNNI:
+    64 products an instruction; AVX-VNNI: 32), scaled once by both scales: llama.cpp's CPU
+    arithmetic; with the quantize kernel and AVX-512 VNNI, 1.05-1.2x the fp32 kernel's speed
+    at m = 1, 1.6-2x at 4 rows, 2.4-2.9x at 16 (the 3B's shapes, BENCHMARKS.md)."""
     assert k % Q8_BLOCK == 0 and not (gated and n % 2)
     packs, _, _ = packed_shape(n, k)
     full, n_blocks = n // F, k // Q8_BLOCK
@@ -83,6 +88,8 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: bool = F
     ppt = packs_per_task(full, rows)
     out_n, half = (n // 2, F // 2) if gated else (n, F)
     groups_per_block = Q8_BLOCK // INT8_DOT_GROUP
+    dot_lanes, dot, _ = INT8_DOTS[int8] if int8 else (F, None, None)
+    sums = "int32" if int8 else "float32"  # a block's sums (TVMScript reads no conditional)
 
     def lanes(width):  # a full pack's outputs are stored as vectors, a partial one's one by one
         return T.vectorized if width == F else T.serial
@@ -120,11 +127,13 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: bool = F
                 blk[r, f] = 0
         for g in T.unroll(groups_per_block):
             for r in T.unroll(count):
-                blk[r, T.ramp(0, 1, F)] = T.call_llvm_pure_intrin(
-                    "int32x16", "llvm.x86.avx512.vpdpbusd.512", blk[r, T.ramp(0, 1, F)],
-                    q[pack, b * groups_per_block + g, T.ramp(0, 1, 4 * F)],
-                    T.reinterpret("int8x64", T.broadcast(T.reinterpret(
-                        "int32", x[0][first + r, T.ramp(b * Q8_BLOCK + g * INT8_DOT_GROUP, 1, 4)]), F)))
+                for h in T.unroll(F // dot_lanes):  # the pack's features, an instruction's lanes at a time
+                    blk[r, T.ramp(h * dot_lanes, 1, dot_lanes)] = T.call_llvm_pure_intrin(
+                        f"int32x{dot_lanes}", dot, blk[r, T.ramp(h * dot_lanes, 1, dot_lanes)],
+                        q[pack, b * groups_per_block + g, T.ramp(h * 4 * dot_lanes, 1, 4 * dot_lanes)],
+                        T.reinterpret(f"int8x{4 * dot_lanes}", T.broadcast(T.reinterpret(
+                            "int32", x[0][first + r, T.ramp(b * Q8_BLOCK + g * INT8_DOT_GROUP, 1, 4)]),
+                            dot_lanes)))
         for r in T.unroll(count):
             for f in T.vectorized(F):
                 acc[r, f] = acc[r, f] + T.Cast("float32", blk[r, f] - x[2][first + r, b]) * (
@@ -151,7 +160,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: bool = F
     @T.macro
     def packs_times_rows(x, q, scale, y, m, first_pack, n_packs, width):
         acc = T.decl_buffer((rt, F), "float32")
-        blk = T.decl_buffer((rt, F), "int32" if int8 else "float32")
+        blk = T.decl_buffer((rt, F), sums)
         w = T.decl_buffer((F,), "float32")
         for ro in range(m // rt):
             for p in range(n_packs):
