@@ -1,4 +1,4 @@
-"""The CPU build with int8 activations (processors with AVX-512 VNNI or AVX-VNNI): its two kernels against
+"""The CPU build with int8 activations (x86 processors with AVX2, AVX-VNNI or AVX-512 VNNI): its two kernels against
 float64, and the whole model against the reference that quantizes as it does.
 
 Each Q8_0 matmul's input is quantized per 32 (compiler/kernels/q8_matmul.quantize_rows) and
@@ -22,12 +22,13 @@ from trimode.model.reference import ReferenceForward, ReferenceModel, int8_rows
 from trimode.model.weights import Q8Matrix, packed, packed_for_int8_dot
 
 DOTS = cpu_int8_dots()
-pytestmark = pytest.mark.skipif(not DOTS, reason="no VNNI here: CPU builds keep fp32 activations")
+pytestmark = pytest.mark.skipif(not DOTS, reason="no int8 dot product here: CPU builds keep fp32 activations")
 
 CTX = 256
 # The processor each dot product's kernels are built for: AVX-VNNI's for a client core
-# without AVX-512 (Alder Lake), so none of the kernel may lean on AVX-512
-KERNEL_CPU = {"avxvnni": "alderlake"}
+# without AVX-512 (Alder Lake), AVX2's for the first with it (Haswell), so neither kernel
+# leans on what its processors lack
+KERNEL_CPU = {"avxvnni": "alderlake", "avx2": "haswell"}
 
 
 @pytest.fixture(scope="module", params=DOTS)
@@ -105,17 +106,35 @@ def rel_err_of_rows(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     return np.abs(got - want).max(axis=-1) / np.abs(want).max()
 
 
-@pytest.fixture(scope="module", params=DOTS)
-def int8_engine(request, tiny_model):
-    """A build on each dot product this processor has (a narrower one than its widest as a
-    processor without the wider one would build)."""
+def engine_on(model, dot: str):
+    """The int8 build on `dot` (a narrower one than this processor's widest as a processor
+    without the wider one would build it)."""
     from trimode.runtime.engine import Engine
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRIMODE_INT8", "1")
-        mp.setattr("trimode.artifacts.cpu_int8_dot", lambda: request.param)
-        engine = Engine(tiny_model.config, tiny_model.weights, "llvm", metadata=tiny_model.metadata)
-    return engine, tiny_model.weights, request.param
+        mp.setattr("trimode.artifacts.cpu_int8_dot", lambda: dot)
+        return Engine(model.config, model.weights, "llvm", metadata=model.metadata)
+
+
+@pytest.fixture(scope="module", params=DOTS)
+def int8_engine(request, tiny_model):
+    return engine_on(tiny_model, request.param), tiny_model.weights, request.param
+
+
+@pytest.mark.skipif(len(DOTS) < 2, reason="one int8 dot product here")
+def test_every_dot_product_gives_the_same_logits(tiny_model):
+    """The dot products differ in instructions, not in arithmetic: every block's int32 sums
+    are exact, so the builds agree bit for bit (a sum off by one product would not)."""
+    tokens = np.random.default_rng(3).integers(4, tiny_model.config.vocab, 40).tolist()
+    logits = []
+    for dot in DOTS:
+        fwd = engine_on(tiny_model, dot).new_sequence(CTX)
+        prefill = fwd.causal(tokens).logits()
+        draft = fwd.bidirectional([tiny_model.config.mask_token_id] * 5 + [9]).logits()
+        logits.append(np.concatenate([prefill, draft]))
+    for dot, other in zip(DOTS[1:], logits[1:]):
+        np.testing.assert_array_equal(other, logits[0], err_msg=f"{dot} vs {DOTS[0]}")
 
 
 def test_the_build_says_it_quantizes_and_declares_the_dot_layout(int8_engine):

@@ -14,6 +14,7 @@ no separate activation kernel.
 from __future__ import annotations
 
 import os
+from typing import Callable, NamedTuple
 
 from tvm.script import tirx as T
 
@@ -35,12 +36,40 @@ TYPICAL_BLOCK_ROWS = 8
 # tile: the tile's x (ROW_TILE x K floats) is then read from L1 once per pack instead of
 # streaming from L2 (prefill of 128 rows 1.2-1.8x faster single-threaded, BENCHMARKS.md).
 MAX_FEATURE_BLOCK = 64
-# The int8 kernel's dot products (artifacts.INT8_DOT_FLAGS: which processors have them):
-# int32 lanes an instruction sums 4 byte products into, its intrinsic, the LLVM features it
-# needs. AVX-VNNI's 256-bit instruction takes a 64-byte pack in two.
+
+
+def vpdpbusd(lanes: int):
+    """acc + the sums of 4 products of unsigned weight bytes by signed x bytes, per lane."""
+    def accumulate(acc, w, x):
+        return T.call_llvm_pure_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", acc, w, x)
+    return accumulate
+
+
+def sign_madd_avx2(acc, w, x):
+    """vpdpbusd from AVX2 (llama.cpp's AVX2 path): vpmaddubsw multiplies unsigned by signed
+    bytes into saturating int16 sums of pairs, which weights offset to 255 would overflow, so
+    the weights are made signed again and their sign moved onto x (|q| <= 128, |x| <= 127: a
+    pair sums to 32512 at most, exact); vpmaddwd by ones then sums pairs of pairs to int32."""
+    q = T.bitwise_xor(T.reinterpret("int8x32", w), T.broadcast(T.int8(-128), 32))
+    pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw",
+                                    T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", q, q),
+                                    T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", x, q))
+    return acc + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16))
+
+
+class IntDot(NamedTuple):
+    lanes: int  # int32 sums of 4 byte products an instruction (sequence) makes
+    accumulate: Callable  # (acc, weight bytes, x bytes) -> acc + the lanes' sums
+    mattr: list[str]  # the LLVM features it needs
+    offset: bool  # its sums include the weights' offset of 128 (taken back out per block)
+
+
+# The int8 kernel's dot products (artifacts.INT8_DOT_FLAGS: which processors have them).
+# AVX-VNNI is the 256-bit VEX vpdpbusd: a 64-byte pack is two of its instructions.
 INT8_DOTS = {
-    "avx512vnni": (16, "llvm.x86.avx512.vpdpbusd.512", ["+avx512vnni", "+avx512bw"]),
-    "avxvnni": (8, "llvm.x86.avx512.vpdpbusd.256", ["+avxvnni"]),
+    "avx512vnni": IntDot(16, vpdpbusd(16), ["+avx512vnni", "+avx512bw"], True),
+    "avxvnni": IntDot(8, vpdpbusd(8), ["+avxvnni"], True),
+    "avx2": IntDot(8, sign_madd_avx2, ["+avx2"], False),
 }
 
 
@@ -88,7 +117,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | No
     ppt = packs_per_task(full, rows)
     out_n, half = (n // 2, F // 2) if gated else (n, F)
     groups_per_block = Q8_BLOCK // INT8_DOT_GROUP
-    dot_lanes, dot, _ = INT8_DOTS[int8] if int8 else (F, None, None)
+    dot_lanes, accumulate, _, offset = INT8_DOTS[int8] if int8 else (F, None, None, False)
     sums = "int32" if int8 else "float32"  # a block's sums (TVMScript reads no conditional)
 
     def lanes(width):  # a full pack's outputs are stored as vectors, a partial one's one by one
@@ -128,15 +157,19 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | No
         for g in T.unroll(groups_per_block):
             for r in T.unroll(count):
                 for h in T.unroll(F // dot_lanes):  # the pack's features, an instruction's lanes at a time
-                    blk[r, T.ramp(h * dot_lanes, 1, dot_lanes)] = T.call_llvm_pure_intrin(
-                        f"int32x{dot_lanes}", dot, blk[r, T.ramp(h * dot_lanes, 1, dot_lanes)],
+                    blk[r, T.ramp(h * dot_lanes, 1, dot_lanes)] = accumulate(
+                        blk[r, T.ramp(h * dot_lanes, 1, dot_lanes)],
                         q[pack, b * groups_per_block + g, T.ramp(h * 4 * dot_lanes, 1, 4 * dot_lanes)],
                         T.reinterpret(f"int8x{4 * dot_lanes}", T.broadcast(T.reinterpret(
                             "int32", x[0][first + r, T.ramp(b * Q8_BLOCK + g * INT8_DOT_GROUP, 1, 4)]),
                             dot_lanes)))
+        if offset:
+            for r in T.unroll(count):
+                for f in T.vectorized(F):
+                    blk[r, f] = blk[r, f] - x[2][first + r, b]
         for r in T.unroll(count):
             for f in T.vectorized(F):
-                acc[r, f] = acc[r, f] + T.Cast("float32", blk[r, f] - x[2][first + r, b]) * (
+                acc[r, f] = acc[r, f] + T.Cast("float32", blk[r, f]) * (
                     T.Cast("float32", scale[pack, b, f]) * x[1][first + r, b])
 
     block = int8_block if int8 else float_block
