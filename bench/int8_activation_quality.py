@@ -1,4 +1,4 @@
-"""What int8 activations (the CPU build on AVX-512 VNNI processors) do to a model's outputs,
+"""What int8 activations (the CPU build on x86 processors with AVX2) do to a model's outputs,
 on the float64 reference: the same weights with and without every Q8_0 matmul's input
 quantized per 32 (ReferenceModel(int8_activations=True)).
 

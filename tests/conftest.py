@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 # The suite pins the fp32-activation CPU build to the float64 reference. A build with int8
-# activations (the default on processors with AVX-512 VNNI) rounds each activation to 1/127
+# activations (the default on x86 processors with AVX2) rounds each activation to 1/127
 # of its block's largest, a step the float64 reference cannot follow to the bit: an input
 # 1e-7 away now and then rounds the other way (the tiny model's logits then move ~1e-2).
 # tests/test_int8_activations.py builds and tests it on its own terms. Set before any build.

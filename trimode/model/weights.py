@@ -13,7 +13,7 @@ Q8_BLOCK = 32
 # The CPU matmul reads weights 16 features to a vector (two AVX2 registers of fp32), so its
 # inner step is an outer product without horizontal sums: pack_features lays them out so.
 FEATURES_PER_PACK = 16
-# Inputs per lane of an int8 dot product (AVX-512 VNNI's vpdpbusd sums 4 byte products).
+# Inputs per lane of an int8 dot product (vpdpbusd sums 4 byte products, as AVX2's emulation of it).
 INT8_DOT_GROUP = 4
 # The on-disk block: fp16 scale, then 32 int8 values (34 bytes).
 Q8_0_DTYPE = np.dtype([("d", "<f2"), ("qs", "i1", (Q8_BLOCK,))])
