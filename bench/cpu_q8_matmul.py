@@ -7,7 +7,7 @@ another processor (LLVM's name) whose instructions this one runs: `--mcpu alderl
 avxvnni` times a client core without AVX-512, its AVX2 and AVX-VNNI.
 
     TVM_NUM_THREADS=1 python bench/cpu_q8_matmul.py [--rows 1,4,16,128] [--baseline REV | --int8]
-        [--geometry 3b] [--mcpu NAME] [--dot avx512vnni|avxvnni]
+        [--geometry 3b] [--mcpu NAME] [--dot avx512vnni|avxvnni|avx2]
 
 Each figure is the fastest of --repeat calls (on a shared machine the minimum is what the
 kernel costs; medians carry the neighbours' load). One thread by default is the kernel's own
@@ -69,7 +69,7 @@ def fastest_us(module, n: int, k: int, m: int, repeat: int, mcpu: str, int8: str
     rows = "one" if m == 1 else ("block" if m <= 64 else "many")
     target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu,
                                 "num-cores": int(os.environ["TVM_NUM_THREADS"]),
-                                **({"mattr": q8_matmul.INT8_DOTS[int8][2]} if int8 else {})})
+                                **({"mattr": q8_matmul.INT8_DOTS[int8].mattr} if int8 else {})})
 
     def built(func):
         return tvm.compile(func.with_attr("global_symbol", "f"), target=target)["f"]

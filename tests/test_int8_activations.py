@@ -40,7 +40,7 @@ def tvm_cpu(request):
 
     dot = request.param
     target = tvm.target.Target({"kind": "llvm", "mcpu": KERNEL_CPU.get(dot, codegen.llvm_get_system_cpu()),
-                                "mattr": INT8_DOTS[dot][2]})
+                                "mattr": INT8_DOTS[dot].mattr})
     return tvm, target, dot
 
 

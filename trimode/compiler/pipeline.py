@@ -87,7 +87,7 @@ def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
 
         cpu = {"mcpu": codegen.llvm_get_system_cpu()}
         if int8_dot:  # the processor's flags say so even where -mcpu does not
-            cpu["mattr"] = INT8_DOTS[int8_dot][2]
+            cpu["mattr"] = INT8_DOTS[int8_dot].mattr
         target = tvm.target.Target({**target_spec, **cpu})
     started = time.time()
     with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):

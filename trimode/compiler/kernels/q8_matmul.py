@@ -62,14 +62,21 @@ class IntDot(NamedTuple):
     accumulate: Callable  # (acc, weight bytes, x bytes) -> acc + the lanes' sums
     mattr: list[str]  # the LLVM features it needs
     offset: bool  # its sums include the weights' offset of 128 (taken back out per block)
+    prefetch: int  # blocks ahead the kernel asks for weights (0: left to the hardware)
+
+
+# vpdpbusd's kernels outrun the hardware prefetcher where the weights stream from memory
+# (decode, small blocks): asking for the weights 8 blocks (4 KB) ahead made the 3B's decode
+# step 1.1-1.4x faster. AVX2's longer sums got slower with it (BENCHMARKS.md).
+VPDPBUSD_PREFETCH = 8
 
 
 # The int8 kernel's dot products (artifacts.INT8_DOT_FLAGS: which processors have them).
 # AVX-VNNI is the 256-bit VEX vpdpbusd: a 64-byte pack is two of its instructions.
 INT8_DOTS = {
-    "avx512vnni": IntDot(16, vpdpbusd(16), ["+avx512vnni", "+avx512bw"], True),
-    "avxvnni": IntDot(8, vpdpbusd(8), ["+avxvnni"], True),
-    "avx2": IntDot(8, sign_madd_avx2, ["+avx2"], False),
+    "avx512vnni": IntDot(16, vpdpbusd(16), ["+avx512vnni", "+avx512bw"], True, VPDPBUSD_PREFETCH),
+    "avxvnni": IntDot(8, vpdpbusd(8), ["+avxvnni"], True, VPDPBUSD_PREFETCH),
+    "avx2": IntDot(8, sign_madd_avx2, ["+avx2"], False, 0),
 }
 
 
@@ -103,8 +110,9 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | No
 
     int8 (an INT8_DOTS name): the activations come quantized per 32 (quantize_rows: int8
     values, their scale, and 128 x their sum), the weights packed for int8 dot products
-    (pack_for_int8_dot), and a block's sums are exact int32 sums of vpdpbusd (AVX-512 VNNI:
-    64 products an instruction; AVX-VNNI: 32), scaled once by both scales: llama.cpp's CPU
+    (pack_for_int8_dot), and a block's sums are exact int32 sums of the dot product (AVX-512
+    VNNI: 64 products an instruction; AVX-VNNI: 32; AVX2: 32 in three), scaled once by both
+    scales: llama.cpp's CPU
     arithmetic; with the quantize kernel and AVX-512 VNNI, 1.05-1.2x the fp32 kernel's speed
     at m = 1, 1.6-2x at 4 rows, 2.4-2.9x at 16 (the 3B's shapes, BENCHMARKS.md)."""
     assert k % Q8_BLOCK == 0 and not (gated and n % 2)
@@ -117,7 +125,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | No
     ppt = packs_per_task(full, rows)
     out_n, half = (n // 2, F // 2) if gated else (n, F)
     groups_per_block = Q8_BLOCK // INT8_DOT_GROUP
-    dot_lanes, accumulate, _, offset = INT8_DOTS[int8] if int8 else (F, None, None, False)
+    dot_lanes, accumulate, _, offset, prefetch = INT8_DOTS[int8] if int8 else (F, None, None, False, 0)
     sums = "int32" if int8 else "float32"  # a block's sums (TVMScript reads no conditional)
 
     def lanes(width):  # a full pack's outputs are stored as vectors, a partial one's one by one
@@ -154,6 +162,10 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | No
         for r in T.unroll(count):
             for f in T.vectorized(F):
                 blk[r, f] = 0
+        if prefetch > 0:  # a task's packs lie end to end: ahead runs on into the next one
+            ahead = b + prefetch
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                q[T.min(pack + ahead // n_blocks, packs - 1), ahead % n_blocks * groups_per_block, 0]), 0, 3, 1))
         for g in T.unroll(groups_per_block):
             for r in T.unroll(count):
                 for h in T.unroll(F // dot_lanes):  # the pack's features, an instruction's lanes at a time
