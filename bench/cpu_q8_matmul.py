@@ -7,7 +7,7 @@ another processor (LLVM's name) whose instructions this one runs: `--mcpu alderl
 avxvnni` times a client core without AVX-512, its AVX2 and AVX-VNNI.
 
     TVM_NUM_THREADS=1 python bench/cpu_q8_matmul.py [--rows 1,4,16,128] [--baseline REV | --int8]
-        [--geometry 3b] [--mcpu NAME] [--dot avx512vnni|avxvnni|avx2]
+        [--geometry 3b] [--mcpu NAME] [--dot avx512vnni|avxvnni|avx512bw|avx2]
 
 Each figure is the fastest of --repeat calls (on a shared machine the minimum is what the
 kernel costs; medians carry the neighbours' load). One thread by default is the kernel's own

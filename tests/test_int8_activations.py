@@ -26,9 +26,10 @@ pytestmark = pytest.mark.skipif(not DOTS, reason="no int8 dot product here: CPU 
 
 CTX = 256
 # The processor each dot product's kernels are built for: AVX-VNNI's for a client core
-# without AVX-512 (Alder Lake), AVX2's for the first with it (Haswell), so neither kernel
-# leans on what its processors lack
-KERNEL_CPU = {"avxvnni": "alderlake", "avx2": "haswell"}
+# without AVX-512 (Alder Lake), AVX-512BW's for the first server core with it and no VNNI
+# (Skylake-SP), AVX2's for the first with AVX2 (Haswell), so no kernel leans on what its
+# processors lack
+KERNEL_CPU = {"avxvnni": "alderlake", "avx512bw": "skylake-avx512", "avx2": "haswell"}
 
 
 @pytest.fixture(scope="module", params=DOTS)

@@ -96,8 +96,10 @@ def cpu_flags() -> set[str]:
 # The int8 dot products the CPU build can use, widest first, by LLVM's feature names (the
 # int8 kernel's q8_matmul.INT8_DOTS), and the /proc/cpuinfo flags each needs: AVX-512 VNNI
 # (vpdpbusd, 64 byte products into 16 int32 lanes an instruction), AVX-VNNI (its 256-bit
-# VEX form: Intel's client cores without AVX-512), AVX2 (three instructions for one of 32).
-INT8_DOT_FLAGS = {"avx512vnni": {"avx512_vnni", "avx512bw"}, "avxvnni": {"avx_vnni"}, "avx2": {"avx2"}}
+# VEX form: Intel's client cores without AVX-512), AVX-512BW without VNNI (Skylake-SP: six
+# instructions for 64), AVX2 (six for 32).
+INT8_DOT_FLAGS = {"avx512vnni": {"avx512_vnni", "avx512bw"}, "avxvnni": {"avx_vnni"},
+                  "avx512bw": {"avx512bw"}, "avx2": {"avx2"}}
 
 
 def cpu_int8_dots() -> list[str]:

@@ -57,6 +57,18 @@ def sign_madd_avx2(acc, w, x):
     return acc + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16))
 
 
+def sign_madd_avx512bw(acc, w, x):
+    """sign_madd_avx2 on 64 bytes (Skylake-SP: AVX-512 without VNNI). AVX-512 has no vpsignb:
+    one compare of the weights makes a mask, and |q| and x's sign are negates under it."""
+    q = T.bitwise_xor(T.reinterpret("int8x64", w), T.broadcast(T.int8(-128), 64))
+    negative = q < T.broadcast(T.int8(0), 64)
+    pairs = T.call_llvm_pure_intrin("int16x32", "llvm.x86.avx512.pmaddubs.w.512",
+                                    T.Select(negative, T.broadcast(T.int8(0), 64) - q, q),
+                                    T.Select(negative, T.broadcast(T.int8(0), 64) - x, x))
+    return acc + T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.pmaddw.d.512", pairs,
+                                         T.broadcast(T.int16(1), 32))
+
+
 class IntDot(NamedTuple):
     lanes: int  # int32 sums of 4 byte products an instruction (sequence) makes
     accumulate: Callable  # (acc, weight bytes, x bytes) -> acc + the lanes' sums
@@ -65,17 +77,18 @@ class IntDot(NamedTuple):
     prefetch: int  # blocks ahead the kernel asks for weights (0: left to the hardware)
 
 
-# vpdpbusd's kernels outrun the hardware prefetcher where the weights stream from memory
-# (decode, small blocks): asking for the weights 8 blocks (4 KB) ahead made the 3B's decode
-# step 1.1-1.4x faster. AVX2's longer sums got slower with it (BENCHMARKS.md).
-VPDPBUSD_PREFETCH = 8
+# The vpdpbusd and 512-bit kernels outrun the hardware prefetcher where the weights stream
+# from memory (decode, small blocks): asking for the weights 8 blocks (4 KB) ahead made the
+# 3B's decode step 1.06-1.4x faster. AVX2's kernel got slower with it (BENCHMARKS.md).
+WEIGHT_PREFETCH = 8
 
 
 # The int8 kernel's dot products (artifacts.INT8_DOT_FLAGS: which processors have them).
 # AVX-VNNI is the 256-bit VEX vpdpbusd: a 64-byte pack is two of its instructions.
 INT8_DOTS = {
-    "avx512vnni": IntDot(16, vpdpbusd(16), ["+avx512vnni", "+avx512bw"], True, VPDPBUSD_PREFETCH),
-    "avxvnni": IntDot(8, vpdpbusd(8), ["+avxvnni"], True, VPDPBUSD_PREFETCH),
+    "avx512vnni": IntDot(16, vpdpbusd(16), ["+avx512vnni", "+avx512bw"], True, WEIGHT_PREFETCH),
+    "avxvnni": IntDot(8, vpdpbusd(8), ["+avxvnni"], True, WEIGHT_PREFETCH),
+    "avx512bw": IntDot(16, sign_madd_avx512bw, ["+avx512bw"], False, WEIGHT_PREFETCH),
     "avx2": IntDot(8, sign_madd_avx2, ["+avx2"], False, 0),
 }
 
