@@ -45,28 +45,27 @@ def vpdpbusd(lanes: int):
     return accumulate
 
 
-def sign_madd_avx2(acc, w, x):
-    """vpdpbusd from AVX2 (llama.cpp's AVX2 path): vpmaddubsw multiplies unsigned by signed
-    bytes into saturating int16 sums of pairs, which weights offset to 255 would overflow, so
-    the weights are made signed again and their sign moved onto x (|q| <= 128, |x| <= 127: a
-    pair sums to 32512 at most, exact); vpmaddwd by ones then sums pairs of pairs to int32."""
-    q = T.bitwise_xor(T.reinterpret("int8x32", w), T.broadcast(T.int8(-128), 32))
-    pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw",
-                                    T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", q, q),
-                                    T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", x, q))
-    return acc + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16))
+def sign_madd(lanes: int):
+    """vpdpbusd without VNNI (llama.cpp's AVX2 path): vpmaddubsw multiplies unsigned by
+    signed bytes into saturating int16 sums of pairs, which weights offset to 255 would
+    overflow, so the weights are made signed again and their sign moved onto x (|q| <= 128,
+    |x| <= 127: a pair sums to 32512 at most, exact); vpmaddwd by ones then sums pairs of
+    pairs to int32. AVX2 moves the sign with vpsignb; AVX-512 (lanes 16: Skylake-SP) has
+    none, so one compare of the weights makes a mask, and |q| and x's sign are negates under it."""
+    width, zmm = 4 * lanes, lanes == 16
+    madd_bytes, madd_pairs = (("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512") if zmm
+                              else ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"))
 
+    def sign_of(q, v):  # v with q's sign: v * sign(q)
+        if zmm:
+            return T.Select(q < T.broadcast(T.int8(0), width), T.broadcast(T.int8(0), width) - v, v)
+        return T.call_llvm_pure_intrin(f"int8x{width}", "llvm.x86.avx2.psign.b", v, q)
 
-def sign_madd_avx512bw(acc, w, x):
-    """sign_madd_avx2 on 64 bytes (Skylake-SP: AVX-512 without VNNI). AVX-512 has no vpsignb:
-    one compare of the weights makes a mask, and |q| and x's sign are negates under it."""
-    q = T.bitwise_xor(T.reinterpret("int8x64", w), T.broadcast(T.int8(-128), 64))
-    negative = q < T.broadcast(T.int8(0), 64)
-    pairs = T.call_llvm_pure_intrin("int16x32", "llvm.x86.avx512.pmaddubs.w.512",
-                                    T.Select(negative, T.broadcast(T.int8(0), 64) - q, q),
-                                    T.Select(negative, T.broadcast(T.int8(0), 64) - x, x))
-    return acc + T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.pmaddw.d.512", pairs,
-                                         T.broadcast(T.int16(1), 32))
+    def accumulate(acc, w, x):
+        q = T.bitwise_xor(T.reinterpret(f"int8x{width}", w), T.broadcast(T.int8(-128), width))
+        pairs = T.call_llvm_pure_intrin(f"int16x{2 * lanes}", madd_bytes, sign_of(q, q), sign_of(q, x))
+        return acc + T.call_llvm_pure_intrin(f"int32x{lanes}", madd_pairs, pairs, T.broadcast(T.int16(1), 2 * lanes))
+    return accumulate
 
 
 class IntDot(NamedTuple):
@@ -88,8 +87,8 @@ WEIGHT_PREFETCH = 8
 INT8_DOTS = {
     "avx512vnni": IntDot(16, vpdpbusd(16), ["+avx512vnni", "+avx512bw"], True, WEIGHT_PREFETCH),
     "avxvnni": IntDot(8, vpdpbusd(8), ["+avxvnni"], True, WEIGHT_PREFETCH),
-    "avx512bw": IntDot(16, sign_madd_avx512bw, ["+avx512bw"], False, WEIGHT_PREFETCH),
-    "avx2": IntDot(8, sign_madd_avx2, ["+avx2"], False, 0),
+    "avx512bw": IntDot(16, sign_madd(16), ["+avx512bw"], False, WEIGHT_PREFETCH),
+    "avx2": IntDot(8, sign_madd(8), ["+avx2"], False, 0),
 }
 
 
@@ -123,10 +122,9 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | No
 
     int8 (an INT8_DOTS name): the activations come quantized per 32 (quantize_rows: int8
     values, their scale, and 128 x their sum), the weights packed for int8 dot products
-    (pack_for_int8_dot), and a block's sums are exact int32 sums of the dot product (AVX-512
-    VNNI: 64 products an instruction; AVX-VNNI: 32; AVX2: 32 in three), scaled once by both
-    scales: llama.cpp's CPU
-    arithmetic; with the quantize kernel and AVX-512 VNNI, 1.05-1.2x the fp32 kernel's speed
+    (pack_for_int8_dot), and a block's sums are exact int32 sums of the dot product (INT8_DOTS:
+    AVX-512 VNNI 64 products an instruction, AVX-VNNI 32, AVX-512BW 64 in six, AVX2 32 in six),
+    scaled once by both scales: llama.cpp's CPU arithmetic; with the quantize kernel and AVX-512 VNNI, 1.05-1.2x the fp32 kernel's speed
     at m = 1, 1.6-2x at 4 rows, 2.4-2.9x at 16 (the 3B's shapes, BENCHMARKS.md)."""
     assert k % Q8_BLOCK == 0 and not (gated and n % 2)
     packs, _, _ = packed_shape(n, k)
