@@ -86,9 +86,10 @@ def first_cpu_info() -> list[str] | None:
 
 
 def cpu_flags() -> set[str]:
-    """This processor's feature flags as /proc/cpuinfo names them (empty where there is none)."""
+    """This processor's feature flags as /proc/cpuinfo names them (empty where there is none):
+    x86's "flags", Arm's "Features"."""
     for line in first_cpu_info() or []:
-        if line.startswith("flags"):
+        if line.startswith(("flags", "Features")):
             return set(line.split(":", 1)[1].split())
     return set()
 
@@ -97,9 +98,9 @@ def cpu_flags() -> set[str]:
 # int8 kernel's q8_matmul.INT8_DOTS), and the /proc/cpuinfo flags each needs: AVX-512 VNNI
 # (vpdpbusd, 64 byte products into 16 int32 lanes an instruction), AVX-VNNI (its 256-bit
 # VEX form: Intel's client cores without AVX-512), AVX-512BW without VNNI (Skylake-SP: six
-# instructions for 64), AVX2 (six for 32).
+# instructions for 64), AVX2 (six for 32); on Arm, sdot (Armv8.2 dotprod, 16 for 4 lanes).
 INT8_DOT_FLAGS = {"avx512vnni": {"avx512_vnni", "avx512bw"}, "avxvnni": {"avx_vnni"},
-                  "avx512bw": {"avx512bw"}, "avx2": {"avx2"}}
+                  "avx512bw": {"avx512bw"}, "avx2": {"avx2"}, "sdot": {"asimddp"}}
 
 
 def cpu_int8_dots() -> list[str]:
@@ -127,7 +128,7 @@ def cpu_fingerprint() -> str:
     info = first_cpu_info()
     if info is None:
         return platform.machine()
-    lines = [line for line in info if line.startswith(("model name", "flags"))]
+    lines = [line for line in info if line.startswith(("model name", "flags", "Features", "CPU part"))]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
 
 

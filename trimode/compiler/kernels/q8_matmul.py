@@ -68,6 +68,18 @@ def sign_madd(lanes: int):
     return accumulate
 
 
+def sdot(lanes: int):
+    """Arm's dot product (Armv8.2 dotprod: Neoverse, Apple M, Graviton 2 on): sums of 4 products
+    of signed bytes by signed bytes into 4 int32 lanes an instruction, so the weights' offset is
+    xor'd back out first (one instruction a 16 bytes) and the sums need none taken out."""
+    width = 4 * lanes
+
+    def accumulate(acc, w, x):
+        q = T.bitwise_xor(T.reinterpret(f"int8x{width}", w), T.broadcast(T.int8(-128), width))
+        return T.call_llvm_pure_intrin(f"int32x{lanes}", "llvm.aarch64.neon.sdot", acc, q, x)
+    return accumulate
+
+
 class IntDot(NamedTuple):
     lanes: int  # int32 sums of 4 byte products an instruction (sequence) makes
     accumulate: Callable  # (acc, weight bytes, x bytes) -> acc + the lanes' sums
@@ -89,6 +101,8 @@ INT8_DOTS = {
     "avxvnni": IntDot(8, vpdpbusd(8), ["+avxvnni"], True, WEIGHT_PREFETCH),
     "avx512bw": IntDot(16, sign_madd(16), ["+avx512bw"], False, WEIGHT_PREFETCH),
     "avx2": IntDot(8, sign_madd(8), ["+avx2"], False, 0),
+    # a 64-byte pack is four of its 128-bit instructions; no prefetch (not measured on Arm)
+    "sdot": IntDot(4, sdot(4), ["+neon", "+dotprod"], False, 0),
 }
 
 
@@ -123,7 +137,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | No
     int8 (an INT8_DOTS name): the activations come quantized per 32 (quantize_rows: int8
     values, their scale, and 128 x their sum), the weights packed for int8 dot products
     (pack_for_int8_dot), and a block's sums are exact int32 sums of the dot product (INT8_DOTS:
-    AVX-512 VNNI 64 products an instruction, AVX-VNNI 32, AVX-512BW 64 in six, AVX2 32 in six),
+    AVX-512 VNNI 64 products an instruction, AVX-VNNI 32, AVX-512BW 64 in six, AVX2 32 in six, Arm's sdot 16 in two),
     scaled once by both scales: llama.cpp's CPU arithmetic; with the quantize kernel and AVX-512 VNNI, 1.05-1.2x the fp32 kernel's speed
     at m = 1, 1.6-2x at 4 rows, 2.4-2.9x at 16 (the 3B's shapes, BENCHMARKS.md)."""
     assert k % Q8_BLOCK == 0 and not (gated and n % 2)
