@@ -18,6 +18,7 @@ from trimode.runtime.forward import ContextFull, StepResult
 from trimode.runtime.generation import (DecodeParams, DoneEvent, GenerationRequest, RequestError,
                                         SamplingParams, TokenEvent, cached_prefix, generate)
 from trimode.runtime.sampling import Sampler
+from trimode.runtime.spec_pace import SpecPace
 from trimode.runtime.stops import loop_found
 
 # A very small vocabulary, so random models repeat themselves, drafts sometimes match, and
@@ -165,6 +166,58 @@ def test_greedy_spec_equals_ar_with_good_drafts(seed, k):
     # EOS in the last accepted block drops its tail from the events, not from the stats
     assert done.stats.accepted_tokens == sum(accepted) or done.finish_reason == "stop"
     assert done.stats.tokens_per_forward > 0.5
+
+
+class ScriptedPace(SpecPace):
+    """A pace that runs a script of draft lengths (cyclically) and keeps what it was told."""
+    script = [3, 0, 0, 3, 3, 0, 0, 0]
+
+    def __init__(self, k):
+        super().__init__(k)
+        self.told: list[tuple[int, int]] = []
+
+    def next_k(self):
+        return self.script[len(self.told) % len(self.script)]
+
+    def record(self, k, accepted, seconds):
+        self.told.append((k, accepted))
+        super().record(k, accepted, seconds)
+
+
+def test_adaptive_spec_runs_the_cycles_its_pace_asks_for(monkeypatch):
+    """Spec cycles and AR steps mixed as the pace says, each told back to it; the tokens are
+    AR's whatever the mix."""
+    paces = []
+    monkeypatch.setattr("trimode.runtime.generation.SpecPace", lambda k: paces.append(ScriptedPace(k)) or paces[-1])
+    prompt = PROMPTS[1]
+    ar, _, _ = run(fresh(3), prompt_ids=prompt, max_tokens=40, **greedy("ar"))
+    drafter = LookaheadDraft(fresh(3, 512), n_ctx=256, seed=3)
+    spec, done, events = run(drafter, prompt_ids=prompt, max_tokens=40,
+                             **greedy("spec", draft_length=3, adaptive=True))
+    assert spec == ar
+    (pace,) = paces
+    ks = [k for k, _ in pace.told]
+    assert ks[:-1] == [ScriptedPace.script[i % 8] for i in range(len(ks) - 1)]  # the last may be cut short
+    assert done.stats.cycles == len(ks) and done.stats.spec_cycles == sum(k > 0 for k in ks) >= 4
+    # the prefill, two passes a spec cycle, one an AR step
+    assert done.stats.forwards == 1 + 2 * done.stats.spec_cycles + (done.stats.cycles - done.stats.spec_cycles)
+    assert [len(e.ids) for e in events[1:]] == [1 + a for _, a in pace.told][:len(events) - 1]
+    assert done.stats.accepted_tokens == sum(a for _, a in pace.told) > 0
+
+
+def test_a_given_draft_length_drafts_every_cycle(monkeypatch):
+    monkeypatch.setattr("trimode.runtime.generation.SpecPace", None)  # never asked
+    _, done, _ = run(fresh(0), prompt_ids=PROMPTS[0], max_tokens=20, **greedy("spec", draft_length=3))
+    assert done.stats.spec_cycles >= done.stats.cycles - 1  # the last may have room for 1 token
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adaptive_greedy_spec_equals_ar(seed):
+    prompt = PROMPTS[seed % 2]
+    ar, _, _ = run(fresh(seed), prompt_ids=prompt, max_tokens=60, **greedy("ar"))
+    for fwd in (fresh(seed), LookaheadDraft(fresh(seed, 512), n_ctx=256, seed=seed)):
+        spec, done, _ = run(fwd, prompt_ids=prompt, max_tokens=60, **greedy("spec", draft_length=4, adaptive=True))
+        assert spec == ar and done.stats.spec_cycles >= 2
 
 
 @pytest.mark.parametrize("sampling", [

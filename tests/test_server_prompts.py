@@ -113,6 +113,16 @@ def test_mode_fields_and_defaults(tiny_model, tokenizer):
     assert chosen.decode == DecodeParams(mode="diffusion", draft_length=4, block_length=8, threshold=0.5)
 
 
+def test_a_request_that_names_a_draft_length_pins_it(tiny_model, tokenizer):
+    """The server's default draft length is paced (spec_pace.py); a request's own is not."""
+    s = settings(tiny_model, decode=DecodeParams(mode="spec", draft_length=3, adaptive=True))
+    default = completion_request(CompletionRequest.model_validate({"prompt": [1, 2]}), [1, 2], tokenizer, s)
+    assert default.decode == DecodeParams(mode="spec", draft_length=3, adaptive=True)
+    pinned = completion_request(CompletionRequest.model_validate({"prompt": [1, 2], "draft_length": 5}),
+                                [1, 2], tokenizer, s)
+    assert pinned.decode == DecodeParams(mode="spec", draft_length=5, adaptive=False)
+
+
 def test_sampling_fields(tiny_model, tokenizer):
     body = CompletionRequest.model_validate({"prompt": [1, 2], "temperature": 0.7, "top_k": 5,
                                              "top_p": 0.9, "min_p": 0.1, "seed": 3, "stop": "x"})

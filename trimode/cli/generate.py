@@ -50,8 +50,8 @@ def logprob_entry(tokenizer, scored) -> dict:
 
 
 def stats_line(stats: dict, finish: str) -> str:
-    accepted = (f"{stats['accepted_per_cycle']:.2f} drafts accepted/cycle, "
-                if stats["drafted_tokens"] else "")
+    accepted = (f"{stats['accepted_per_cycle']:.2f} drafts accepted/cycle over "
+                f"{stats['spec_cycles']} of {stats['cycles']} cycles, " if stats["drafted_tokens"] else "")
     return (f"{stats['prompt_tokens']} prompt tokens ({stats['cached_tokens']} cached), "
             f"{stats['generated_tokens']} generated ({finish}); {stats['forwards']} forwards, "
             f"{stats['tokens_per_forward']:.2f} tokens/forward; {accepted}"
@@ -83,8 +83,8 @@ def stats_line(stats: dict, finish: str) -> str:
 @click.option("-l", "--logit-bias", type=LOGIT_BIAS, multiple=True,
               help="add BIAS to a token's logit, e.g. 15043+1 or 15043-inf (repeatable)")
 @click.option("--draft-length", "--diffusion-draft-length", "draft_length", type=int,
-              help=f"masked slots per self-speculation cycle  [default: {DEFAULT_DRAFT_LENGTH} on cuda, "
-                   f"{CPU_DRAFT_LENGTH} on llvm]")
+              help=f"masked slots per self-speculation cycle, every cycle  [default: {DEFAULT_DRAFT_LENGTH} "
+                   f"on cuda, {CPU_DRAFT_LENGTH} on llvm, AR steps while drafts do not pay]")
 @click.option("--block-length", "--diffusion-block-length", "block_length", type=int,
               default=DEFAULT_BLOCK_LENGTH, show_default=True, help="block diffusion block size")
 @click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
@@ -168,7 +168,8 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
     from trimode.runtime.tvm_runtime import default_target
     target = target or default_target()
     decode = DecodeParams(mode=mode, block_length=block_length, threshold=threshold,
-                          draft_length=draft_length_for(target) if draft_length is None else draft_length)
+                          draft_length=draft_length_for(target) if draft_length is None else draft_length,
+                          adaptive=draft_length is None)
     problem = sampling.problem() or decode.problem()
     if problem:
         raise click.UsageError(problem)

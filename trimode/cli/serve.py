@@ -34,7 +34,8 @@ from trimode.runtime.decode import (CPU_DRAFT_LENGTH, DEFAULT_DRAFT_LENGTH, MAX_
               help="Decoding mode of requests that do not choose one (their 'mode' field).")
 @click.option("--draft-length", default=None, type=click.IntRange(0, MAX_BLOCK - 1),
               help="Self-speculation: masked draft slots per cycle, unless a request sets draft_length  "
-                   f"[default: {DEFAULT_DRAFT_LENGTH} on a GPU, {CPU_DRAFT_LENGTH} on the CPU].")
+                   f"[default: {DEFAULT_DRAFT_LENGTH} on a GPU, {CPU_DRAFT_LENGTH} on the CPU, with AR steps "
+                   "while drafts do not pay].")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
               help="Requests allowed to wait for a slot; beyond that new ones get a 503.")
 @click.option("-t", "--threads", default=None, type=click.IntRange(min=1),
@@ -66,7 +67,8 @@ def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, rea
     settings = ServerSettings(n_ctx=n_ctx, n_slots=n_slots, model_name=alias or model_path.name,
                               api_key=api_key, reasoning=reasoning == "on", max_queue=max_queue,
                               decode=DecodeParams(mode=mode, draft_length=draft_length_for(target)
-                                                  if draft_length is None else draft_length))
+                                                  if draft_length is None else draft_length,
+                                                  adaptive=draft_length is None))
     app = create_app(load_engine, settings)
     # Streams still open at Ctrl-C get a few seconds to finish, not their whole max_tokens.
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",

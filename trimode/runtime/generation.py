@@ -31,6 +31,7 @@ from trimode.runtime.decode import (Cycle, DecodeParams, ar_cycle, diffusion_cyc
 from trimode.runtime.forward import MAX_BLOCK, Forward
 from trimode.runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprobs
 from trimode.runtime.sampling import Sampler, SamplingParams
+from trimode.runtime.spec_pace import SpecPace
 from trimode.runtime.stops import Detokenizer, Stops
 
 __all__ = ["SamplingParams", "DecodeParams", "GenerationRequest", "TokenEvent", "DoneEvent",
@@ -96,6 +97,7 @@ class Stats:
     generated_tokens: int = 0
     forwards: int = 0           # every forward pass, the prefill included
     cycles: int = 0             # decode cycles after the first token
+    spec_cycles: int = 0        # self-speculation: cycles that drafted (the others AR steps)
     drafted_tokens: int = 0     # self-speculation: draft tokens proposed
     accepted_tokens: int = 0    # ... and accepted by verify
     prefill_s: float = 0.0
@@ -108,7 +110,7 @@ class Stats:
 
     @property
     def accepted_per_cycle(self) -> float:
-        return self.accepted_tokens / self.cycles if self.cycles else 0.0
+        return self.accepted_tokens / self.spec_cycles if self.spec_cycles else 0.0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -145,11 +147,11 @@ class DoneEvent:
 
 
 def _run_cycle(fwd: Forward, sampler: Sampler, history: list[int], room: int,
-               params: DecodeParams) -> Cycle:
+               params: DecodeParams, pace: SpecPace | None) -> Cycle:
     """One cycle of the chosen mode, sized so it emits at most `room` tokens."""
     cfg = fwd.config
     if params.mode == "spec":
-        k = min(params.draft_length, room - 1)
+        k = min(pace.next_k() if pace else params.draft_length, room - 1)
         return spec_cycle(fwd, sampler, history, k, cfg.mask_token_id, cfg.shift_logits)
     if params.mode == "diffusion":
         b = min(params.block_length, room)
@@ -211,6 +213,8 @@ def generate(forward: Forward, tokenizer: Detokenizer,
         return
     sampler = Sampler(request.sampling, request.suppress_ids)
     history = list(prompt)
+    decode = request.decode
+    pace = SpecPace(decode.draft_length) if decode.mode == "spec" and decode.adaptive else None
 
     def keep_prefix() -> None:
         # Leave a cache that is a prefix of prompt + generated ids, whatever happened.
@@ -252,11 +256,15 @@ def generate(forward: Forward, tokenizer: Detokenizer,
                 break
             clock = time.perf_counter()
             room = min(request.max_tokens - len(stops.tokens), n_ctx - len(history))
-            cycle = _run_cycle(forward, sampler, history, room, request.decode)
+            cycle = _run_cycle(forward, sampler, history, room, decode, pace)
+            seconds = time.perf_counter() - clock
+            if pace:
+                pace.record(cycle.drafted, cycle.accepted, seconds)
             stats.cycles += 1
+            stats.spec_cycles += cycle.drafted > 0
             stats.drafted_tokens += cycle.drafted
             stats.accepted_tokens += cycle.accepted
-            stats.decode_s += time.perf_counter() - clock
+            stats.decode_s += seconds
         keep_prefix()
         yield DoneEvent(stops.finish, stats, stops.message, list(stops.tokens))
     finally:

@@ -113,6 +113,7 @@ def _generation_request(body: SamplingFields, ids: list[int], max_tokens: int | 
     d = settings.decode
     decode = DecodeParams(mode=_given(body.mode, d.mode),
                           draft_length=_given(body.draft_length, d.draft_length),
+                          adaptive=d.adaptive and body.draft_length is None,
                           block_length=_given(body.block_length, d.block_length),
                           threshold=_given(body.threshold, d.threshold))
     request = GenerationRequest(prompt_ids=tuple(ids),

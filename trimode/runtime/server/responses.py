@@ -37,6 +37,7 @@ def timings(stats: Stats) -> dict:
         "forwards": stats.forwards,
         "tokens_per_forward": stats.tokens_per_forward,
         "cycles": stats.cycles,
+        "spec_cycles": stats.spec_cycles,
         "drafted_n": stats.drafted_tokens,
         "accepted_n": stats.accepted_tokens,
         "accepted_per_cycle": stats.accepted_per_cycle,
