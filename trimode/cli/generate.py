@@ -84,7 +84,7 @@ def stats_line(stats: dict, finish: str) -> str:
               help="add BIAS to a token's logit, e.g. 15043+1 or 15043-inf (repeatable)")
 @click.option("--draft-length", "--diffusion-draft-length", "draft_length", type=int,
               help=f"masked slots per self-speculation cycle, every cycle  [default: {DEFAULT_DRAFT_LENGTH} "
-                   f"on cuda, {CPU_DRAFT_LENGTH} on llvm, AR steps while drafts do not pay]")
+                   f"on cuda, {CPU_DRAFT_LENGTH} on llvm to start with, then chosen by measured speed]")
 @click.option("--block-length", "--diffusion-block-length", "block_length", type=int,
               default=DEFAULT_BLOCK_LENGTH, show_default=True, help="block diffusion block size")
 @click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,

@@ -34,8 +34,8 @@ from trimode.runtime.decode import (CPU_DRAFT_LENGTH, DEFAULT_DRAFT_LENGTH, MAX_
               help="Decoding mode of requests that do not choose one (their 'mode' field).")
 @click.option("--draft-length", default=None, type=click.IntRange(0, MAX_BLOCK - 1),
               help="Self-speculation: masked draft slots per cycle, unless a request sets draft_length  "
-                   f"[default: {DEFAULT_DRAFT_LENGTH} on a GPU, {CPU_DRAFT_LENGTH} on the CPU, with AR steps "
-                   "while drafts do not pay].")
+                   f"[default: {DEFAULT_DRAFT_LENGTH} on a GPU, {CPU_DRAFT_LENGTH} on the CPU to start "
+                   "with, then chosen by measured speed].")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
               help="Requests allowed to wait for a slot; beyond that new ones get a 503.")
 @click.option("-t", "--threads", default=None, type=click.IntRange(min=1),

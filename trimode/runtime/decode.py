@@ -42,8 +42,8 @@ DEFAULT_THRESHOLD = 0.9
 @dataclass(frozen=True)
 class DecodeParams:
     """mode: 'ar' | 'diffusion' | 'spec'. draft_length: masked slots per self-speculation
-    cycle (the block is the next token plus that many masks); adaptive: a default draft
-    length, so cycles run as AR steps while drafts do not pay for themselves (spec_pace.py;
+    cycle (the block is the next token plus that many masks); adaptive: that is only where
+    it starts, each cycle's length then chosen from what the cycles measured (spec_pace.py;
     the same output). block_length and threshold: block diffusion's block (next token
     included) and its reveal confidence."""
     mode: str = "spec"

@@ -1,51 +1,73 @@
-"""Whether a self-speculation cycle pays for itself: each cycle's draft length, K or 0.
+"""How many slots a self-speculation cycle drafts, chosen from what the cycles measured.
 
 A cycle of K drafts costs a draft pass and a verify pass of K + 1 rows and yields
 (1 - a^(K+1)) / (1 - a) tokens at per-slot acceptance a; an AR step (K = 0) costs one decode
-pass and yields 1. Where drafts are seldom accepted, self-speculation is slower than AR (the
-small default model on a CPU: ~1.9 tokens a K = 3 cycle that costs ~2.7 decode steps). Either
-way the output is the same (greedy: the verify pass is AR's) or from the same distribution
-(sampled: rejection sampling), so the pace runs AR steps while a spec cycle's expected
-tokens per second are under AR's, and a spec cycle every PROBE_EVERY steps to see whether the
-text has become easier to draft. Costs are the fastest of each kind's last few cycles, as
-timed by the caller, host work included (a cycle is only slower than that when interrupted,
-and a first call may carry a one-off cost such as a CUDA graph's capture).
+pass and yields 1. Which K is fastest depends on the model's drafts and on how a pass's cost
+grows with its rows: where drafts are seldom accepted (the small default model on a CPU:
+~1.9 tokens a K = 3 cycle that costs ~2.7 decode steps) AR steps are; where most are
+accepted, a longer draft than the default can be, if its passes stay cheap. Any K gives the
+same output (greedy: the verify pass is AR's) or a sample of the same distribution (sampled:
+rejection sampling), so the pace picks, each cycle, the draft length of LADDER with the most
+expected tokens per second among those it has timed, and times a neighbour on the ladder
+when the estimate says it may be worth it: a longer draft when it would bring >= 1.25x the
+tokens, a shorter one when it keeps >= 0.8x of them. While AR steps are the fastest, a spec
+cycle of the default length every PROBE_EVERY steps keeps the acceptance estimate current. A cost is the fastest
+of a length's last few cycles as the caller timed them, host work included (a cycle is only
+slower than that when interrupted, and a first call may carry a one-off cost such as a CUDA
+graph's capture).
 """
 from __future__ import annotations
 
 from collections import deque
 
-PROBE_EVERY = 8  # AR steps between spec cycles while AR is the faster
-RECENT = 4  # cycles of each kind whose fastest is its cost
-DECAY = 0.7  # weight the acceptance counts keep at each spec cycle (the text changes)
+LADDER = (0, 1, 3, 7, 15, 31)  # draft lengths the pace moves between; 0: an AR step
+PROBE_EVERY = 8  # AR steps between spec cycles while AR steps are the faster
+RECENT = 4  # cycles of each length whose fastest is its cost
+TIMED = 2  # cycles a length runs before its cost counts (the first may carry a one-off cost)
+DECAY = 0.9  # weight the acceptance counts keep at each cycle (the text changes)
+WORTH_LONGER, WORTH_SHORTER = 1.25, 0.8  # token ratios that make a neighbour worth timing
 
 
 class SpecPace:
     def __init__(self, k: int):
-        self.k = k
+        """k: where to start, the target's default draft length."""
+        self.ladder = sorted(set(LADDER) | {k})
+        self.k = self.probe = k  # AR steps probe with the default: up to k acceptances to see
         self.accepted = 0.0  # decayed counts: drafts accepted, and cycles that rejected one
         self.rejected = 0.0
-        self.seconds = {k: deque(maxlen=RECENT), 0: deque(maxlen=RECENT)}
+        self.seconds = {length: deque(maxlen=RECENT) for length in self.ladder}
         self.ar_steps = 0  # since the last spec cycle
 
     def acceptance(self) -> float:
         """Per-slot acceptance, from the recent cycles (a geometric run of accepted drafts
-        ended by a rejection, or by the end of the block), with one of each as a prior."""
-        return (self.accepted + 1) / (self.accepted + self.rejected + 2)
+        ended by a rejection, or by the end of the block), with half of each as a prior."""
+        return (self.accepted + 0.5) / (self.accepted + self.rejected + 1)
 
-    def tokens_per_cycle(self) -> float:
+    def tokens(self, k: int) -> float:
+        """Expected tokens of a cycle of k drafts."""
         a = self.acceptance()
-        return (1 - a ** (self.k + 1)) / (1 - a)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def timed(self, k: int) -> bool:
+        return len(self.seconds[k]) >= TIMED
+
+    def rate(self, k: int) -> float:
+        return self.tokens(k) / min(self.seconds[k])
 
     def next_k(self) -> int:
-        spec, ar = self.seconds[self.k], self.seconds[0]
-        if self.k == 0 or len(spec) < 2:  # two: the first may carry a one-off cost
+        if not self.timed(self.k):
             return self.k
-        if len(ar) < 2:
+        if not self.timed(0):  # AR steps are always a candidate
             return 0
-        if min(spec) <= self.tokens_per_cycle() * min(ar) or self.ar_steps >= PROBE_EVERY:
-            return self.k
-        return 0
+        i = self.ladder.index(self.k)
+        for j, worth in ((i + 1, lambda t: t >= WORTH_LONGER), (i - 1, lambda t: t >= WORTH_SHORTER)):
+            if 0 < j < len(self.ladder) and not self.timed(self.ladder[j]) and self.k:
+                if worth(self.tokens(self.ladder[j]) / self.tokens(self.k)):
+                    return self.ladder[j]
+        self.k = max((k for k in self.ladder if self.timed(k)), key=self.rate)
+        if self.k == 0 and self.ar_steps >= PROBE_EVERY:
+            return self.probe
+        return self.k
 
     def record(self, k: int, accepted: int, seconds: float) -> None:
         """A cycle run at draft length k (as next_k said, or 0); another k (a cycle cut short
@@ -53,9 +75,6 @@ class SpecPace:
         if k not in self.seconds:
             return
         self.seconds[k].append(seconds)
-        if k == 0:
-            self.ar_steps += 1
-            return
-        self.ar_steps = 0
         self.accepted = DECAY * self.accepted + accepted
-        self.rejected = DECAY * self.rejected + (accepted < k)
+        self.rejected = DECAY * self.rejected + (0 < k and accepted < k)
+        self.ar_steps = self.ar_steps + 1 if k == 0 else 0
