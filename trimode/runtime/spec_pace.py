@@ -9,12 +9,11 @@ accepted, a longer draft than the default can be, if its passes stay cheap. Any 
 same output (greedy: the verify pass is AR's) or a sample of the same distribution (sampled:
 rejection sampling), so the pace picks, each cycle, the draft length of LADDER with the most
 expected tokens per second among those it has timed, and times a neighbour on the ladder
-when the estimate says it may be worth it: a longer draft when it would bring >= 1.25x the
-tokens, a shorter one when it keeps >= 0.8x of them. While AR steps are the fastest, a spec
-cycle of the default length every PROBE_EVERY steps keeps the acceptance estimate current. A cost is the fastest
-of a length's last few cycles as the caller timed them, host work included (a cycle is only
-slower than that when interrupted, and a first call may carry a one-off cost such as a CUDA
-graph's capture).
+when the estimate says it may be worth it. While AR steps are the fastest, a spec cycle of
+the default length every PROBE_EVERY steps keeps the acceptance estimate current. A cost is
+the fastest of a length's last few cycles as the caller timed them, host work included (a
+cycle is only slower than that when interrupted, and a first call may carry a one-off cost
+such as a CUDA graph's capture).
 """
 from __future__ import annotations
 
@@ -59,15 +58,26 @@ class SpecPace:
             return self.k
         if not self.timed(0):  # AR steps are always a candidate
             return 0
-        i = self.ladder.index(self.k)
-        for j, worth in ((i + 1, lambda t: t >= WORTH_LONGER), (i - 1, lambda t: t >= WORTH_SHORTER)):
-            if 0 < j < len(self.ladder) and not self.timed(self.ladder[j]) and self.k:
-                if worth(self.tokens(self.ladder[j]) / self.tokens(self.k)):
-                    return self.ladder[j]
+        neighbour = self.untimed_neighbour() if self.k else None
+        if neighbour is not None:
+            return neighbour
         self.k = max((k for k in self.ladder if self.timed(k)), key=self.rate)
         if self.k == 0 and self.ar_steps >= PROBE_EVERY:
             return self.probe
         return self.k
+
+    def untimed_neighbour(self) -> int | None:
+        """k's neighbour on the ladder, not yet timed, that may beat it: the longer when it
+        would bring WORTH_LONGER x the tokens, the shorter when it keeps WORTH_SHORTER x."""
+        i, here = self.ladder.index(self.k), self.tokens(self.k)
+        if i + 1 < len(self.ladder):
+            longer = self.ladder[i + 1]
+            if not self.timed(longer) and self.tokens(longer) >= WORTH_LONGER * here:
+                return longer
+        shorter = self.ladder[i - 1]  # i > 0: k is not 0
+        if not self.timed(shorter) and self.tokens(shorter) >= WORTH_SHORTER * here:
+            return shorter
+        return None
 
     def record(self, k: int, accepted: int, seconds: float) -> None:
         """A cycle run at draft length k (as next_k said, or 0); another k (a cycle cut short
