@@ -45,6 +45,11 @@ def vpdpbusd(lanes: int):
     return accumulate
 
 
+def signed(w, width: int):
+    """Weight bytes offset to uint8 (pack_for_int8_dot) back to their int8 values."""
+    return T.bitwise_xor(T.reinterpret(f"int8x{width}", w), T.broadcast(T.int8(-128), width))
+
+
 def sign_madd(lanes: int):
     """vpdpbusd without VNNI (llama.cpp's AVX2 path): vpmaddubsw multiplies unsigned by
     signed bytes into saturating int16 sums of pairs, which weights offset to 255 would
@@ -62,7 +67,7 @@ def sign_madd(lanes: int):
         return T.call_llvm_pure_intrin(f"int8x{width}", "llvm.x86.avx2.psign.b", v, q)
 
     def accumulate(acc, w, x):
-        q = T.bitwise_xor(T.reinterpret(f"int8x{width}", w), T.broadcast(T.int8(-128), width))
+        q = signed(w, width)
         pairs = T.call_llvm_pure_intrin(f"int16x{2 * lanes}", madd_bytes, sign_of(q, q), sign_of(q, x))
         return acc + T.call_llvm_pure_intrin(f"int32x{lanes}", madd_pairs, pairs, T.broadcast(T.int16(1), 2 * lanes))
     return accumulate
@@ -75,8 +80,7 @@ def sdot(lanes: int):
     width = 4 * lanes
 
     def accumulate(acc, w, x):
-        q = T.bitwise_xor(T.reinterpret(f"int8x{width}", w), T.broadcast(T.int8(-128), width))
-        return T.call_llvm_pure_intrin(f"int32x{lanes}", "llvm.aarch64.neon.sdot", acc, q, x)
+        return T.call_llvm_pure_intrin(f"int32x{lanes}", "llvm.aarch64.neon.sdot", acc, signed(w, width), x)
     return accumulate
 
 
