@@ -17,7 +17,7 @@ from trimode.cli import INT_LIST, LOGIT_BIAS
 from trimode.model.default_model import model_or_default
 
 from trimode.runtime.decode import (CPU_DRAFT_LENGTH, DEFAULT_BLOCK_LENGTH, DEFAULT_DRAFT_LENGTH,
-                                    DEFAULT_THRESHOLD, MODES, draft_length_for)
+                                    DEFAULT_THRESHOLD, MODES, draft_params)
 from trimode.runtime.forward import DEFAULT_CTX
 from trimode.runtime.logprobs import MAX_TOP_LOGPROBS
 
@@ -168,8 +168,7 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
     from trimode.runtime.tvm_runtime import default_target
     target = target or default_target()
     decode = DecodeParams(mode=mode, block_length=block_length, threshold=threshold,
-                          draft_length=draft_length_for(target) if draft_length is None else draft_length,
-                          adaptive=draft_length is None)
+                          **draft_params(target, draft_length))
     problem = sampling.problem() or decode.problem()
     if problem:
         raise click.UsageError(problem)

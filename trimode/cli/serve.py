@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from trimode.runtime.decode import (CPU_DRAFT_LENGTH, DEFAULT_DRAFT_LENGTH, MAX_BLOCK, MODES, DecodeParams,
-                                    draft_length_for)
+                                    draft_params)
 
 
 @click.command()
@@ -66,9 +66,7 @@ def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, rea
 
     settings = ServerSettings(n_ctx=n_ctx, n_slots=n_slots, model_name=alias or model_path.name,
                               api_key=api_key, reasoning=reasoning == "on", max_queue=max_queue,
-                              decode=DecodeParams(mode=mode, draft_length=draft_length_for(target)
-                                                  if draft_length is None else draft_length,
-                                                  adaptive=draft_length is None))
+                              decode=DecodeParams(mode=mode, **draft_params(target, draft_length)))
     app = create_app(load_engine, settings)
     # Streams still open at Ctrl-C get a few seconds to finish, not their whole max_tokens.
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",

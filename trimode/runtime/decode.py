@@ -32,9 +32,15 @@ DEFAULT_DRAFT_LENGTH = 15
 CPU_DRAFT_LENGTH = 3
 
 
-def draft_length_for(target: str) -> int:
-    """The draft length where the user names none, on `target` ('cuda' or 'llvm')."""
-    return CPU_DRAFT_LENGTH if target == "llvm" else DEFAULT_DRAFT_LENGTH
+def draft_params(target: str, given: int | None) -> dict:
+    """DecodeParams' draft fields on `target` ('cuda' or 'llvm') for a draft length the user
+    gave, or None: the target's default, where the pace starts (spec_pace.py)."""
+    if given is None:
+        return {"draft_length": CPU_DRAFT_LENGTH if target == "llvm" else DEFAULT_DRAFT_LENGTH,
+                "adaptive": True}
+    return {"draft_length": given, "adaptive": False}
+
+
 DEFAULT_BLOCK_LENGTH = 32
 DEFAULT_THRESHOLD = 0.9
 
