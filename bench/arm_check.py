@@ -43,7 +43,6 @@ def build(out: Path) -> None:
     from trimode.model.make_model import make_model
 
     out.mkdir(parents=True, exist_ok=True)
-    # first: compile_for leaves this process building for Arm
     np.save(out / "x86_default_logits.npy", default_model_logits(native_engine(DEFAULT_MODEL)))
     compiler = cross_compiler(f"{TRIPLE}-g++")
     for int8 in ("sdot", None):

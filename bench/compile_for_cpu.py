@@ -15,9 +15,11 @@ fingerprints this processor, not --mcpu, so they must not share the cache).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -29,34 +31,40 @@ from trimode.model.weights import quantized_parts  # noqa: E402
 from trimode.runtime.bench import tiled_weights  # noqa: E402
 
 
-def cross_target(triple: str):
-    """Makes every CPU build target `triple` and link with its g++; returns that compiler."""
+@contextlib.contextmanager
+def building_for(mcpu: str, int8: str | None, triple: str | None = None, export=None):
+    """Inside it, compile_model builds for the processor LLVM calls `mcpu`, with the int8 dot
+    product `int8` (None: fp32 activations), and for `triple` when given, linked by that
+    triple's g++ unless `export(executable, path, **kw)` replaces the library's export."""
     import tvm
     from tvm.support.cc import cross_compiler
+    from tvm.target import codegen
 
-    compiler = cross_compiler(f"{triple}-g++")
     resolve = build.resolve_target
-    build.resolve_target = lambda name, arch=None: {**resolve(name, arch), "mtriple": triple}
-    export = tvm.runtime.Executable.export_library
-    tvm.runtime.Executable.export_library = lambda self, path, **kw: export(
-        self, path, **{"fcompile": compiler, **kw})
-    return compiler
+    with contextlib.ExitStack() as stack:
+        def patch(owner, name, value):
+            stack.enter_context(mock.patch.object(owner, name, value))
+        patch(codegen, "llvm_get_system_cpu", lambda: mcpu)
+        patch(artifacts, "cpu_int8_dot", lambda: int8)
+        stack.enter_context(mock.patch.dict(os.environ, {"TRIMODE_INT8": "1" if int8 else "0"}))
+        if triple:
+            patch(build, "resolve_target", lambda name, arch=None: {**resolve(name, arch), "mtriple": triple})
+            if export is None:
+                compiler, original = cross_compiler(f"{triple}-g++"), tvm.runtime.Executable.export_library
+                export = lambda exe, path, **kw: original(exe, path, **{"fcompile": compiler, **kw})  # noqa: E731
+        if export is not None:
+            patch(tvm.runtime.Executable, "export_library", export)
+        yield
 
 
 def compile_for(model: str, mcpu: str, int8: str | None, root: Path, triple: str | None = None) -> Path:
-    from tvm.target import codegen
-
     if model in GEOMETRIES:
         cfg, weights = GEOMETRIES[model], tiled_weights(GEOMETRIES[model])
     else:
         loaded = load_model(model)
         cfg, weights = loaded.config, loaded.weights
-    if triple:
-        cross_target(triple)
-    codegen.llvm_get_system_cpu = lambda: mcpu
-    artifacts.cpu_int8_dot = lambda: int8
-    os.environ["TRIMODE_INT8"] = "1" if int8 else "0"
-    return build.compile_model(cfg, quantized_parts(weights), "llvm", root=root / mcpu)
+    with building_for(mcpu, int8, triple):
+        return build.compile_model(cfg, quantized_parts(weights), "llvm", root=root / mcpu)
 
 
 def main() -> None:

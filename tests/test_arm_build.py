@@ -4,9 +4,18 @@ numerics run under qemu-user in bench/arm_check.sh (every kernel against float64
 model's entries against the reference, greedy spec == AR), not here: CI has no qemu."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from trimode import artifacts
+
+# bench/compile_for_cpu.py builds for another processor; its building_for is used as it is
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "compile_for_cpu.py"
+spec = importlib.util.spec_from_file_location("compile_for_cpu", SCRIPT)
+compile_for_cpu = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compile_for_cpu)
 
 NEOVERSE_N1 = ["processor\t: 0", "BogoMIPS\t: 50.00",
                "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid "
@@ -35,34 +44,26 @@ def test_arm_processors_get_their_own_build_key(monkeypatch):
     assert prints[0] != prints[1]
 
 
-def aarch64_asm(monkeypatch, tmp_path, cfg, quantized, int8: str | None) -> str:
+def aarch64_asm(tmp_path, cfg, quantized, int8: str | None) -> str:
     """The assembly of the whole CPU build for an Arm Neoverse N1, as compile_model makes it
     there, short of linking (no aarch64 linker here)."""
-    import tvm
-    from tvm.target import codegen
-
     from trimode.compiler import build
 
     exported = []
-    resolve = build.resolve_target
-    monkeypatch.setattr(build, "resolve_target",
-                        lambda name, arch=None: {**resolve(name, arch), "mtriple": "aarch64-linux-gnu"})
-    monkeypatch.setattr(codegen, "llvm_get_system_cpu", lambda: "neoverse-n1")
-    monkeypatch.setattr(artifacts, "cpu_int8_dot", lambda: int8)
-    monkeypatch.setenv("TRIMODE_INT8", "1" if int8 else "0")
-    monkeypatch.setattr(tvm.runtime.Executable, "export_library", lambda self, path, **kw: exported.append(self))
-    build.compile_model(cfg, quantized, "llvm", root=tmp_path, log=lambda msg: None)
+    with compile_for_cpu.building_for("neoverse-n1", int8, "aarch64-linux-gnu",
+                                      export=lambda exe, path, **kw: exported.append(exe)):
+        build.compile_model(cfg, quantized, "llvm", root=tmp_path, log=lambda msg: None)
     (exe,) = exported
     return "\n".join(lib.inspect_source("s") for lib in exe.mod.imports if lib.kind == "llvm")
 
 
-def test_the_int8_build_for_arm_multiplies_with_sdot(monkeypatch, tmp_path, tiny_model):
+def test_the_int8_build_for_arm_multiplies_with_sdot(tmp_path, tiny_model):
     from trimode.model.weights import quantized_parts
 
     quantized = quantized_parts(tiny_model.weights)
     ops = {}
     for int8 in ("sdot", None):
-        asm = aarch64_asm(monkeypatch, tmp_path / str(int8), tiny_model.config, quantized, int8)
+        asm = aarch64_asm(tmp_path / str(int8), tiny_model.config, quantized, int8)
         ops[int8] = [line.split()[0] for line in asm.splitlines() if line.startswith("\t")]
     assert ops["sdot"].count("sdot") >= 32 and "sdot" not in ops[None]
     # the fp32 kernels convert every weight to float; the int8 ones only the block sums
