@@ -30,6 +30,7 @@ from test_attention_cuda import attention_reference  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
 from trimode.compiler.kernels import attention  # noqa: E402
+from trimode.compiler.pipeline import register_lanes  # noqa: E402
 from trimode.runtime.tvm_runtime import physical_cores  # noqa: E402
 
 
@@ -37,10 +38,13 @@ def fastest_us(module, heads: tuple[int, int, int], layers: int, fill: int, t: i
                repeat: int) -> float:
     n_heads, n_kv_heads, d = heads
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
-    # a kernel of the fp16 cache takes its dtype (a baseline may predate it: fp32 then)
-    kv_dtype = "float16" if "kv_dtype" in inspect.signature(module.attention_cpu).parameters else "float32"
+    # a kernel of the fp16 cache takes its dtype (a baseline may predate it: fp32 then), one
+    # written for a register width takes the target's, as the model build gives it
+    params = inspect.signature(module.attention_cpu).parameters
+    kv_dtype = "float16" if "kv_dtype" in params else "float32"
     func = module.attention_cpu(layers, n_heads, n_kv_heads, d, causal,
-                                *([kv_dtype] if kv_dtype == "float16" else []))
+                                *([kv_dtype] if kv_dtype == "float16" else []),
+                                *([register_lanes(target)] if "register_lanes" in params else []))
     fn = tvm.compile(func.with_attr("global_symbol", "attn"), target=target)["attn"]
     rng = np.random.default_rng(0)
     q = rng.standard_normal((t, n_heads, d)).astype(np.float32)
@@ -78,6 +82,9 @@ def main() -> None:
     head = "| fill | T |" + "".join(f" {name} |" for name, _ in sources)
     print(head + (" baseline / this |" if args.baseline else ""))
     print("|---" * (head.count("|") - 1 + bool(args.baseline)) + "|")
+    # the first kernel a process times runs up to 1.5x slow for all its calls (the pool's
+    # threads starting): one call of it, untimed
+    fastest_us(attention, heads, args.layers, 512, 1, not args.bidirectional, 3)
     for fill in (int(f) for f in args.fills.split(",")):
         for t in (int(r) for r in args.rows.split(",")):
             times = [fastest_us(module, heads, args.layers, fill, t, not args.bidirectional, args.repeat)

@@ -1,7 +1,8 @@
 """The CPU attention kernel alone, built for llvm, against float64 numpy: causal and
 bidirectional, cache fills that end inside and on key tiles, block lengths across query
 tiles (the last one partial), grouped and ungrouped heads, a head size the vector lanes do
-not divide; the cache and the block's K/V (fp16, as the engine keeps them) are only read."""
+not divide, at AVX2's and AVX-512's register widths; the cache and the block's K/V (fp16, as
+the engine keeps them) are only read."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,10 +20,10 @@ LAYERS, LAYER, CTX = 2, 1, 160
 def built():
     cache = {}
 
-    def build(n_heads, n_kv_heads, d, causal):
-        key = n_heads, n_kv_heads, d, causal
+    def build(n_heads, n_kv_heads, d, causal, lanes):
+        key = n_heads, n_kv_heads, d, causal, lanes
         if key not in cache:
-            func = attention_cpu(LAYERS, n_heads, n_kv_heads, d, causal, "float16")
+            func = attention_cpu(LAYERS, n_heads, n_kv_heads, d, causal, "float16", lanes)
             func = func.with_attr("global_symbol", "attn")
             cache[key] = tvm.compile(func, target="llvm")["attn"]
         return cache[key]
@@ -30,12 +31,13 @@ def built():
     return build
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("n_heads, n_kv_heads, d", [(6, 2, 48), (4, 4, 16), (8, 1, 12)])
+@pytest.mark.parametrize("n_heads, n_kv_heads, d", [(6, 2, 48), (4, 4, 16), (8, 1, 12), (2, 1, 40)])
 @pytest.mark.parametrize("t, pos", [(1, 0), (1, 1), (1, KEY_TILE), (1, 77), (3, 5), (4, 64),
                                     (QUERY_TILE, 31), (QUERY_TILE + 1, 0), (2 * QUERY_TILE + 5, 40),
                                     (70, 0)])
-def test_attention_equals_float64(built, causal, n_heads, n_kv_heads, d, t, pos):
+def test_attention_equals_float64(built, lanes, causal, n_heads, n_kv_heads, d, t, pos):
     rng = np.random.default_rng(t * 1000 + pos)
     q = rng.standard_normal((t, n_heads, d)).astype(np.float32)
     kv = rng.standard_normal((LAYERS, 2, n_kv_heads, CTX, d)).astype(np.float16)
@@ -44,7 +46,7 @@ def test_attention_equals_float64(built, causal, n_heads, n_kv_heads, d, t, pos)
     args = [tvm.runtime.tensor(a) for a in (q, kv)]
     extra = [tvm.runtime.tensor(a) for a in (k_new, v_new)]
     out = tvm.runtime.tensor(np.full((t, n_heads, d), np.nan, np.float32))
-    built(n_heads, n_kv_heads, d, causal)(*args, LAYER, tvm.runtime.tensor(np.array([pos], np.int32)),
+    built(n_heads, n_kv_heads, d, causal, lanes)(*args, LAYER, tvm.runtime.tensor(np.array([pos], np.int32)),
                                           *extra, out)
     want = attention_reference(q.astype(np.float64), kv.astype(np.float64), LAYER, pos,
                                k_new.astype(np.float64), v_new.astype(np.float64), causal)
@@ -78,8 +80,9 @@ def test_exp_approx_is_float32_exp():
     assert y[-2] == 1.0 and all(0 <= v <= 2.0 ** -126 for v in y[[-4, -3, -1]])
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_with_scores_far_apart(built, causal):
+def test_attention_with_scores_far_apart(built, lanes, causal):
     """Scores hundreds apart, the keys growing with position so the running max jumps by more
     than the flush cutoff between tiles: the weights the kernel drops (under e^-69 of the max,
     so their products stay in fp32's normal range) change nothing the float64 softmax keeps."""
@@ -94,9 +97,20 @@ def test_attention_with_scores_far_apart(built, causal):
     scores = np.einsum("hd,jd->hj", q[0, :2].astype(np.float64), kv[LAYER, 0, 0, :pos]) / np.sqrt(d)
     assert np.ptp(scores) > 300  # the case this test is for
     out = tvm.runtime.tensor(np.full((t, n_heads, d), np.nan, np.float32))
-    built(n_heads, n_kv_heads, d, causal)(
+    built(n_heads, n_kv_heads, d, causal, lanes)(
         *(tvm.runtime.tensor(a) for a in (q, kv)), LAYER, tvm.runtime.tensor(np.array([pos], np.int32)),
         *(tvm.runtime.tensor(a) for a in (k_new, v_new)), out)
     want = attention_reference(q.astype(np.float64), kv.astype(np.float64), LAYER, pos,
                                k_new.astype(np.float64), v_new.astype(np.float64), causal)
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target, lanes", [({"mcpu": "sapphirerapids"}, 16), ({"mcpu": "skylake-avx512"}, 16),
+                                           ({"mcpu": "alderlake"}, 8), ({"mcpu": "haswell"}, 8),
+                                           ({"mcpu": "neoverse-n1", "mtriple": "aarch64-linux-gnu"}, 8)])
+def test_register_lanes_follow_the_target(target, lanes):
+    """The CPU build's attention is written for the target's registers: 16 lanes where it
+    has AVX-512 (the 16-key score groups need its 32 registers), 8 elsewhere."""
+    from trimode.compiler.pipeline import register_lanes
+
+    assert register_lanes(tvm.target.Target({"kind": "llvm", **target})) == lanes

@@ -37,14 +37,16 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
 
     from trimode.compiler.kernel_table import Kernels
     from trimode.compiler.model import NLDModel, mark_static_arguments
-    from trimode.compiler.pipeline import build_library
+    from trimode.compiler.pipeline import build_library, cpu_target, register_lanes
 
     started = time.time()
     log(f"compiling {cfg.geometry_key()} for {target_name} -> {out}")
     if target_name == "cuda":
         log(f"  schedules: tuned database {schedules_id}" if schedules else
             f"  schedules: no tuned database for GPU {gpu_name or '(none named)'}; kernel defaults")
-    kernels = Kernels(cfg, target_name, schedules, int8_activations_enabled(target))
+    int8_dot = int8_activations_enabled(target)
+    lanes = register_lanes(cpu_target(target, int8_dot)) if target_name == "llvm" else 8
+    kernels = Kernels(cfg, target_name, schedules, int8_dot, lanes)
     model = NLDModel(cfg, quantized, kernels)
     mod, named_params = model.export_tvm(spec=model.entry_specs())
     mod = mark_static_arguments(mod)

@@ -24,6 +24,8 @@ class Kernels:
     # CPU only: Q8_0 matmuls take their activations quantized to int8, multiplied by this
     # dot product (q8_matmul.INT8_DOTS; artifacts.int8_activations_enabled says which)
     int8_activations: str | None = None
+    # CPU only: fp32 lanes of the vector register (pipeline.register_lanes)
+    register_lanes: int = 8
 
     @property
     def dtype(self) -> str:
@@ -103,7 +105,7 @@ class Kernels:
         c = self.cfg
         if not self.is_gpu:
             return _cached(attention.attention_cpu, c.n_layers, c.n_heads, c.n_kv_heads,
-                           c.head_dim, causal, self.kv_dtype)
+                           c.head_dim, causal, self.kv_dtype, self.register_lanes)
         plan = self._attention_plan(rows)
         if cuda_attention_kernel(rows, c.head_dim) == "attention_mma":
             from trimode.compiler.kernels import attention_mma

@@ -72,6 +72,26 @@ def relax_passes(target: tvm.target.Target) -> list:
     return passes
 
 
+def cpu_target(target_spec: dict, int8_dot: str | None) -> tvm.target.Target:
+    """The llvm target of this CPU's instruction set (AVX2/AVX-512: 1.5-2x on the Q8_0
+    matmuls), with the int8 matmuls' dot product where one is used."""
+    from tvm.target import codegen
+
+    cpu = {"mcpu": codegen.llvm_get_system_cpu()}
+    if int8_dot:  # the processor's flags say so even where -mcpu does not
+        cpu["mattr"] = INT8_DOTS[int8_dot].mattr
+    return tvm.target.Target({**target_spec, **cpu})
+
+
+def register_lanes(target: tvm.target.Target) -> int:
+    """fp32 lanes of the vector registers the CPU kernels are written for: AVX-512's 16 where
+    the target has it (and its 32 registers), else AVX2's 8 (on Arm, pairs of NEON's 4)."""
+    from tvm.target import codegen
+
+    with target:
+        return 16 if codegen.target_has_features("avx512f") else 8
+
+
 def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
                   cuda_graphs: bool = False, dependent_launch: bool = False,
                   int8_dot: str | None = None) -> list[str]:
@@ -82,13 +102,8 @@ def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
     that dot product (q8_matmul.INT8_DOTS)."""
     if target_spec["kind"] == "cuda":
         target = tvm.target.Target(target_spec, host="llvm")
-    else:  # this CPU's instruction set (AVX2/AVX-512): 1.5-2x on the Q8_0 matmuls
-        from tvm.target import codegen
-
-        cpu = {"mcpu": codegen.llvm_get_system_cpu()}
-        if int8_dot:  # the processor's flags say so even where -mcpu does not
-            cpu["mattr"] = INT8_DOTS[int8_dot].mattr
-        target = tvm.target.Target({**target_spec, **cpu})
+    else:
+        target = cpu_target(target_spec, int8_dot)
     started = time.time()
     with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):
         mod = tvm.transform.Sequential(relax_passes(target))(mod)

@@ -9,6 +9,7 @@ GQA: q head h reads kv head h // (n_heads / n_kv_heads). This is the CPU kernel;
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from tvm.script import tirx as T
@@ -18,15 +19,14 @@ from trimode.compiler.kernels.cpu_math import softmax_weight
 
 # Keys per tile: the scores of a tile are computed first, then the running softmax is
 # rescaled once per tile (not once per key) and the tile's values are summed, vectorized
-# by LANES (a loop vectorized by the whole head, <48 x float>, spilled its lanes every key).
+# by the register's lanes (a loop vectorized by the whole head, <48 x float>, spilled its
+# lanes every key).
 KEY_TILE = 32
-LANES = 8  # fp32 lanes of one AVX2 register
 # Query positions per task. A task takes one kv head and up to this many positions, i.e. the
 # group x positions query rows that read that head, and runs each key tile through all of
 # them while it is in L1: the cache is read once per task, not once per query row (a decode
 # read each kv head `group` times, a block pass group x T times).
 QUERY_TILE = 16
-GROUP_KEYS = 8  # keys whose scores are computed together (KEY_TILE is a multiple)
 ACC_VECTORS = 8  # registers of a row's value sums at a time (of AVX2's 16)
 
 
@@ -38,52 +38,95 @@ def tree_sum(terms: list, op=lambda a, b: a + b):
     return terms[0]
 
 
+def chain(terms: list):
+    """The sum of PrimExprs left to right: products added to a sum become FMAs."""
+    return functools.reduce(lambda a, b: a + b, terms)
+
+
+def lane_pairs(lanes: int, width: int) -> list[int]:
+    """Shuffle indices of two `lanes`-wide vectors x, y (y's elements from `lanes` on) that
+    take the first of each adjacent pair of `width`-element chunks: within each 4-element
+    quarter for width 1 (x's two pairs, then y's: what x86's haddps pairs), across the whole
+    vector for width 4 (x's chunks, then y's). The second of each pair: these + width."""
+    if width == 1:
+        return [4 * g + 2 * m if m < 2 else lanes + 4 * g + 2 * (m - 2)
+                for g in range(lanes // 4) for m in range(4)]
+    n = lanes // 4
+    return [8 * o + m if o < n // 2 else lanes + 8 * (o - n // 2) + m
+            for o in range(n) for m in range(4)]
+
+
+def transposed_sum(vectors: list, lanes: int):
+    """The vector of each of `lanes` vectors' sums (element i: vectors[i]'s), by pairwise
+    shuffles and adds: 2 + log2(lanes / 4) levels of lanes - 1 vector adds in all, where a
+    horizontal sum per vector (tree_sum) costs log2(lanes) shuffles each."""
+    for width in [1, 1] + [4] * ((lanes // 4).bit_length() - 1):
+        first = lane_pairs(lanes, width)
+        second = [i + width for i in first]
+        vectors = [T.Shuffle([x, y], first) + T.Shuffle([x, y], second)
+                   for x, y in zip(vectors[0::2], vectors[1::2])]
+    return vectors[0]
+
+
 def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                  causal: bool, kv_dtype: str) -> "T.PrimFunc":
-    """q, out fp32; the cache and the block's k, v in kv_dtype, converted as they are read."""
+                  causal: bool, kv_dtype: str, register_lanes: int = 8) -> "T.PrimFunc":
+    """q, out fp32; the cache and the block's k, v in kv_dtype, converted as they are read.
+    register_lanes: fp32 lanes of the target's vector register (8: AVX2; 16: AVX-512)."""
     L, HQ, HKV, D = T.int64(n_layers), T.int64(n_heads), T.int64(n_kv_heads), T.int64(head_dim)
     group = n_heads // n_kv_heads
     scale = 1.0 / math.sqrt(head_dim)
-    lanes = LANES if head_dim % LANES == 0 else 1
+    # lanes: the vector a head's products are summed in; register_lanes where the head size
+    # allows (scalar where it is not a multiple of 8). A score group is one key a lane, so its
+    # partial sums are transposed into the group's scores by vector shuffles (transposed_sum):
+    # one horizontal sum a key and query row cost as much as its 16 FMAs (perf: 9 shuffles)
+    lanes = next(w for w in (register_lanes, 8, 1) if head_dim % w == 0)
+    group_keys = max(lanes, 8)
+    W = register_lanes
     chunks = head_dim // lanes
     acc_chunks = max(c for c in range(1, ACC_VECTORS + 1) if chunks % c == 0)
+
+    def vec(buf, row, col):  # buf[row, col:col + lanes] (one element where lanes is 1)
+        return buf[row, T.ramp(col, 1, lanes)] if lanes > 1 else buf[row, col]
+
     max_rows = group * QUERY_TILE
 
     @T.macro
     def key_tile(keys, values, first, size, r, qs, acc, best, total, tile):
         # Row r's running softmax (best, total, acc) takes keys [first, first + size); `tile`:
-        # the scratch of one tile (scores, part, rescale, row_acc, row_total, lane).
-        scores, part, rescale, row_acc, row_total, lane = tile
-        # The scores, GROUP_KEYS keys at a time: their dot products interleaved (independent
-        # FMA chains), a partial group's key index held at the last real key.
-        for jg in range((size + GROUP_KEYS - 1) // GROUP_KEYS):
-            for jj in T.unroll(GROUP_KEYS):
-                for c in T.vectorized(lanes):
-                    part[jj, c] = T.float32(0)
-            for b in range(chunks):
-                for jj in T.unroll(GROUP_KEYS):
-                    for c in T.vectorized(lanes):
-                        part[jj, c] = part[jj, c] + qs[r, b * lanes + c] * keys[
-                            first + T.min(jg * GROUP_KEYS + jj, size - 1), b * lanes + c]
-            for jj in T.unroll(GROUP_KEYS):
-                scores[jg * GROUP_KEYS + jj] = tree_sum([part[jj, c] for c in range(lanes)])
-        # The tile's max and its weights' sum, LANES at a time (not a dependent chain a key):
-        # entries past `size` are scored -3e38, so their weights flush to 0.
+        # the scratch of one tile (scores, rescale, lane, row_acc).
+        scores, rescale, lane, row_acc = tile
+        # The scores, group_keys keys at a time (independent FMA chains), each key's products
+        # one expression: as an array of 16 x 16 partial sums (1 KB, a heap workspace) they
+        # stayed in registers or not depending on what else the module held (2x on a block
+        # pass). A partial group's key index is held at the last real key.
+        for jg in range((size + group_keys - 1) // group_keys):
+            if lanes == group_keys:
+                scores[T.ramp(jg * group_keys, 1, lanes)] = transposed_sum(
+                    [chain([vec(qs, r, b * lanes)
+                            * vec(keys, first + T.min(jg * group_keys + jj, size - 1), b * lanes)
+                            for b in range(chunks)]) for jj in range(group_keys)], lanes)
+            else:
+                for jj in T.unroll(group_keys):
+                    scores[jg * group_keys + jj] = chain(
+                        [qs[r, d] * keys[first + T.min(jg * group_keys + jj, size - 1), d]
+                         for d in range(head_dim)])
+        # The tile's max and its weights' sum, a register at a time (not a dependent chain a
+        # key): entries past `size` are scored -3e38, so their weights flush to 0.
         for jj in range(size, KEY_TILE):
             scores[jj] = T.float32(-3.0e38)
-        for c in T.vectorized(LANES):
-            lane[c] = tree_sum([scores[jg * LANES + c] for jg in range(KEY_TILE // LANES)], T.max)
-        rescale[0] = T.max(best[r], tree_sum([lane[c] for c in range(LANES)], T.max))
+        for c in T.vectorized(W):
+            lane[c] = tree_sum([scores[jg * W + c] for jg in range(KEY_TILE // W)], T.max)
+        rescale[0] = T.max(best[r], tree_sum([lane[c] for c in range(W)], T.max))
         # rescale[0] holds the new running max; fold the old one into what was summed.
-        for jg in T.unroll(KEY_TILE // LANES):
-            for jj in T.vectorized(LANES):
-                scores[jg * LANES + jj] = softmax_weight(scores[jg * LANES + jj] - rescale[0])
-        for c in T.vectorized(LANES):
-            lane[c] = tree_sum([scores[jg * LANES + c] for jg in range(KEY_TILE // LANES)])
-        row_total[0] = (total[r] * softmax_weight(best[r] - rescale[0], T.exp)
-                        + tree_sum([lane[c] for c in range(LANES)]))
-        # The values, acc_chunks vectors of the row's sums at a time in row_acc (a small local
-        # array kept in registers: all 16 of a 128-wide head would spill).
+        for jg in T.unroll(KEY_TILE // W):
+            for jj in T.vectorized(W):
+                scores[jg * W + jj] = softmax_weight(scores[jg * W + jj] - rescale[0])
+        for c in T.vectorized(W):
+            lane[c] = tree_sum([scores[jg * W + c] for jg in range(KEY_TILE // W)])
+        total[r] = (total[r] * softmax_weight(best[r] - rescale[0], T.exp)
+                    + tree_sum([lane[c] for c in range(W)]))
+        # The values, acc_chunks vectors of the row's sums at a time in row_acc (a small
+        # array LLVM keeps in registers: all of a 128-wide head's would spill).
         for a in range(chunks // acc_chunks):
             for b in T.unroll(acc_chunks):
                 for c in T.vectorized(lanes):
@@ -97,7 +140,6 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
             for b in T.unroll(acc_chunks):
                 for c in T.vectorized(lanes):
                     acc[r, (a * acc_chunks + b) * lanes + c] = row_acc[b * lanes + c]
-        total[r] = row_total[0]
         best[r] = rescale[0]
 
     @T.macro
@@ -152,12 +194,10 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
             acc = T.decl_buffer((max_rows, D), "float32")
             best = T.decl_buffer((max_rows,), "float32")
             total = T.decl_buffer((max_rows,), "float32")
-            tile = (T.decl_buffer((KEY_TILE,), "float32"),          # scores
-                    T.decl_buffer((GROUP_KEYS, lanes), "float32"),  # part
-                    T.decl_buffer((1,), "float32"),                 # rescale
-                    T.decl_buffer((acc_chunks * lanes,), "float32"),  # row_acc
-                    T.decl_buffer((1,), "float32"),                 # row_total
-                    T.decl_buffer((LANES,), "float32"))             # lane
+            tile = (T.decl_buffer((KEY_TILE,), "float32"),  # scores
+                    T.decl_buffer((1,), "float32"),         # rescale
+                    T.decl_buffer((W,), "float32"),         # lane
+                    T.decl_buffer((acc_chunks * lanes,), "float32"))  # row_acc
             tile_kv = (T.decl_buffer((KEY_TILE, D), "float32"), T.decl_buffer((KEY_TILE, D), "float32"))
             for r in range(rows):
                 for d in T.vectorized(D):
