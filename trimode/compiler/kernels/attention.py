@@ -85,8 +85,8 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
     chunks = head_dim // lanes
     acc_chunks = max(c for c in range(1, ACC_VECTORS + 1) if chunks % c == 0)
 
-    def vec(buf, row, col):  # buf[row, col:col + lanes] (one element where lanes is 1)
-        return buf[row, T.ramp(col, 1, lanes)] if lanes > 1 else buf[row, col]
+    def vec(buf, row, col):  # buf[row, col:col + lanes]
+        return buf[row, T.ramp(col, 1, lanes)]
 
     max_rows = group * QUERY_TILE
 
