@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trimode.model.config import GEOMETRIES  # noqa: E402
 from trimode.model.gguf_file import load_model  # noqa: E402
+from trimode.model.kv_cache import q8_0_rows  # noqa: E402
 from trimode.runtime.bench import fill_cache, median_seconds, tiled_weights  # noqa: E402
 from trimode.runtime.engine import Engine  # noqa: E402
 
@@ -51,6 +52,17 @@ def entries(fwd, args, tokens):
             f"draft T={args.block}": at_fill(lambda: fwd.bidirectional(block)),
             f"prefill T={args.prefill}": lambda: (fwd.truncate(0),
                                                   fwd.causal(tokens[:args.prefill], last_only=True))}
+
+
+def random_cache(engine, shape: tuple) -> np.ndarray:
+    """Random K/V rows as the engine's cache type keeps them (a q8_0 row's scale bytes must be
+    real scales, not random bytes), the same 1024 positions over and over (a 32k cache's
+    fp32 randoms would take 7 GB at the 3B)."""
+    layers, two, heads, ctx, _ = shape
+    base = np.random.default_rng(0).standard_normal((layers, two, heads, min(ctx, 1024),
+                                                     engine.config.head_dim), np.float32)
+    rows = q8_0_rows(base) if engine.kv_cache == "q8_0" else base.astype(engine.kv_dtype)
+    return np.take(rows, np.arange(ctx) % rows.shape[3], axis=3)
 
 
 def main() -> None:
@@ -83,9 +95,7 @@ def main() -> None:
         engine = Engine(cfg, weights, args.target, metadata, artifact=artifact)
         fwd = engine.new_sequence(n_ctx)
         if args.random_fill:
-            rng = np.random.default_rng(0)
-            engine.device.write(fwd.kv, rng.standard_normal(tuple(fwd.kv.shape), np.float32)
-                                .astype(engine.kv_dtype))
+            engine.device.write(fwd.kv, random_cache(engine, tuple(fwd.kv.shape)))
         sides[name] = (engine, entries(fwd, args, tokens))
     times = {(side, entry): [] for side in sides for entry in sides["A"][1]}
     for _ in range(args.rounds):

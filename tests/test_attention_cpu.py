@@ -11,6 +11,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from trimode.compiler.kernels.attention import KEY_TILE, QUERY_TILE, attention_cpu  # noqa: E402
+from trimode.model.kv_cache import kv_round, q8_0_rows  # noqa: E402
 from test_attention_cuda import attention_reference  # noqa: E402
 
 LAYERS, LAYER, CTX = 2, 1, 160
@@ -20,10 +21,10 @@ LAYERS, LAYER, CTX = 2, 1, 160
 def built():
     cache = {}
 
-    def build(n_heads, n_kv_heads, d, causal, lanes):
-        key = n_heads, n_kv_heads, d, causal, lanes
+    def build(n_heads, n_kv_heads, d, causal, lanes, cache_type="f16"):
+        key = n_heads, n_kv_heads, d, causal, lanes, cache_type
         if key not in cache:
-            func = attention_cpu(LAYERS, n_heads, n_kv_heads, d, causal, "float16", lanes)
+            func = attention_cpu(LAYERS, n_heads, n_kv_heads, d, causal, cache_type, lanes)
             func = func.with_attr("global_symbol", "attn")
             cache[key] = tvm.compile(func, target="llvm")["attn"]
         return cache[key]
@@ -51,6 +52,36 @@ def test_attention_equals_float64(built, lanes, causal, n_heads, n_kv_heads, d, 
     want = attention_reference(q.astype(np.float64), kv.astype(np.float64), LAYER, pos,
                                k_new.astype(np.float64), v_new.astype(np.float64), causal)
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+    for before, after in ((kv, args[1]), (k_new, extra[0]), (v_new, extra[1])):
+        np.testing.assert_array_equal(after.numpy(), before)
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_heads, n_kv_heads, d", [(8, 2, 128), (4, 1, 32), (2, 2, 64)])
+@pytest.mark.parametrize("t, pos", [(1, 0), (1, 77), (4, 64), (QUERY_TILE + 1, 31), (40, 0)])
+def test_attention_over_a_q8_0_cache(built, lanes, causal, n_heads, n_kv_heads, d, t, pos):
+    """With a q8_0 cache (model/kv_cache.py) the kernel reads each row's int8 values times
+    its blocks' fp16 scales: it equals float64 attention over the dequantized K/V, the cache's
+    and the block's alike, and leaves both as they were."""
+    rng = np.random.default_rng(t * 1000 + pos + d)
+    q = rng.standard_normal((t, n_heads, d)).astype(np.float32)
+    # blocks of different sizes, so each row's scales matter
+    spread = np.repeat(rng.uniform(0.1, 8.0, d // 32), 32)
+    kv_values = rng.standard_normal((LAYERS, 2, n_kv_heads, CTX, d)) * spread
+    new = rng.standard_normal((2, t, n_kv_heads, d)) * spread
+    kv, k_new, v_new = q8_0_rows(kv_values), q8_0_rows(new[0]), q8_0_rows(new[1])
+    args = [tvm.runtime.tensor(a) for a in (q, kv)]
+    extra = [tvm.runtime.tensor(a) for a in (k_new, v_new)]
+    out = tvm.runtime.tensor(np.full((t, n_heads, d), np.nan, np.float32))
+    built(n_heads, n_kv_heads, d, causal, lanes, "q8_0")(
+        *args, LAYER, tvm.runtime.tensor(np.array([pos], np.int32)), *extra, out)
+    want = attention_reference(q.astype(np.float64), kv_round("q8_0", kv_values), LAYER, pos,
+                               kv_round("q8_0", new[0]), kv_round("q8_0", new[1]), causal)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5 * spread.max())
+    # the quantization is coarser than the tolerance: the scales are read, not guessed
+    unquantized = attention_reference(q.astype(np.float64), kv_values, LAYER, pos, new[0], new[1], causal)
+    assert np.abs(unquantized - want).max() > 1e-4 * spread.max()
     for before, after in ((kv, args[1]), (k_new, extra[0]), (v_new, extra[1])):
         np.testing.assert_array_equal(after.numpy(), before)
 

@@ -23,12 +23,16 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.fixture(scope="module", params=["q8", "float"])
+# "q8, q8_0 cache": the Q8_0 weights' build with a q8_0 K/V cache (-ctk/-ctv q8_0), against
+# the reference that keeps K/V as q8_0 blocks
+@pytest.fixture(scope="module", params=["q8", "float", "q8, q8_0 cache"])
 def setup(request):
     cfg = GEOMETRIES["tiny"]
-    weights = random_weights(cfg, seed=3, quantized=request.param == "q8")
-    engine = Engine(cfg, weights, "llvm")
-    return engine, ReferenceModel(cfg, weights, int8_activations=engine.int8_activations)
+    weights = random_weights(cfg, seed=3, quantized=request.param.startswith("q8"))
+    kv_cache = "q8_0" if request.param.endswith("q8_0 cache") else "f16"
+    engine = Engine(cfg, weights, "llvm", kv_cache=kv_cache)
+    assert engine.kv_cache == kv_cache
+    return engine, ReferenceModel(cfg, weights, kv_cache=kv_cache, int8_activations=engine.int8_activations)
 
 
 def fresh(setup):
@@ -164,7 +168,8 @@ def test_runtime_loads_artifact_without_the_compiler(setup, tmp_path):
         from trimode.model.config import GEOMETRIES
         from trimode.model.random_weights import random_weights
         from trimode.runtime.engine import Engine
-        engine = Engine(GEOMETRIES["tiny"], random_weights(GEOMETRIES["tiny"], seed=3), "llvm")
+        engine = Engine(GEOMETRIES["tiny"], random_weights(GEOMETRIES["tiny"], seed=3), "llvm",
+                        kv_cache={engine.kv_cache!r})
         logits = engine.new_sequence({CTX}).causal({prompt(6)}, last_only=True).logits()
         loaded = {{name: name in sys.modules for name in ("tvm", "torch", "ml_dtypes")}}
         import importlib.util

@@ -20,7 +20,7 @@ TINY = GEOMETRIES["tiny"]
 @pytest.fixture(scope="module")
 def reference(tiny_model) -> ReferenceModel:
     # the model's math against independent derivations: without the cache's fp16 rounding
-    return ReferenceModel(tiny_model.config, tiny_model.weights, kv_dtype=np.float64)
+    return ReferenceModel(tiny_model.config, tiny_model.weights, kv_cache=None)
 
 
 def tokens(n: int, seed: int = 0) -> list[int]:
@@ -123,7 +123,7 @@ def test_grouped_heads_match_naive_loop():
     weights = random_weights(cfg, seed=11, quantized=False)
     toks = tokens(24, seed=12)
     expected = naive_logits(cfg, weights, toks, lambda t, s: s <= t)
-    _, (logits,) = run(ReferenceModel(cfg, weights, kv_dtype=np.float64), ("causal", toks))
+    _, (logits,) = run(ReferenceModel(cfg, weights, kv_cache=None), ("causal", toks))
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -178,7 +178,7 @@ def test_bidirectional_differs_from_causal_except_the_last_row_of_one_layer(tiny
     a, block = tokens(10, seed=5), tokens(8, seed=6)
     weights = tiny_model.weights
     one_layer = ReferenceModel(TINY.replace(n_layers=1), dataclasses.replace(weights, layers=weights.layers[:1]),
-                               kv_dtype=np.float64)
+                               kv_cache=None)
     for model, last_row_equal in ((one_layer, True), (reference, False)):
         fwd, (_, bidi) = run(model, ("causal", a), ("bidirectional", block))
         assert fwd.length == len(a)  # the bidirectional pass left the cache alone
@@ -222,3 +222,22 @@ def test_kv_kept_at_the_cache_precision(tiny_model, reference):
     _, (exact,) = run(reference, ("causal", toks))
     err = np.abs(logits - exact).max() / np.abs(exact).max()
     assert 0 < err < 1e-2
+
+
+def test_kv_kept_as_q8_0_blocks(tiny_model, reference):
+    """kv_cache="q8_0": each 32 of a kept K or V row are integers in [-127, 127] times one
+    scale (the block's largest at +-127), as a q8_0 cache keeps them; the logits move by
+    more than the fp16 cache's rounding, and still little."""
+    toks = tokens(40, seed=7)
+    fwd, (logits,) = run(ReferenceModel(tiny_model.config, tiny_model.weights, kv_cache="q8_0"),
+                         ("causal", toks))
+    for kept in fwd._k + fwd._v:
+        blocks = kept.reshape(*kept.shape[:-1], -1, 32)
+        d = np.abs(blocks).max(axis=-1, keepdims=True) / 127
+        values = blocks / np.where(d > 0, d, 1)
+        np.testing.assert_array_equal(values, np.rint(values))
+        assert np.abs(values).max() == 127
+    _, (exact,) = run(reference, ("causal", toks))
+    _, (f16,) = run(ReferenceModel(tiny_model.config, tiny_model.weights), ("causal", toks))
+    err = np.abs(logits - exact).max() / np.abs(exact).max()
+    assert np.abs(f16 - exact).max() / np.abs(exact).max() < err < 5e-2

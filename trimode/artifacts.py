@@ -132,8 +132,10 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
 
 
-def build_key(cfg: ModelConfig, quantized: dict[str, bool], target: dict, schedules_id: str) -> str:
+def build_key(cfg: ModelConfig, quantized: dict[str, bool], target: dict, schedules_id: str,
+              kv_cache: str = "f16") -> str:
     parts = {
+        "kv_cache": kv_cache,
         "cuda_graphs": cuda_graphs_enabled(target),
         "dependent_launch": dependent_launch_enabled(target),
         "int8_activations": int8_activations_enabled(target),

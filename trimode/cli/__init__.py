@@ -62,6 +62,27 @@ class IntList(click.ParamType):
 INT_LIST = IntList()
 
 
+def kv_cache_options(command):
+    """llama.cpp's -ctk/-ctv (--cache-type-k/v): how the K/V cache keeps a row
+    (model/kv_cache.py). K and V share one type here; kv_cache_of checks they agree."""
+    from trimode.model.kv_cache import KV_CACHE_TYPES
+
+    for flags, name, part in ((("-ctv", "--cache-type-v"), "cache_type_v", "V"),
+                              (("-ctk", "--cache-type-k"), "cache_type_k", "K")):
+        command = click.option(*flags, name, type=click.Choice(KV_CACHE_TYPES), default="f16",
+                               show_default=True,
+                               help=f"{part} cache type; q8_0 (CPU): half the memory, faster "
+                                    "long-context decode (K and V take the same type)")(command)
+    return command
+
+
+def kv_cache_of(cache_type_k: str, cache_type_v: str) -> str:
+    if cache_type_k != cache_type_v:
+        raise click.UsageError(f"-ctk {cache_type_k} with -ctv {cache_type_v}: K and V take the same "
+                               "cache type here (f16 or q8_0 for both)")
+    return cache_type_k
+
+
 class LogitBias(click.ParamType):
     """llama.cpp's `-l TOKEN_ID(+/-)BIAS`, e.g. `15043+1` or `15043-inf` -> (15043, 1.0)."""
     name = "ID+BIAS"

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from trimode.cli import INT_LIST
+from trimode.cli import INT_LIST, kv_cache_of, kv_cache_options
 
 
 @click.command()
@@ -26,8 +26,9 @@ from trimode.cli import INT_LIST
 @click.option("--torch/--no-torch", "with_torch", default=True, show_default=True,
               help="also time plain PyTorch bf16 at the same geometry (where torch is installed)")
 @click.option("--json", "as_json", is_flag=True, help="print the whole report as one JSON object")
+@kv_cache_options
 def bench(model, geometry, target, artifact, fills, block, prefill, ctx_size, repeat, with_torch,
-          as_json):
+          as_json, cache_type_k, cache_type_v):
     """Time decode, verify, draft and prefill; AR tok/s, spec cycle, load time, memory."""
     from trimode.model.config import GEOMETRIES
     from trimode.runtime.bench import BenchPlan, bench_loader, render_table, run_bench
@@ -40,7 +41,8 @@ def bench(model, geometry, target, artifact, fills, block, prefill, ctx_size, re
         raise click.UsageError("--target cuda: the driver reports no CUDA GPU here (use --target llvm)")
     log = (lambda msg: click.echo(msg, err=True))
 
-    cfg, load = bench_loader(model, None if model else GEOMETRIES[geometry], target, artifact, log)
+    cfg, load = bench_loader(model, None if model else GEOMETRIES[geometry], target, artifact, log,
+                             kv_cache_of(cache_type_k, cache_type_v))
     plan = BenchPlan(fills=fills, block=block, prefill=prefill, repeat=repeat, ctx=ctx_size)
     problem = plan.problem(cfg)
     if problem:

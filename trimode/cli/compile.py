@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from trimode.cli import kv_cache_of, kv_cache_options
+
 
 @click.command("compile")
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
@@ -15,7 +17,8 @@ import click
               help="GPU whose tuned schedules to use (trimode/schedules/<gpu>.json), e.g. "
                    "'NVIDIA H100 80GB HBM3' (default: this machine's GPU).")
 @click.option("--force", is_flag=True, help="Rebuild even if a cached artifact exists.")
-def compile_cmd(model, geometry, target, arch, gpu, force):
+@kv_cache_options
+def compile_cmd(model, geometry, target, arch, gpu, force, cache_type_k, cache_type_v):
     """Compile MODEL (or --geometry) into artifacts/ and print the artifact folder."""
     from trimode.compiler.build import compile_model
     from trimode.model.config import GEOMETRIES
@@ -24,6 +27,7 @@ def compile_cmd(model, geometry, target, arch, gpu, force):
 
     if (model is None) == (geometry is None):
         raise click.UsageError("give a MODEL file or --geometry (one of them)")
+    kv_cache = kv_cache_of(cache_type_k, cache_type_v)
     if model:
         from trimode.model.gguf_file import load_model
         from trimode.runtime.engine import quantized_parts
@@ -36,5 +40,5 @@ def compile_cmd(model, geometry, target, arch, gpu, force):
     if target == "cuda" and cuda_device_count() > 0:
         arch = arch or cuda_arch()
         gpu = gpu or cuda_device_name()
-    out = compile_model(cfg, quantized, target, arch, force=force, gpu_name=gpu)
+    out = compile_model(cfg, quantized, target, arch, force=force, gpu_name=gpu, kv_cache=kv_cache)
     click.echo(str(out))

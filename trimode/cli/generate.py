@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from trimode.cli import INT_LIST, LOGIT_BIAS
+from trimode.cli import INT_LIST, LOGIT_BIAS, kv_cache_of, kv_cache_options
 from trimode.model.default_model import model_or_default
 
 from trimode.runtime.decode import (CPU_DRAFT_LENGTH, DEFAULT_BLOCK_LENGTH, DEFAULT_DRAFT_LENGTH,
@@ -112,12 +112,13 @@ def stats_line(stats: dict, finish: str) -> str:
 @click.option("-t", "--threads", type=int, help="CPU threads for the llvm target  [default: one per physical core]")
 @click.option("-ngl", "--n-gpu-layers", type=int, help="accepted and ignored (all layers run on --target)")
 @click.option("-fa", "--flash-attn", help="accepted and ignored (attention is always fused)")
+@kv_cache_options
 def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_self_spec, temp,
              seed, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
              frequency_penalty, logit_bias, draft_length, block_length,
              threshold, diffusion_steps, stop, conversation, system_prompt, chat, token_healing,
              reasoning, ctx_size, as_json, n_logprobs, no_loop_detection, target, threads,
-             n_gpu_layers, flash_attn):
+             n_gpu_layers, flash_attn, cache_type_k, cache_type_v):
     """Generate a reply to one prompt, or (-cnv) to each line of a conversation on stdin."""
     given = [name for name, value in (("-p", prompt), ("--prompt-ids", prompt_ids),
                                       ("-f", prompt_file), ("-sys", system_prompt)) if value is not None]
@@ -172,10 +173,11 @@ def generate(model, prompt, prompt_ids, prompt_file, n_predict, mode, diffusion_
     problem = sampling.problem() or decode.problem()
     if problem:
         raise click.UsageError(problem)
+    kv_cache = kv_cache_of(cache_type_k, cache_type_v)
     path = model_or_default(model)
     click.echo(f"loading {path} ...", err=True)
     started = time.perf_counter()
-    engine = load_engine(path, target)
+    engine = load_engine(path, target, kv_cache=kv_cache)
     click.echo(f"ready on {engine.target} in {time.perf_counter() - started:.1f} s", err=True)
     tok = engine.tokenizer
     text = prompt_file.read() if prompt_file is not None else prompt or system_prompt

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from trimode.cli import INT_LIST
+from trimode.cli import INT_LIST, kv_cache_of, kv_cache_options
 
 
 @click.command("logits")
@@ -15,13 +15,14 @@ from trimode.cli import INT_LIST
               help="Comma-separated ids run as one bidirectional block after the prompt.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .npy")
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default=None)
-def logits(model, prompt_ids, block_ids, output, target):
+@kv_cache_options
+def logits(model, prompt_ids, block_ids, output, target, cache_type_k, cache_type_v):
     """Write float32 logits [prompt rows + block rows, vocab] to OUTPUT: the prompt's rows under
     the causal mask, then the block's rows under the bidirectional mask over the prompt."""
     from trimode.runtime.engine import load_engine
 
     prompt, block = prompt_ids, block_ids or []
-    engine = load_engine(model, target)
+    engine = load_engine(model, target, kv_cache=kv_cache_of(cache_type_k, cache_type_v))
     vocab = engine.config.vocab
     bad = [i for i in prompt + block if not 0 <= i < vocab]
     if bad:

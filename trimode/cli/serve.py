@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from trimode.cli import kv_cache_of, kv_cache_options
 from trimode.runtime.decode import (CPU_DRAFT_LENGTH, DEFAULT_DRAFT_LENGTH, MAX_BLOCK, MODES, DecodeParams,
                                     draft_params)
 
@@ -40,13 +41,15 @@ from trimode.runtime.decode import (CPU_DRAFT_LENGTH, DEFAULT_DRAFT_LENGTH, MAX_
               help="Requests allowed to wait for a slot; beyond that new ones get a 503.")
 @click.option("-t", "--threads", default=None, type=click.IntRange(min=1),
               help="CPU threads for the llvm target  [default: one per physical core]")
+@kv_cache_options
 def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, reasoning_format,
-          mode, draft_length, max_queue, threads):
+          mode, draft_length, max_queue, threads, cache_type_k, cache_type_v):
     """Serve MODEL over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics, /tokenize, /detokenize."""
     # --reasoning-format is accepted so llama-server command lines work; 'none' (thinking
     # text left in the content) is the only format, so there is nothing to pass on.
     del reasoning_format
+    kv_cache = kv_cache_of(cache_type_k, cache_type_v)
     if threads is not None:
         os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the runtime's pool starts
     import uvicorn
@@ -62,7 +65,7 @@ def serve(model_path, host, port, n_ctx, n_slots, alias, api_key, reasoning, rea
 
     def load_engine():
         from trimode.runtime.engine import load_engine as load_compiled
-        return load_compiled(model_path, target)
+        return load_compiled(model_path, target, kv_cache=kv_cache)
 
     settings = ServerSettings(n_ctx=n_ctx, n_slots=n_slots, model_name=alias or model_path.name,
                               api_key=api_key, reasoning=reasoning == "on", max_queue=max_queue,

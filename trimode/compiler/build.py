@@ -19,16 +19,20 @@ from trimode.artifacts import (MANIFEST, artifact_dir, build_key, cuda_graphs_en
                                dependent_launch_enabled, int8_activations_enabled, layout_key,
                                resolve_target, schedules_for)
 from trimode.model.config import ModelConfig
+from trimode.model.kv_cache import check_kv_cache
 
 
 def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str = "llvm",
                   arch: str | None = None, root: Path | None = None, force: bool = False,
-                  log=lambda msg: print(msg, file=sys.stderr), gpu_name: str | None = None) -> Path:
+                  log=lambda msg: print(msg, file=sys.stderr), gpu_name: str | None = None,
+                  kv_cache: str = "f16") -> Path:
     """Returns the artifact folder, building it unless an identical build is cached.
-    gpu_name picks the tuned schedule database (schedules/<gpu>.json) of a CUDA build."""
+    gpu_name picks the tuned schedule database (schedules/<gpu>.json) of a CUDA build;
+    kv_cache how the K/V cache keeps a row (model/kv_cache.py)."""
+    check_kv_cache(kv_cache, cfg.head_dim, target_name)
     target = resolve_target(target_name, arch)
     schedules, schedules_id = schedules_for(target, gpu_name)
-    key = build_key(cfg, quantized, target, schedules_id)
+    key = build_key(cfg, quantized, target, schedules_id, kv_cache)
     out = artifact_dir(cfg, quantized, target_name, key, root)
     if (out / MANIFEST).exists() and not force:
         return out  # a cache hit never pays for importing the compiler
@@ -46,7 +50,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
             f"  schedules: no tuned database for GPU {gpu_name or '(none named)'}; kernel defaults")
     int8_dot = int8_activations_enabled(target)
     lanes = register_lanes(cpu_target(target, int8_dot)) if target_name == "llvm" else 8
-    kernels = Kernels(cfg, target_name, schedules, int8_dot, lanes)
+    kernels = Kernels(cfg, target_name, schedules, int8_dot, lanes, kv_cache)
     model = NLDModel(cfg, quantized, kernels)
     mod, named_params = model.export_tvm(spec=model.entry_specs())
     mod = mark_static_arguments(mod)
@@ -65,6 +69,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
             "target_spec": target,
             "dtype": kernels.dtype,
             "kv_dtype": kernels.kv_dtype,
+            "kv_cache": kv_cache,
             "activations": kernels.matmul_activations,
             "int8_dot": kernels.int8_activations,
             "layout": layout_key(cfg, quantized),

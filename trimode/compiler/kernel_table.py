@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from trimode.compiler.kernels import attention, embedding, logits, norm, q8_matmul, rope
+from trimode.compiler.kernels import attention, embedding, kv_quant, logits, norm, q8_matmul, rope
 from trimode.model.config import ModelConfig
+from trimode.model.kv_cache import check_kv_cache, kv_dtype, kv_row
 from trimode.model.weights import INT8_DOT_GROUP, Q8_BLOCK, packed_shape
 from trimode.runtime.forward import MAX_BLOCK
 from trimode.schedules import entry_key
@@ -26,6 +27,11 @@ class Kernels:
     int8_activations: str | None = None
     # CPU only: fp32 lanes of the vector register (pipeline.register_lanes)
     register_lanes: int = 8
+    # how the K/V cache keeps a row (model/kv_cache.py); q8_0 on CPU builds only
+    kv_cache: str = "f16"
+
+    def __post_init__(self):
+        check_kv_cache(self.kv_cache, self.cfg.head_dim, self.target_kind)
 
     @property
     def dtype(self) -> str:
@@ -34,10 +40,15 @@ class Kernels:
 
     @property
     def kv_dtype(self) -> str:
-        # The K/V cache and the block's K/V, on every target, as llama.cpp keeps them by
-        # default: half the memory and half the bytes a long-context step reads (the CPU
-        # converts on load, F16C; it does no arithmetic in fp16).
-        return "float16"
+        # The K/V cache and the block's K/V in fp16 by default, on every target, as llama.cpp
+        # keeps them: half the memory and half the bytes a long-context step reads of fp32
+        # (the CPU converts on load, F16C; it does no arithmetic in fp16). q8_0: int8 rows.
+        return kv_dtype(self.kv_cache)
+
+    @property
+    def kv_row(self) -> int:
+        """The cache tensor's last dimension: a row's elements (kv_cache.kv_row)."""
+        return kv_row(self.kv_cache, self.cfg.head_dim)
 
     @property
     def is_gpu(self) -> bool:
@@ -93,11 +104,16 @@ class Kernels:
 
     def rope_split(self):
         c = self.cfg
+        if self.kv_cache == "q8_0":
+            return _cached(kv_quant.rope_split_q8, c.n_heads, c.n_kv_heads, c.head_dim, self.dtype)
         return _cached(rope.rope_split, c.n_heads, c.n_kv_heads, c.head_dim, self.dtype,
                        self.kv_dtype)
 
     def rope_split_append(self):
         c = self.cfg
+        if self.kv_cache == "q8_0":
+            return _cached(kv_quant.rope_split_append_q8, c.n_layers, c.n_heads, c.n_kv_heads,
+                           c.head_dim, self.dtype)
         return _cached(rope.rope_split_append, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,
                        self.dtype, self.kv_dtype)
 
@@ -105,7 +121,7 @@ class Kernels:
         c = self.cfg
         if not self.is_gpu:
             return _cached(attention.attention_cpu, c.n_layers, c.n_heads, c.n_kv_heads,
-                           c.head_dim, causal, self.kv_dtype, self.register_lanes)
+                           c.head_dim, causal, self.kv_cache, self.register_lanes)
         plan = self._attention_plan(rows)
         if cuda_attention_kernel(rows, c.head_dim) == "attention_mma":
             from trimode.compiler.kernels import attention_mma

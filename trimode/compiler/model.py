@@ -137,9 +137,9 @@ class DecoderLayer(nn.Module):
         layer = tirx.IntImm("int64", self.index)
         x, h = self.attn_norm(x, delta)
         qkv = self.qkv(h, rows)                                      # [T, q_dim + 2 kv_dim]
-        head_shape = lambda heads, dtype=x.dtype: Tensor.placeholder([t, heads, cfg.head_dim], dtype)  # noqa: E731
-        qkv_heads = [head_shape(cfg.n_heads), head_shape(cfg.n_kv_heads, kernels.kv_dtype),
-                     head_shape(cfg.n_kv_heads, kernels.kv_dtype)]
+        head_shape = lambda heads: Tensor.placeholder([t, heads, cfg.head_dim], x.dtype)  # noqa: E731
+        kv_rows = lambda: Tensor.placeholder([t, cfg.n_kv_heads, kernels.kv_row], kernels.kv_dtype)  # noqa: E731
+        qkv_heads = [head_shape(cfg.n_heads), kv_rows(), kv_rows()]
         rope_args = [qkv, rope.cos, rope.sin, rope.q_scale, pos]
         if causal:  # only causal passes keep their K/V: the cache holds committed tokens only
             kv, q, k, v = op.tensor_ir_inplace_op(
@@ -228,7 +228,8 @@ class NLDModel(nn.Module):
                 **inputs,
                 "tokens": spec.Tensor([tokens_len], "int32"),
                 "pos": spec.Tensor([1], "int32"),
-                "kv": spec.Tensor([cfg.n_layers, 2, cfg.n_kv_heads, "ctx", cfg.head_dim], self.kernels.kv_dtype),
+                "kv": spec.Tensor([cfg.n_layers, 2, cfg.n_kv_heads, "ctx", self.kernels.kv_row],
+                                  self.kernels.kv_dtype),
                 "cos": spec.Tensor(["ctx", half], "float32"),
                 "sin": spec.Tensor(["ctx", half], "float32"),
                 "q_scale": spec.Tensor(["ctx"], "float32"),

@@ -95,7 +95,7 @@ class ModelConfig:
         per_layer = sum(n * k for name, (n, k) in self.matmul_shapes().items() if name != "head")
         return self.n_layers * per_layer + self.vocab * self.hidden
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+    def kv_bytes_per_token(self, dtype_bytes: float) -> float:
         return 2 * self.n_layers * self.kv_dim * dtype_bytes
 
     def geometry_key(self) -> str:

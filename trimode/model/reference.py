@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from trimode.model.config import ModelConfig
+from trimode.model.kv_cache import kv_round
 from trimode.model.weights import Q8_BLOCK, ModelWeights, as_float, quantized_parts
 from trimode.runtime.forward import (MASS_CHUNK, TOP_CANDIDATES, ContextFull, StepResult,
                                      mass_chunks)
@@ -81,16 +82,18 @@ def int8_rows(x: np.ndarray) -> np.ndarray:
 class ReferenceModel:
     """Float64 weights (dequantized once) and the forward pass over an explicit KV cache.
 
-    K and V are rounded to kv_dtype as they are made: the engine keeps them (the cache and a
-    block's own) in fp16 on every target, so that rounding is part of the model it computes;
-    kv_dtype=np.float64 is the model without it. int8_activations: every Q8_0 matmul's input
+    K and V are rounded as the cache type keeps them (model/kv_cache.py) as they are made: the
+    engine keeps them (the cache and a block's own) in fp16 by default on every target, or as
+    q8_0 blocks on a CPU build that asks for it, so that rounding is part of the model it
+    computes (Engine.kv_cache says which); kv_cache=None is the model without it (float64).
+    int8_activations: every Q8_0 matmul's input
     is quantized per 32 first (int8_rows), as a CPU build with int8 matmuls computes it
     (Engine.int8_activations says which a build is)."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, kv_dtype=np.float16,
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kv_cache: str | None = "f16",
                  int8_activations: bool = False):
         self.config = config
-        self.kv_dtype = kv_dtype
+        self.kept = (lambda x: x) if kv_cache is None else (lambda x: kv_round(kv_cache, x))
         quantized = quantized_parts(weights)
         # what each group's matmuls take in: the engine runs a group as Q8_0 or as float whole
         self.layer_input = int8_rows if int8_activations and quantized["layers"] else np.asarray
@@ -128,8 +131,8 @@ class ReferenceModel:
             k = (h @ layer["wk"].T).reshape(t_new, cfg.n_kv_heads, cfg.head_dim)
             v = (h @ layer["wv"].T).reshape(t_new, cfg.n_kv_heads, cfg.head_dim)
             q = rope(q, cos, sin) * q_scale
-            k = rope(k, cos, sin).astype(self.kv_dtype).astype(np.float64)
-            v = v.astype(self.kv_dtype).astype(np.float64)
+            k = self.kept(rope(k, cos, sin))
+            v = self.kept(v)
             new_k.append(k)
             new_v.append(v)
             keys = np.concatenate([past_k, k])      # [S, kv_heads, d]

@@ -82,7 +82,7 @@ class Loaded(NamedTuple):
 
 
 def bench_loader(model_path: str | None, cfg: ModelConfig | None, target: str,
-                 artifact: str | None, log) -> tuple[ModelConfig, Callable[[], Loaded]]:
+                 artifact: str | None, log, kv_cache: str = "f16") -> tuple[ModelConfig, Callable[[], Loaded]]:
     """The geometry to bench and how to load its engine: a GGUF file's own weights (the
     file's parse timed with the unpack and upload), or random weights of `cfg` made in host
     memory."""
@@ -90,7 +90,7 @@ def bench_loader(model_path: str | None, cfg: ModelConfig | None, target: str,
 
     if model_path is None:
         def load_tiled() -> Loaded:
-            engine = Engine(cfg, tiled_weights(cfg), target, log=log, artifact=artifact)
+            engine = Engine(cfg, tiled_weights(cfg), target, log=log, artifact=artifact, kv_cache=kv_cache)
             return Loaded(engine, engine.load_seconds, "host memory")
         return cfg, load_tiled
 
@@ -101,7 +101,7 @@ def bench_loader(model_path: str | None, cfg: ModelConfig | None, target: str,
     read_seconds = time.perf_counter() - started
 
     def load_file() -> Loaded:
-        engine = Engine(model.config, model.weights, target, model.metadata, log, artifact)
+        engine = Engine(model.config, model.weights, target, model.metadata, log, artifact, kv_cache)
         return Loaded(engine, read_seconds + engine.load_seconds, "file")
     return model.config, load_file
 
@@ -358,7 +358,7 @@ def bench_engine(loaded: Loaded, plan: BenchPlan, memory: MemoryWatch) -> dict:
     memory.sample()
     return {"rows": rows, "ar": ar, "spec_cycle_seconds": spec, "sampled": sampled,
             "decode_host": enqueue,
-            "n_ctx": plan.n_ctx, "dtype": engine.dtype,
+            "n_ctx": plan.n_ctx, "dtype": engine.dtype, "kv_cache": engine.kv_cache,
             "int8_dot": engine.manifest.get("int8_dot"), "cuda_graphs": engine.cuda_graph_report(),
             "dependent_launch": bool(engine.manifest.get("dependent_launch", False))}
 
@@ -419,7 +419,8 @@ def run_bench(cfg: ModelConfig, plan: BenchPlan, target: str, load: Callable[[],
     loaded = load()
     quantized = loaded.engine.quantized
     act_bytes = np.dtype(loaded.engine.dtype).itemsize
-    kv_bytes = np.dtype(loaded.engine.kv_dtype).itemsize
+    # a cached element's bytes (a q8_0 row's scales included)
+    kv_bytes = np.dtype(loaded.engine.kv_dtype).itemsize * loaded.engine.kv_row / cfg.head_dim
     ours = bench_engine(loaded, plan, memory)
     report = {"target": target, "device": device_name(target), "geometry": cfg.geometry_key(),
               "plan": asdict(plan), "copy_gb_per_s": bandwidth, "copy_measured_by": measured_by,
@@ -477,7 +478,7 @@ def render_table(report: dict) -> str:
     bw = report["copy_gb_per_s"]
     torch = report["torch"]
     lines = [f"== {report['geometry']} on {report['target']} ({report['device']}); cache "
-             f"{report['n_ctx']} tokens, {report['dtype']} activations"
+             f"{report['n_ctx']} tokens ({report.get('kv_cache', 'f16')}), {report['dtype']} activations"
              + (f" (matmul inputs int8, {report['int8_dot']})" if report.get("int8_dot") else ""),
              f"copy bandwidth {opt(bw, '.0f', 'n/a')}{'' if bw is None else ' GB/s'} "
              f"({report['copy_measured_by']}); "

@@ -28,6 +28,7 @@ import numpy as np
 from trimode.artifacts import (MANIFEST, artifact_dir, build_key, resolve_target,
                                schedules_for)
 from trimode.model.config import ModelConfig, ModelError
+from trimode.model.kv_cache import check_kv_cache, kv_row
 from trimode.model.weights import (FEATURES_PER_PACK, INT8_DOT_GROUP, Q8_BLOCK,
                                    ModelWeights, Q8Matrix, pack_for_int8_dot, pack_features,
                                    packed_shape, quantized_parts)
@@ -160,17 +161,19 @@ def packed_parameters(manifest: dict) -> dict[str, int]:
 
 
 def find_or_compile(cfg: ModelConfig, quantized: dict[str, bool], target: str,
-                    arch: str | None = None, log=None) -> Path:
+                    arch: str | None = None, log=None, kv_cache: str = "f16") -> Path:
     """The cached artifact for this build, compiling it (importing the compiler) on a miss."""
+    check_kv_cache(kv_cache, cfg.head_dim, target)
     spec = resolve_target(target, arch)
     gpu = cuda_device_name() if target == "cuda" else None
     out = artifact_dir(cfg, quantized, target,
-                       build_key(cfg, quantized, spec, schedules_for(spec, gpu)[1]))
+                       build_key(cfg, quantized, spec, schedules_for(spec, gpu)[1], kv_cache))
     if (out / MANIFEST).exists():
         return out
     from trimode.compiler.build import compile_model  # the only runtime path into the compiler
 
-    return compile_model(cfg, quantized, target, arch, log=log or _stderr, gpu_name=gpu)
+    return compile_model(cfg, quantized, target, arch, log=log or _stderr, gpu_name=gpu,
+                         kv_cache=kv_cache)
 
 
 def _stderr(msg: str) -> None:
@@ -179,10 +182,11 @@ def _stderr(msg: str) -> None:
 
 class Engine:
     def __init__(self, config: ModelConfig, weights: ModelWeights, target: str | None = None,
-                 metadata: dict | None = None, log=_stderr, artifact: Path | None = None):
+                 metadata: dict | None = None, log=_stderr, artifact: Path | None = None,
+                 kv_cache: str = "f16"):
         """`artifact` names a compiled folder to use as it is (a GPU box that holds only the
-        runtime libraries and artifacts built elsewhere); by default the cache is searched and
-        a miss compiled."""
+        runtime libraries and artifacts built elsewhere; its manifest says its cache type); by
+        default the cache is searched and a miss compiled. kv_cache: model/kv_cache.py."""
         self.config = config
         self.metadata = metadata or {}
         self.target = target or default_target()
@@ -190,12 +194,14 @@ class Engine:
         self.quantized = quantized = quantized_parts(weights)
         if artifact is None:
             arch = cuda_arch() if self.target == "cuda" else None
-            artifact = find_or_compile(config, quantized, self.target, arch, log)
+            artifact = find_or_compile(config, quantized, self.target, arch, log, kv_cache)
         self.artifact = Path(artifact)
         self.manifest = json.loads((self.artifact / MANIFEST).read_text())
         self.dtype = self.manifest["dtype"]
         # the cache's dtype (an artifact from before it was its own kept it in the activations')
         self.kv_dtype = self.manifest.get("kv_dtype", self.dtype)
+        self.kv_cache = self.manifest.get("kv_cache", "f16")
+        self.kv_row = kv_row(self.kv_cache, config.head_dim)  # the cache tensor's last dimension
         # CPU builds of processors with int8 dot products quantize the matmuls' activations
         self.int8_activations = self.manifest.get("activations") == "int8"
         started = time.time()
@@ -255,11 +261,12 @@ class Engine:
         return CompiledForward(self, n_ctx)
 
 
-def load_engine(model_path: str | Path, target: str | None = None, log=_stderr) -> Engine:
+def load_engine(model_path: str | Path, target: str | None = None, log=_stderr,
+                kv_cache: str = "f16") -> Engine:
     from trimode.model.gguf_file import load_model
 
     model = load_model(model_path)
-    return Engine(model.config, model.weights, target, model.metadata, log)
+    return Engine(model.config, model.weights, target, model.metadata, log, kv_cache=kv_cache)
 
 
 class CompiledForward:
@@ -270,7 +277,7 @@ class CompiledForward:
         self.engine, self.config, self.n_ctx = engine, cfg, n_ctx
         self.vm = dev.new_vm(engine.library)
         self.entries = {name: self.vm[name] for name in engine.manifest["entries"]}
-        self.kv = dev.empty([cfg.n_layers, 2, cfg.n_kv_heads, n_ctx, cfg.head_dim], engine.kv_dtype)
+        self.kv = dev.empty([cfg.n_layers, 2, cfg.n_kv_heads, n_ctx, engine.kv_row], engine.kv_dtype)
         cos, sin = cfg.rope_tables(n_ctx)
         self.rope = [dev.upload(cos.astype(np.float32)), dev.upload(sin.astype(np.float32)),
                      dev.upload(cfg.q_scale(np.arange(n_ctx)).astype(np.float32))]

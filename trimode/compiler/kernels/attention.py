@@ -15,6 +15,8 @@ import math
 from tvm.script import tirx as T
 
 from trimode.compiler.kernels.cpu_math import softmax_weight
+from trimode.model.kv_cache import kv_dtype, kv_row
+from trimode.model.weights import Q8_BLOCK
 
 
 # Keys per tile: the scores of a tile are computed first, then the running softmax is
@@ -69,10 +71,13 @@ def transposed_sum(vectors: list, lanes: int):
 
 
 def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                  causal: bool, kv_dtype: str, register_lanes: int = 8) -> "T.PrimFunc":
-    """q, out fp32; the cache and the block's k, v in kv_dtype, converted as they are read.
+                  causal: bool, kv_cache: str = "f16", register_lanes: int = 8) -> "T.PrimFunc":
+    """q, out fp32; the cache and the block's k, v rows as the cache type keeps them
+    (model/kv_cache.py: f16, or q8_0 blocks with their scales), converted as they are read.
     register_lanes: fp32 lanes of the target's vector register (8: AVX2; 16: AVX-512)."""
     L, HQ, HKV, D = T.int64(n_layers), T.int64(n_heads), T.int64(n_kv_heads), T.int64(head_dim)
+    storage, ROW = kv_dtype(kv_cache), T.int64(kv_row(kv_cache, head_dim))
+    quantized = kv_cache == "q8_0"
     group = n_heads // n_kv_heads
     scale = 1.0 / math.sqrt(head_dim)
     # lanes: the vector a head's products are summed in; register_lanes where the head size
@@ -142,19 +147,28 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                     acc[r, (a * acc_chunks + b) * lanes + c] = row_acc[b * lanes + c]
         best[r] = rescale[0]
 
+    def converted(rows, scales, j, b, c):
+        # element b * lanes + c of row j as fp32; a q8_0 row's scales follow its values, read
+        # through an fp32 view of the same bytes (lanes divide 32: one scale a vector)
+        value = T.Cast("float32", rows[j, b * lanes + c])
+        if not quantized:
+            return value
+        return value * scales[j, head_dim // 4 + b * lanes // Q8_BLOCK]
+
     @T.macro
-    def keys_in_tiles(keys, values, n_keys, rows, first_t, masked, qs, acc, best, total, tile,
+    def keys_in_tiles(key_views, value_views, n_keys, rows, first_t, masked, qs, acc, best, total, tile,
                       tile_kv):
-        # keys/values: [n, D] views (kv_dtype), n_keys of them; each tile is converted to fp32
-        # once (tile_kv) and run through every row of the task. masked: row r (position
-        # first_t + r // group) sees only keys up to its own.
+        # keys/values: ([n, ROW] views of the rows, their fp32 views for q8_0's scales), n_keys;
+        # each tile is converted to fp32 once (tile_kv) and run through every row of the
+        # task. masked: row r (position first_t + r // group) sees only keys up to its own.
         tile_k, tile_v = tile_kv
+        (keys, key_scales), (values, value_scales) = key_views, value_views
         for jt in range((n_keys + KEY_TILE - 1) // KEY_TILE):
             for j in range(T.min(n_keys - jt * KEY_TILE, KEY_TILE)):
                 for b in T.unroll(chunks):
                     for c in T.vectorized(lanes):
-                        tile_k[j, b * lanes + c] = T.Cast("float32", keys[jt * KEY_TILE + j, b * lanes + c])
-                        tile_v[j, b * lanes + c] = T.Cast("float32", values[jt * KEY_TILE + j, b * lanes + c])
+                        tile_k[j, b * lanes + c] = converted(keys, key_scales, jt * KEY_TILE + j, b, c)
+                        tile_v[j, b * lanes + c] = converted(values, value_scales, jt * KEY_TILE + j, b, c)
             for r in range(rows):
                 if masked:
                     size = T.min(first_t + r // group + 1 - jt * KEY_TILE, KEY_TILE)
@@ -171,9 +185,9 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
         T.func_attr({"tirx.noalias": True})
         t, ctx = T.int64(), T.int64()
         q = T.match_buffer(var_q, (t, HQ, D), "float32")
-        kv = T.match_buffer(var_kv, (L, T.int64(2), HKV, ctx, D), kv_dtype)
-        k_new = T.match_buffer(var_k, (t, HKV, D), kv_dtype)
-        v_new = T.match_buffer(var_v, (t, HKV, D), kv_dtype)
+        kv = T.match_buffer(var_kv, (L, T.int64(2), HKV, ctx, ROW), storage)
+        k_new = T.match_buffer(var_k, (t, HKV, ROW), storage)
+        v_new = T.match_buffer(var_v, (t, HKV, ROW), storage)
         out = T.match_buffer(var_out, (t, HQ, D), "float32")
         t_tiles = (t + QUERY_TILE - 1) // QUERY_TILE
         for task in T.parallel(HKV * t_tiles):
@@ -181,15 +195,24 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
             first_t = task % t_tiles * QUERY_TILE
             # the task's row r: position first_t + r // group, query head g * group + r % group
             rows = T.min(t - first_t, QUERY_TILE) * group
-            # This head's keys and values: the cache's [0, pos) and the block's own.
-            cache_k = T.decl_buffer((ctx, D), kv_dtype, data=kv.data,
-                                    elem_offset=((layer * 2 + 0) * HKV + g) * ctx * D)
-            cache_v = T.decl_buffer((ctx, D), kv_dtype, data=kv.data,
-                                    elem_offset=((layer * 2 + 1) * HKV + g) * ctx * D)
-            block_k = T.decl_buffer((t, D), kv_dtype, data=k_new.data, elem_offset=g * D,
-                                    strides=(HKV * D, T.int64(1)))
-            block_v = T.decl_buffer((t, D), kv_dtype, data=v_new.data, elem_offset=g * D,
-                                    strides=(HKV * D, T.int64(1)))
+            # This head's keys and values: the cache's [0, pos) and the block's own, each
+            # with an fp32 view of the same bytes (a q8_0 row's scales; an f16 build reads none).
+            cache_k = (T.decl_buffer((ctx, ROW), storage, data=kv.data,
+                                     elem_offset=((layer * 2 + 0) * HKV + g) * ctx * ROW),
+                       T.decl_buffer((ctx, ROW // 4), "float32", data=kv.data,
+                                     elem_offset=((layer * 2 + 0) * HKV + g) * ctx * (ROW // 4)))
+            cache_v = (T.decl_buffer((ctx, ROW), storage, data=kv.data,
+                                     elem_offset=((layer * 2 + 1) * HKV + g) * ctx * ROW),
+                       T.decl_buffer((ctx, ROW // 4), "float32", data=kv.data,
+                                     elem_offset=((layer * 2 + 1) * HKV + g) * ctx * (ROW // 4)))
+            block_k = (T.decl_buffer((t, ROW), storage, data=k_new.data, elem_offset=g * ROW,
+                                     strides=(HKV * ROW, T.int64(1))),
+                       T.decl_buffer((t, ROW // 4), "float32", data=k_new.data,
+                                     elem_offset=g * (ROW // 4), strides=(HKV * (ROW // 4), T.int64(1))))
+            block_v = (T.decl_buffer((t, ROW), storage, data=v_new.data, elem_offset=g * ROW,
+                                     strides=(HKV * ROW, T.int64(1))),
+                       T.decl_buffer((t, ROW // 4), "float32", data=v_new.data,
+                                     elem_offset=g * (ROW // 4), strides=(HKV * (ROW // 4), T.int64(1))))
             qs = T.decl_buffer((max_rows, D), "float32")
             acc = T.decl_buffer((max_rows, D), "float32")
             best = T.decl_buffer((max_rows,), "float32")
