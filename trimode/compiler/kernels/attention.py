@@ -30,6 +30,13 @@ KEY_TILE = 32
 # read each kv head `group` times, a block pass group x T times).
 QUERY_TILE = 16
 ACC_VECTORS = 8  # registers of a row's value sums at a time (of AVX2's 16)
+# A task with more query rows than a register's lanes takes them as the lanes: its scores
+# are a small GEMM (each key's element broadcast times a register of rows' q elements), its
+# softmax elementwise, its value sums another (each value element broadcast times a register of
+# rows' weights), in register blocks of two row vectors x BLOCK_ACCUMULATORS / 2 keys or head
+# elements: each load feeds two FMAs or more, where a row at a time (decode's few rows) loads
+# a key vector for every FMA and sums each key's products across lanes.
+BLOCK_ACCUMULATORS = {16: 16, 8: 8}  # of AVX-512's 32 registers, AVX2's 16
 
 
 def tree_sum(terms: list, op=lambda a, b: a + b):
@@ -147,6 +154,72 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                     acc[r, (a * acc_chunks + b) * lanes + c] = row_acc[b * lanes + c]
         best[r] = rescale[0]
 
+    # rows as lanes (a block pass): rows padded to register pairs; state transposed to [D, rows]
+    pair = 2 * W
+    padded_rows = -(-max_rows // pair) * pair
+    block_keys = BLOCK_ACCUMULATORS.get(W, 8) // 2
+    block_dims = max(c for c in range(1, block_keys + 1) if head_dim % c == 0)
+
+    @T.macro
+    def row_lanes_tile(keys, values, n, key_first, masked, pairs, lane_state):
+        # Every row of the task takes keys [0, n) of the converted tile (block key key_first + j
+        # where masked: seen by the rows whose position is at or past it). part0 / part1: the
+        # register block's accumulators of its two row vectors (each array under 1 KB, which
+        # TVM would allocate on the heap, and LLVM then keeps out of registers).
+        q_t, acc_t, best, total, last_key, scores, fresh, rescale, part0, part1 = lane_state
+        for p in range(pairs):
+            r0 = p * pair
+            for jb in range((n + block_keys - 1) // block_keys):
+                for i in T.unroll(block_keys):
+                    for c in T.vectorized(W):
+                        part0[i * W + c] = T.float32(0)
+                        part1[i * W + c] = T.float32(0)
+                for d in range(D):
+                    for jj in T.unroll(block_keys):
+                        for c in T.vectorized(W):
+                            part0[jj * W + c] = part0[jj * W + c] + keys[
+                                T.min(jb * block_keys + jj, n - 1), d] * q_t[d, r0 + c]
+                            part1[jj * W + c] = part1[jj * W + c] + keys[
+                                T.min(jb * block_keys + jj, n - 1), d] * q_t[d, r0 + W + c]
+                for jj in T.unroll(block_keys):
+                    for c in T.vectorized(W):
+                        scores[jb * block_keys + jj, r0 + c] = T.Select(
+                            (jb * block_keys + jj < n) and (
+                                not masked or key_first + jb * block_keys + jj <= last_key[r0 + c]),
+                            part0[jj * W + c], T.float32(-3.0e38))
+                        scores[jb * block_keys + jj, r0 + W + c] = T.Select(
+                            (jb * block_keys + jj < n) and (
+                                not masked or key_first + jb * block_keys + jj <= last_key[r0 + W + c]),
+                            part1[jj * W + c], T.float32(-3.0e38))
+            for j in range((n + block_keys - 1) // block_keys * block_keys, KEY_TILE):
+                for c in T.vectorized(pair):
+                    scores[j, r0 + c] = T.float32(-3.0e38)
+            # the running softmax, a lane a row: max, weights, their sum, the old sums' rescale
+            for c in T.vectorized(pair):
+                fresh[c] = T.max(best[r0 + c], tree_sum([scores[j, r0 + c] for j in range(KEY_TILE)], T.max))
+            for j in T.unroll(KEY_TILE):
+                for c in T.vectorized(pair):
+                    scores[j, r0 + c] = softmax_weight(scores[j, r0 + c] - fresh[c])
+            for c in T.vectorized(pair):
+                rescale[c] = softmax_weight(best[r0 + c] - fresh[c])
+                total[r0 + c] = total[r0 + c] * rescale[c] + tree_sum([scores[j, r0 + c] for j in range(KEY_TILE)])
+                best[r0 + c] = fresh[c]
+            for db in range(head_dim // block_dims):
+                for dd in T.unroll(block_dims):
+                    for c in T.vectorized(W):
+                        part0[dd * W + c] = acc_t[db * block_dims + dd, r0 + c] * rescale[c]
+                        part1[dd * W + c] = acc_t[db * block_dims + dd, r0 + W + c] * rescale[W + c]
+                for j in range(n):
+                    for dd in T.unroll(block_dims):
+                        for c in T.vectorized(W):
+                            part0[dd * W + c] = part0[dd * W + c] + values[j, db * block_dims + dd] * scores[j, r0 + c]
+                            part1[dd * W + c] = part1[dd * W + c] + values[j, db * block_dims + dd] * scores[
+                                j, r0 + W + c]
+                for dd in T.unroll(block_dims):
+                    for c in T.vectorized(W):
+                        acc_t[db * block_dims + dd, r0 + c] = part0[dd * W + c]
+                        acc_t[db * block_dims + dd, r0 + W + c] = part1[dd * W + c]
+
     def converted(rows, scales, j, b, c):
         # element b * lanes + c of row j as fp32; a q8_0 row's scales follow its values, read
         # through an fp32 view of the same bytes (lanes divide 32: one scale a vector)
@@ -157,7 +230,7 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
 
     @T.macro
     def keys_in_tiles(key_views, value_views, n_keys, rows, first_t, masked, qs, acc, best, total, tile,
-                      tile_kv):
+                      tile_kv, lane_state):
         # keys/values: ([n, ROW] views of the rows, their fp32 views for q8_0's scales), n_keys;
         # each tile is converted to fp32 once (tile_kv) and run through every row of the
         # task. masked: row r (position first_t + r // group) sees only keys up to its own.
@@ -169,14 +242,18 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                     for c in T.vectorized(lanes):
                         tile_k[j, b * lanes + c] = converted(keys, key_scales, jt * KEY_TILE + j, b, c)
                         tile_v[j, b * lanes + c] = converted(values, value_scales, jt * KEY_TILE + j, b, c)
-            for r in range(rows):
-                if masked:
-                    size = T.min(first_t + r // group + 1 - jt * KEY_TILE, KEY_TILE)
-                    if size > 0:
-                        key_tile(tile_k, tile_v, 0, size, r, qs, acc, best, total, tile)
-                else:
-                    key_tile(tile_k, tile_v, 0, T.min(n_keys - jt * KEY_TILE, KEY_TILE),
-                             r, qs, acc, best, total, tile)
+            if rows > W:
+                row_lanes_tile(tile_k, tile_v, T.min(n_keys - jt * KEY_TILE, KEY_TILE), jt * KEY_TILE,
+                               masked, (rows + pair - 1) // pair, lane_state)
+            else:
+                for r in range(rows):
+                    if masked:
+                        size = T.min(first_t + r // group + 1 - jt * KEY_TILE, KEY_TILE)
+                        if size > 0:
+                            key_tile(tile_k, tile_v, 0, size, r, qs, acc, best, total, tile)
+                    else:
+                        key_tile(tile_k, tile_v, 0, T.min(n_keys - jt * KEY_TILE, KEY_TILE),
+                                 r, qs, acc, best, total, tile)
 
     @T.prim_func(private=True)
     def attention(var_q: T.handle, var_kv: T.handle, layer: T.int64,
@@ -215,25 +292,51 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                                      elem_offset=g * (ROW // 4), strides=(HKV * (ROW // 4), T.int64(1))))
             qs = T.decl_buffer((max_rows, D), "float32")
             acc = T.decl_buffer((max_rows, D), "float32")
-            best = T.decl_buffer((max_rows,), "float32")
-            total = T.decl_buffer((max_rows,), "float32")
+            best = T.decl_buffer((padded_rows,), "float32")
+            total = T.decl_buffer((padded_rows,), "float32")
             tile = (T.decl_buffer((KEY_TILE,), "float32"),  # scores
                     T.decl_buffer((1,), "float32"),         # rescale
                     T.decl_buffer((W,), "float32"),         # lane
                     T.decl_buffer((acc_chunks * lanes,), "float32"))  # row_acc
             tile_kv = (T.decl_buffer((KEY_TILE, D), "float32"), T.decl_buffer((KEY_TILE, D), "float32"))
-            for r in range(rows):
-                for d in T.vectorized(D):
-                    qs[r, d] = q[first_t + r // group, g * group + r % group, d] * T.float32(scale)
-                    acc[r, d] = T.float32(0)
+            # rows as lanes: q and the value sums as [D, rows], the scores as [key, rows]
+            lane_state = (T.decl_buffer((D, padded_rows), "float32"),      # q_t
+                          T.decl_buffer((D, padded_rows), "float32"),      # acc_t
+                          best, total,
+                          T.decl_buffer((padded_rows,), "int64"),          # last_key
+                          T.decl_buffer((KEY_TILE, padded_rows), "float32"),  # scores
+                          T.decl_buffer((pair,), "float32"),               # fresh
+                          T.decl_buffer((pair,), "float32"),               # rescale
+                          T.decl_buffer((block_keys * W,), "float32"),     # part0
+                          T.decl_buffer((block_keys * W,), "float32"))     # part1
+            q_t, acc_t, last_key = lane_state[0], lane_state[1], lane_state[4]
+            for r in range(T.int64(padded_rows)):
                 best[r] = T.float32(-3.0e38)
                 total[r] = T.float32(0)
+            if rows > W:
+                # padding rows (past `rows`) score 0 against every key and are never stored
+                for r in range(T.int64(padded_rows)):
+                    last_key[r] = first_t + r // group
+                    for d in range(D):
+                        q_t[d, r] = T.Select(r < rows, q[T.min(first_t + r // group, t - 1),
+                                                         g * group + r % group, d], T.float32(0)) * T.float32(scale)
+                        acc_t[d, r] = T.float32(0)
+            else:
+                for r in range(rows):
+                    for d in T.vectorized(D):
+                        qs[r, d] = q[first_t + r // group, g * group + r % group, d] * T.float32(scale)
+                        acc[r, d] = T.float32(0)
             keys_in_tiles(cache_k, cache_v, T.Cast("int64", pos_buf[0]), rows, first_t, False,
-                          qs, acc, best, total, tile, tile_kv)
+                          qs, acc, best, total, tile, tile_kv, lane_state)
             keys_in_tiles(block_k, block_v, T.min(first_t + QUERY_TILE, t) if causal else t, rows,
-                          first_t, causal, qs, acc, best, total, tile, tile_kv)
-            for r in range(rows):
-                for d in T.vectorized(D):
-                    out[first_t + r // group, g * group + r % group, d] = acc[r, d] / total[r]
+                          first_t, causal, qs, acc, best, total, tile, tile_kv, lane_state)
+            if rows > W:
+                for r in range(rows):
+                    for d in range(D):
+                        out[first_t + r // group, g * group + r % group, d] = acc_t[d, r] / total[r]
+            else:
+                for r in range(rows):
+                    for d in T.vectorized(D):
+                        out[first_t + r // group, g * group + r % group, d] = acc[r, d] / total[r]
 
     return attention
