@@ -168,7 +168,7 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
         # TVM would allocate on the heap, and LLVM then keeps out of registers).
         q_t, acc_t, best, total, last_key, scores, fresh, rescale, part0, part1 = lane_state
         for p in range(pairs):
-            r0 = p * pair
+            r0: T.let[T.int64] = p * pair
             for jb in range((n + block_keys - 1) // block_keys):
                 for i in T.unroll(block_keys):
                     for c in T.vectorized(W):
@@ -248,7 +248,7 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
             else:
                 for r in range(rows):
                     if masked:
-                        size = T.min(first_t + r // group + 1 - jt * KEY_TILE, KEY_TILE)
+                        size: T.let[T.int64] = T.min(first_t + r // group + 1 - jt * KEY_TILE, KEY_TILE)
                         if size > 0:
                             key_tile(tile_k, tile_v, 0, size, r, qs, acc, best, total, tile)
                     else:
@@ -266,12 +266,12 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
         k_new = T.match_buffer(var_k, (t, HKV, ROW), storage)
         v_new = T.match_buffer(var_v, (t, HKV, ROW), storage)
         out = T.match_buffer(var_out, (t, HQ, D), "float32")
-        t_tiles = (t + QUERY_TILE - 1) // QUERY_TILE
+        t_tiles: T.let[T.int64] = (t + QUERY_TILE - 1) // QUERY_TILE
         for task in T.parallel(HKV * t_tiles):
-            g = task // t_tiles
-            first_t = task % t_tiles * QUERY_TILE
+            g: T.let[T.int64] = task // t_tiles
+            first_t: T.let[T.int64] = task % t_tiles * QUERY_TILE
             # the task's row r: position first_t + r // group, query head g * group + r % group
-            rows = T.min(t - first_t, QUERY_TILE) * group
+            rows: T.let[T.int64] = T.min(t - first_t, QUERY_TILE) * group
             # This head's keys and values: the cache's [0, pos) and the block's own, each
             # with an fp32 view of the same bytes (a q8_0 row's scales; an f16 build reads none).
             cache_k = (T.decl_buffer((ctx, ROW), storage, data=kv.data,
