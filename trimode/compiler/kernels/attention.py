@@ -164,8 +164,8 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
     def row_lanes_tile(keys, values, n, key_first, masked, pairs, lane_state):
         # Every row of the task takes keys [0, n) of the converted tile (block key key_first + j
         # where masked: seen by the rows whose position is at or past it). part0 / part1: the
-        # register block's accumulators of its two row vectors (each array under 1 KB, which
-        # TVM would allocate on the heap, and LLVM then keeps out of registers).
+        # register block's accumulators, one array a row vector: TVM puts an array of 1 KB or
+        # more on the heap, where LLVM keeps it in memory (tests/test_cpu_scratch.py).
         q_t, acc_t, best, total, last_key, scores, fresh, rescale, part0, part1 = lane_state
         for p in range(pairs):
             r0: T.let[T.int64] = p * pair
