@@ -160,6 +160,11 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
     block_keys = BLOCK_ACCUMULATORS.get(W, 8) // 2
     block_dims = max(c for c in range(1, block_keys + 1) if head_dim % c == 0)
 
+    def lane_sees(j, n, key_first, masked, last_key):
+        # key j of a tile of n, block key key_first + j where masked, seen by a row whose
+        # position's last key is last_key
+        return j < n if not masked else T.And(j < n, key_first + j <= last_key)
+
     @T.macro
     def row_lanes_tile(keys, values, n, key_first, masked, pairs, lane_state):
         # Every row of the task takes keys [0, n) of the converted tile (block key key_first + j
@@ -183,13 +188,11 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                                 T.min(jb * block_keys + jj, n - 1), d] * q_t[d, r0 + W + c]
                 for jj in T.unroll(block_keys):
                     for c in T.vectorized(W):
-                        scores[jb * block_keys + jj, r0 + c] = T.Select(
-                            (jb * block_keys + jj < n) and (
-                                not masked or key_first + jb * block_keys + jj <= last_key[r0 + c]),
+                        scores[jb * block_keys + jj, r0 + c] = T.Select(lane_sees(
+                            jb * block_keys + jj, n, key_first, masked, last_key[r0 + c]),
                             part0[jj * W + c], T.float32(-3.0e38))
-                        scores[jb * block_keys + jj, r0 + W + c] = T.Select(
-                            (jb * block_keys + jj < n) and (
-                                not masked or key_first + jb * block_keys + jj <= last_key[r0 + W + c]),
+                        scores[jb * block_keys + jj, r0 + W + c] = T.Select(lane_sees(
+                            jb * block_keys + jj, n, key_first, masked, last_key[r0 + W + c]),
                             part1[jj * W + c], T.float32(-3.0e38))
             for j in range((n + block_keys - 1) // block_keys * block_keys, KEY_TILE):
                 for c in T.vectorized(pair):
@@ -290,8 +293,8 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                                      strides=(HKV * ROW, T.int64(1))),
                        T.decl_buffer((t, ROW // 4), "float32", data=v_new.data,
                                      elem_offset=g * (ROW // 4), strides=(HKV * (ROW // 4), T.int64(1))))
-            qs = T.decl_buffer((max_rows, D), "float32")
-            acc = T.decl_buffer((max_rows, D), "float32")
+            qs = T.decl_buffer((padded_rows, D), "float32")
+            acc = T.decl_buffer((padded_rows, D), "float32")
             best = T.decl_buffer((padded_rows,), "float32")
             total = T.decl_buffer((padded_rows,), "float32")
             tile = (T.decl_buffer((KEY_TILE,), "float32"),  # scores
@@ -299,17 +302,17 @@ def attention_cpu(n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
                     T.decl_buffer((W,), "float32"),         # lane
                     T.decl_buffer((acc_chunks * lanes,), "float32"))  # row_acc
             tile_kv = (T.decl_buffer((KEY_TILE, D), "float32"), T.decl_buffer((KEY_TILE, D), "float32"))
-            # rows as lanes: q and the value sums as [D, rows], the scores as [key, rows]
-            lane_state = (T.decl_buffer((D, padded_rows), "float32"),      # q_t
-                          T.decl_buffer((D, padded_rows), "float32"),      # acc_t
-                          best, total,
-                          T.decl_buffer((padded_rows,), "int64"),          # last_key
+            # rows as lanes: q and the value sums as [D, rows], in the row path's storage (a
+            # task takes one path), the scores as [key, rows]
+            q_t = T.decl_buffer((D, padded_rows), "float32", data=qs.data)
+            acc_t = T.decl_buffer((D, padded_rows), "float32", data=acc.data)
+            last_key = T.decl_buffer((padded_rows,), "int64")
+            lane_state = (q_t, acc_t, best, total, last_key,
                           T.decl_buffer((KEY_TILE, padded_rows), "float32"),  # scores
                           T.decl_buffer((pair,), "float32"),               # fresh
                           T.decl_buffer((pair,), "float32"),               # rescale
                           T.decl_buffer((block_keys * W,), "float32"),     # part0
                           T.decl_buffer((block_keys * W,), "float32"))     # part1
-            q_t, acc_t, last_key = lane_state[0], lane_state[1], lane_state[4]
             for r in range(T.int64(padded_rows)):
                 best[r] = T.float32(-3.0e38)
                 total[r] = T.float32(0)
