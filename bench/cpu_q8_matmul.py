@@ -9,6 +9,9 @@ avxvnni` times a client core without AVX-512, its AVX2 and AVX-VNNI.
     TVM_NUM_THREADS=1 python bench/cpu_q8_matmul.py [--rows 1,4,16,128] [--baseline REV | --int8]
         [--geometry 3b] [--mcpu NAME] [--dot avx512vnni|avxvnni|avx512bw|avx2]
 
+--baseline REV --int8 times both revisions' int8-activation kernels; --amx the prefill's AMX
+kernel beside the AVX-512 VNNI one (this processor needs AMX, and Linux must grant it).
+
 Each figure is the fastest of --repeat calls (on a shared machine the minimum is what the
 kernel costs; medians carry the neighbours' load). One thread by default is the kernel's own
 cost; set TVM_NUM_THREADS to time the thread pool too.
@@ -34,7 +37,7 @@ import tvm  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
 from trimode.artifacts import cpu_int8_dot  # noqa: E402
-from trimode.compiler.kernels import q8_matmul  # noqa: E402
+from trimode.compiler.kernels import q8_matmul, q8_matmul_amx  # noqa: E402
 from trimode.model.config import GEOMETRIES  # noqa: E402
 from trimode.model.reference import int8_rows  # noqa: E402
 from trimode.model.weights import Q8Matrix, packed, packed_for_int8_dot  # noqa: E402
@@ -65,11 +68,15 @@ def kernel_of(rev: str, path: str = "trimode/compiler/kernels/q8_matmul.py") -> 
     return module
 
 
-def fastest_us(module, n: int, k: int, m: int, repeat: int, mcpu: str, int8: str | None = None) -> float:
-    rows = "one" if m == 1 else ("block" if m <= 64 else "many")
+def fastest_us(module, n: int, k: int, m: int, repeat: int, mcpu: str, int8: str | None = None,
+               amx: bool = False, rows: str | None = None) -> float:
+    """amx: the prefill kernel on AMX tiles (int8 avx512vnni); rows: the kernels' row class
+    (default: decode's at m = 1, a block's to 64, prefill's past it)."""
+    rows = rows or ("one" if m == 1 else "block" if m <= 64 else "many")
+    mattr = (q8_matmul.INT8_DOTS[int8].mattr if int8 else []) + (q8_matmul_amx.MATTR if amx else [])
     target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu,
                                 "num-cores": int(os.environ["TVM_NUM_THREADS"]),
-                                **({"mattr": q8_matmul.INT8_DOTS[int8].mattr} if int8 else {})})
+                                **({"mattr": mattr} if mattr else {})})
 
     def built(func):
         return tvm.compile(func.with_attr("global_symbol", "f"), target=target)["f"]
@@ -80,7 +87,8 @@ def fastest_us(module, n: int, k: int, m: int, repeat: int, mcpu: str, int8: str
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
     if int8:
-        quantize, mm = built(module.quantize_rows(k, rows)), built(module.q8_matmul_cpu(n, k, rows, int8=int8))
+        kernel = q8_matmul_amx.q8_matmul_amx(n, k) if amx else module.q8_matmul_cpu(n, k, rows, int8=int8)
+        quantize, mm = built(module.quantize_rows(k, rows)), built(kernel)
         activations = [tvm.runtime.tensor(np.zeros(s, t), dev) for s, t in module.int8_activation_specs(m, k)]
         weights = [tvm.runtime.tensor(a, dev) for a in (packed_for_int8_dot(w.q), packed(w.scale))]
 
@@ -116,34 +124,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="1,4,16,128", help="row counts (m) to time")
     ap.add_argument("--repeat", type=int, default=50)
-    group = ap.add_mutually_exclusive_group()
-    group.add_argument("--baseline", metavar="REV", help="a git revision's kernel to time beside this tree's")
-    group.add_argument("--int8", action="store_true", help="this tree's int8-activation kernel beside the fp32 one")
+    ap.add_argument("--baseline", metavar="REV", help="a git revision's kernel to time beside this tree's "
+                    "(with --int8: both int8-activation kernels)")
+    ap.add_argument("--int8", action="store_true", help="this tree's int8-activation kernel beside the fp32 one")
+    ap.add_argument("--amx", action="store_true", help="the prefill kernel on AMX tiles beside the AVX-512 VNNI "
+                    "prefill kernel (both at every --rows, with their quantize kernel)")
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), help="that geometry's matmuls instead of the default model's")
     ap.add_argument("--mcpu", default=codegen.llvm_get_system_cpu(), help="the processor to build for (default: this one)")
     ap.add_argument("--dot", choices=sorted(q8_matmul.INT8_DOTS), default=cpu_int8_dot(),
                     help="--int8's dot product (default: this processor's widest)")
     args = ap.parse_args()
+    if args.amx:
+        from trimode.artifacts import cpu_amx
+        if not cpu_amx():
+            ap.error("no AMX tiles here (or Linux does not grant them)")
     if args.int8 and not args.dot:
         ap.error("this processor has no int8 dot product")
     shapes = shapes_of(args.geometry) if args.geometry else SHAPES
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # before the first kernel starts the pool
-    sources = [("this", q8_matmul, None)]
-    if args.baseline:
-        sources.append(("baseline", kernel_of(args.baseline), None))
-    if args.int8:
-        sources.append(("int8", q8_matmul, args.dot))
+    if args.amx:
+        sources = [("vnni", q8_matmul, "avx512vnni", False), ("amx", q8_matmul, "avx512vnni", True)]
+    elif args.baseline:
+        dot = args.dot if args.int8 else None
+        sources = [("this", q8_matmul, dot, False), ("baseline", kernel_of(args.baseline), dot, False)]
+    else:
+        sources = [("this", q8_matmul, None, False)] + ([("int8", q8_matmul, args.dot, False)] if args.int8 else [])
+    by_int8 = (args.int8 and not args.baseline) or args.amx
     second = len(sources) > 1
     print(f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, fastest of {args.repeat}; us; -mcpu={args.mcpu}"
           + (f", int8 on {args.dot}" if args.int8 else ""))
-    head = "| matmul | n x k | m |" + "".join(f" {name} |" for name, _, _ in sources)
-    print(head + ((" this / int8 |" if args.int8 else " baseline / this |") if second else ""))
+    head = "| matmul | n x k | m |" + "".join(f" {source[0]} |" for source in sources)
+    ratio_name = " vnni / amx |" if args.amx else " this / int8 |" if by_int8 else " baseline / this |"
+    print(head + (ratio_name if second else ""))
     print("|---" * (head.count("|") - 1 + second) + "|")
     for m in (int(r) for r in args.rows.split(",")):
         for name, (n, k) in shapes.items():
-            times = [fastest_us(module, n, k, m, args.repeat, args.mcpu, int8) for _, module, int8 in sources]
+            times = [fastest_us(module, n, k, m, args.repeat, args.mcpu, int8, amx, "many" if args.amx else None)
+                     for _, module, int8, amx in sources]
             line = f"| {name} | {n} x {k} | {m} |" + "".join(f" {t:.1f} |" for t in times)
-            ratio = times[0] / times[1] if args.int8 else times[1] / times[0] if second else None
+            ratio = times[0] / times[1] if by_int8 else times[1] / times[0] if second else None
             print(line + (f" {ratio:.2f} |" if second else ""), flush=True)
 
 

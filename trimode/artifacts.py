@@ -5,6 +5,7 @@ runtime finds a cached build in milliseconds and imports the compiler only on a 
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -123,6 +124,33 @@ def int8_activations_enabled(target: dict) -> str | None:
     return cpu_int8_dot()
 
 
+# Intel AMX's tiles and their int8 products (Sapphire Rapids on), as /proc/cpuinfo names them
+AMX_FLAGS = {"amx_tile", "amx_int8"}
+# Linux's arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): a process must ask for the tile
+# state before its first tile instruction (without it, SIGILL)
+SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+def cpu_amx() -> bool:
+    """Whether this processor has AMX int8 tiles and Linux lets this process use them (asked
+    for once, for every thread of the process; True from then on)."""
+    return AMX_FLAGS <= cpu_flags() and _tile_state_granted()
+
+
+@lru_cache(maxsize=1)
+def _tile_state_granted() -> bool:
+    if platform.machine() != "x86_64" or platform.system() != "Linux":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+
+
+def amx_enabled(target: dict) -> bool:
+    """A CPU build's prefill matmuls run on AMX tiles (q8_matmul_amx.py) where its int8
+    matmuls run on AVX-512 VNNI (every processor with AMX has it) and cpu_amx() says so."""
+    return int8_activations_enabled(target) == "avx512vnni" and cpu_amx()
+
+
 def cpu_fingerprint() -> str:
     """This processor's model and feature flags (a CPU build targets them: -mcpu=native)."""
     info = first_cpu_info()
@@ -139,6 +167,7 @@ def build_key(cfg: ModelConfig, quantized: dict[str, bool], target: dict, schedu
         "cuda_graphs": cuda_graphs_enabled(target),
         "dependent_launch": dependent_launch_enabled(target),
         "int8_activations": int8_activations_enabled(target),
+        "amx": amx_enabled(target),
         "layout": layout_key(cfg, quantized),
         "target": target,
         "tvm": metadata.version("apache-tvm"),

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from trimode import __version__
-from trimode.artifacts import (MANIFEST, artifact_dir, build_key, cuda_graphs_enabled,
+from trimode.artifacts import (MANIFEST, amx_enabled, artifact_dir, build_key, cuda_graphs_enabled,
                                dependent_launch_enabled, int8_activations_enabled, layout_key,
                                resolve_target, schedules_for)
 from trimode.model.config import ModelConfig
@@ -48,9 +48,9 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
     if target_name == "cuda":
         log(f"  schedules: tuned database {schedules_id}" if schedules else
             f"  schedules: no tuned database for GPU {gpu_name or '(none named)'}; kernel defaults")
-    int8_dot = int8_activations_enabled(target)
+    int8_dot, amx = int8_activations_enabled(target), amx_enabled(target)
     lanes = register_lanes(cpu_target(target, int8_dot)) if target_name == "llvm" else 8
-    kernels = Kernels(cfg, target_name, schedules, int8_dot, lanes, kv_cache)
+    kernels = Kernels(cfg, target_name, schedules, int8_dot, lanes, kv_cache, amx)
     model = NLDModel(cfg, quantized, kernels)
     mod, named_params = model.export_tvm(spec=model.entry_specs())
     mod = mark_static_arguments(mod)
@@ -62,7 +62,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
         graph_entries = build_library(mod, target, str(tmp / "model.so"), log,
                                       cuda_graphs=cuda_graphs_enabled(target),
                                       dependent_launch=dependent_launch_enabled(target),
-                                      int8_dot=kernels.int8_activations)
+                                      int8_dot=kernels.int8_activations, amx=amx)
         manifest = {
             "key": key,
             "target": target_name,
@@ -72,6 +72,7 @@ def compile_model(cfg: ModelConfig, quantized: dict[str, bool], target_name: str
             "kv_cache": kv_cache,
             "activations": kernels.matmul_activations,
             "int8_dot": kernels.int8_activations,
+            "amx": amx,
             "layout": layout_key(cfg, quantized),
             "config": cfg.geometry_key(),
             "entries": list(model.entry_specs()),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from trimode.compiler.kernels import attention, embedding, kv_quant, logits, norm, q8_matmul, rope
+from trimode.compiler.kernels import attention, embedding, kv_quant, logits, norm, q8_matmul, q8_matmul_amx, rope
 from trimode.model.config import ModelConfig
 from trimode.model.kv_cache import check_kv_cache, kv_dtype, kv_row
 from trimode.model.weights import INT8_DOT_GROUP, Q8_BLOCK, packed_shape
@@ -29,6 +29,8 @@ class Kernels:
     register_lanes: int = 8
     # how the K/V cache keeps a row (model/kv_cache.py); q8_0 on CPU builds only
     kv_cache: str = "f16"
+    # CPU only: prefill's int8 matmuls on AMX tiles (artifacts.amx_enabled)
+    amx: bool = False
 
     def __post_init__(self):
         check_kv_cache(self.kv_cache, self.cfg.head_dim, self.target_kind)
@@ -78,6 +80,8 @@ class Kernels:
     def q8_matmul(self, n: int, k: int, rows: str, gated: bool = False):
         """gated: the kernel ends with silu(gate) * up of row pairs (model.swiglu)."""
         if not self.is_gpu:
+            if self.amx and rows == "many":
+                return _cached(q8_matmul_amx.q8_matmul_amx, n, k, gated)
             return _cached(q8_matmul.q8_matmul_cpu, n, k, rows, gated, self.int8_activations)
         from trimode.compiler.kernels import q8_matmul_cuda
 

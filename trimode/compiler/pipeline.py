@@ -8,6 +8,7 @@ import tvm
 from tvm import relax
 
 from trimode.compiler.kernels.q8_matmul import INT8_DOTS
+from trimode.compiler.kernels.q8_matmul_amx import MATTR as AMX_MATTR
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleUnscheduledKernels")
@@ -72,14 +73,14 @@ def relax_passes(target: tvm.target.Target) -> list:
     return passes
 
 
-def cpu_target(target_spec: dict, int8_dot: str | None) -> tvm.target.Target:
+def cpu_target(target_spec: dict, int8_dot: str | None, amx: bool = False) -> tvm.target.Target:
     """The llvm target of this CPU's instruction set (AVX2/AVX-512: 1.5-2x on the Q8_0
-    matmuls), with the int8 matmuls' dot product where one is used."""
+    matmuls), with the int8 matmuls' dot product where one is used, and AMX's tiles."""
     from tvm.target import codegen
 
     cpu = {"mcpu": codegen.llvm_get_system_cpu()}
     if int8_dot:  # the processor's flags say so even where -mcpu does not
-        cpu["mattr"] = INT8_DOTS[int8_dot].mattr
+        cpu["mattr"] = INT8_DOTS[int8_dot].mattr + (AMX_MATTR if amx else [])
     return tvm.target.Target({**target_spec, **cpu})
 
 
@@ -94,16 +95,16 @@ def register_lanes(target: tvm.target.Target) -> int:
 
 def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
                   cuda_graphs: bool = False, dependent_launch: bool = False,
-                  int8_dot: str | None = None) -> list[str]:
+                  int8_dot: str | None = None, amx: bool = False) -> list[str]:
     """Compiles and exports the VM library; returns the entries that run CUDA graphs. CUDA
     builds run inside cuda_build_context, so the library embeds GPU machine code even on a
     machine without a GPU (TVM.md). dependent_launch: every kernel may start while the one
     before it drains (grid_dependency.py). int8_dot: a CPU build of int8 matmuls, on
-    that dot product (q8_matmul.INT8_DOTS)."""
+    that dot product (q8_matmul.INT8_DOTS), and amx: its prefill matmuls on AMX tiles."""
     if target_spec["kind"] == "cuda":
         target = tvm.target.Target(target_spec, host="llvm")
     else:
-        target = cpu_target(target_spec, int8_dot)
+        target = cpu_target(target_spec, int8_dot, amx)
     started = time.time()
     with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):
         mod = tvm.transform.Sequential(relax_passes(target))(mod)

@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from trimode.artifacts import (MANIFEST, artifact_dir, build_key, resolve_target,
+from trimode.artifacts import (MANIFEST, artifact_dir, build_key, cpu_amx, resolve_target,
                                schedules_for)
 from trimode.model.config import ModelConfig, ModelError
 from trimode.model.kv_cache import check_kv_cache, kv_row
@@ -204,6 +204,9 @@ class Engine:
         self.kv_row = kv_row(self.kv_cache, config.head_dim)  # the cache tensor's last dimension
         # CPU builds of processors with int8 dot products quantize the matmuls' activations
         self.int8_activations = self.manifest.get("activations") == "int8"
+        if self.manifest.get("amx") and not cpu_amx():
+            raise RuntimeError(f"{self.artifact} runs its prefill on AMX tiles, which this processor or "
+                               "its Linux does not let this process use; delete it to compile for this machine")
         started = time.time()
         self.library = self.device.load_library(self.artifact / "model.so")
         # Entries that replay CUDA graphs (the artifact's own list: eager builds have none).

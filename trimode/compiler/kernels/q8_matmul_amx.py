@@ -1,0 +1,166 @@
+"""The int8 Q8_0 matmul of a prefill on Intel AMX (Sapphire Rapids on): the same arithmetic as
+q8_matmul.py's vpdpbusd kernel, its block sums made by the tile unit.
+
+One AMX instruction (tdpbsud) multiplies a tile of 16 rows' quantized activations by one pack
+(16 features) of a Q8_0 block, 16 x 16 x 32 products: 128 vpdpbusd. The weights need no new
+layout: a block of a pack as pack_for_int8_dot lays it out (8 groups of 16 features x 4
+inputs, 512 bytes) is the instruction's second tile as it stands, its bytes unsigned and the
+activations' signed. Each block's int32 sums are stored to a scratch tile and scaled into fp32
+accumulators with AVX-512, exactly as the vpdpbusd kernel scales its own (offset taken out,
+then sums x (weight scale x row scale)): a row's result is bit for bit the same whichever
+kernel made it, so a prefill here and a verify on the vector kernel agree (greedy
+self-speculation stays AR's).
+
+That store and scaling, one per block, is what bounds it: the tile instructions alone take
+about 1.5x, and the scaling alone 1x, the time of 1/3 of the vpdpbusd kernel's, and they do not
+overlap (making the next pair of blocks' sums while scaling this one, in order either side of
+its stores, measured the same). So 1.2-1.4x the vpdpbusd kernel at 32-128 rows (BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from trimode.compiler.kernels.q8_matmul import F, packs_per_task, silu_times
+from trimode.model.weights import INT8_DOT_GROUP, Q8_BLOCK, packed_shape
+
+# Rows of one tile (the unit's most), its row bytes for the activations (one Q8_0 block), and
+# the weight tile's rows (a block's groups of 4 inputs).
+TILE_ROWS = 16
+HALF_ROWS = TILE_ROWS // 2  # an accumulator array's rows: 512 bytes, under TVM's 1 KB stack limit
+GROUPS = Q8_BLOCK // INT8_DOT_GROUP
+# The kernel's tiles: sums, activations and weights of an even block and of an odd one.
+SUMS, ROWS, WEIGHTS = (0, 1), (2, 3), (4, 5)
+# The scratch a task works in, int32: two blocks' stored sums, then the 64-byte tile config.
+SUMS_WORDS = TILE_ROWS * F
+CONFIG_WORD = 2 * SUMS_WORDS
+MATTR = ["+amx-tile", "+amx-int8"]  # beside AVX-512 VNNI's (q8_matmul.INT8_DOTS)
+
+
+def amx(name: str, *args):
+    return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
+
+
+def q8_matmul_amx(n: int, k: int, gated: bool = False) -> "T.PrimFunc":
+    """q8_matmul_cpu(n, k, "many", gated, int8=...)'s function and arguments on AMX: xq, xd,
+    xsum (quantize_rows), q and scale (pack_for_int8_dot, pack_features), y. Each parallel task
+    takes packs_per_task() packs through every tile of 16 rows (the last one as many as are left);
+    the features of a last, partial pack run after the tasks, storing only the real ones."""
+    assert k % Q8_BLOCK == 0 and not (gated and n % 2)
+    packs, _, _ = packed_shape(n, k)
+    full, n_blocks = n // F, k // Q8_BLOCK
+    ppt = packs_per_task(full, "many")
+    out_n, half = (n // 2, F // 2) if gated else (n, F)
+
+    def lanes(width):
+        return T.vectorized if width == F else T.serial
+
+    def rows_loop(count):  # a full tile's rows unrolled (its accumulators in registers)
+        return T.unroll if count == HALF_ROWS else T.serial
+
+    @T.macro
+    def configure(scratch, rows):
+        # palette 1; each tile's bytes a row (16-bit, tiles 0-7) and rows (8-bit, tiles 0-7)
+        for i in range(16):
+            scratch[CONFIG_WORD + i] = 0
+        scratch[CONFIG_WORD] = 1
+        scratch[CONFIG_WORD + 4] = 64 | (64 << 16)  # sums: 16 int32
+        scratch[CONFIG_WORD + 5] = 32 | (32 << 16)  # activations: a block's 32 bytes
+        scratch[CONFIG_WORD + 6] = 64 | (64 << 16)  # weights: 16 features x 4 bytes
+        scratch[CONFIG_WORD + 12] = T.Cast("int32", rows) * 0x01010101
+        scratch[CONFIG_WORD + 13] = GROUPS | (GROUPS << 8)
+        amx("ldtilecfg", T.address_of(scratch[CONFIG_WORD]))
+
+    @T.macro
+    def block_sums(xq, q, pack, first, b, pair):
+        amx("tilezero", T.int8(SUMS[pair]))
+        amx("tileloadd64", T.int8(ROWS[pair]), T.address_of(xq[first, b * Q8_BLOCK]), T.int64(k))
+        amx("tileloadd64", T.int8(WEIGHTS[pair]), T.address_of(q[pack, b * GROUPS, 0]), T.int64(4 * F))
+        amx("tdpbsud", T.int8(SUMS[pair]), T.int8(ROWS[pair]), T.int8(WEIGHTS[pair]))
+
+    @T.macro
+    def store_sums(scratch, pair):
+        amx("tilestored64", T.int8(SUMS[pair]), T.address_of(scratch[pair * SUMS_WORDS]), T.int64(4 * F))
+
+    @T.macro
+    def pair_sums(xq, q, pack, first, bp):
+        block_sums(xq, q, pack, first, 2 * bp, 0)
+        block_sums(xq, q, pack, first, 2 * bp + 1, 1)
+
+    @T.macro
+    def scale_half(xd, xsum, scale, scratch, acc, pack, first, row0, rows, count, b, base):
+        for r in rows_loop(count)(rows):
+            for f in T.vectorized(F):
+                acc[r, f] = acc[r, f] + T.Cast("float32", scratch[base + (row0 + r) * F + f]
+                                               - xsum[first + row0 + r, b]) * (
+                    T.Cast("float32", scale[pack, b, f]) * xd[first + row0 + r, b])
+
+    @T.macro
+    def scale_in(xd, xsum, scale, scratch, lo, hi, pack, first, lo_rows, hi_rows, count, b, pair):
+        scale_half(xd, xsum, scale, scratch, lo, pack, first, 0, lo_rows, count, b, pair * SUMS_WORDS)
+        scale_half(xd, xsum, scale, scratch, hi, pack, first, HALF_ROWS, hi_rows, count, b, pair * SUMS_WORDS)
+
+    @T.macro
+    def store_half(y, acc, first, rows, count, pack, width):
+        for r in rows_loop(count)(rows):
+            if gated:
+                for j in lanes(width)(width // 2):
+                    y[first + r, pack * half + j] = silu_times(acc[r, 2 * j], acc[r, 2 * j + 1])
+            else:
+                for f in lanes(width)(width):
+                    y[first + r, pack * F + f] = acc[r, f]
+
+    @T.macro
+    def pack_tile(xq, xd, xsum, q, scale, y, scratch, lo, hi, pack, first, lo_rows, hi_rows, count, width):
+        for r in T.unroll(HALF_ROWS):
+            for f in T.vectorized(F):
+                lo[r, f] = T.float32(0)
+                hi[r, f] = T.float32(0)
+        for bp in range(n_blocks // 2):
+            pair_sums(xq, q, pack, first, bp)
+            store_sums(scratch, 0)
+            store_sums(scratch, 1)
+            scale_in(xd, xsum, scale, scratch, lo, hi, pack, first, lo_rows, hi_rows, count, 2 * bp, 0)
+            scale_in(xd, xsum, scale, scratch, lo, hi, pack, first, lo_rows, hi_rows, count, 2 * bp + 1, 1)
+        if n_blocks % 2 == 1:
+            block_sums(xq, q, pack, first, n_blocks - 1, 0)
+            store_sums(scratch, 0)
+            scale_in(xd, xsum, scale, scratch, lo, hi, pack, first, lo_rows, hi_rows, count, n_blocks - 1, 0)
+        store_half(y, lo, first, lo_rows, count, pack, width)
+        store_half(y, hi, first + HALF_ROWS, hi_rows, count, pack, width)
+
+    @T.macro
+    def packs_times_rows(xq, xd, xsum, q, scale, y, m, first_pack, n_packs, width):
+        # the int32 scratch is past the 1 KB TVM keeps on the stack; the accumulators are two
+        # stack arrays of 8 rows (512 bytes each), which LLVM keeps in registers
+        scratch = T.decl_buffer((CONFIG_WORD + 16,), "int32")
+        lo = T.decl_buffer((HALF_ROWS, F), "float32")
+        hi = T.decl_buffer((HALF_ROWS, F), "float32")
+        if m >= TILE_ROWS:
+            configure(scratch, TILE_ROWS)
+            for tile in range(m // TILE_ROWS):
+                for p in range(n_packs):
+                    pack_tile(xq, xd, xsum, q, scale, y, scratch, lo, hi, first_pack + p, tile * TILE_ROWS,
+                              HALF_ROWS, HALF_ROWS, HALF_ROWS, width)
+        if m % TILE_ROWS != 0:
+            configure(scratch, m % TILE_ROWS)
+            for p in range(n_packs):
+                pack_tile(xq, xd, xsum, q, scale, y, scratch, lo, hi, first_pack + p, m - m % TILE_ROWS,
+                          T.min(m % TILE_ROWS, HALF_ROWS), T.max(m % TILE_ROWS - HALF_ROWS, 0), 0, width)
+        amx("tilerelease")
+
+    @T.prim_func(private=True)
+    def q8_matmul(var_xq: T.handle, var_xd: T.handle, var_xsum: T.handle,
+                  q: T.Buffer(packed_shape(n, k, INT8_DOT_GROUP), "uint8"),
+                  scale: T.Buffer((packs, n_blocks, F), "float16"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        xq = T.match_buffer(var_xq, (m, k), "int8")
+        xd = T.match_buffer(var_xd, (m, n_blocks), "float32")
+        xsum = T.match_buffer(var_xsum, (m, n_blocks), "int32")
+        y = T.match_buffer(var_y, (m, out_n), "float32")
+        for task in T.parallel(full // ppt):
+            packs_times_rows(xq, xd, xsum, q, scale, y, m, task * ppt, ppt, F)
+        if packs > full:
+            packs_times_rows(xq, xd, xsum, q, scale, y, m, full, 1, n % F)
+
+    return q8_matmul
