@@ -87,7 +87,7 @@ def fastest_us(module, n: int, k: int, m: int, repeat: int, mcpu: str, int8: str
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
     if int8:
-        kernel = q8_matmul_amx.q8_matmul_amx(n, k) if amx else module.q8_matmul_cpu(n, k, rows, int8=int8)
+        kernel = q8_matmul_amx.q8_matmul_amx(n, k, rows) if amx else module.q8_matmul_cpu(n, k, rows, int8=int8)
         quantize, mm = built(module.quantize_rows(k, rows)), built(kernel)
         activations = [tvm.runtime.tensor(np.zeros(s, t), dev) for s, t in module.int8_activation_specs(m, k)]
         weights = [tvm.runtime.tensor(a, dev) for a in (packed_for_int8_dot(w.q), packed(w.scale))]

@@ -1,6 +1,6 @@
-"""The prefill's int8 Q8_0 matmul on AMX tiles (compiler/kernels/q8_matmul_amx.py): bit for bit
-the vpdpbusd kernel's result, wherever this processor has AMX; built (no AMX needed) for
-Sapphire Rapids everywhere; and chosen only where a build may use it."""
+"""The int8 Q8_0 matmul of block and prefill passes on AMX tiles (compiler/kernels/q8_matmul_amx.py):
+bit for bit the vpdpbusd kernel's result, wherever this processor has AMX; built (no AMX
+needed) for Sapphire Rapids everywhere; and chosen only where a build may use it."""
 from __future__ import annotations
 
 import json
@@ -37,29 +37,31 @@ def built(spr, func):
 def test_the_kernel_builds_to_tile_instructions(spr):
     from trimode.compiler.kernels.q8_matmul_amx import q8_matmul_amx
 
-    exe = built(spr, q8_matmul_amx(48, 96, gated=True))
+    exe = built(spr, q8_matmul_amx(48, 96, "many", gated=True))
     asm = "\n".join(lib.inspect_source("asm") for lib in [exe.mod, *exe.mod.imports] if lib.kind == "llvm")
     for instruction in ("ldtilecfg", "tilezero", "tileloadd", "tdpbsud", "tilestored", "tilerelease"):
         assert f"\t{instruction}" in asm, instruction
 
 
 @pytest.mark.skipif(not AMX, reason="no AMX tiles here (or Linux does not grant them)")
-@pytest.mark.parametrize("n,k,gated", [(64, 64, False), (48, 96, True), (200, 96, False), (300, 128, False)])
-def test_amx_kernel_gives_the_vpdpbusd_kernels_result_bit_for_bit(spr, n, k, gated):
+@pytest.mark.parametrize("n,k,rows,gated", [(64, 64, "many", False), (48, 96, "many", True), (200, 96, "block", False),
+                                            (300, 128, "many", False), (96, 64, "block", True)])
+def test_amx_kernel_gives_the_vpdpbusd_kernels_result_bit_for_bit(spr, n, k, rows, gated):
     """Full packs and a partial last one (200, 300), gated and plain, an odd count of Q8_0
-    blocks (96: 3), every row count ROW_COUNTS lists; and both equal float64 of their
-    quantized inputs, as test_int8_activations.py holds the vector kernels."""
+    blocks (96: 3), block and prefill row classes, every row count ROW_COUNTS lists (those
+    under AMX_MIN_ROWS on the vector kernel); and both equal float64 of their quantized
+    inputs, as test_int8_activations.py holds the vector kernels."""
     from trimode.compiler.kernels.q8_matmul import int8_activation_specs, q8_matmul_cpu, quantize_rows
     from trimode.compiler.kernels.q8_matmul_amx import q8_matmul_amx
 
     tvm, dev = spr[0], spr[0].cpu()
-    amx, vnni = (built(spr, f)["f"] for f in (q8_matmul_amx(n, k, gated),
-                                               q8_matmul_cpu(n, k, "many", gated, int8="avx512vnni")))
-    quantize = built(spr, quantize_rows(k, "many"))["f"]
+    amx, vnni = (built(spr, f)["f"] for f in (q8_matmul_amx(n, k, rows, gated),
+                                               q8_matmul_cpu(n, k, rows, gated, int8="avx512vnni")))
+    quantize = built(spr, quantize_rows(k, rows))["f"]
     rng = np.random.default_rng(n + k)
     w = Q8Matrix.quantize(rng.standard_normal((n, k)).astype(np.float32))
     weights = [tvm.runtime.tensor(a, dev) for a in (packed_for_int8_dot(w.q), packed(w.scale))]
-    for m in ROW_COUNTS:
+    for m in ROW_COUNTS if rows == "many" else [m for m in ROW_COUNTS if m <= 32]:
         x = rng.standard_normal((m, k)).astype(np.float32)
         inputs = [tvm.runtime.tensor(np.zeros(s, t), dev) for s, t in int8_activation_specs(m, k)]
         quantize(tvm.runtime.tensor(x, dev), *inputs)
@@ -76,7 +78,7 @@ def test_amx_kernel_gives_the_vpdpbusd_kernels_result_bit_for_bit(spr, n, k, gat
         assert np.abs(outs[0] - want).max() <= 1e-5 * np.abs(want).max(), m
 
 
-def test_only_prefill_matmuls_of_an_amx_build_take_the_tile_kernel(tiny_model):
+def test_block_and_prefill_matmuls_of_an_amx_build_take_the_tile_kernel(tiny_model):
     from trimode.compiler.kernel_table import Kernels
 
     calls = []
@@ -87,9 +89,8 @@ def test_only_prefill_matmuls_of_an_amx_build_take_the_tile_kernel(tiny_model):
         for rows in ("one", "block", "many"):
             kernels.q8_matmul(64, 128, rows, gated=True)
         Kernels(tiny_model.config, "llvm", int8_activations="avx512vnni").q8_matmul(64, 128, "many")
-    assert calls == [("vector", (64, 128, "one", True, "avx512vnni")),
-                     ("vector", (64, 128, "block", True, "avx512vnni")), ("amx", (64, 128, True)),
-                     ("vector", (64, 128, "many", False, "avx512vnni"))]
+    assert calls == [("vector", (64, 128, "one", True, "avx512vnni")), ("amx", (64, 128, "block", True)),
+                     ("amx", (64, 128, "many", True)), ("vector", (64, 128, "many", False, "avx512vnni"))]
 
 
 def test_amx_is_used_only_with_the_flags_the_grant_and_int8_activations(monkeypatch):

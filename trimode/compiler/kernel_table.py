@@ -29,7 +29,7 @@ class Kernels:
     register_lanes: int = 8
     # how the K/V cache keeps a row (model/kv_cache.py); q8_0 on CPU builds only
     kv_cache: str = "f16"
-    # CPU only: prefill's int8 matmuls on AMX tiles (artifacts.amx_enabled)
+    # CPU only: block and prefill passes' int8 matmuls on AMX tiles (artifacts.amx_enabled)
     amx: bool = False
 
     def __post_init__(self):
@@ -80,8 +80,8 @@ class Kernels:
     def q8_matmul(self, n: int, k: int, rows: str, gated: bool = False):
         """gated: the kernel ends with silu(gate) * up of row pairs (model.swiglu)."""
         if not self.is_gpu:
-            if self.amx and rows == "many":
-                return _cached(q8_matmul_amx.q8_matmul_amx, n, k, gated)
+            if self.amx and rows != "one":
+                return _cached(q8_matmul_amx.q8_matmul_amx, n, k, rows, gated)
             return _cached(q8_matmul.q8_matmul_cpu, n, k, rows, gated, self.int8_activations)
         from trimode.compiler.kernels import q8_matmul_cuda
 

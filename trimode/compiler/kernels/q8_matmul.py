@@ -127,23 +127,9 @@ def packs_per_task(packs: int, rows: str) -> int:
     return block
 
 
-def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | None = None) -> "T.PrimFunc":
-    """fp32 activations, any m, weights packed (packed_shape). Each converted weight vector is
-    multiplied into a tile of rows (1 for decode, "one"; ROW_TILE for blocks and prefills),
-    each 32-value block summed apart and its sums scaled once (scaling every converted vector
-    instead cost 1.1-1.2x more at 4-128 rows, BENCHMARKS.md). The rows past the last full tile
-    run as one smaller tile: a verify of 3 rows is one pass over the weights, not three. Each
-    parallel task runs packs_per_task() packs through every row tile; the features of a last,
-    partial pack (n not a multiple of 16) run after them, storing only the real ones. `rows`
-    also sets how much work the parallel threshold expects. gated: y [m, n / 2] = silu(gate)
-    * up of features 2j, 2j + 1 (a pair never straddles two packs).
-
-    int8 (an INT8_DOTS name): the activations come quantized per 32 (quantize_rows: int8
-    values, their scale, and 128 x their sum), the weights packed for int8 dot products
-    (pack_for_int8_dot), and a block's sums are exact int32 sums of the dot product (INT8_DOTS:
-    AVX-512 VNNI 64 products an instruction, AVX-VNNI 32, AVX-512BW 64 in six, AVX2 32 in six, Arm's sdot 16 in two),
-    scaled once by both scales: llama.cpp's CPU arithmetic; with the quantize kernel and AVX-512 VNNI, 1.05-1.2x the fp32 kernel's speed
-    at m = 1, 1.6-2x at 4 rows, 2.4-2.9x at 16 (the 3B's shapes, BENCHMARKS.md)."""
+def packed_matmul(n: int, k: int, rows: str, gated: bool, int8: str | None):
+    """q8_matmul_cpu's loop nest, a macro all_packs(x, q, scale, y, m) (x: (values, scales,
+    offsets) with int8), for q8_matmul_amx to run at the row counts the tiles do not pay."""
     assert k % Q8_BLOCK == 0 and not (gated and n % 2)
     packs, _, _ = packed_shape(n, k)
     full, n_blocks = n // F, k // Q8_BLOCK
@@ -254,6 +240,30 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | No
             packs_times_rows(x, q, scale, y, m, task * ppt, ppt, F)
         if packs > full:
             packs_times_rows(x, q, scale, y, m, full, 1, n % F)
+
+    return all_packs
+
+
+def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | None = None) -> "T.PrimFunc":
+    """fp32 activations, any m, weights packed (packed_shape). Each converted weight vector is
+    multiplied into a tile of rows (1 for decode, "one"; ROW_TILE for blocks and prefills),
+    each 32-value block summed apart and its sums scaled once (scaling every converted vector
+    instead cost 1.1-1.2x more at 4-128 rows, BENCHMARKS.md). The rows past the last full tile
+    run as one smaller tile: a verify of 3 rows is one pass over the weights, not three. Each
+    parallel task runs packs_per_task() packs through every row tile; the features of a last,
+    partial pack (n not a multiple of 16) run after them, storing only the real ones. `rows`
+    also sets how much work the parallel threshold expects. gated: y [m, n / 2] = silu(gate)
+    * up of features 2j, 2j + 1 (a pair never straddles two packs).
+
+    int8 (an INT8_DOTS name): the activations come quantized per 32 (quantize_rows: int8
+    values, their scale, and 128 x their sum), the weights packed for int8 dot products
+    (pack_for_int8_dot), and a block's sums are exact int32 sums of the dot product (INT8_DOTS:
+    AVX-512 VNNI 64 products an instruction, AVX-VNNI 32, AVX-512BW 64 in six, AVX2 32 in six, Arm's sdot 16 in two),
+    scaled once by both scales: llama.cpp's CPU arithmetic; with the quantize kernel and AVX-512 VNNI, 1.05-1.2x the fp32 kernel's speed
+    at m = 1, 1.6-2x at 4 rows, 2.4-2.9x at 16 (the 3B's shapes, BENCHMARKS.md)."""
+    packs, _, _ = packed_shape(n, k)
+    n_blocks, out_n = k // Q8_BLOCK, n // 2 if gated else n
+    all_packs = packed_matmul(n, k, rows, gated, int8)
 
     if int8:
         @T.prim_func(private=True)

@@ -1,5 +1,5 @@
-"""The int8 Q8_0 matmul of a prefill on Intel AMX (Sapphire Rapids on): the same arithmetic as
-q8_matmul.py's vpdpbusd kernel, its block sums made by the tile unit.
+"""The int8 Q8_0 matmul of block and prefill passes on Intel AMX (Sapphire Rapids on): the same
+arithmetic as q8_matmul.py's vpdpbusd kernel, its block sums made by the tile unit.
 
 One AMX instruction (tdpbsud) multiplies a tile of 16 rows' quantized activations by one pack
 (16 features) of a Q8_0 block, 16 x 16 x 32 products: 128 vpdpbusd. The weights need no new
@@ -8,19 +8,20 @@ inputs, 512 bytes) is the instruction's second tile as it stands, its bytes unsi
 activations' signed. Each block's int32 sums are stored to a scratch tile and scaled into fp32
 accumulators with AVX-512, exactly as the vpdpbusd kernel scales its own (offset taken out,
 then sums x (weight scale x row scale)): a row's result is bit for bit the same whichever
-kernel made it, so a prefill here and a verify on the vector kernel agree (greedy
+kernel made it, so a pass here and a decode step on the vector kernel agree (greedy
 self-speculation stays AR's).
 
-That store and scaling, one per block, is what bounds it: the tile instructions alone take
-about 1.5x, and the scaling alone 1x, the time of 1/3 of the vpdpbusd kernel's, and they do not
-overlap (making the next pair of blocks' sums while scaling this one, in order either side of
-its stores, measured the same). So 1.2-1.4x the vpdpbusd kernel at 32-128 rows (BENCHMARKS.md).
+Each Q8_0 block has its own scales, so every block's sums go through memory once, and that
+bounds the kernel: built without the scaling, it takes about 2/5 of the vpdpbusd kernel's time
+(the 3B's qkv at 128 rows), without the tile instructions about 1/4, and the two do not
+overlap (making the next pair of blocks' sums while this pair is scaled measured the same).
+So 1.2-1.6x the vpdpbusd kernel at 8-128 rows (BENCHMARKS.md).
 """
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from trimode.compiler.kernels.q8_matmul import F, packs_per_task, silu_times
+from trimode.compiler.kernels.q8_matmul import F, packed_matmul, packs_per_task, silu_times
 from trimode.model.weights import INT8_DOT_GROUP, Q8_BLOCK, packed_shape
 
 # Rows of one tile (the unit's most), its row bytes for the activations (one Q8_0 block), and
@@ -33,6 +34,10 @@ SUMS, ROWS, WEIGHTS = (0, 1), (2, 3), (4, 5)
 # The scratch a task works in, int32: two blocks' stored sums, then the 64-byte tile config.
 SUMS_WORDS = TILE_ROWS * F
 CONFIG_WORD = 2 * SUMS_WORDS
+# Rows from which the tiles pay: at 4 (the CPU's default self-speculation block) the vpdpbusd
+# kernel is as fast or faster (the 3B's matmuls 0.7-0.98x on tiles), at 8 the tiles are
+# 1.1-1.5x faster (BENCHMARKS.md).
+AMX_MIN_ROWS = 8
 MATTR = ["+amx-tile", "+amx-int8"]  # beside AVX-512 VNNI's (q8_matmul.INT8_DOTS)
 
 
@@ -40,16 +45,19 @@ def amx(name: str, *args):
     return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
 
 
-def q8_matmul_amx(n: int, k: int, gated: bool = False) -> "T.PrimFunc":
-    """q8_matmul_cpu(n, k, "many", gated, int8=...)'s function and arguments on AMX: xq, xd,
-    xsum (quantize_rows), q and scale (pack_for_int8_dot, pack_features), y. Each parallel task
-    takes packs_per_task() packs through every tile of 16 rows (the last one as many as are left);
-    the features of a last, partial pack run after the tasks, storing only the real ones."""
+def q8_matmul_amx(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc":
+    """q8_matmul_cpu(n, k, rows, gated, int8="avx512vnni")'s function and arguments (xq, xd,
+    xsum from quantize_rows, q and scale from pack_for_int8_dot and pack_features, y), on AMX
+    from AMX_MIN_ROWS rows, below them on the vpdpbusd kernel of the row class `rows` ("block"
+    or "many"). Each parallel task takes packs_per_task() packs through every tile of 16 rows
+    (the last one as many as are left); the features of a last, partial pack run after the
+    tasks, storing only the real ones."""
     assert k % Q8_BLOCK == 0 and not (gated and n % 2)
     packs, _, _ = packed_shape(n, k)
     full, n_blocks = n // F, k // Q8_BLOCK
     ppt = packs_per_task(full, "many")
     out_n, half = (n // 2, F // 2) if gated else (n, F)
+    vector_packs = packed_matmul(n, k, rows, gated, "avx512vnni")
 
     def lanes(width):
         return T.vectorized if width == F else T.serial
@@ -158,9 +166,12 @@ def q8_matmul_amx(n: int, k: int, gated: bool = False) -> "T.PrimFunc":
         xd = T.match_buffer(var_xd, (m, n_blocks), "float32")
         xsum = T.match_buffer(var_xsum, (m, n_blocks), "int32")
         y = T.match_buffer(var_y, (m, out_n), "float32")
-        for task in T.parallel(full // ppt):
-            packs_times_rows(xq, xd, xsum, q, scale, y, m, task * ppt, ppt, F)
-        if packs > full:
-            packs_times_rows(xq, xd, xsum, q, scale, y, m, full, 1, n % F)
+        if m >= AMX_MIN_ROWS:
+            for task in T.parallel(full // ppt):
+                packs_times_rows(xq, xd, xsum, q, scale, y, m, task * ppt, ppt, F)
+            if packs > full:
+                packs_times_rows(xq, xd, xsum, q, scale, y, m, full, 1, n % F)
+        else:
+            vector_packs((xq, xd, xsum), q, scale, y, m)
 
     return q8_matmul
