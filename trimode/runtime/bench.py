@@ -359,7 +359,8 @@ def bench_engine(loaded: Loaded, plan: BenchPlan, memory: MemoryWatch) -> dict:
     return {"rows": rows, "ar": ar, "spec_cycle_seconds": spec, "sampled": sampled,
             "decode_host": enqueue,
             "n_ctx": plan.n_ctx, "dtype": engine.dtype, "kv_cache": engine.kv_cache,
-            "int8_dot": engine.manifest.get("int8_dot"), "cuda_graphs": engine.cuda_graph_report(),
+            "int8_dot": engine.manifest.get("int8_dot"), "amx": bool(engine.manifest.get("amx")),
+            "cuda_graphs": engine.cuda_graph_report(),
             "dependent_launch": bool(engine.manifest.get("dependent_launch", False))}
 
 
@@ -479,7 +480,8 @@ def render_table(report: dict) -> str:
     torch = report["torch"]
     lines = [f"== {report['geometry']} on {report['target']} ({report['device']}); cache "
              f"{report['n_ctx']} tokens ({report.get('kv_cache', 'f16')}), {report['dtype']} activations"
-             + (f" (matmul inputs int8, {report['int8_dot']})" if report.get("int8_dot") else ""),
+             + (f" (matmul inputs int8, {report['int8_dot']}{', blocks on AMX' if report.get('amx') else ''})"
+                if report.get("int8_dot") else ""),
              f"copy bandwidth {opt(bw, '.0f', 'n/a')}{'' if bw is None else ' GB/s'} "
              f"({report['copy_measured_by']}); "
              f"weights read per step {report['weight_bytes_per_step'] / 1e6:.1f} MB",
