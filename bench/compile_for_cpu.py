@@ -9,8 +9,8 @@ runs, to time here what that processor's build does (with bench/artifact_ab.py),
 
 --mcpu is LLVM's processor name (alderlake: AVX2 and AVX-VNNI, no AVX-512); --int8 the dot
 product of a build with int8 activations (q8_matmul.INT8_DOTS), none for fp32 activations;
---triple links with that triple's g++ (Debian's g++-aarch64-linux-gnu); --amx runs the prefill's
-matmuls on AMX tiles (q8_matmul_amx.py). MODEL is a GGUF file
+--triple links with that triple's g++ (Debian's g++-aarch64-linux-gnu); --amx runs the block and
+prefill matmuls on AMX tiles (q8_matmul_amx.py). MODEL is a GGUF file
 or a geometry name. Prints the artifact folder. Builds go under --root (the build key
 fingerprints this processor, not --mcpu, so they must not share the cache).
 """
@@ -36,7 +36,7 @@ from trimode.runtime.bench import tiled_weights  # noqa: E402
 @contextlib.contextmanager
 def building_for(mcpu: str, int8: str | None, triple: str | None = None, export=None, amx: bool = False):
     """Inside it, compile_model builds for the processor LLVM calls `mcpu`, with the int8 dot
-    product `int8` (None: fp32 activations), prefill on AMX tiles if `amx`, and for `triple`
+    product `int8` (None: fp32 activations), block and prefill matmuls on AMX tiles if `amx`, and for `triple`
     when given, linked by that triple's g++ unless `export(executable, path, **kw)` replaces
     the library's export."""
     import tvm
@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--mcpu", required=True)
     parser.add_argument("--int8", choices=sorted(artifacts.INT8_DOT_FLAGS))
     parser.add_argument("--triple")
-    parser.add_argument("--amx", action="store_true", help="prefill matmuls on AMX tiles (with --int8 avx512vnni)")
+    parser.add_argument("--amx", action="store_true",
+                        help="block and prefill matmuls on AMX tiles (with --int8 avx512vnni)")
     parser.add_argument("--root", type=Path, required=True)
     args = parser.parse_args()
     if args.amx and args.int8 != "avx512vnni":

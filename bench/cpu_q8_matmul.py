@@ -127,8 +127,9 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="REV", help="a git revision's kernel to time beside this tree's "
                     "(with --int8: both int8-activation kernels)")
     ap.add_argument("--int8", action="store_true", help="this tree's int8-activation kernel beside the fp32 one")
-    ap.add_argument("--amx", action="store_true", help="the prefill kernel on AMX tiles beside the AVX-512 VNNI "
-                    "prefill kernel (both at every --rows, with their quantize kernel)")
+    ap.add_argument("--amx", action="store_true",
+                    help="the prefill kernel on AMX tiles beside the AVX-512 VNNI prefill kernel "
+                         "(both at every --rows, with their quantize kernel)")
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), help="that geometry's matmuls instead of the default model's")
     ap.add_argument("--mcpu", default=codegen.llvm_get_system_cpu(), help="the processor to build for (default: this one)")
     ap.add_argument("--dot", choices=sorted(q8_matmul.INT8_DOTS), default=cpu_int8_dot(),

@@ -146,8 +146,8 @@ def _tile_state_granted() -> bool:
 
 
 def amx_enabled(target: dict) -> bool:
-    """A CPU build's prefill matmuls run on AMX tiles (q8_matmul_amx.py) where its int8
-    matmuls run on AVX-512 VNNI (every processor with AMX has it) and cpu_amx() says so."""
+    """A CPU build's block and prefill matmuls run on AMX tiles (q8_matmul_amx.py) where its
+    int8 matmuls run on AVX-512 VNNI (every processor with AMX has it) and cpu_amx() says so."""
     return int8_activations_enabled(target) == "avx512vnni" and cpu_amx()
 
 

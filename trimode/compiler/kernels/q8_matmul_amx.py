@@ -15,7 +15,7 @@ Each Q8_0 block has its own scales, so every block's sums go through memory once
 bounds the kernel: built without the scaling, it takes about 2/5 of the vpdpbusd kernel's time
 (the 3B's qkv at 128 rows), without the tile instructions about 1/4, and the two do not
 overlap (making the next pair of blocks' sums while this pair is scaled measured the same).
-So 1.2-1.6x the vpdpbusd kernel at 8-128 rows (BENCHMARKS.md).
+So 1.15-1.5x the vpdpbusd kernel at 8-128 rows (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -24,11 +24,9 @@ from tvm.script import tirx as T
 from trimode.compiler.kernels.q8_matmul import F, packed_matmul, packs_per_task, silu_times
 from trimode.model.weights import INT8_DOT_GROUP, Q8_BLOCK, packed_shape
 
-# Rows of one tile (the unit's most), its row bytes for the activations (one Q8_0 block), and
-# the weight tile's rows (a block's groups of 4 inputs).
-TILE_ROWS = 16
+TILE_ROWS = 16  # rows of a tile (the unit's most): of activations, and of their sums
 HALF_ROWS = TILE_ROWS // 2  # an accumulator array's rows: 512 bytes, under TVM's 1 KB stack limit
-GROUPS = Q8_BLOCK // INT8_DOT_GROUP
+GROUPS = Q8_BLOCK // INT8_DOT_GROUP  # a weight tile's rows: a block's groups of 4 inputs
 # The kernel's tiles: sums, activations and weights of an even block and of an odd one.
 SUMS, ROWS, WEIGHTS = (0, 1), (2, 3), (4, 5)
 # The scratch a task works in, int32: two blocks' stored sums, then the 64-byte tile config.
@@ -66,7 +64,7 @@ def q8_matmul_amx(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
         return T.unroll if count == HALF_ROWS else T.serial
 
     @T.macro
-    def configure(scratch, rows):
+    def configure(scratch, tile_rows):
         # palette 1; each tile's bytes a row (16-bit, tiles 0-7) and rows (8-bit, tiles 0-7)
         for i in range(16):
             scratch[CONFIG_WORD + i] = 0
@@ -74,7 +72,7 @@ def q8_matmul_amx(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
         scratch[CONFIG_WORD + 4] = 64 | (64 << 16)  # sums: 16 int32
         scratch[CONFIG_WORD + 5] = 32 | (32 << 16)  # activations: a block's 32 bytes
         scratch[CONFIG_WORD + 6] = 64 | (64 << 16)  # weights: 16 features x 4 bytes
-        scratch[CONFIG_WORD + 12] = T.Cast("int32", rows) * 0x01010101
+        scratch[CONFIG_WORD + 12] = T.Cast("int32", tile_rows) * 0x01010101
         scratch[CONFIG_WORD + 13] = GROUPS | (GROUPS << 8)
         amx("ldtilecfg", T.address_of(scratch[CONFIG_WORD]))
 
