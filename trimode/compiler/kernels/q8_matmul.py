@@ -127,6 +127,32 @@ def packs_per_task(packs: int, rows: str) -> int:
     return block
 
 
+def output_store(gated: bool):
+    """A macro store(y, acc, first, rows, unrolled, pack, width): the tile acc's rows (unrolled:
+    as many as a constant, its accumulators in registers) into y's rows from first, features
+    from pack's; gated: silu(gate) * up of each feature pair. A full pack's outputs are stored
+    as vectors, a partial one's (width < 16) one by one."""
+    half = F // 2 if gated else F
+
+    def lanes(width):
+        return T.vectorized if width == F else T.serial
+
+    def rows_loop(unrolled):
+        return T.unroll if unrolled else T.serial
+
+    @T.macro
+    def store(y, acc, first, rows, unrolled, pack, width):
+        for r in rows_loop(unrolled)(rows):
+            if gated:
+                for j in lanes(width)(width // 2):
+                    y[first + r, pack * half + j] = silu_times(acc[r, 2 * j], acc[r, 2 * j + 1])
+            else:
+                for f in lanes(width)(width):
+                    y[first + r, pack * F + f] = acc[r, f]
+
+    return store
+
+
 def packed_matmul(n: int, k: int, rows: str, gated: bool, int8: str | None):
     """q8_matmul_cpu's loop nest, a macro all_packs(x, q, scale, y, m) (x: (values, scales,
     offsets) with int8), for q8_matmul_amx to run at the row counts the tiles do not pay."""
@@ -138,7 +164,6 @@ def packed_matmul(n: int, k: int, rows: str, gated: bool, int8: str | None):
     work = n * k * (1 if rows == "one" else TYPICAL_BLOCK_ROWS)
     tasks_loop = T.parallel if work >= CPU_PARALLEL_MIN_WORK else T.serial
     ppt = packs_per_task(full, rows)
-    out_n, half = (n // 2, F // 2) if gated else (n, F)
     groups_per_block = Q8_BLOCK // INT8_DOT_GROUP
     dot_lanes, accumulate, _, offset, prefetch = INT8_DOTS[int8] if int8 else (F, None, None, False, 0)
     # a prefill's tiles reuse each pack from cache and are bound by the dot products: there the
@@ -146,18 +171,7 @@ def packed_matmul(n: int, k: int, rows: str, gated: bool, int8: str | None):
     prefetch = 0 if rows == "many" else prefetch
     sums = "int32" if int8 else "float32"  # a block's sums (TVMScript reads no conditional)
 
-    def lanes(width):  # a full pack's outputs are stored as vectors, a partial one's one by one
-        return T.vectorized if width == F else T.serial
-
-    @T.macro
-    def store(y, acc, first, count, pack, width):
-        for r in T.unroll(count):
-            if gated:
-                for j in lanes(width)(width // 2):
-                    y[first + r, pack * half + j] = silu_times(acc[r, 2 * j], acc[r, 2 * j + 1])
-            else:
-                for f in lanes(width)(width):
-                    y[first + r, pack * F + f] = acc[r, f]
+    store = output_store(gated)
 
     @T.macro
     def float_block(x, q, scale, pack, first, count, b, acc, blk, w):
@@ -211,7 +225,7 @@ def packed_matmul(n: int, k: int, rows: str, gated: bool, int8: str | None):
                 acc[r, f] = T.float32(0)
         for b in range(n_blocks):
             block(x, q, scale, pack, first, count, b, acc, blk, w)
-        store(y, acc, first, count, pack, width)
+        store(y, acc, first, count, True, pack, width)
 
     @T.macro
     def remainder(x, q, scale, y, m, first_pack, n_packs, width, count, acc, blk, w):
@@ -266,19 +280,7 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | No
     all_packs = packed_matmul(n, k, rows, gated, int8)
 
     if int8:
-        @T.prim_func(private=True)
-        def q8_matmul(var_xq: T.handle, var_xd: T.handle, var_xsum: T.handle,
-                      q: T.Buffer(packed_shape(n, k, INT8_DOT_GROUP), "uint8"),
-                      scale: T.Buffer((packs, n_blocks, F), "float16"), var_y: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            m = T.int64()
-            xq = T.match_buffer(var_xq, (m, k), "int8")
-            xd = T.match_buffer(var_xd, (m, n_blocks), "float32")
-            xsum = T.match_buffer(var_xsum, (m, n_blocks), "int32")
-            y = T.match_buffer(var_y, (m, out_n), "float32")
-            all_packs((xq, xd, xsum), q, scale, y, m)
-
-        return q8_matmul
+        return int8_matmul_func(n, k, gated, all_packs)
 
     @T.prim_func(private=True)
     def q8_matmul(var_x: T.handle, q: T.Buffer((packs, k, F), "int8"),
@@ -288,6 +290,27 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | No
         x = T.match_buffer(var_x, (m, k), "float32")
         y = T.match_buffer(var_y, (m, out_n), "float32")
         all_packs(x, q, scale, y, m)
+
+    return q8_matmul
+
+
+def int8_matmul_func(n: int, k: int, gated: bool, body) -> "T.PrimFunc":
+    """The int8 matmul's PrimFunc (xq, xd, xsum, q, scale, y) around a macro body(x, q, scale,
+    y, m), x the activations (values, scales, offsets): packed_matmul's, or q8_matmul_amx's."""
+    packs, _, _ = packed_shape(n, k)
+    n_blocks, out_n = k // Q8_BLOCK, n // 2 if gated else n
+
+    @T.prim_func(private=True)
+    def q8_matmul(var_xq: T.handle, var_xd: T.handle, var_xsum: T.handle,
+                  q: T.Buffer(packed_shape(n, k, INT8_DOT_GROUP), "uint8"),
+                  scale: T.Buffer((packs, n_blocks, F), "float16"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        xq = T.match_buffer(var_xq, (m, k), "int8")
+        xd = T.match_buffer(var_xd, (m, n_blocks), "float32")
+        xsum = T.match_buffer(var_xsum, (m, n_blocks), "int32")
+        y = T.match_buffer(var_y, (m, out_n), "float32")
+        body((xq, xd, xsum), q, scale, y, m)
 
     return q8_matmul
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from trimode.compiler.kernels.q8_matmul import F, packed_matmul, packs_per_task, silu_times
+from trimode.compiler.kernels.q8_matmul import F, int8_matmul_func, output_store, packed_matmul, packs_per_task
 from trimode.model.weights import INT8_DOT_GROUP, Q8_BLOCK, packed_shape
 
 TILE_ROWS = 16  # rows of a tile (the unit's most): of activations, and of their sums
@@ -54,11 +54,7 @@ def q8_matmul_amx(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
     packs, _, _ = packed_shape(n, k)
     full, n_blocks = n // F, k // Q8_BLOCK
     ppt = packs_per_task(full, "many")
-    out_n, half = (n // 2, F // 2) if gated else (n, F)
     vector_packs = packed_matmul(n, k, rows, gated, "avx512vnni")
-
-    def lanes(width):
-        return T.vectorized if width == F else T.serial
 
     def rows_loop(count):  # a full tile's rows unrolled (its accumulators in registers)
         return T.unroll if count == HALF_ROWS else T.serial
@@ -105,15 +101,7 @@ def q8_matmul_amx(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
         scale_half(xd, xsum, scale, scratch, lo, pack, first, 0, lo_rows, count, b, pair * SUMS_WORDS)
         scale_half(xd, xsum, scale, scratch, hi, pack, first, HALF_ROWS, hi_rows, count, b, pair * SUMS_WORDS)
 
-    @T.macro
-    def store_half(y, acc, first, rows, count, pack, width):
-        for r in rows_loop(count)(rows):
-            if gated:
-                for j in lanes(width)(width // 2):
-                    y[first + r, pack * half + j] = silu_times(acc[r, 2 * j], acc[r, 2 * j + 1])
-            else:
-                for f in lanes(width)(width):
-                    y[first + r, pack * F + f] = acc[r, f]
+    store = output_store(gated)
 
     @T.macro
     def pack_tile(xq, xd, xsum, q, scale, y, scratch, lo, hi, pack, first, lo_rows, hi_rows, count, width):
@@ -131,8 +119,8 @@ def q8_matmul_amx(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
             block_sums(xq, q, pack, first, n_blocks - 1, 0)
             store_sums(scratch, 0)
             scale_in(xd, xsum, scale, scratch, lo, hi, pack, first, lo_rows, hi_rows, count, n_blocks - 1, 0)
-        store_half(y, lo, first, lo_rows, count, pack, width)
-        store_half(y, hi, first + HALF_ROWS, hi_rows, count, pack, width)
+        store(y, lo, first, lo_rows, count == HALF_ROWS, pack, width)
+        store(y, hi, first + HALF_ROWS, hi_rows, count == HALF_ROWS, pack, width)
 
     @T.macro
     def packs_times_rows(xq, xd, xsum, q, scale, y, m, first_pack, n_packs, width):
@@ -154,22 +142,14 @@ def q8_matmul_amx(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
                           T.min(m % TILE_ROWS, HALF_ROWS), T.max(m % TILE_ROWS - HALF_ROWS, 0), 0, width)
         amx("tilerelease")
 
-    @T.prim_func(private=True)
-    def q8_matmul(var_xq: T.handle, var_xd: T.handle, var_xsum: T.handle,
-                  q: T.Buffer(packed_shape(n, k, INT8_DOT_GROUP), "uint8"),
-                  scale: T.Buffer((packs, n_blocks, F), "float16"), var_y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        xq = T.match_buffer(var_xq, (m, k), "int8")
-        xd = T.match_buffer(var_xd, (m, n_blocks), "float32")
-        xsum = T.match_buffer(var_xsum, (m, n_blocks), "int32")
-        y = T.match_buffer(var_y, (m, out_n), "float32")
+    @T.macro
+    def tiles_or_vectors(x, q, scale, y, m):
         if m >= AMX_MIN_ROWS:
             for task in T.parallel(full // ppt):
-                packs_times_rows(xq, xd, xsum, q, scale, y, m, task * ppt, ppt, F)
+                packs_times_rows(x[0], x[1], x[2], q, scale, y, m, task * ppt, ppt, F)
             if packs > full:
-                packs_times_rows(xq, xd, xsum, q, scale, y, m, full, 1, n % F)
+                packs_times_rows(x[0], x[1], x[2], q, scale, y, m, full, 1, n % F)
         else:
-            vector_packs((xq, xd, xsum), q, scale, y, m)
+            vector_packs(x, q, scale, y, m)
 
-    return q8_matmul
+    return int8_matmul_func(n, k, gated, tiles_or_vectors)
