@@ -105,10 +105,22 @@ def test_amx_is_used_only_with_the_flags_the_grant_and_int8_activations(monkeypa
 
 
 def test_an_amx_artifact_is_refused_where_tiles_are_not_granted(tmp_path, tiny_model, monkeypatch):
+    """Before its library loads (a tile instruction there would be SIGILL); on the command line,
+    one line and no traceback."""
+    from click.testing import CliRunner
+
     from trimode.artifacts import MANIFEST
+    from trimode.cli import cli
+    from trimode.model.config import ModelError
     from trimode.runtime.engine import Engine
 
     (tmp_path / MANIFEST).write_text(json.dumps({"dtype": "float32", "activations": "int8", "amx": True}))
     monkeypatch.setattr("trimode.runtime.engine.cpu_amx", lambda: False)
-    with pytest.raises(RuntimeError, match="AMX tiles"):
+    with pytest.raises(ModelError, match="AMX tiles"):
         Engine(tiny_model.config, tiny_model.weights, "llvm", artifact=tmp_path)
+    result = CliRunner().invoke(cli, ["bench", "--geometry", "tiny", "--target", "llvm", "--artifact", str(tmp_path),
+                                      "--fills", "20", "--block", "4", "--prefill", "8", "--no-torch"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        f"error: {tmp_path} runs its block and prefill matmuls on AMX tiles, which this processor or its "
+        "Linux does not let this process use; use a build compiled here"]

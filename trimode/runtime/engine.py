@@ -205,9 +205,8 @@ class Engine:
         # CPU builds of processors with int8 dot products quantize the matmuls' activations
         self.int8_activations = self.manifest.get("activations") == "int8"
         if self.manifest.get("amx") and not cpu_amx():
-            raise RuntimeError(f"{self.artifact} runs its block and prefill matmuls on AMX tiles, which "
-                               "this processor or its Linux does not let this process use; delete it "
-                               "to compile for this machine")
+            raise ModelError(f"{self.artifact} runs its block and prefill matmuls on AMX tiles, which this "
+                             "processor or its Linux does not let this process use; use a build compiled here")
         started = time.time()
         self.library = self.device.load_library(self.artifact / "model.so")
         # Entries that replay CUDA graphs (the artifact's own list: eager builds have none).
