@@ -100,7 +100,7 @@ def build_library(mod: tvm.IRModule, target_spec: dict, library: str, log,
     builds run inside cuda_build_context, so the library embeds GPU machine code even on a
     machine without a GPU (TVM.md). dependent_launch: every kernel may start while the one
     before it drains (grid_dependency.py). int8_dot: a CPU build of int8 matmuls, on
-    that dot product (q8_matmul.INT8_DOTS), and amx: its prefill matmuls on AMX tiles."""
+    that dot product (q8_matmul.INT8_DOTS), and amx: its block and prefill matmuls on AMX tiles."""
     if target_spec["kind"] == "cuda":
         target = tvm.target.Target(target_spec, host="llvm")
     else:

@@ -127,6 +127,12 @@ def packs_per_task(packs: int, rows: str) -> int:
     return block
 
 
+def scaled_in(acc, sums, weight_scale, row_scale):
+    """acc plus a Q8_0 block's exact int32 sums times both its scales, in the one order every
+    int8 kernel uses (the vpdpbusd and AMX kernels agree bit for bit: q8_matmul_amx.py)."""
+    return acc + T.Cast("float32", sums) * (T.Cast("float32", weight_scale) * row_scale)
+
+
 def output_store(gated: bool):
     """A macro store(y, acc, first, rows, unrolled, pack, width): the tile acc's rows (unrolled:
     as many as a constant, its accumulators in registers) into y's rows from first, features
@@ -213,8 +219,7 @@ def packed_matmul(n: int, k: int, rows: str, gated: bool, int8: str | None):
                     blk[r, f] = blk[r, f] - x[2][first + r, b]
         for r in T.unroll(count):
             for f in T.vectorized(F):
-                acc[r, f] = acc[r, f] + T.Cast("float32", blk[r, f]) * (
-                    T.Cast("float32", scale[pack, b, f]) * x[1][first + r, b])
+                acc[r, f] = scaled_in(acc[r, f], blk[r, f], scale[pack, b, f], x[1][first + r, b])
 
     block = int8_block if int8 else float_block
 
@@ -275,12 +280,11 @@ def q8_matmul_cpu(n: int, k: int, rows: str, gated: bool = False, int8: str | No
     AVX-512 VNNI 64 products an instruction, AVX-VNNI 32, AVX-512BW 64 in six, AVX2 32 in six, Arm's sdot 16 in two),
     scaled once by both scales: llama.cpp's CPU arithmetic; with the quantize kernel and AVX-512 VNNI, 1.05-1.2x the fp32 kernel's speed
     at m = 1, 1.6-2x at 4 rows, 2.4-2.9x at 16 (the 3B's shapes, BENCHMARKS.md)."""
-    packs, _, _ = packed_shape(n, k)
-    n_blocks, out_n = k // Q8_BLOCK, n // 2 if gated else n
     all_packs = packed_matmul(n, k, rows, gated, int8)
-
     if int8:
         return int8_matmul_func(n, k, gated, all_packs)
+    packs, _, _ = packed_shape(n, k)
+    n_blocks, out_n = k // Q8_BLOCK, n // 2 if gated else n
 
     @T.prim_func(private=True)
     def q8_matmul(var_x: T.handle, q: T.Buffer((packs, k, F), "int8"),

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from trimode.compiler.kernels.q8_matmul import F, int8_matmul_func, output_store, packed_matmul, packs_per_task
+from trimode.compiler.kernels.q8_matmul import (F, int8_matmul_func, output_store, packed_matmul, packs_per_task,
+                                               scaled_in)
 from trimode.model.weights import INT8_DOT_GROUP, Q8_BLOCK, packed_shape
 
 TILE_ROWS = 16  # rows of a tile (the unit's most): of activations, and of their sums
@@ -92,9 +93,8 @@ def q8_matmul_amx(n: int, k: int, rows: str, gated: bool = False) -> "T.PrimFunc
     def scale_half(xd, xsum, scale, scratch, acc, pack, first, row0, rows, count, b, base):
         for r in rows_loop(count)(rows):
             for f in T.vectorized(F):
-                acc[r, f] = acc[r, f] + T.Cast("float32", scratch[base + (row0 + r) * F + f]
-                                               - xsum[first + row0 + r, b]) * (
-                    T.Cast("float32", scale[pack, b, f]) * xd[first + row0 + r, b])
+                acc[r, f] = scaled_in(acc[r, f], scratch[base + (row0 + r) * F + f] - xsum[first + row0 + r, b],
+                                      scale[pack, b, f], xd[first + row0 + r, b])
 
     @T.macro
     def scale_in(xd, xsum, scale, scratch, lo, hi, pack, first, lo_rows, hi_rows, count, b, pair):
