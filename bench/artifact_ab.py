@@ -1,7 +1,7 @@
 """Two compiled artifacts of one model, timed side by side in one process, rounds alternating:
 
     python bench/artifact_ab.py MODEL ARTIFACT_A ARTIFACT_B [--rounds 12] [--calls 50]
-        [--block 4] [--prefill 128] [--fill 64] [--target llvm] [--random-fill]
+        [--block 4] [--prefill 128] [--fill 64] [--target llvm] [--random-fill] [--a-on-4k-pages]
 
 MODEL is a GGUF file or a geometry name (`3b`, `14b`: random Q8_0 weights, as `trimode bench
 --geometry`).
@@ -15,6 +15,8 @@ weights (A's and B's manifests say how they are laid out). --random-fill writes 
 into the cache instead of prefilling it: an entry's time depends on the cache's length, not
 on what it holds, and at the 3B an 8k-token prefill on a CPU takes minutes. (Written, not
 just declared long: a cache never written reads the kernel's shared zero page, from cache.)
+--a-on-4k-pages uploads A's weights as TVM allocates them, on 4 KB pages, B's on huge pages as
+the runtime does (tvm_runtime.HUGE_PAGE): with one artifact as both, what huge pages give.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trimode.model.config import GEOMETRIES  # noqa: E402
 from trimode.model.gguf_file import load_model  # noqa: E402
 from trimode.model.kv_cache import q8_0_rows  # noqa: E402
+from trimode.runtime import tvm_runtime  # noqa: E402
 from trimode.runtime.bench import fill_cache, median_seconds, tiled_weights  # noqa: E402
 from trimode.runtime.engine import Engine  # noqa: E402
 
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--fill", type=int, default=64)
     parser.add_argument("--target", default="llvm")
     parser.add_argument("--random-fill", action="store_true")
+    parser.add_argument("--a-on-4k-pages", action="store_true")
     args = parser.parse_args()
 
     if args.model in GEOMETRIES:
@@ -90,8 +94,9 @@ def main() -> None:
     # what peaked scores cost (denormal softmax products, 4-8x at fill 3968 on the CPU)
     tokens = np.random.default_rng(1).integers(min(1000, cfg.vocab // 2), cfg.vocab,
                                                max(args.fill, args.prefill, args.block)).tolist()
-    sides = {}
+    sides, huge_page = {}, tvm_runtime.HUGE_PAGE
     for name, artifact in (("A", args.a), ("B", args.b)):
+        tvm_runtime.HUGE_PAGE = 1 << 62 if name == "A" and args.a_on_4k_pages else huge_page
         engine = Engine(cfg, weights, args.target, metadata, artifact=artifact)
         fwd = engine.new_sequence(n_ctx)
         if args.random_fill:
@@ -102,7 +107,8 @@ def main() -> None:
         for side, (_, calls) in sides.items():
             for entry, call in calls.items():
                 times[side, entry].append(1e3 * median_seconds(call, args.calls))
-    print(f"A = {args.a}\nB = {args.b}\n{args.rounds} rounds x {args.calls} calls, fill {args.fill}")
+    pages = " (weights on 4 KB pages)" if args.a_on_4k_pages else ""
+    print(f"A = {args.a}{pages}\nB = {args.b}\n{args.rounds} rounds x {args.calls} calls, fill {args.fill}")
     print(f"{'entry':<16}{'A ms':>9}{'B ms':>9}{'B / A':>8}   B / A per round (min-max)")
     for entry in sides["A"][1]:
         a, b = (statistics.median(times[side, entry]) for side in "AB")
