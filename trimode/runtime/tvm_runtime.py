@@ -26,7 +26,7 @@ DEVICE_TYPES = {"llvm": 1, "cuda": 2}  # DLPack device types: kDLCPU, kDLCUDA
 HUGE_PAGE = 2 << 20
 # TVM's allocator leaves a large tensor 64 bytes past a page (glibc's mmap chunk header,
 # rounded up to the 64-byte alignment), the phase the CPU kernels were tuned at. Page-aligned,
-# the 3B's AMX prefill was 1.04-1.06x slower.
+# the decode kernel streamed no faster than on 4 KB pages (bench/cpu_streaming_matmul.py).
 PAGE_PHASE = 64
 
 
