@@ -87,6 +87,7 @@ def test_loops_load_and_memory(report):
     # No GPU: no GPU memory figures, but the host's peak is known.
     assert report["gpu_mem_peak_mib"] is None and report["gpu_mem_engine_mib"] is None
     assert report["host_peak_rss_mib"] > 0
+    assert 0 <= report["host_huge_pages_mib"] <= report["host_peak_rss_mib"]  # Linux says
     assert report["target"] == "llvm" and report["geometry"] == TINY.geometry_key()
 
 
@@ -107,7 +108,7 @@ def test_table_names_every_figure(tmp_path):
     table = result.stdout
     for line in ("decode", "verify T=4", "draft T=4", "prefill T=8", "AR decode", "spec cycle",
                  "sampled (T 0.8, top-k 40", "sampled (T 0.7 alone)", "sampled (T 0.7, top-p 0.9)", "host enqueue", "model load", "peak GPU memory n/a", "copy bandwidth",
-                 "torch baseline: n/a (not asked for)"):
+                 "torch baseline: n/a (not asked for)", "MiB on huge pages"):
         assert line in table
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import mmap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from trimode.model.config import GEOMETRIES
 from trimode.model.random_weights import random_weights
 from trimode.runtime import tvm_runtime
+from trimode.runtime.bench import host_huge_pages_mib
 from trimode.runtime.engine import Engine
 from trimode.runtime.tvm_runtime import Device
 
@@ -49,6 +51,20 @@ def test_large_uploads_lie_on_memory_advised_huge_pages_at_the_allocators_phase(
     np.testing.assert_array_equal(dev.download(tensor), rewritten)
     np.testing.assert_array_equal(dev.download_rows(tensor, 3, 7), rewritten[3:7])
     np.testing.assert_array_equal(dev.download_span(tensor, 5, 10, 20), rewritten[5, 10:20])
+
+
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@needs_madvise
+@pytest.mark.skipif(not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(),
+                    reason="transparent huge pages are off on this machine")
+def test_bench_counts_the_memory_on_huge_pages():
+    gc.collect()
+    before = host_huge_pages_mib()
+    tensor = Device("llvm").upload(np.ones(8 << 20, np.uint8))  # 8 MiB: three 2 MB pages' room
+    assert host_huge_pages_mib() - before >= 2  # one at least (the kernel may fall back)
+    del tensor
 
 
 @needs_madvise

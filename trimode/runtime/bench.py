@@ -176,6 +176,17 @@ def device_name(target: str) -> str:
     return f"CPU, {os.cpu_count()} cores"
 
 
+def host_huge_pages_mib() -> float | None:
+    """This process's memory on transparent huge pages (the CPU's weights, where Linux grants
+    them: tvm_runtime.huge_page_memory), MiB; None where the kernel does not say."""
+    try:
+        rollup = open("/proc/self/smaps_rollup").read()
+    except OSError:
+        return None
+    sizes = [line.split()[1] for line in rollup.splitlines() if line.startswith("AnonHugePages:")]
+    return int(sizes[0]) / 1024 if sizes else None
+
+
 class MemoryWatch:
     """GPU memory in use (nvidia-smi, whole device) sampled between phases; the peak over the
     samples less the first is what the engine added. None everywhere without nvidia-smi."""
@@ -423,12 +434,13 @@ def run_bench(cfg: ModelConfig, plan: BenchPlan, target: str, load: Callable[[],
     # a cached element's bytes (a q8_0 row's scales included)
     kv_bytes = np.dtype(loaded.engine.kv_dtype).itemsize * loaded.engine.kv_row / cfg.head_dim
     ours = bench_engine(loaded, plan, memory)
+    huge_pages = host_huge_pages_mib() if target != "cuda" else None  # the engine still loaded
     report = {"target": target, "device": device_name(target), "geometry": cfg.geometry_key(),
               "plan": asdict(plan), "copy_gb_per_s": bandwidth, "copy_measured_by": measured_by,
               "load_seconds": loaded.seconds, "load_source": loaded.source,
               "gpu_mem_peak_mib": memory.peak, "gpu_mem_engine_mib": memory.added(),
               "host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              **ours}
+              "host_huge_pages_mib": huge_pages, **ours}
     del loaded
     gc.collect()
     weight_bytes = weight_bytes_per_step(cfg, quantized, act_bytes)
@@ -509,7 +521,9 @@ def render_table(report: dict) -> str:
         f"prefill {report['prefill_tok_per_s']:.0f} tok/s",
         f"model load {report['load_seconds']:.2f} s (from {report['load_source']}); peak GPU memory "
         f"{mib(report['gpu_mem_peak_mib'])} (engine {mib(report['gpu_mem_engine_mib'])}); "
-        f"host peak RSS {report['host_peak_rss_mib']:.0f} MiB",
+        f"host peak RSS {report['host_peak_rss_mib']:.0f} MiB"
+        + ("" if report.get("host_huge_pages_mib") is None
+           else f", {report['host_huge_pages_mib']:.0f} MiB on huge pages"),
     ]
     if torch["available"]:
         lines.append(f"torch {torch['version']} {torch['dtype']} on {torch['device']}: peak memory "
