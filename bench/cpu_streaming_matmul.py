@@ -42,12 +42,7 @@ def on_pages(array: np.ndarray, phase: int | None):
     bytes past a page."""
     if phase is None:
         return tvm.runtime.tensor(array, tvm.cpu())
-    saved, tvm_runtime.PAGE_PHASE = tvm_runtime.PAGE_PHASE, phase
-    try:
-        memory = tvm_runtime.huge_page_memory(array.nbytes)
-    finally:
-        tvm_runtime.PAGE_PHASE = saved
-    view = memory.view(array.dtype).reshape(array.shape)
+    view = tvm_runtime.huge_page_memory(array.nbytes, phase).view(array.dtype).reshape(array.shape)
     view[...] = array
     return tvm.runtime.from_dlpack(view)
 

@@ -20,6 +20,7 @@ import resource
 import subprocess
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -180,7 +181,7 @@ def host_huge_pages_mib() -> float | None:
     """This process's memory on transparent huge pages (the CPU's weights, where Linux grants
     them: tvm_runtime.huge_page_memory), MiB; None where the kernel does not say."""
     try:
-        rollup = open("/proc/self/smaps_rollup").read()
+        rollup = Path("/proc/self/smaps_rollup").read_text()
     except OSError:
         return None
     sizes = [line.split()[1] for line in rollup.splitlines() if line.startswith("AnonHugePages:")]

@@ -100,20 +100,20 @@ def default_target() -> str:
     return "cuda" if cuda_device_count() > 0 else "llvm"
 
 
-def huge_page_memory(nbytes: int) -> np.ndarray | None:
-    """nbytes of fresh memory PAGE_PHASE bytes past a page, advised to be backed by transparent
+def huge_page_memory(nbytes: int, phase: int = PAGE_PHASE) -> np.ndarray | None:
+    """nbytes of fresh memory `phase` bytes past a page, advised to be backed by transparent
     huge pages (madvise); None where they cannot be asked for. Its own mapping:
     memory malloc recycles may already be mapped on 4 KB pages, which madvise leaves as they
     are until khugepaged gets to them."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):  # not Linux
         return None
-    memory = mmap.mmap(-1, nbytes + PAGE_PHASE, flags=mmap.MAP_PRIVATE)
+    memory = mmap.mmap(-1, nbytes + phase, flags=mmap.MAP_PRIVATE)
     try:
         memory.madvise(mmap.MADV_HUGEPAGE)
     except OSError:  # a kernel without transparent huge pages
         memory.close()
         return None
-    return np.frombuffer(memory, np.uint8)[PAGE_PHASE:PAGE_PHASE + nbytes]
+    return np.frombuffer(memory, np.uint8)[phase:phase + nbytes]
 
 
 class Device:
